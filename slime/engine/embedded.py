@@ -1,0 +1,395 @@
+"""The embedded engine: iteration-level (continuous) batching over a Hugging Face causal LM.
+
+One background thread owns the model. Each iteration it admits waiting requests (a left-padded prefill, merged into
+the running batch by padding the KV cache), runs one decode step for every running request, samples, and retires
+finished or aborted rows. Requests join and leave between steps, so concurrent requests share forward passes
+instead of queueing behind each other. Weight updates take the same lock as a step, so they land between steps.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache
+
+from slime.engine.sampling import SamplingParams, sample_next
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class Request:
+    rid: str
+    input_ids: list[int]
+    params: SamplingParams
+    on_done: Callable[[Request], None]  # called once, from the engine thread
+    output_ids: list[int] = field(default_factory=list)
+    logprobs: list[float] = field(default_factory=list)
+    finish_reason: dict | None = None
+    weight_version: str = ""
+    version_spans: list[dict] = field(default_factory=list)  # [{version, start, end}] when weights changed mid-way
+    abort_message: str | None = None
+    generator: torch.Generator | None = None
+    created: float = field(default_factory=time.monotonic)
+    finished: float = 0.0
+
+
+class EmbeddedEngine:
+    def __init__(
+        self,
+        model_path: str,
+        dtype: str = "float32",
+        max_running_requests: int = 64,
+        max_prefill_tokens: int = 4096,
+        seed: int = 0,
+        num_threads: int | None = None,
+    ):
+        if num_threads:
+            torch.set_num_threads(num_threads)
+        self.model_path = model_path
+        self.tokenizer = AutoTokenizer.from_pretrained(model_path)
+        torch_dtype = getattr(torch, dtype)
+        self.model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch_dtype, attn_implementation="sdpa")
+        self.model.eval().requires_grad_(False)
+        self.config = self.model.config
+        self.dtype = dtype
+        self.max_context = int(getattr(self.config, "max_position_embeddings", 1 << 30))
+        self.eos_ids = _eos_ids(self.model, self.tokenizer)
+        self.max_running_requests = max_running_requests
+        self.max_prefill_tokens = max_prefill_tokens
+        self.generator = torch.Generator().manual_seed(seed)
+        self.weight_version = "default"
+
+        self._waiting: deque[Request] = deque()
+        self._rows: list[Request] = []  # running requests, one per batch row
+        self._cache: DynamicCache | None = None
+        self._mask: torch.Tensor | None = None  # [B, T] 1 for real cache entries
+        self._next_input: torch.Tensor | None = None  # [B] last sampled token, not yet in the cache
+        self._positions: torch.Tensor | None = None  # [B] position id of that token
+        self._paused = False
+        self._stopped = False
+        self._cv = threading.Condition()
+        self._step_lock = threading.RLock()
+        self._rid_counter = itertools.count()
+        self.stats = {"generated_tokens": 0, "aborted_requests": 0, "finished_requests": 0, "weight_updates": 0}
+        self._thread = threading.Thread(target=self._loop, name="embedded-engine", daemon=True)
+        self._thread.start()
+
+    # ------------------------------------------------------------------ public API (any thread)
+    def submit(
+        self, input_ids: list[int], params: SamplingParams, on_done: Callable, rid: str | None = None
+    ) -> Request:
+        req = Request(rid or f"req-{next(self._rid_counter)}", list(input_ids), params, on_done)
+        req.weight_version = self.weight_version
+        if params.sampling_seed is not None:
+            req.generator = torch.Generator().manual_seed(int(params.sampling_seed))
+        if len(input_ids) == 0:
+            raise ValueError("input_ids is empty")
+        if len(input_ids) >= self.max_context:
+            raise ValueError(f"prompt has {len(input_ids)} tokens; the model's context is {self.max_context}")
+        with self._cv:
+            if self._stopped:
+                raise RuntimeError("engine is shut down")
+            self._waiting.append(req)
+            self._cv.notify_all()
+        return req
+
+    def abort(self, rid: str | None = None, abort_all: bool = False, message: str = "Abort requested") -> int:
+        """Abort matching requests; each finishes with type `abort` and keeps its partial output."""
+        with self._cv:
+            hits = [r for r in itertools.chain(self._waiting, self._rows) if abort_all or r.rid == rid]
+            for r in hits:
+                r.abort_message = r.abort_message or message
+            self._cv.notify_all()
+        return len(hits)
+
+    def pause(self, mode: str = "abort") -> None:
+        """abort: abort everything, hold new requests; retract / in_place: stop stepping, keep state."""
+        if mode not in ("abort", "retract", "in_place"):
+            raise ValueError(f"pause mode must be abort, retract or in_place, not {mode!r}")
+        with self._cv:
+            self._paused = True
+        if mode == "abort":
+            self.abort(abort_all=True, message="Aborted by pause_generation")
+            self.wait_idle(timeout=60, include_waiting=False)
+
+    def resume(self) -> None:
+        with self._cv:
+            self._paused = False
+            self._cv.notify_all()
+
+    @property
+    def paused(self) -> bool:
+        return self._paused
+
+    def loads(self) -> dict:
+        with self._cv:
+            return {"num_running_reqs": len(self._rows), "num_waiting_reqs": len(self._waiting)}
+
+    def wait_idle(self, timeout: float, include_waiting: bool = True) -> None:
+        """Block until no request is running (and none waits, unless paused). Raises TimeoutError naming the count."""
+        deadline = time.monotonic() + timeout
+        while True:
+            with self._cv:
+                busy = len(self._rows) + (len(self._waiting) if include_waiting else 0)
+                busy += sum(1 for r in self._waiting if r.abort_message)
+            if busy == 0:
+                return
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"engine still has {busy} requests in flight after {timeout}s")
+            time.sleep(0.01)
+
+    def update_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]], weight_version: str | None) -> int:
+        """Copy tensors into the model's parameters in place, between decode steps. Returns how many were loaded."""
+        with self._step_lock:
+            params = dict(self.model.named_parameters())
+            params.update(dict(self.model.named_buffers()))
+            count = 0
+            with torch.no_grad():
+                for name, tensor in named_tensors:
+                    target = params.get(name)
+                    if target is None:
+                        raise KeyError(f"weight {name!r} is not a parameter of the served model")
+                    if tuple(target.shape) != tuple(tensor.shape):
+                        raise ValueError(f"weight {name!r}: shape {tuple(tensor.shape)} != {tuple(target.shape)}")
+                    target.copy_(tensor)
+                    count += 1
+            if weight_version is not None:
+                self._set_version(str(weight_version))
+            self.stats["weight_updates"] += 1
+            return count
+
+    def update_weights_from_disk(self, model_path: str, weight_version: str | None) -> int:
+        from safetensors.torch import load_file
+
+        from slime.models.provision import safetensors_files
+
+        count = 0
+        for path in safetensors_files(model_path):
+            count += self.update_weights(load_file(path).items(), None)
+        if weight_version is not None:
+            with self._step_lock:
+                self._set_version(str(weight_version))
+        return count
+
+    def shutdown(self) -> None:
+        self.abort(abort_all=True, message="engine shut down")
+        with self._cv:
+            self._stopped = True
+            self._cv.notify_all()
+        self._thread.join(timeout=30)
+
+    # ------------------------------------------------------------------ engine thread
+    def _set_version(self, version: str) -> None:
+        with self._cv:
+            for r in itertools.chain(self._rows, self._waiting):
+                if r.output_ids:
+                    if not r.version_spans:
+                        r.version_spans.append({"version": r.weight_version, "start": 0})
+                    r.version_spans[-1]["end"] = len(r.output_ids)
+                    r.version_spans.append({"version": version, "start": len(r.output_ids)})
+                r.weight_version = version
+            self.weight_version = version
+
+    def _loop(self) -> None:
+        while True:
+            with self._cv:
+                while not self._stopped and not self._has_work():
+                    self._cv.wait(timeout=1.0)
+                if self._stopped and not self._rows and not self._waiting:
+                    return
+            try:
+                with self._step_lock, torch.inference_mode():
+                    self._retire_aborted()
+                    if not self._paused or self._stopped:
+                        self._admit()
+                        if self._rows:
+                            self._decode_step()
+            except Exception as exc:  # a broken step must not hang its callers: fail what is running
+                logger.exception("engine step failed")
+                self._fail_all(f"engine error: {type(exc).__name__}: {exc}")
+
+    def _has_work(self) -> bool:
+        if any(r.abort_message for r in itertools.chain(self._waiting, self._rows)):
+            return True
+        return not self._paused and bool(self._rows or self._waiting)
+
+    def _retire_aborted(self) -> None:
+        with self._cv:
+            dropped = [r for r in self._waiting if r.abort_message]
+            for r in dropped:
+                self._waiting.remove(r)
+        for r in dropped:
+            self._finish(r, {"type": "abort", "message": r.abort_message, "status_code": None, "err_type": None})
+        keep = []
+        for i, r in enumerate(self._rows):
+            if r.abort_message:
+                self._finish(r, {"type": "abort", "message": r.abort_message, "status_code": None, "err_type": None})
+            else:
+                keep.append(i)
+        self._select_rows(keep)
+
+    def _admit(self) -> None:
+        batch: list[Request] = []
+        tokens = 0
+        with self._cv:
+            while self._waiting and len(self._rows) + len(batch) < self.max_running_requests:
+                nxt = len(self._waiting[0].input_ids)
+                if batch and tokens + nxt > self.max_prefill_tokens:
+                    break
+                batch.append(self._waiting.popleft())
+                tokens += nxt
+        if not batch:
+            return
+        width = max(len(r.input_ids) for r in batch)
+        pad = self.eos_ids[0] if self.eos_ids else 0
+        ids = torch.tensor([[pad] * (width - len(r.input_ids)) + r.input_ids for r in batch])
+        mask = torch.tensor([[0] * (width - len(r.input_ids)) + [1] * len(r.input_ids) for r in batch])
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        cache = DynamicCache(config=self.config)
+        out = self.model(
+            input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=cache, logits_to_keep=1
+        )
+        new_pos = mask.sum(-1)
+        keep = self._sample_and_check(batch, out.logits[:, -1], new_pos)
+        if not keep:
+            return
+        sel = torch.tensor(keep)
+        _select_cache(cache, sel)
+        self._merge(
+            [batch[i] for i in keep],
+            cache,
+            mask[sel],
+            torch.tensor([batch[i].output_ids[-1] for i in keep]),
+            new_pos[sel],
+        )
+
+    def _decode_step(self) -> None:
+        self._mask = torch.cat([self._mask, torch.ones(len(self._rows), 1, dtype=self._mask.dtype)], dim=1)
+        out = self.model(
+            input_ids=self._next_input[:, None],
+            attention_mask=self._mask,
+            position_ids=self._positions[:, None],
+            past_key_values=self._cache,
+        )
+        self._positions = self._positions + 1
+        rows = self._rows
+        keep = self._sample_and_check(rows, out.logits[:, -1], self._positions)
+        self._next_input = torch.tensor([r.output_ids[-1] for r in rows])
+        self._select_rows(keep)
+
+    def _sample_and_check(self, reqs: list[Request], logits: torch.Tensor, next_pos: torch.Tensor) -> list[int]:
+        """Sample one token per request, append it, finish the ones that stop. Returns indices still running."""
+        logits = logits.float()
+        for i, r in enumerate(reqs):
+            if len(r.output_ids) < r.params.min_new_tokens:
+                logits[i, self._stop_ids(r)] = float("-inf")
+        toks, lps = sample_next(logits, [r.params for r in reqs], [r.generator for r in reqs], self.generator)
+        keep = []
+        for i, (r, tok, lp) in enumerate(zip(reqs, toks.tolist(), lps.tolist(), strict=True)):
+            r.output_ids.append(tok)
+            r.logprobs.append(lp)
+            reason = self._finish_reason(r, tok, int(next_pos[i]))
+            if reason is None:
+                keep.append(i)
+            else:
+                self._finish(r, reason)
+        self.stats["generated_tokens"] += len(reqs)
+        return keep
+
+    def _stop_ids(self, r: Request) -> list[int]:
+        return list(r.params.stop_token_ids) + ([] if r.params.ignore_eos else self.eos_ids)
+
+    def _finish_reason(self, r: Request, tok: int, next_pos: int) -> dict | None:
+        p = r.params
+        if tok in p.stop_token_ids or (not p.ignore_eos and tok in self.eos_ids):
+            return {"type": "stop", "matched": tok}
+        if p.stop:
+            tail = self.tokenizer.decode(r.output_ids[-(max(len(s) for s in p.stop) + 8) :])
+            for s in p.stop:
+                if s in tail:
+                    return {"type": "stop", "matched": s}
+        if len(r.output_ids) >= p.max_new_tokens or next_pos + 1 >= self.max_context:
+            return {"type": "length", "length": len(r.output_ids)}
+        return None
+
+    def _finish(self, r: Request, reason: dict) -> None:
+        r.finish_reason = reason
+        r.finished = time.monotonic()
+        if r.version_spans:
+            r.version_spans[-1]["end"] = len(r.output_ids)
+        self.stats["aborted_requests" if reason["type"] == "abort" else "finished_requests"] += 1
+        try:
+            r.on_done(r)
+        except Exception:
+            logger.exception("completion callback for %s failed", r.rid)
+
+    def _fail_all(self, message: str) -> None:
+        with self._cv:
+            reqs = list(self._rows) + list(self._waiting)
+            self._waiting.clear()
+        self._rows, self._cache, self._mask = [], None, None
+        for r in reqs:
+            self._finish(r, {"type": "abort", "message": message, "status_code": 500, "err_type": "InternalError"})
+
+    def _merge(self, reqs, cache, mask, next_input, positions) -> None:
+        if not self._rows:
+            self._rows, self._cache, self._mask = reqs, cache, mask
+            self._next_input, self._positions = next_input, positions
+            return
+        width = max(self._mask.shape[1], mask.shape[1])
+        for old, new in zip(self._cache.layers, cache.layers, strict=True):
+            old.keys = torch.cat([_left_pad(old.keys, width, 2), _left_pad(new.keys, width, 2)])
+            old.values = torch.cat([_left_pad(old.values, width, 2), _left_pad(new.values, width, 2)])
+        self._mask = torch.cat([_left_pad(self._mask, width, 1), _left_pad(mask, width, 1)])
+        self._rows = self._rows + reqs
+        self._next_input = torch.cat([self._next_input, next_input])
+        self._positions = torch.cat([self._positions, positions])
+
+    def _select_rows(self, keep: list[int]) -> None:
+        if len(keep) == len(self._rows):
+            return
+        if not keep:
+            self._rows, self._cache, self._mask, self._next_input, self._positions = [], None, None, None, None
+            return
+        sel = torch.tensor(keep)
+        self._rows = [self._rows[i] for i in keep]
+        _select_cache(self._cache, sel)
+        self._mask, self._next_input, self._positions = self._mask[sel], self._next_input[sel], self._positions[sel]
+        # drop cache columns that are padding for every remaining row
+        lead = int((self._mask.sum(0) == 0).long().cumprod(0).sum())
+        if lead:
+            self._mask = self._mask[:, lead:]
+            for layer in self._cache.layers:
+                layer.keys, layer.values = layer.keys[:, :, lead:], layer.values[:, :, lead:]
+
+
+def _left_pad(t: torch.Tensor, width: int, dim: int) -> torch.Tensor:
+    missing = width - t.shape[dim]
+    if missing == 0:
+        return t
+    shape = list(t.shape)
+    shape[dim] = missing
+    return torch.cat([t.new_zeros(shape), t], dim=dim)
+
+
+def _select_cache(cache: DynamicCache, sel: torch.Tensor) -> None:
+    for layer in cache.layers:
+        layer.keys, layer.values = layer.keys[sel], layer.values[sel]
+
+
+def _eos_ids(model, tokenizer) -> list[int]:
+    ids: list[int] = []
+    for source in (getattr(model, "generation_config", None), model.config):
+        value = getattr(source, "eos_token_id", None) if source is not None else None
+        ids += value if isinstance(value, list) else [value] if value is not None else []
+    if tokenizer.eos_token_id is not None:
+        ids.append(tokenizer.eos_token_id)
+    return sorted(set(ids))

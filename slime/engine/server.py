@@ -1,0 +1,385 @@
+"""HTTP server speaking SGLang's native protocol around the embedded engine.
+
+Run: `python -m slime.engine.server --model-path SmolLM2-135M-Instruct --port 30000` (or `slime-serve`).
+Field names, shapes and status codes follow ../design/engine-protocols.md; unknown top-level keys are ignored (the
+router adds its own), unknown `sampling_params` keys are a 400 naming the key.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import base64
+import logging
+import os
+import pickle
+import time
+
+import torch
+from aiohttp import web
+
+from slime.engine.embedded import EmbeddedEngine, Request
+from slime.engine.sampling import SamplingParams, SamplingParamsError
+
+logger = logging.getLogger(__name__)
+ENGINE = web.AppKey("engine", EmbeddedEngine)
+ARGS = web.AppKey("args", argparse.Namespace)
+
+
+class BadRequest(ValueError):
+    pass
+
+
+def _batched(body: dict) -> tuple[list[list[int]] | None, list[str] | None, bool]:
+    """Normalise text / input_ids, single or batch. Returns (ids, texts, is_batch)."""
+    ids, text = body.get("input_ids"), body.get("text")
+    if (ids is None) == (text is None):
+        raise BadRequest("give exactly one of `text` and `input_ids`")
+    if ids is not None:
+        if not isinstance(ids, list) or not ids:
+            raise BadRequest("`input_ids` must be a non-empty list of token ids or a list of such lists")
+        if all(isinstance(t, int) for t in ids):
+            return [ids], None, False
+        if all(isinstance(x, list) and x and all(isinstance(t, int) for t in x) for x in ids):
+            return ids, None, True
+        raise BadRequest("`input_ids` must be a non-empty list of token ids or a list of such lists")
+    if isinstance(text, str):
+        return None, [text], False
+    if isinstance(text, list) and text and all(isinstance(t, str) for t in text):
+        return None, text, True
+    raise BadRequest("`text` must be a string or a list of strings")
+
+
+async def generate(request: web.Request) -> web.Response:
+    engine = request.app[ENGINE]
+    try:
+        body = await request.json()
+        if not isinstance(body, dict):
+            raise BadRequest("request body must be a JSON object")
+        if body.get("stream"):
+            raise BadRequest("stream=true is not supported by the embedded engine")
+        if int(body.get("top_logprobs_num") or 0) > 0:
+            raise BadRequest("top_logprobs_num > 0 is not supported by the embedded engine")
+        ids, texts, is_batch = _batched(body)
+        if ids is None:
+            ids = [engine.tokenizer.encode(t, add_special_tokens=False) for t in texts]
+        n = len(ids)
+        raw_params = body.get("sampling_params") or {}
+        raw_params = raw_params if isinstance(raw_params, list) else [raw_params] * n
+        if len(raw_params) != n:
+            raise BadRequest(f"{len(raw_params)} sampling_params for {n} prompts")
+        params = [SamplingParams.from_dict(p) for p in raw_params]
+        rids = body.get("rid")
+        rids = (rids if isinstance(rids, list) else [rids]) if rids is not None else [None] * n
+        if len(rids) != n:
+            raise BadRequest(f"{len(rids)} rids for {n} prompts")
+    except (BadRequest, SamplingParamsError, ValueError, TypeError) as exc:
+        return web.json_response({"error": {"message": str(exc)}}, status=400)
+
+    loop = asyncio.get_running_loop()
+    futures, reqs = [], []
+    try:
+        for prompt, p, rid in zip(ids, params, rids, strict=True):
+            fut = loop.create_future()
+            futures.append(fut)
+            reqs.append(engine.submit(prompt, p, _resolver(loop, fut), rid=rid))
+        done: list[Request] = await asyncio.gather(*futures)
+    except asyncio.CancelledError:  # client went away: free the engine
+        for r in reqs:
+            engine.abort(r.rid)
+        raise
+    except ValueError as exc:
+        for r in reqs:
+            engine.abort(r.rid)
+        return web.json_response({"error": {"message": str(exc)}}, status=400)
+    want_text = bool(body.get("return_text_in_logprobs"))
+    out = [_response(engine, r, bool(body.get("return_logprob")), want_text) for r in done]
+    return web.json_response(out if is_batch else out[0])
+
+
+def _resolver(loop: asyncio.AbstractEventLoop, fut: asyncio.Future):
+    def done(req: Request) -> None:
+        loop.call_soon_threadsafe(lambda: fut.done() or fut.set_result(req))
+
+    return done
+
+
+def _response(engine: EmbeddedEngine, r: Request, return_logprob: bool, want_text: bool) -> dict:
+    p, reason = r.params, r.finish_reason
+    visible = r.output_ids
+    if reason["type"] == "stop" and isinstance(reason.get("matched"), int) and not p.no_stop_trim:
+        visible = visible[:-1]
+    text = engine.tokenizer.decode(
+        visible,
+        skip_special_tokens=p.skip_special_tokens,
+        spaces_between_special_tokens=p.spaces_between_special_tokens,
+    )
+    if reason["type"] == "stop" and isinstance(reason.get("matched"), str) and not p.no_stop_trim:
+        cut = text.find(reason["matched"])
+        text = text[:cut] if cut >= 0 else text
+    meta = {
+        "id": r.rid,
+        "finish_reason": reason,
+        "prompt_tokens": len(r.input_ids),
+        "completion_tokens": len(r.output_ids),
+        "cached_tokens": 0,
+        "reasoning_tokens": 0,
+        "num_retractions": 0,
+        "weight_version": r.weight_version,
+        "e2e_latency": round(r.finished - r.created, 6),
+    }
+    if r.version_spans:
+        meta["weight_versions"] = r.version_spans
+    if return_logprob:
+        toks = [engine.tokenizer.decode([t]) for t in r.output_ids] if want_text else [None] * len(r.output_ids)
+        meta["input_token_logprobs"] = []
+        meta["output_token_logprobs"] = [[lp, t, s] for lp, t, s in zip(r.logprobs, r.output_ids, toks, strict=True)]
+        meta["output_token_logprobs_length"] = len(r.output_ids)
+    return {"text": text, "output_ids": r.output_ids, "meta_info": meta}
+
+
+async def health(request: web.Request) -> web.Response:
+    engine = request.app[ENGINE]
+    if not engine._thread.is_alive():
+        return web.Response(status=503, text="engine thread is not running")
+    return web.Response(status=200)
+
+
+async def health_generate(request: web.Request) -> web.Response:
+    engine = request.app[ENGINE]
+    if engine.paused:  # generation is held on purpose; the server itself is fine
+        return await health(request)
+    loop = asyncio.get_running_loop()
+    fut = loop.create_future()
+    bos = engine.tokenizer.bos_token_id if engine.tokenizer.bos_token_id is not None else 0
+    req = engine.submit([bos], SamplingParams(max_new_tokens=1, temperature=0.0), _resolver(loop, fut))
+    try:
+        await asyncio.wait_for(fut, timeout=20)
+    except TimeoutError:
+        engine.abort(req.rid)
+        return web.Response(status=503, text="1-token health generation did not finish within 20 s")
+    return web.Response(status=200)
+
+
+async def model_info(request: web.Request) -> web.Response:
+    engine, args = request.app[ENGINE], request.app[ARGS]
+    return web.json_response(
+        {
+            "model_path": engine.model_path,
+            "served_model_name": args.model_path,
+            "tokenizer_path": engine.model_path,
+            "is_generation": True,
+            "preferred_sampling_params": None,
+            "weight_version": engine.weight_version,
+            "load_format": "auto",
+            "model_type": engine.config.model_type,
+            "architectures": list(getattr(engine.config, "architectures", None) or []),
+        }
+    )
+
+
+async def server_info(request: web.Request) -> web.Response:
+    engine, args = request.app[ENGINE], request.app[ARGS]
+    info = {k: v for k, v in vars(args).items()}
+    info.update(
+        {
+            "version": "slime-embedded",
+            "tp_size": 1,
+            "dp_size": 1,
+            "dtype": engine.dtype,
+            "weight_version": engine.weight_version,
+            "internal_states": [dict(engine.stats, **engine.loads())],
+        }
+    )
+    return web.json_response(info)
+
+
+async def loads(request: web.Request) -> web.Response:
+    engine = request.app[ENGINE]
+    return web.json_response(
+        {
+            "timestamp": time.time(),
+            "version": "slime-embedded",
+            "accelerator": "cpu",
+            "num_accelerators": 0,
+            "loads": [dict(dp_rank=0, **engine.loads())],
+        }
+    )
+
+
+async def _json_or_empty(request: web.Request) -> dict:
+    if not request.can_read_body:
+        return {}
+    try:
+        body = await request.json()
+    except ValueError as exc:
+        raise web.HTTPBadRequest(text=f"body is not JSON: {exc}") from exc
+    return body if isinstance(body, dict) else {}
+
+
+async def flush_cache(request: web.Request) -> web.Response:
+    busy = request.app[ENGINE].loads()
+    if busy["num_running_reqs"]:
+        return web.Response(status=400, text=f"Cache not flushed: {busy['num_running_reqs']} requests are running")
+    return web.Response(status=200, text="Cache flushed.")
+
+
+async def abort_request(request: web.Request) -> web.Response:
+    body = await _json_or_empty(request)
+    request.app[ENGINE].abort(body.get("rid"), abort_all=bool(body.get("abort_all")))
+    return web.Response(status=200)
+
+
+async def pause_generation(request: web.Request) -> web.Response:
+    body = await _json_or_empty(request)
+    try:
+        await asyncio.to_thread(request.app[ENGINE].pause, body.get("mode") or "abort")
+    except (ValueError, TimeoutError) as exc:
+        return web.json_response({"message": str(exc), "status": "error"}, status=400)
+    return web.json_response({"message": "Generation paused", "status": "ok"})
+
+
+async def continue_generation(request: web.Request) -> web.Response:
+    request.app[ENGINE].resume()
+    return web.json_response({"message": "Generation continued", "status": "ok"})
+
+
+def _version(body: dict) -> str | None:
+    v = body.get("weight_version")
+    return None if v is None else str(v)
+
+
+async def update_weights_from_disk(request: web.Request) -> web.Response:
+    engine = request.app[ENGINE]
+    body = await _json_or_empty(request)
+    if not body.get("model_path"):
+        return web.json_response({"success": False, "message": "model_path is required"}, status=400)
+    if body.get("abort_all_requests"):
+        engine.abort(abort_all=True, message="Aborted by weight update")
+    try:
+        n = await asyncio.to_thread(engine.update_weights_from_disk, body["model_path"], _version(body))
+    except (OSError, KeyError, ValueError) as exc:
+        return web.json_response({"success": False, "message": f"{type(exc).__name__}: {exc}"}, status=400)
+    msg = f"Loaded {n} tensors from {body['model_path']}"
+    return web.json_response({"success": True, "message": msg, "num_paused_requests": 0})
+
+
+def deserialize_named_tensors(payload: str, load_format: str | None) -> list[tuple[str, torch.Tensor]]:
+    """One rank's entry of `serialized_named_tensors`: base64 of a pickled list[(name, tensor)] or flattened bucket."""
+    obj = pickle.loads(base64.b64decode(payload))
+    if load_format == "flattened_bucket":
+        flat = obj["flattened_tensor"]
+        out = []
+        for meta in obj["metadata"]:
+            m = meta if isinstance(meta, dict) else vars(meta)
+            chunk = flat[m["start_idx"] : m["end_idx"]]
+            out.append((m["name"], chunk.view(_dtype(m["dtype"])).reshape(m["shape"])))
+        return out
+    return list(obj)
+
+
+def _dtype(name) -> torch.dtype:
+    if isinstance(name, torch.dtype):
+        return name
+    dtype = getattr(torch, str(name).removeprefix("torch."), None)
+    if not isinstance(dtype, torch.dtype):
+        raise ValueError(f"unknown dtype {name!r}")
+    return dtype
+
+
+async def update_weights_from_tensor(request: web.Request) -> web.Response:
+    engine = request.app[ENGINE]
+    body = await _json_or_empty(request)
+    payloads = body.get("serialized_named_tensors")
+    if not isinstance(payloads, list) or not payloads:
+        return web.json_response({"success": False, "message": "serialized_named_tensors is required"}, status=400)
+    if body.get("abort_all_requests"):
+        engine.abort(abort_all=True, message="Aborted by weight update")
+
+    def load() -> int:
+        tensors = deserialize_named_tensors(payloads[0], body.get("load_format"))  # tp_rank 0: one rank here
+        return engine.update_weights(tensors, _version(body))
+
+    try:
+        n = await asyncio.to_thread(load)
+    except (KeyError, ValueError, TypeError, pickle.UnpicklingError, RuntimeError) as exc:
+        return web.json_response({"success": False, "message": f"{type(exc).__name__}: {exc}"}, status=400)
+    return web.json_response({"success": True, "message": f"Loaded {n} tensors"})
+
+
+async def get_weight_version(request: web.Request) -> web.Response:
+    return web.json_response({"weight_version": request.app[ENGINE].weight_version})
+
+
+async def update_weight_version(request: web.Request) -> web.Response:
+    engine = request.app[ENGINE]
+    body = await _json_or_empty(request)
+    if body.get("new_version") is None:
+        return web.json_response({"success": False, "message": "new_version is required"}, status=400)
+    if body.get("abort_all_requests", True):
+        engine.abort(abort_all=True, message="Aborted by weight version update")
+    await asyncio.to_thread(engine.update_weights, [], str(body["new_version"]))
+    return web.json_response({"success": True, "message": "ok"})
+
+
+def build_app(engine: EmbeddedEngine, args: argparse.Namespace) -> web.Application:
+    app = web.Application(client_max_size=1 << 30)
+    app[ENGINE], app[ARGS] = engine, args
+    r = app.router
+    r.add_post("/generate", generate)
+    for path, handler in [
+        ("/health", health),
+        ("/health_generate", health_generate),
+        ("/model_info", model_info),
+        ("/get_model_info", model_info),
+        ("/server_info", server_info),
+        ("/get_server_info", server_info),
+        ("/v1/loads", loads),
+        ("/get_weight_version", get_weight_version),
+    ]:
+        r.add_get(path, handler)
+    r.add_route("*", "/flush_cache", flush_cache)
+    for path, handler in [
+        ("/abort_request", abort_request),
+        ("/pause_generation", pause_generation),
+        ("/continue_generation", continue_generation),
+        ("/update_weights_from_disk", update_weights_from_disk),
+        ("/update_weights_from_tensor", update_weights_from_tensor),
+        ("/update_weight_version", update_weight_version),
+    ]:
+        r.add_post(path, handler)
+    return app
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description="slime embedded engine: an SGLang-protocol HTTP server on transformers")
+    p.add_argument("--model-path", required=True, help="HF folder or built-in model name (e.g. SmolLM2-135M-Instruct)")
+    p.add_argument("--host", default="127.0.0.1", help="interface to bind")
+    p.add_argument("--port", type=int, default=30000, help="TCP port to bind")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"], help="weights dtype")
+    p.add_argument("--max-running-requests", type=int, default=64, help="requests decoded together (batch rows)")
+    p.add_argument("--max-prefill-tokens", type=int, default=4096, help="prompt tokens admitted per prefill pass")
+    p.add_argument("--seed", type=int, default=0, help="seed of the sampling generator")
+    p.add_argument("--num-threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> None:
+    logging.basicConfig(level=os.environ.get("SLIME_LOG_LEVEL", "INFO"), format="%(asctime)s %(name)s %(message)s")
+    args = parse_args(argv)
+    from slime.models.provision import resolve_checkpoint
+
+    engine = EmbeddedEngine(
+        resolve_checkpoint(args.model_path),
+        dtype=args.dtype,
+        max_running_requests=args.max_running_requests,
+        max_prefill_tokens=args.max_prefill_tokens,
+        seed=args.seed,
+        num_threads=args.num_threads or None,
+    )
+    logger.info("serving %s on http://%s:%d", args.model_path, args.host, args.port)
+    web.run_app(build_app(engine, args), host=args.host, port=args.port, print=None, access_log=None)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,87 @@
+"""Async HTTP helpers used by rollout code and custom generate functions (public import path).
+
+`post` / `get` return the decoded JSON body (or the text when it is not JSON). Connection failures and 5xx answers
+are retried with backoff; a 4xx answer raises at once with the server's message. Every call has a timeout.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Any
+
+import aiohttp
+
+logger = logging.getLogger(__name__)
+DEFAULT_TIMEOUT_S = 600.0
+_sessions: dict[int, aiohttp.ClientSession] = {}
+
+
+class HTTPError(RuntimeError):
+    def __init__(self, method: str, url: str, status: int, body: str):
+        super().__init__(f"{method} {url} -> HTTP {status}: {body[:1000]}")
+        self.status, self.body = status, body
+
+
+def _session() -> aiohttp.ClientSession:
+    loop = asyncio.get_running_loop()
+    session = _sessions.get(id(loop))
+    if session is None or session.closed:
+        connector = aiohttp.TCPConnector(limit=0, force_close=False)
+        session = aiohttp.ClientSession(connector=connector, trust_env=False)
+        _sessions[id(loop)] = session
+    return session
+
+
+async def _request(method: str, url: str, payload: Any, max_retries: int, timeout: float, headers: dict | None) -> Any:
+    delay = 0.2
+    for attempt in range(max_retries + 1):
+        try:
+            async with _session().request(
+                method, url, json=payload, headers=headers, timeout=aiohttp.ClientTimeout(total=timeout)
+            ) as resp:
+                text = await resp.text()
+                if resp.status >= 500 and attempt < max_retries:
+                    raise HTTPError(method, url, resp.status, text)
+                if resp.status >= 400:
+                    raise HTTPError(method, url, resp.status, text)
+                if not text:
+                    return None
+                try:
+                    return await resp.json(content_type=None)
+                except ValueError:
+                    return text
+        except HTTPError as exc:
+            if exc.status < 500 or attempt >= max_retries:
+                raise
+            last: Exception = exc
+        except (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError) as exc:
+            last = exc
+        except TimeoutError as exc:
+            raise TimeoutError(f"{method} {url}: no answer within {timeout:.0f}s") from exc
+        if attempt >= max_retries:
+            break
+        logger.debug("%s %s failed (%s); retry %d/%d in %.1fs", method, url, last, attempt + 1, max_retries, delay)
+        await asyncio.sleep(delay)
+        delay = min(delay * 2, 5.0)
+    raise ConnectionError(f"{method} {url} failed after {max_retries + 1} attempts: {last}")
+
+
+async def post(
+    url: str,
+    payload: Any = None,
+    max_retries: int = 60,
+    timeout: float = DEFAULT_TIMEOUT_S,
+    headers: dict | None = None,
+) -> Any:
+    return await _request("POST", url, payload, max_retries, timeout, headers)
+
+
+async def get(url: str, max_retries: int = 60, timeout: float = DEFAULT_TIMEOUT_S, headers: dict | None = None) -> Any:
+    return await _request("GET", url, None, max_retries, timeout, headers)
+
+
+async def close_sessions() -> None:
+    for session in list(_sessions.values()):
+        await session.close()
+    _sessions.clear()

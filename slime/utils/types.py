@@ -1,0 +1,122 @@
+"""`Sample`: one prompt's one response as it travels rollout → reward → training (public import path)."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from enum import Enum
+from typing import Any
+
+
+class SampleAlignmentError(ValueError):
+    """tokens, loss_mask and rollout_log_probs disagree about the response length."""
+
+
+@dataclass
+class Sample:
+    """A prompt, one generated response and everything training needs to know about it.
+
+    `tokens` holds prompt + response token ids; the last `response_length` of them are the response. `loss_mask` and
+    `rollout_log_probs` (when set) have exactly `response_length` entries, one per response token: `loss_mask` is 1 for
+    tokens the policy produced and 0 for tokens that came from elsewhere (tool output, environment), and
+    `rollout_log_probs` are the engine's log-probabilities of those tokens (0.0 where the engine did not produce them).
+    """
+
+    class Status(Enum):
+        PENDING = "pending"
+        COMPLETED = "completed"
+        TRUNCATED = "truncated"
+        ABORTED = "aborted"
+        FAILED = "failed"
+
+    group_index: int | None = None
+    index: int | None = None
+    prompt: str | list[dict[str, Any]] = ""
+    tokens: list[int] = field(default_factory=list)
+    multimodal_inputs: dict[str, Any] | None = None
+    response: str = ""
+    response_length: int = 0
+    label: str | None = None
+    reward: float | dict[str, Any] | None = None
+    loss_mask: list[int] | None = None
+    weight_versions: list[str] = field(default_factory=list)
+    rollout_log_probs: list[float] | None = None
+    teacher_log_probs: list[float] | None = None
+    remove_sample: bool = False
+    status: Status = Status.PENDING
+    metadata: dict[str, Any] = field(default_factory=dict)
+    train_metadata: dict[str, Any] | None = None
+    non_generation_time: float = 0.0
+
+    @property
+    def truncated(self) -> bool:
+        return self.status == Sample.Status.TRUNCATED
+
+    @property
+    def aborted(self) -> bool:
+        return self.status == Sample.Status.ABORTED
+
+    @property
+    def effective_response_length(self) -> int:
+        """Response tokens that count in the loss."""
+        return sum(self.loss_mask) if self.loss_mask is not None else self.response_length
+
+    @property
+    def prompt_length(self) -> int:
+        return len(self.tokens) - self.response_length
+
+    def get_reward_value(self, args: Any) -> float:
+        """The scalar reward: `reward[args.reward_key]` when the reward is a dict."""
+        key = getattr(args, "reward_key", None)
+        if isinstance(self.reward, dict):
+            if not key:
+                raise ValueError(f"sample {self.index}: reward is a dict {sorted(self.reward)}; set --reward-key")
+            if key not in self.reward:
+                raise KeyError(f"sample {self.index}: --reward-key {key!r} not in reward keys {sorted(self.reward)}")
+            return float(self.reward[key])
+        if self.reward is None:
+            raise ValueError(f"sample {self.index}: no reward was computed")
+        return float(self.reward)
+
+    def append_response(
+        self, token_ids: list[int], text: str = "", loss_mask: int = 1, log_probs: list[float] | None = None
+    ) -> None:
+        """Extend the response with tokens, keeping tokens / loss_mask / rollout_log_probs aligned."""
+        self.check_alignment()
+        if log_probs is not None and len(log_probs) != len(token_ids):
+            raise SampleAlignmentError(f"{len(log_probs)} log_probs for {len(token_ids)} tokens")
+        if self.loss_mask is None:
+            self.loss_mask = [1] * self.response_length
+        if self.rollout_log_probs is None and (log_probs is not None or self.response_length == 0):
+            self.rollout_log_probs = [0.0] * self.response_length
+        self.tokens = self.tokens + list(token_ids)
+        self.response += text
+        self.response_length += len(token_ids)
+        self.loss_mask = self.loss_mask + [loss_mask] * len(token_ids)
+        if self.rollout_log_probs is not None:
+            self.rollout_log_probs = self.rollout_log_probs + (list(log_probs) if log_probs else [0.0] * len(token_ids))
+        self.check_alignment()
+
+    def check_alignment(self) -> None:
+        """Raise SampleAlignmentError unless the per-response-token lists all have `response_length` entries."""
+        where = f"sample (group {self.group_index}, index {self.index})"
+        if not 0 <= self.response_length <= len(self.tokens):
+            raise SampleAlignmentError(
+                f"{where}: response_length={self.response_length} but tokens has {len(self.tokens)} ids"
+            )
+        for name in ("loss_mask", "rollout_log_probs", "teacher_log_probs"):
+            value = getattr(self, name)
+            if value is not None and len(value) != self.response_length:
+                raise SampleAlignmentError(
+                    f"{where}: {name} has {len(value)} entries but response_length is {self.response_length}"
+                )
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["status"] = self.status.value
+        return d
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Sample:
+        data = dict(data)
+        data["status"] = Sample.Status(data.get("status", "pending"))
+        return cls(**data)
