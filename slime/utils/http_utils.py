@@ -85,3 +85,29 @@ async def close_sessions() -> None:
     for session in list(_sessions.values()):
         await session.close()
     _sessions.clear()
+
+
+def request_sync(method: str, url: str, payload: Any = None, timeout: float = 30.0) -> tuple[int, str]:
+    """Blocking request for control-plane code outside an event loop. Returns (status, body text); never raises on
+    an HTTP status, raises ConnectionError (naming the URL) when nothing answers in `timeout` seconds."""
+    import json
+    import urllib.error
+    import urllib.request
+
+    data = None if payload is None else json.dumps(payload).encode()
+    req = urllib.request.Request(url, data=data, method=method, headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as resp:
+            return resp.status, resp.read().decode()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read().decode(errors="replace")
+    except (urllib.error.URLError, OSError) as exc:
+        raise ConnectionError(f"{method} {url}: {exc}") from exc
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]

@@ -1,0 +1,98 @@
+"""Start engine servers as child processes and wait, with a deadline, until they serve."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from slime.utils.http_utils import free_port, request_sync
+
+
+@dataclass
+class ServerProcess:
+    """A child HTTP server (engine or router) with its URL and log file."""
+
+    name: str
+    url: str
+    proc: subprocess.Popen
+    log_path: Path
+
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+    def log_tail(self, chars: int = 3000) -> str:
+        try:
+            return self.log_path.read_text(errors="replace")[-chars:]
+        except OSError:
+            return "(no log)"
+
+    def wait_ready(self, path: str, timeout: float) -> None:
+        """Poll `GET url+path` until 200. Raises naming the server, what it waited for and its log tail."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if not self.alive():
+                raise RuntimeError(
+                    f"{self.name} exited with code {self.proc.returncode} before serving {self.url}; "
+                    f"log {self.log_path}:\n{self.log_tail()}"
+                )
+            try:
+                if request_sync("GET", self.url + path, timeout=5)[0] == 200:
+                    return
+            except ConnectionError:
+                pass
+            time.sleep(0.25)
+        self.stop()
+        raise TimeoutError(
+            f"{self.name} did not answer GET {path} with 200 within {timeout:.0f}s; log {self.log_path}:\n"
+            f"{self.log_tail()}"
+        )
+
+    def stop(self, grace: float = 10.0) -> None:
+        if self.alive():
+            self.proc.terminate()
+            try:
+                self.proc.wait(grace)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(5)
+
+
+def spawn(name: str, cmd: list[str], url: str, log_dir: str | Path, env: dict | None = None) -> ServerProcess:
+    log_dir = Path(log_dir)
+    log_dir.mkdir(parents=True, exist_ok=True)
+    log_path = log_dir / f"{name}.log"
+    log = open(log_path, "w")  # noqa: SIM115 - owned by the child for its lifetime
+    proc = subprocess.Popen(
+        cmd, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})}, start_new_session=True
+    )
+    return ServerProcess(name, url, proc, log_path)
+
+
+def launch_engine(
+    model_path: str,
+    log_dir: str | Path,
+    index: int = 0,
+    host: str = "127.0.0.1",
+    dtype: str = "float32",
+    num_threads: int = 0,
+    max_running_requests: int = 64,
+    seed: int = 0,
+    startup_timeout: float = 300.0,
+    wait: bool = True,
+) -> ServerProcess:
+    """Start one embedded engine server (`python -m slime.engine.server`) on a free port."""
+    port = free_port(host)
+    cmd = [
+        sys.executable, "-m", "slime.engine.server", "--model-path", model_path, "--host", host, "--port", str(port),
+        "--dtype", dtype, "--num-threads", str(num_threads), "--max-running-requests", str(max_running_requests),
+        "--seed", str(seed + index),
+    ]  # fmt: skip
+    env = {"OMP_NUM_THREADS": str(num_threads)} if num_threads else None
+    server = spawn(f"engine-{index}", cmd, f"http://{host}:{port}", log_dir, env)
+    if wait:
+        server.wait_ready("/health", startup_timeout)
+    return server

@@ -1,0 +1,130 @@
+"""RolloutManager: the Ray actor that owns data, engines, router and rewards."""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any
+
+import ray
+
+from slime.data.dataset import load_prompt_data
+from slime.data.source import RolloutDataSource
+from slime.engine.launch import ServerProcess, launch_engine
+from slime.rollout.base_types import RolloutFnEvalOutput, RolloutFnTrainOutput
+from slime.router.router import launch_router, register_worker
+from slime.utils.misc import load_function
+from slime.utils.processing_utils import load_tokenizer
+from slime.utils.types import Sample
+
+logger = logging.getLogger(__name__)
+
+
+class RolloutDataSourceWithEval(RolloutDataSource):
+    """The training data source plus the eval datasets, each as one group list over all its prompts."""
+
+    def __init__(self, args: Any, tokenizer: Any):
+        load = dict(
+            tokenizer=tokenizer,
+            input_key=args.input_key,
+            label_key=args.label_key,
+            metadata_key=args.metadata_key,
+            tool_key=args.tool_key,
+            apply_chat_template=args.apply_chat_template,
+            apply_chat_template_kwargs=args.apply_chat_template_kwargs,
+            max_prompt_len=args.rollout_max_prompt_len,
+            skip_invalid=args.skip_invalid_data_rows,
+        )
+        super().__init__(
+            load_prompt_data(args.prompt_data, **load),
+            args.n_samples_per_prompt,
+            args.rollout_shuffle,
+            args.rollout_seed,
+        )
+        pairs = args.eval_prompt_data or []
+        self.eval_sets = {
+            name: load_prompt_data(path, **load) for name, path in zip(pairs[::2], pairs[1::2], strict=True)
+        }
+        self.n_eval = args.n_samples_per_eval_prompt
+
+    def eval_groups(self) -> dict[str, list[list[Sample]]]:
+        out = {}
+        for name, ds in self.eval_sets.items():
+            out[name] = [
+                [
+                    Sample(prompt=s.prompt, label=s.label, metadata=dict(s.metadata), group_index=g, index=g * n + k)
+                    for k in range(n)
+                ]
+                for g, s in enumerate(ds.samples)
+                for n in [self.n_eval]
+            ]
+        return out
+
+
+@ray.remote
+class RolloutManager:
+    def __init__(self, args: Any):
+        logging.basicConfig(level=os.environ.get("SLIME_LOG_LEVEL", "INFO"), format="%(asctime)s %(name)s %(message)s")
+        self.args = args
+        self.engines: list[ServerProcess] = []
+        self.router: ServerProcess | None = None
+        log_dir = os.path.join(args.output_dir, "server_logs")
+        try:
+            self.engines = [
+                launch_engine(
+                    args.hf_checkpoint, log_dir, index=i, dtype=args.rollout_engine_dtype,
+                    num_threads=args.rollout_engine_threads, seed=args.seed, wait=False,
+                )
+                for i in range(args.rollout_num_engines)
+            ]  # fmt: skip
+            self.router = launch_router(log_dir, policy=args.router_policy)
+            tokenizer = load_tokenizer(args.hf_checkpoint)
+            self.data_source = RolloutDataSourceWithEval(args, tokenizer)
+            for e in self.engines:
+                e.wait_ready("/health", timeout=600)
+                register_worker(self.router.url, e.url)
+        except BaseException:
+            self.shutdown()
+            raise
+        host, port = self.router.url.removeprefix("http://").rsplit(":", 1)
+        args.sglang_router_ip, args.sglang_router_port = host, int(port)
+        self.rollout_fn = load_function(args.rollout_function_path, "--rollout-function-path")
+
+    def info(self) -> dict[str, Any]:
+        return {
+            "router_url": self.router.url,
+            "engine_urls": [e.url for e in self.engines],
+            "num_train_prompts": len(self.data_source.dataset),
+            "skipped_rows": self.data_source.dataset.skipped,
+            "eval_sets": {k: len(v) for k, v in self.data_source.eval_sets.items()},
+        }
+
+    def _check_engines(self) -> None:
+        dead = [f"{e.name} (exit {e.proc.returncode}):\n{e.log_tail(1500)}" for e in self.engines if not e.alive()]
+        if dead:
+            raise RuntimeError("engine server(s) died: " + "\n".join(dead))
+
+    def generate(self, rollout_id: int) -> dict[str, Any]:
+        """One training rollout. Returns {"samples": [[Sample]], "metrics": {...}}."""
+        self._check_engines()
+        out = self.rollout_fn(self.args, rollout_id, self.data_source)
+        if isinstance(out, RolloutFnTrainOutput):
+            groups, metrics = out.samples, dict(out.metrics)
+        else:  # a custom rollout function may return the groups alone
+            groups, metrics = out, {}
+        for g in groups:
+            for s in g:
+                s.check_alignment()
+        return {"samples": groups, "metrics": metrics}
+
+    def eval(self, rollout_id: int) -> dict[str, Any]:
+        self._check_engines()
+        out = self.rollout_fn(self.args, rollout_id, self.data_source, evaluation=True)
+        if not isinstance(out, RolloutFnEvalOutput):
+            raise TypeError(f"--rollout-function-path returned {type(out).__name__} for evaluation")
+        return {"metrics": out.metrics}
+
+    def shutdown(self) -> None:
+        for server in [*self.engines, self.router]:
+            if server is not None:
+                server.stop()
