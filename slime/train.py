@@ -7,6 +7,7 @@ import os
 import sys
 
 import ray
+from tqdm import tqdm
 
 from slime.config.arguments import parse_args
 from slime.models.provision import resolve_checkpoint
@@ -28,7 +29,7 @@ def train(args) -> dict:
         if args.eval_prompt_data and not args.skip_eval_before_train:
             last["eval_before"] = ray.get(manager.eval.remote(0))["metrics"]
             metrics_log.log(0, last["eval_before"])
-        for rollout_id in range(args.num_rollout):
+        for rollout_id in tqdm(range(args.num_rollout), desc="rollout", unit="step"):
             rollout = ray.get(manager.generate.remote(rollout_id))
             last["rollout"] = rollout["metrics"]
             metrics_log.log(rollout_id, rollout["metrics"])
