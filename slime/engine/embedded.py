@@ -78,7 +78,13 @@ class EmbeddedEngine:
         self._cv = threading.Condition()
         self._step_lock = threading.RLock()
         self._rid_counter = itertools.count()
-        self.stats = {"generated_tokens": 0, "aborted_requests": 0, "finished_requests": 0, "weight_updates": 0}
+        self.stats = {
+            "generated_tokens": 0,
+            "aborted_requests": 0,
+            "finished_requests": 0,
+            "weight_updates": 0,
+            "max_batch_rows": 0,  # the most requests ever decoded in one step
+        }
         self._thread = threading.Thread(target=self._loop, name="embedded-engine", daemon=True)
         self._thread.start()
 
@@ -281,6 +287,7 @@ class EmbeddedEngine:
         )
         self._positions = self._positions + 1
         rows = self._rows
+        self.stats["max_batch_rows"] = max(self.stats["max_batch_rows"], len(rows))
         keep = self._sample_and_check(rows, out.logits[:, -1], self._positions)
         self._next_input = torch.tensor([r.output_ids[-1] for r in rows])
         self._select_rows(keep)

@@ -1,0 +1,57 @@
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = REPO.parent / "shared" / "data"
+
+
+@pytest.fixture(scope="session")
+def smollm2_path() -> str:
+    """The embedded model, provisioned through the product's own code (converted once into the user cache)."""
+    from slime.models.provision import resolve_checkpoint
+
+    return resolve_checkpoint("SmolLM2-135M-Instruct")
+
+
+@pytest.fixture(scope="session")
+def tiny_model_path(smollm2_path, tmp_path_factory) -> str:
+    """A random-weight 2-layer Llama with SmolLM2's tokenizer: fast, but a real transformers model."""
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    out = tmp_path_factory.mktemp("tiny-llama")
+    tok = AutoTokenizer.from_pretrained(smollm2_path)
+    config = LlamaConfig(
+        vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=2048, tie_word_embeddings=True,
+        bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(config)
+    with torch.no_grad():  # a peaked output distribution so sampled text has structure and logprobs vary
+        model.model.embed_tokens.weight.mul_(4)
+    model.save_pretrained(out)
+    tok.save_pretrained(out)
+    return str(out)
+
+
+@pytest.fixture
+def write_jsonl(tmp_path):
+    def write(rows, name="data.jsonl"):
+        path = tmp_path / name
+        with open(path, "w") as f:
+            for r in rows:
+                f.write(r if isinstance(r, str) else json.dumps(r))
+                f.write("\n")
+        return str(path)
+
+    return write
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _quiet_ray():
+    os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+    yield

@@ -1,0 +1,97 @@
+import json
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from slime.data.builtin import arithmetic_rows, split_of
+from slime.data.dataset import DataError, load_prompt_data
+from slime.data.source import RolloutDataSource
+
+
+@pytest.fixture(scope="module")
+def tok(smollm2_path):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(smollm2_path)
+
+
+GOOD = {"input": "What is 2+2?", "label": "4", "metadata": {"k": 1}}
+
+
+@pytest.mark.parametrize(
+    "bad, match",
+    [
+        ("{not json", r":2: invalid JSON"),
+        ({"question": "x", "label": "1"}, r":2: missing key 'input' \(--input-key\)"),
+        ({"input": 5, "label": "1"}, r":2: key 'input' is a int"),
+        ({"input": "   ", "label": "1"}, r":2: key 'input' is an empty prompt"),
+        ({"input": "q"}, r":2: missing key 'label' \(--label-key\)"),
+        ({"input": "q", "label": "1", "metadata": [1]}, r":2: key 'metadata' is a list"),
+    ],
+)
+def test_bad_rows_fail_with_file_line_and_key(tok, write_jsonl, bad, match):
+    path = write_jsonl([GOOD, bad])
+    with pytest.raises(DataError, match=match) as err:
+        load_prompt_data(path, tok, label_key="label")
+    assert path in str(err.value)
+
+
+def test_bad_rows_skipped_and_counted_on_request(tok, write_jsonl):
+    path = write_jsonl([GOOD, "{oops", {"input": ""}, {"x": 1}, GOOD])
+    ds = load_prompt_data(path, tok, label_key="label", skip_invalid=True)
+    assert len(ds) == 2
+    assert ds.skipped == {"invalid_json": 1, "empty_prompt": 1, "missing_input_key": 1}
+    assert ds.samples[0].metadata == {"k": 1, "source_line": 1} and ds.samples[1].metadata["source_line"] == 5
+
+
+def test_chat_template_and_max_prompt_len(tok, write_jsonl):
+    rows = [{"p": [{"role": "user", "content": "hi"}], "l": 3}, {"p": "word " * 200, "l": "x"}]
+    path = write_jsonl(rows)
+    ds = load_prompt_data(path, tok, input_key="p", label_key="l", apply_chat_template=True, max_prompt_len=64)
+    assert len(ds) == 1 and ds.skipped == {"over_max_prompt_len": 1}
+    assert ds.samples[0].prompt.endswith("<|im_start|>assistant\n") and ds.samples[0].label == "3"
+    with pytest.raises(DataError, match="--apply-chat-template"):
+        load_prompt_data(path, tok, input_key="p", label_key="l")
+
+
+def test_parquet(tok, tmp_path):
+    path = tmp_path / "d.parquet"
+    pq.write_table(pa.Table.from_pylist([GOOD, {**GOOD, "input": "other"}]), path)
+    ds = load_prompt_data(str(path), tok, label_key="label")
+    assert [s.prompt for s in ds.samples] == ["What is 2+2?", "other"]
+
+
+def test_shared_gsm8k_loads(tok):
+    from conftest import SHARED_DATA
+
+    ds = load_prompt_data(str(SHARED_DATA / "gsm8k/train.jsonl"), tok, input_key="prompt", label_key="label",
+                          apply_chat_template=True)  # fmt: skip
+    assert len(ds) > 7000 and all(s.label for s in ds.samples)
+
+
+def test_builtin_splits_are_seeded_and_disjoint():
+    train, test = arithmetic_rows("train", 300, seed=3), arithmetic_rows("test", 100, seed=3)
+    assert train == arithmetic_rows("train", 300, seed=3)
+    assert train != arithmetic_rows("train", 300, seed=4)
+    assert not {r["prompt"] for r in train} & {r["prompt"] for r in test}
+    for r in train[:50]:
+        assert split_of(r["prompt"].rsplit(" Solve", 1)[0]) == "train"
+        assert int(r["label"]) >= 0
+
+
+def test_data_source_epochs_groups_and_state(tok, write_jsonl):
+    path = write_jsonl([{"input": f"q{i}"} for i in range(5)])
+    src = RolloutDataSource(load_prompt_data(path, tok), n_samples_per_prompt=3, shuffle=True, seed=1)
+    seen = []
+    for _ in range(5):  # 10 prompts = two epochs
+        for group in src.get_samples(2):
+            assert len(group) == 3 and len({s.index for s in group}) == 3
+            assert len({s.group_index for s in group}) == 1
+            seen.append(group[0].prompt)
+    assert sorted(seen) == sorted([f"q{i}" for i in range(5)] * 2) and src.epoch == 1
+    state = json.loads(json.dumps(src.state_dict()))
+    nxt = src.get_samples(1)[0][0].prompt
+    src2 = RolloutDataSource(load_prompt_data(path, tok), 3, shuffle=True, seed=1)
+    src2.load_state_dict(state)
+    assert src2.get_samples(1)[0][0].prompt == nxt

@@ -1,0 +1,172 @@
+"""The embedded engine's HTTP server, run for real as a child process on loopback, checked against the protocol."""
+
+import asyncio
+import json
+import threading
+import time
+
+import pytest
+import torch
+
+from slime.engine.launch import launch_engine
+from slime.utils.http_utils import post, request_sync
+
+
+@pytest.fixture(scope="module")
+def server(tiny_model_path, tmp_path_factory):
+    srv = launch_engine(tiny_model_path, tmp_path_factory.mktemp("logs"), num_threads=1, max_running_requests=32)
+    yield srv
+    srv.stop()
+
+
+def call(server, path, payload=None, method="POST", timeout=120):
+    status, body = request_sync(method, server.url + path, payload, timeout=timeout)
+    try:
+        return status, json.loads(body) if body else None
+    except ValueError:
+        return status, body
+
+
+def test_generate_fields_and_shapes(server):
+    status, out = call(
+        server, "/generate",
+        {"input_ids": [1, 2, 3, 4], "sampling_params": {"max_new_tokens": 5, "ignore_eos": True},
+         "return_logprob": True, "rid": "abc", "model": "router-adds-this"},
+    )  # fmt: skip
+    assert status == 200
+    assert set(out) == {"text", "output_ids", "meta_info"} and isinstance(out["text"], str)
+    meta = out["meta_info"]
+    assert meta["id"] == "abc" and meta["finish_reason"] == {"type": "length", "length": 5}
+    assert meta["prompt_tokens"] == 4 and meta["completion_tokens"] == 5 and meta["weight_version"] == "default"
+    triples = meta["output_token_logprobs"]
+    assert len(triples) == 5 == meta["output_token_logprobs_length"]
+    assert [t[1] for t in triples] == out["output_ids"]
+    assert all(isinstance(t[0], float) and t[0] <= 0 and t[2] is None for t in triples)
+
+
+def test_text_input_batch_and_stop_conditions(server):
+    status, outs = call(server, "/generate", {"text": ["Hello", "World"], "sampling_params": {"max_new_tokens": 3}})
+    assert status == 200 and isinstance(outs, list) and len(outs) == 2
+    _, free = call(server, "/generate", {"input_ids": [5, 6], "sampling_params": {"max_new_tokens": 6, "temperature": 0}})
+    stop_tok = free["output_ids"][2]
+    _, out = call(
+        server, "/generate",
+        {"input_ids": [5, 6], "sampling_params": {"max_new_tokens": 6, "temperature": 0, "stop_token_ids": [stop_tok]}},
+    )  # fmt: skip
+    assert out["meta_info"]["finish_reason"] == {"type": "stop", "matched": stop_tok}
+    assert out["output_ids"] == free["output_ids"][: free["output_ids"].index(stop_tok) + 1]  # stop token kept
+
+
+def test_unknown_sampling_key_is_400_naming_it(server):
+    status, body = call(server, "/generate", {"input_ids": [1, 2], "sampling_params": {"max_new_token": 3}})
+    assert status == 400 and "max_new_token" in json.dumps(body)
+    status, body = call(server, "/generate", {"input_ids": [], "sampling_params": {}})
+    assert status == 400
+
+
+def test_logprobs_equal_transformers_recomputation(server, tiny_model_path):
+    """fp32: engine logprobs = log_softmax(logits / T) recomputed by transformers, within 1e-4."""
+    from transformers import AutoModelForCausalLM
+
+    prompt, temperature = [1, 9690, 198, 2683, 359, 253], 0.7
+    _, out = call(
+        server, "/generate",
+        {"input_ids": prompt, "return_logprob": True,
+         "sampling_params": {"max_new_tokens": 24, "temperature": temperature, "ignore_eos": True}},
+    )  # fmt: skip
+    ids = out["output_ids"]
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_path, dtype=torch.float32).eval()
+    with torch.no_grad():
+        logits = model(torch.tensor([prompt + ids])).logits[0, len(prompt) - 1 : -1].double()
+    ref = torch.log_softmax(logits / temperature, -1).gather(1, torch.tensor(ids)[:, None])[:, 0]
+    got = torch.tensor([t[0] for t in out["meta_info"]["output_token_logprobs"]], dtype=torch.float64)
+    assert torch.allclose(got, ref, atol=1e-4), (got - ref).abs().max()
+    assert ref.std() > 0.05  # the check is not vacuous: logprobs vary along the response
+
+
+def test_concurrent_requests_are_batched(server):
+    async def many():
+        payload = {"input_ids": [1, 2, 3], "sampling_params": {"max_new_tokens": 40, "ignore_eos": True}}
+        return await asyncio.gather(*[post(server.url + "/generate", payload) for _ in range(12)])
+
+    outs = asyncio.run(many())
+    assert all(len(o["output_ids"]) == 40 for o in outs)
+    _, info = call(server, "/server_info", method="GET")
+    assert info["internal_states"][0]["max_batch_rows"] >= 6
+
+
+def _long_request(server, rid, result):
+    payload = {"input_ids": [1, 2], "rid": rid, "sampling_params": {"max_new_tokens": 100000, "ignore_eos": True}}
+    result.append(call(server, "/generate", payload))
+
+
+def _wait_running(server, n=1):
+    for _ in range(400):
+        if call(server, "/v1/loads", method="GET")[1]["loads"][0]["num_running_reqs"] >= n:
+            return
+        time.sleep(0.02)
+    raise AssertionError("request never started running")
+
+
+def test_abort_mid_generation_keeps_partial_tokens(server):
+    result = []
+    t = threading.Thread(target=_long_request, args=(server, "long-1", result))
+    t.start()
+    _wait_running(server)
+    time.sleep(0.3)
+    assert call(server, "/abort_request", {"rid": "long-1"})[0] == 200
+    t.join(60)
+    status, out = result[0]
+    assert status == 200 and out["meta_info"]["finish_reason"]["type"] == "abort"
+    assert 0 < len(out["output_ids"]) < 100000
+    assert call(server, "/v1/loads", method="GET")[1]["loads"][0]["num_running_reqs"] == 0
+
+
+def test_pause_abort_holds_new_requests_until_continue(server):
+    result, later = [], []
+    t = threading.Thread(target=_long_request, args=(server, "long-2", result))
+    t.start()
+    _wait_running(server)
+    assert call(server, "/pause_generation", {"mode": "abort"})[1]["status"] == "ok"
+    t.join(60)
+    assert result[0][1]["meta_info"]["finish_reason"]["type"] == "abort"
+    held = threading.Thread(
+        target=lambda: later.append(call(server, "/generate", {"input_ids": [3], "sampling_params": {"max_new_tokens": 2}}))
+    )
+    held.start()
+    time.sleep(0.5)
+    assert not later  # held while paused
+    assert call(server, "/flush_cache", method="GET")[0] == 200
+    call(server, "/continue_generation", {})
+    held.join(60)
+    assert later[0][0] == 200 and len(later[0][1]["output_ids"]) >= 1
+
+
+def test_control_endpoints(server):
+    assert call(server, "/health", method="GET")[0] == 200
+    assert call(server, "/health_generate", method="GET")[0] == 200
+    status, info = call(server, "/model_info", method="GET")
+    assert status == 200 and info["weight_version"] and info["architectures"] == ["LlamaForCausalLM"]
+    _, loads = call(server, "/v1/loads", method="GET")
+    assert set(loads["loads"][0]) >= {"num_running_reqs", "num_waiting_reqs"}
+
+
+def test_update_weights_from_disk_changes_outputs_and_version(server, smollm2_path, tiny_model_path, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    greedy = {"input_ids": [1, 2, 3], "sampling_params": {"max_new_tokens": 8, "temperature": 0, "ignore_eos": True}}
+    before = call(server, "/generate", greedy)[1]["output_ids"]
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_path)
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.5)
+    model.save_pretrained(tmp_path)
+    status, out = call(server, "/update_weights_from_disk", {"model_path": str(tmp_path), "weight_version": "7"})
+    assert status == 200 and out["success"], out
+    after = call(server, "/generate", greedy)[1]
+    assert after["meta_info"]["weight_version"] == "7" and after["output_ids"] != before
+    status, out = call(server, "/update_weights_from_disk", {"model_path": smollm2_path})  # wrong shapes
+    assert status == 400 and not out["success"] and "shape" in out["message"]
+    call(server, "/update_weights_from_disk", {"model_path": tiny_model_path, "weight_version": "8"})
+    assert call(server, "/generate", greedy)[1]["output_ids"] == before

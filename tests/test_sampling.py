@@ -1,0 +1,62 @@
+import math
+
+import pytest
+import torch
+
+from slime.engine.sampling import SamplingParams, SamplingParamsError, sample_next
+
+
+def test_unknown_key_is_rejected_by_name():
+    with pytest.raises(SamplingParamsError, match="sampling_params.temprature"):
+        SamplingParams.from_dict({"temprature": 0.5})
+
+
+def test_unsupported_key_only_at_neutral_value():
+    assert SamplingParams.from_dict({"frequency_penalty": 0.0, "n": 1}).temperature == 1.0
+    with pytest.raises(SamplingParamsError, match="frequency_penalty"):
+        SamplingParams.from_dict({"frequency_penalty": 0.5})
+
+
+@pytest.mark.parametrize("raw", [{"top_p": 0}, {"temperature": -1}, {"max_new_tokens": -2}, {"stop": [""]}])
+def test_bad_values(raw):
+    with pytest.raises(SamplingParamsError, match=next(iter(raw))):
+        SamplingParams.from_dict(raw)
+
+
+def test_stop_string_becomes_list_and_null_means_default():
+    p = SamplingParams.from_dict({"stop": "\n\n", "top_k": None})
+    assert p.stop == ["\n\n"] and p.top_k == -1
+
+
+def test_logprob_is_temperature_scaled_before_truncation():
+    torch.manual_seed(0)
+    logits = torch.randn(3, 50, dtype=torch.float64)
+    params = [SamplingParams(temperature=0.7, top_p=0.5), SamplingParams(temperature=1.3, top_k=3), SamplingParams()]
+    toks, lps = sample_next(logits, params, [None] * 3)
+    for i, p in enumerate(params):
+        row = [x / p.temperature for x in logits[i].tolist()]
+        lse = math.log(sum(math.exp(x) for x in row))
+        assert lps[i].item() == pytest.approx(row[toks[i]] - lse, abs=1e-5)
+
+
+def test_truncation_keeps_sampled_tokens_inside_the_nucleus_and_top_k():
+    logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]] * 4000))
+    g = torch.Generator().manual_seed(1)
+    toks, _ = sample_next(logits, [SamplingParams(top_p=0.7)] * 4000, [None] * 4000, g)
+    assert set(toks.tolist()) == {0, 1}  # 0.5 alone < 0.7, so the nucleus is {0, 1}
+    toks, _ = sample_next(logits, [SamplingParams(top_k=1)] * 4000, [None] * 4000, g)
+    assert set(toks.tolist()) == {0}
+    toks, _ = sample_next(logits, [SamplingParams()] * 4000, [None] * 4000, g)
+    freq = torch.bincount(toks, minlength=4).double() / 4000
+    assert torch.allclose(freq, torch.tensor([0.5, 0.3, 0.15, 0.05], dtype=torch.float64), atol=0.03)
+
+
+def test_greedy_and_seeded_rows():
+    logits = torch.randn(2, 100)
+    toks, lps = sample_next(logits, [SamplingParams(temperature=0.0)] * 2, [None] * 2)
+    assert toks.tolist() == logits.argmax(-1).tolist()
+    assert torch.allclose(lps, torch.log_softmax(logits, -1).max(-1).values)
+    seeded = [SamplingParams(sampling_seed=7)]
+    a = sample_next(logits[:1], seeded, [torch.Generator().manual_seed(7)])[0]
+    b = sample_next(logits[:1], seeded, [torch.Generator().manual_seed(7)])[0]
+    assert a.tolist() == b.tolist()
