@@ -25,6 +25,8 @@ def launch_router(
         sys.executable, "-m", "sglang_router.launch_router", "--host", host, "--port", str(port),
         "--policy", policy, "--request-timeout-secs", str(request_timeout_s), "--disable-circuit-breaker",
         "--balance-abs-threshold", "10", "--balance-rel-threshold", "1.2", "--log-level", "warn",
+        # its metrics exporter otherwise binds a fixed port, so a second router on the host would crash
+        "--prometheus-host", host, "--prometheus-port", str(free_port(host)),
     ]  # fmt: skip
     router = spawn("router", cmd, f"http://{host}:{port}", log_dir)
     router.wait_ready("/workers", startup_timeout)
