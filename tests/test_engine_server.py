@@ -47,7 +47,9 @@ def test_generate_fields_and_shapes(server):
 def test_text_input_batch_and_stop_conditions(server):
     status, outs = call(server, "/generate", {"text": ["Hello", "World"], "sampling_params": {"max_new_tokens": 3}})
     assert status == 200 and isinstance(outs, list) and len(outs) == 2
-    _, free = call(server, "/generate", {"input_ids": [5, 6], "sampling_params": {"max_new_tokens": 6, "temperature": 0}})
+    _, free = call(
+        server, "/generate", {"input_ids": [5, 6], "sampling_params": {"max_new_tokens": 6, "temperature": 0}}
+    )
     stop_tok = free["output_ids"][2]
     _, out = call(
         server, "/generate",
@@ -131,7 +133,9 @@ def test_pause_abort_holds_new_requests_until_continue(server):
     t.join(60)
     assert result[0][1]["meta_info"]["finish_reason"]["type"] == "abort"
     held = threading.Thread(
-        target=lambda: later.append(call(server, "/generate", {"input_ids": [3], "sampling_params": {"max_new_tokens": 2}}))
+        target=lambda: later.append(
+            call(server, "/generate", {"input_ids": [3], "sampling_params": {"max_new_tokens": 2}})
+        )
     )
     held.start()
     time.sleep(0.5)

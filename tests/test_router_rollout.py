@@ -30,10 +30,10 @@ def test_router_lists_both_engines_and_spreads_load(two_engines_behind_router):
     assert sorted(w["url"] for w in list_workers(router.url)) == sorted(e.url for e in engines)
 
     async def many():
+        params = {"max_new_tokens": 16, "ignore_eos": True}
         reqs = [
-            post(router.url + "/generate",
-                 {"input_ids": [1, 100 + i, 200 + 3 * i, 7], "sampling_params": {"max_new_tokens": 16, "ignore_eos": True},
-                  "return_logprob": True})
+            post(router.url + "/generate", {"input_ids": [1, 100 + i, 200 + 3 * i, 7], "sampling_params": params,
+                                             "return_logprob": True})
             for i in range(32)
         ]  # fmt: skip
         return await asyncio.gather(*reqs)
@@ -81,7 +81,9 @@ def test_rollout_pipeline_through_ray(tiny_model_path, tmp_path):
                 assert s.reward == float(s.response_length)  # the custom reward ran on this very sample
                 assert s.weight_versions == ["default"]
         m = out["metrics"]
-        assert m["rollout/tokens"] == sum(s.response_length for g in groups for s in g) and m["rollout/tokens_per_s"] > 0
+        assert (
+            m["rollout/tokens"] == sum(s.response_length for g in groups for s in g) and m["rollout/tokens_per_s"] > 0
+        )
         ev = ray.get(manager.eval.remote(0))["metrics"]
         assert ev["eval/held_out/reward_mean"] > 0
     finally:
