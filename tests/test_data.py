@@ -63,7 +63,7 @@ def test_parquet(tok, tmp_path):
 
 
 def test_shared_gsm8k_loads(tok):
-    from conftest import SHARED_DATA
+    from tests.conftest import SHARED_DATA
 
     ds = load_prompt_data(str(SHARED_DATA / "gsm8k/train.jsonl"), tok, input_key="prompt", label_key="label",
                           apply_chat_template=True)  # fmt: skip
