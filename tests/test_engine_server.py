@@ -174,3 +174,27 @@ def test_update_weights_from_disk_changes_outputs_and_version(server, smollm2_pa
     assert status == 400 and not out["success"] and "shape" in out["message"]
     call(server, "/update_weights_from_disk", {"model_path": tiny_model_path, "weight_version": "8"})
     assert call(server, "/generate", greedy)[1]["output_ids"] == before
+
+
+def test_stop_string_ends_generation_and_is_trimmed_from_text_only(server, tiny_model_path):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_model_path)
+    # seeded sampling: the same request gives the same tokens, so a stopped run is a prefix of the free one
+    seeded = {"max_new_tokens": 24, "temperature": 1.0, "sampling_seed": 3, "ignore_eos": True}
+    _, free = call(server, "/generate", {"input_ids": [5, 6, 7], "sampling_params": seeded})
+    ids = free["output_ids"]
+    # a stop string that first appears with some token after the first one
+    stop = next(
+        piece.strip()
+        for k in range(1, len(ids))
+        for piece in [tok.decode(ids[k : k + 1])]
+        if piece.strip() and piece.strip() not in tok.decode(ids[:k])
+    )
+    _, out = call(server, "/generate", {"input_ids": [5, 6, 7], "sampling_params": {**seeded, "stop": stop}})
+    assert out["meta_info"]["finish_reason"] == {"type": "stop", "matched": stop}
+    assert stop not in out["text"] and free["text"].startswith(out["text"])
+    assert out["output_ids"] == free["output_ids"][: len(out["output_ids"])]
+    untrimmed = {**seeded, "stop": stop, "no_stop_trim": True}
+    _, kept = call(server, "/generate", {"input_ids": [5, 6, 7], "sampling_params": untrimmed})
+    assert stop in kept["text"]
