@@ -78,6 +78,7 @@ class EmbeddedEngine:
         self._cv = threading.Condition()
         self._step_lock = threading.RLock()
         self._rid_counter = itertools.count()
+        self._done: list[Request] = []  # finished this iteration, callbacks not yet run
         self.stats = {
             "generated_tokens": 0,
             "aborted_requests": 0,
@@ -221,6 +222,7 @@ class EmbeddedEngine:
             except Exception as exc:  # a broken step must not hang its callers: fail what is running
                 logger.exception("engine step failed")
                 self._fail_all(f"engine error: {type(exc).__name__}: {exc}")
+            self._deliver()
 
     def _has_work(self) -> bool:
         if any(r.abort_message for r in itertools.chain(self._waiting, self._rows)):
@@ -333,10 +335,16 @@ class EmbeddedEngine:
         if r.version_spans:
             r.version_spans[-1]["end"] = len(r.output_ids)
         self.stats["aborted_requests" if reason["type"] == "abort" else "finished_requests"] += 1
-        try:
-            r.on_done(r)
-        except Exception:
-            logger.exception("completion callback for %s failed", r.rid)
+        self._done.append(r)
+
+    def _deliver(self) -> None:
+        """Run completion callbacks once the batch no longer holds the finished rows, so callers never see them."""
+        done, self._done = self._done, []
+        for r in done:
+            try:
+                r.on_done(r)
+            except Exception:
+                logger.exception("completion callback for %s failed", r.rid)
 
     def _fail_all(self, message: str) -> None:
         with self._cv:
