@@ -145,8 +145,9 @@ class EmbeddedEngine:
         deadline = time.monotonic() + timeout
         while True:
             with self._cv:
-                busy = len(self._rows) + (len(self._waiting) if include_waiting else 0)
-                busy += sum(1 for r in self._waiting if r.abort_message)
+                # aborted waiting requests still owe their callers an answer, so they count either way
+                waiting = self._waiting if include_waiting else [r for r in self._waiting if r.abort_message]
+                busy = len(self._rows) + len(waiting)
             if busy == 0:
                 return
             if time.monotonic() > deadline:
