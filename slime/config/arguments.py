@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 
 
@@ -64,6 +65,67 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--debug-rollout-only", action="store_true", help="run rollouts only (no training); report tok/s")
     g.add_argument("--rollout-timeout", type=float, default=3600.0, help="seconds one rollout step may take")
 
+    g = p.add_argument_group("training")
+    g.add_argument("--actor-num-nodes", type=int, default=1, help="nodes of training ranks")
+    g.add_argument(
+        "--actor-num-gpus-per-node", type=int, default=1,
+        help="training ranks per node: one per GPU, or one process each on CPU (world size = nodes x this)",
+    )  # fmt: skip
+    g.add_argument("--train-threads", type=int, default=0, help="torch threads per CPU training rank (0: cores/ranks)")
+    g.add_argument("--ref-load", default=None, help="reference model for --use-kl-loss (default: --hf-checkpoint)")
+    g.add_argument("--lr", type=float, default=1e-6, help="peak learning rate of AdamW")
+    g.add_argument("--min-lr", type=float, default=0.0, help="learning rate at the end of linear/cosine decay")
+    g.add_argument("--lr-warmup-iters", type=int, default=0, help="optimizer steps of linear warm-up from 0")
+    g.add_argument(
+        "--lr-decay-style", default="constant", choices=["constant", "linear", "cosine"], help="schedule after warm-up"
+    )
+    g.add_argument("--lr-decay-iters", type=int, default=None, help="optimizer steps of decay (default: the whole run)")
+    g.add_argument("--weight-decay", type=float, default=0.01, help="AdamW decoupled weight decay")
+    g.add_argument("--adam-beta1", type=float, default=0.9, help="AdamW beta1")
+    g.add_argument("--adam-beta2", type=float, default=0.999, help="AdamW beta2")
+    g.add_argument("--adam-eps", type=float, default=1e-8, help="AdamW epsilon")
+    g.add_argument("--clip-grad", type=float, default=1.0, help="clip the global gradient norm to this (0: off)")
+    g.add_argument("--global-batch-size", type=int, default=None, help="samples per optimizer step (all ranks)")
+    g.add_argument("--num-steps-per-rollout", type=int, default=None, help="optimizer steps per rollout")
+    g.add_argument("--micro-batch-size", type=int, default=1, help="samples per forward/backward on one rank")
+    g.add_argument(
+        "--use-dynamic-batch-size", action="store_true",
+        help="pack micro-batches by tokens (--max-tokens-per-gpu) instead of --micro-batch-size samples",
+    )  # fmt: skip
+    g.add_argument("--max-tokens-per-gpu", type=int, default=None, help="tokens per packed micro-batch on one rank")
+    g.add_argument("--distributed-timeout-minutes", type=float, default=10.0, help="timeout of training collectives")
+
+    g = p.add_argument_group("algorithm")
+    g.add_argument("--advantage-estimator", default="grpo", help="advantage estimator (registered name): grpo")
+    g.add_argument(
+        "--disable-grpo-std-normalization", action="store_true", help="GRPO: only subtract the group mean reward"
+    )
+    g.add_argument("--eps-clip", type=float, default=0.2, help="PPO clip range below (and above) ratio 1")
+    g.add_argument("--eps-clip-high", type=float, default=None, help="PPO clip range above 1 (default: --eps-clip)")
+    g.add_argument("--eps-clip-c", type=float, default=None, help="dual-clip bound (> 1) for negative advantages")
+    g.add_argument("--entropy-coef", type=float, default=0.0, help="weight of the entropy bonus in the loss")
+    g.add_argument("--use-kl-loss", action="store_true", help="add a KL penalty to the frozen reference model")
+    g.add_argument("--kl-loss-coef", type=float, default=0.0, help="weight of the KL loss")
+    g.add_argument("--kl-loss-type", default="k1", choices=["k1", "k2", "k3", "low_var_kl"], help="KL estimator")
+    g.add_argument(
+        "--calculate-per-token-loss", action="store_true",
+        help="average the loss over all tokens of the global batch (default: per-sample token mean, then sample mean)",
+    )  # fmt: skip
+    g.add_argument(
+        "--use-rollout-logprobs", action="store_true",
+        help="use the engine's log-probs as the PPO old policy instead of recomputing them before training",
+    )  # fmt: skip
+
+    g = p.add_argument_group("weight sync")
+    g.add_argument(
+        "--update-weight-mode", default="tensor", choices=["tensor", "distributed", "disk"],
+        help="how new weights reach engines: shared memory / CUDA IPC, a gloo / NCCL broadcast, or files",
+    )  # fmt: skip
+    g.add_argument(
+        "--update-weight-buffer-size", type=int, default=512 * 1024**2, help="bytes of weights sent per bucket"
+    )
+    g.add_argument("--update-weight-timeout", type=float, default=600.0, help="seconds any weight-sync step may take")
+
     g = p.add_argument_group("reward")
     g.add_argument("--rm-type", default=None, help="built-in reward: math, random")
     g.add_argument("--custom-rm-path", default=None, help="async reward(args, sample, **kw) -> float | dict")
@@ -87,6 +149,59 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
+def set_batch_plan(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
+    """rollout_batch_size x n_samples_per_prompt = global_batch_size x num_steps_per_rollout, as in slime; fills in
+    whichever of the last two is missing and checks the split across ranks and micro-batches."""
+    samples = args.rollout_batch_size * args.n_samples_per_prompt
+    per_rollout = f"--rollout-batch-size {args.rollout_batch_size} x --n-samples-per-prompt {args.n_samples_per_prompt}"
+    if args.global_batch_size is None:
+        steps = args.num_steps_per_rollout or 1
+        if samples % steps:
+            parser.error(f"{per_rollout} = {samples} samples do not split into --num-steps-per-rollout {steps} steps")
+        args.global_batch_size, args.num_steps_per_rollout = samples // steps, steps
+    elif args.num_steps_per_rollout is None:
+        if samples % args.global_batch_size:
+            parser.error(f"{per_rollout} = {samples} samples is not a multiple of --global-batch-size "
+                         f"{args.global_batch_size}")  # fmt: skip
+        args.num_steps_per_rollout = samples // args.global_batch_size
+    elif args.global_batch_size * args.num_steps_per_rollout != samples:
+        parser.error(f"{per_rollout} = {samples} samples, but --global-batch-size {args.global_batch_size} x "
+                     f"--num-steps-per-rollout {args.num_steps_per_rollout} = "
+                     f"{args.global_batch_size * args.num_steps_per_rollout}")  # fmt: skip
+    for flag in ("actor_num_nodes", "actor_num_gpus_per_node", "micro_batch_size", "global_batch_size"):
+        if getattr(args, flag) < 1:
+            parser.error(f"--{flag.replace('_', '-')} must be at least 1, got {getattr(args, flag)}")
+    world = args.actor_num_nodes * args.actor_num_gpus_per_node
+    args.world_size = world
+    if args.global_batch_size % world:
+        parser.error(f"--global-batch-size {args.global_batch_size} does not split evenly over {world} training "
+                     f"ranks (--actor-num-nodes x --actor-num-gpus-per-node)")  # fmt: skip
+    per_rank = args.global_batch_size // world
+    if args.use_dynamic_batch_size:
+        if not args.max_tokens_per_gpu:
+            parser.error("--use-dynamic-batch-size needs --max-tokens-per-gpu")
+    elif per_rank % args.micro_batch_size:
+        parser.error(f"--global-batch-size {args.global_batch_size} over {world} rank(s) gives {per_rank} samples "
+                     f"per rank, not a multiple of --micro-batch-size {args.micro_batch_size}")  # fmt: skip
+
+
+def batch_plan(args: argparse.Namespace) -> str:
+    """One line: prompts -> samples -> optimizer steps -> per-rank samples -> micro-batches."""
+    micro = (
+        f"micro-batches packed to <= {args.max_tokens_per_gpu} tokens"
+        if args.use_dynamic_batch_size
+        else f"{args.global_batch_size // args.world_size // args.micro_batch_size} micro-batch(es) of "
+        f"{args.micro_batch_size}"
+    )
+    return (
+        f"batch plan: {args.rollout_batch_size} prompts x {args.n_samples_per_prompt} samples = "
+        f"{args.rollout_batch_size * args.n_samples_per_prompt} samples per rollout -> {args.num_steps_per_rollout} "
+        f"optimizer step(s) of {args.global_batch_size} -> {args.global_batch_size // args.world_size} samples on "
+        f"each of {args.world_size} rank(s) -> {micro}; {args.num_rollout} rollout(s), "
+        f"{args.num_rollout * args.num_steps_per_rollout} optimizer steps in all"
+    )
+
+
 def validate_args(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
     """Refuse inconsistent settings with one sentence naming the flags."""
     if not args.prompt_data and args.rollout_function_path == "slime.rollout.sglang_rollout.generate_rollout":
@@ -98,6 +213,19 @@ def validate_args(args: argparse.Namespace, parser: argparse.ArgumentParser) -> 
         parser.error("set --rm-type (e.g. math) or --custom-rm-path so samples get rewards")
     if args.eval_prompt_data is not None and (len(args.eval_prompt_data) == 0 or len(args.eval_prompt_data) % 2):
         parser.error("--eval-prompt-data takes pairs: NAME PATH [NAME PATH …]")
+    from slime.algorithms.advantages import ADVANTAGE_ESTIMATORS
+
+    if args.advantage_estimator not in ADVANTAGE_ESTIMATORS:
+        parser.error(
+            f"--advantage-estimator {args.advantage_estimator!r}: choose one of {sorted(ADVANTAGE_ESTIMATORS)}"
+        )
+    if args.eps_clip_high is None:
+        args.eps_clip_high = args.eps_clip
+    if args.eps_clip_c is not None and args.eps_clip_c <= 1.0:
+        parser.error(f"--eps-clip-c must be greater than 1 (dual clip), got {args.eps_clip_c}")
+    if args.use_kl_loss and args.kl_loss_coef == 0:
+        logging.getLogger(__name__).warning("--use-kl-loss with --kl-loss-coef 0: the KL is reported, not optimised")
+    set_batch_plan(args, parser)
     if args.rollout_engine_threads == 0:
         args.rollout_engine_threads = max(1, (os.cpu_count() or 1) // args.rollout_num_engines)
     sampling = {

@@ -60,6 +60,7 @@ class EmbeddedEngine:
         self.model.eval().requires_grad_(False)
         self.config = self.model.config
         self.dtype = dtype
+        self.device = next(self.model.parameters()).device
         self.max_context = int(getattr(self.config, "max_position_embeddings", 1 << 30))
         self.eos_ids = _eos_ids(self.model, self.tokenizer)
         self.max_running_requests = max_running_requests
@@ -157,7 +158,7 @@ class EmbeddedEngine:
     def update_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]], weight_version: str | None) -> int:
         """Copy tensors into the model's parameters in place, between decode steps. Returns how many were loaded."""
         with self._step_lock:
-            params = dict(self.model.named_parameters())
+            params = dict(self.model.named_parameters(remove_duplicate=False))  # tied weights answer to both names
             params.update(dict(self.model.named_buffers()))
             count = 0
             with torch.no_grad():

@@ -9,10 +9,10 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import base64
 import logging
 import os
 import pickle
+import threading
 import time
 
 import torch
@@ -20,10 +20,14 @@ from aiohttp import web
 
 from slime.engine.embedded import EmbeddedEngine, Request
 from slime.engine.sampling import SamplingParams, SamplingParamsError
+from slime.sync.buckets import dtype_from_name
+from slime.sync.transport import broadcast, deserialize_named_tensors, new_weight_group
 
 logger = logging.getLogger(__name__)
 ENGINE = web.AppKey("engine", EmbeddedEngine)
 ARGS = web.AppKey("args", argparse.Namespace)
+GROUPS = web.AppKey("weight_groups", dict)
+RECEIVE_LOCK = web.AppKey("receive_lock", threading.Lock)
 
 
 class BadRequest(ValueError):
@@ -264,29 +268,6 @@ async def update_weights_from_disk(request: web.Request) -> web.Response:
     return web.json_response({"success": True, "message": msg, "num_paused_requests": 0})
 
 
-def deserialize_named_tensors(payload: str, load_format: str | None) -> list[tuple[str, torch.Tensor]]:
-    """One rank's entry of `serialized_named_tensors`: base64 of a pickled list[(name, tensor)] or flattened bucket."""
-    obj = pickle.loads(base64.b64decode(payload))
-    if load_format == "flattened_bucket":
-        flat = obj["flattened_tensor"]
-        out = []
-        for meta in obj["metadata"]:
-            m = meta if isinstance(meta, dict) else vars(meta)
-            chunk = flat[m["start_idx"] : m["end_idx"]]
-            out.append((m["name"], chunk.view(_dtype(m["dtype"])).reshape(m["shape"])))
-        return out
-    return list(obj)
-
-
-def _dtype(name) -> torch.dtype:
-    if isinstance(name, torch.dtype):
-        return name
-    dtype = getattr(torch, str(name).removeprefix("torch."), None)
-    if not isinstance(dtype, torch.dtype):
-        raise ValueError(f"unknown dtype {name!r}")
-    return dtype
-
-
 async def update_weights_from_tensor(request: web.Request) -> web.Response:
     engine = request.app[ENGINE]
     body = await _json_or_empty(request)
@@ -303,6 +284,65 @@ async def update_weights_from_tensor(request: web.Request) -> web.Response:
     try:
         n = await asyncio.to_thread(load)
     except (KeyError, ValueError, TypeError, pickle.UnpicklingError, RuntimeError) as exc:
+        return web.json_response({"success": False, "message": f"{type(exc).__name__}: {exc}"}, status=400)
+    return web.json_response({"success": True, "message": f"Loaded {n} tensors"})
+
+
+async def init_weights_update_group(request: web.Request) -> web.Response:
+    """Join the trainer's broadcast group as rank `rank_offset` (one rank per engine here)."""
+    body = await _json_or_empty(request)
+    missing = [k for k in ("master_address", "master_port", "rank_offset", "world_size") if k not in body]
+    if missing:
+        return web.json_response({"success": False, "message": f"missing fields: {missing}"}, status=400)
+    name = body.get("group_name", "weight_update_group")
+    groups = request.app[GROUPS]
+    if name in groups:
+        return web.json_response({"success": False, "message": f"group {name!r} exists: destroy it first"}, status=400)
+    timeout = float(body.get("timeout", 600))
+    try:
+        groups[name] = await asyncio.to_thread(
+            new_weight_group, body["master_address"], int(body["master_port"]), int(body["rank_offset"]),
+            int(body["world_size"]), name, body.get("backend", "nccl"), timeout,
+        )  # fmt: skip
+    except (RuntimeError, ValueError, OSError) as exc:
+        return web.json_response({"success": False, "message": f"joining {name!r}: {exc}"}, status=400)
+    return web.json_response({"success": True, "message": f"joined {name!r} as rank {body['rank_offset']}"})
+
+
+async def destroy_weights_update_group(request: web.Request) -> web.Response:
+    body = await _json_or_empty(request)
+    group = request.app[GROUPS].pop(body.get("group_name", "weight_update_group"), None)
+    return web.json_response({"success": group is not None, "message": "destroyed" if group else "no such group"})
+
+
+async def update_weights_from_distributed(request: web.Request) -> web.Response:
+    """Receive tensors broadcast by the trainer (rank 0), in the listed order, then load them."""
+    engine = request.app[ENGINE]
+    body = await _json_or_empty(request)
+    name = body.get("group_name", "weight_update_group")
+    group = request.app[GROUPS].get(name)
+    if group is None:
+        return web.json_response({"success": False, "message": f"no weight update group {name!r}"}, status=400)
+    names, dtypes, shapes = body.get("names"), body.get("dtypes"), body.get("shapes")
+    if not (isinstance(names, list) and isinstance(dtypes, list) and isinstance(shapes, list)):
+        return web.json_response({"success": False, "message": "names, dtypes and shapes lists are required"}, 400)
+    if not len(names) == len(dtypes) == len(shapes):
+        return web.json_response({"success": False, "message": "names, dtypes, shapes differ in length"}, status=400)
+    if body.get("abort_all_requests"):
+        engine.abort(abort_all=True, message="Aborted by weight update")
+
+    def receive() -> int:
+        with request.app[RECEIVE_LOCK]:  # broadcasts must be consumed in the order the trainer sends them
+            tensors = [
+                torch.empty(s, dtype=dtype_from_name(d), device=engine.device)
+                for d, s in zip(dtypes, shapes, strict=True)
+            ]
+            broadcast(group, tensors, float(body.get("timeout", 600)), f"{len(names)} tensors from the trainer")
+            return engine.update_weights(zip(names, tensors, strict=True), _version(body))
+
+    try:
+        n = await asyncio.to_thread(receive)
+    except (KeyError, ValueError, TypeError, TimeoutError, RuntimeError) as exc:
         return web.json_response({"success": False, "message": f"{type(exc).__name__}: {exc}"}, status=400)
     return web.json_response({"success": True, "message": f"Loaded {n} tensors"})
 
@@ -325,6 +365,7 @@ async def update_weight_version(request: web.Request) -> web.Response:
 def build_app(engine: EmbeddedEngine, args: argparse.Namespace) -> web.Application:
     app = web.Application(client_max_size=1 << 30)
     app[ENGINE], app[ARGS] = engine, args
+    app[GROUPS], app[RECEIVE_LOCK] = {}, threading.Lock()
     r = app.router
     r.add_post("/generate", generate)
     for path, handler in [
@@ -346,6 +387,9 @@ def build_app(engine: EmbeddedEngine, args: argparse.Namespace) -> web.Applicati
         ("/update_weights_from_disk", update_weights_from_disk),
         ("/update_weights_from_tensor", update_weights_from_tensor),
         ("/update_weight_version", update_weight_version),
+        ("/init_weights_update_group", init_weights_update_group),
+        ("/destroy_weights_update_group", destroy_weights_update_group),
+        ("/update_weights_from_distributed", update_weights_from_distributed),
     ]:
         r.add_post(path, handler)
     return app

@@ -61,6 +61,29 @@ class RolloutDataSourceWithEval(RolloutDataSource):
         return out
 
 
+def to_train_data(groups: list[list[Sample]], args: Any) -> dict[str, list]:
+    """Flatten groups into the trainer's columns, one entry per sample in rollout order. A sample whose generation
+    failed keeps its place (its group's statistics need it) but gets an all-zero loss mask."""
+    sizes = {len(g) for g in groups}
+    if sizes != {args.n_samples_per_prompt}:
+        raise ValueError(
+            f"the rollout function returned groups of sizes {sorted(sizes)}; training needs groups of exactly "
+            f"--n-samples-per-prompt {args.n_samples_per_prompt}"
+        )
+    samples = [s for g in groups for s in g]
+    masks = []
+    for s in samples:
+        mask = s.loss_mask if s.loss_mask is not None else [1] * s.response_length
+        masks.append([0] * s.response_length if s.status == Sample.Status.FAILED else list(mask))
+    return {
+        "tokens": [list(s.tokens) for s in samples],
+        "response_lengths": [s.response_length for s in samples],
+        "loss_masks": masks,
+        "rewards": [float(s.get_reward_value(args)) for s in samples],
+        "rollout_log_probs": [list(s.rollout_log_probs or []) for s in samples],
+    }
+
+
 @ray.remote
 class RolloutManager:
     def __init__(self, args: Any):
@@ -105,7 +128,7 @@ class RolloutManager:
             raise RuntimeError("engine server(s) died: " + "\n".join(dead))
 
     def generate(self, rollout_id: int) -> dict[str, Any]:
-        """One training rollout. Returns {"samples": [[Sample]], "metrics": {...}}."""
+        """One training rollout. Returns {"samples": [[Sample]], "metrics": {...}, "train_data": {...}}."""
         self._check_engines()
         out = self.rollout_fn(self.args, rollout_id, self.data_source)
         if isinstance(out, RolloutFnTrainOutput):
@@ -115,7 +138,7 @@ class RolloutManager:
         for g in groups:
             for s in g:
                 s.check_alignment()
-        return {"samples": groups, "metrics": metrics}
+        return {"samples": groups, "metrics": metrics, "train_data": to_train_data(groups, self.args)}
 
     def eval(self, rollout_id: int) -> dict[str, Any]:
         self._check_engines()

@@ -1,0 +1,64 @@
+"""The training ranks as Ray actors: created together, called together, each call with a timeout."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import ray
+from ray.util.placement_group import placement_group
+from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+from slime.trainer.actor import TrainActor
+from slime.utils.http_utils import free_port
+
+
+class TrainGroup:
+    """`world_size` TrainActor ranks joined by torch.distributed (one per GPU, or one process each on CPU)."""
+
+    def __init__(self, args: Any, timeout_s: float = 1800.0):
+        self.timeout_s = timeout_s
+        world = args.world_size
+        use_gpu = bool(ray.cluster_resources().get("GPU", 0))
+        remote = ray.remote(TrainActor)
+        options: dict[str, Any] = {"num_cpus": 0, "num_gpus": 1 if use_gpu else 0}
+        if use_gpu:  # one bundle per rank, packed onto as few nodes as possible
+            self.pg = placement_group([{"GPU": 1, "CPU": 1}] * world, strategy="PACK")
+            self._get([self.pg.ready()], "the placement group of the training GPUs")
+        else:
+            self.pg = None
+        master = ray.util.get_node_ip_address(), free_port()
+        self.actors = [
+            remote.options(
+                **options,
+                scheduling_strategy=PlacementGroupSchedulingStrategy(self.pg, placement_group_bundle_index=r)
+                if self.pg
+                else None,
+            ).remote(args, r, world, *master)
+            for r in range(world)
+        ]
+        self._get([a.__ray_ready__.remote() for a in self.actors], "training ranks to load the model")
+
+    def _get(self, refs: list, what: str) -> list:
+        try:
+            return ray.get(refs, timeout=self.timeout_s)
+        except ray.exceptions.GetTimeoutError as exc:
+            raise TimeoutError(f"waited {self.timeout_s:.0f}s for {what}") from exc
+
+    def call(self, method: str, *args, what: str | None = None) -> list:
+        """Call `method` on every rank at once (they run collectives together); returns every rank's result."""
+        refs = [getattr(a, method).remote(*args) for a in self.actors]
+        return self._get(refs, what or f"training ranks to finish {method}")
+
+    def train(self, rollout_id: int, data_ref) -> dict[str, float]:
+        return self.call("train", rollout_id, data_ref, what=f"training on rollout {rollout_id}")[0]
+
+    def update_weights(self, version: str) -> dict[str, float]:
+        return self.call("update_weights", version, what=f"weight sync of version {version}")[0]
+
+    def shutdown(self) -> None:
+        try:
+            self.call("shutdown", what="training ranks to shut down")
+        except Exception:  # noqa: BLE001 - shutting down after a failure must not hide the failure
+            pass
+        for a in self.actors:
+            ray.kill(a)

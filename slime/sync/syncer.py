@@ -1,0 +1,146 @@
+"""Trainer side of weight sync: pause engines, push every parameter by the chosen mode, set the version, resume.
+
+Every rank of the training group calls `WeightSyncer.sync` (gathering a sharded parameter is a collective); only
+rank 0 talks to engines. Modes (`--update-weight-mode`):
+- tensor: buckets in process-shared memory (CPU) or CUDA IPC handles (GPU) via /update_weights_from_tensor;
+- distributed: a gloo (CPU) / NCCL (GPU) group of the trainer and the engines, via /update_weights_from_distributed;
+- disk: safetensors written atomically, then /update_weights_from_disk.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import torch
+
+from slime.sync.buckets import flatten_bucket, iter_buckets
+from slime.sync.transport import broadcast, new_weight_group, save_checkpoint_atomically, serialize_shared
+from slime.utils.http_utils import free_port, request_sync
+
+logger = logging.getLogger(__name__)
+MODES = ("tensor", "distributed", "disk")
+GROUP_NAME = "slime_weight_sync"
+
+
+class WeightSyncError(RuntimeError):
+    pass
+
+
+class WeightSyncer:
+    def __init__(self, engine_urls: list[str], mode: str, buffer_bytes: int, timeout_s: float, disk_dir: str):
+        if mode not in MODES:
+            raise ValueError(f"--update-weight-mode must be one of {MODES}, not {mode!r}")
+        self.engine_urls, self.mode, self.buffer_bytes = list(engine_urls), mode, buffer_bytes
+        self.timeout_s, self.disk_dir = timeout_s, disk_dir
+        self.group = None
+        self.pool = ThreadPoolExecutor(max(1, len(self.engine_urls)), thread_name_prefix="weight-sync")
+
+    # ------------------------------------------------------------------ engine calls (rank 0 only)
+    def _call(self, url: str, endpoint: str, payload: dict | None, method: str = "POST") -> dict:
+        try:
+            status, body = request_sync(method, f"{url}{endpoint}", payload, timeout=self.timeout_s)
+        except ConnectionError as exc:
+            raise WeightSyncError(f"weight sync: {endpoint} on {url} got no answer in {self.timeout_s:.0f}s") from exc
+        if status != 200:
+            raise WeightSyncError(f"weight sync: {endpoint} on {url} answered {status}: {body[:500]}")
+        try:
+            return json.loads(body) if body else {}
+        except json.JSONDecodeError:
+            return {}
+
+    def _all(self, endpoint: str, payload: dict | None, method: str = "POST") -> list:
+        futures = [self.pool.submit(self._call, url, endpoint, payload, method) for url in self.engine_urls]
+        return [f.result() for f in futures]
+
+    # ------------------------------------------------------------------ the sync
+    def sync(self, model: torch.nn.Module, version: str, rank: int) -> dict:
+        """Push `model`'s parameters to every engine as weight version `version`. Returns timing and size."""
+        start, nbytes, count = time.monotonic(), 0, 0
+        if rank == 0:
+            self._all("/pause_generation", {"mode": "abort"})
+            self._all("/flush_cache", None)
+            if self.mode == "distributed" and self.group is None:
+                self._connect()
+        try:
+            if self.mode == "disk":
+                nbytes, count = self._sync_disk(model, version, rank)
+            else:
+                for bucket in iter_buckets(model, self.buffer_bytes):
+                    count += len(bucket)
+                    nbytes += sum(t.numel() * t.element_size() for _, t in bucket)
+                    if rank == 0:
+                        self._send(bucket, version)
+            if rank == 0:
+                self._all("/update_weight_version", {"new_version": version, "abort_all_requests": False})
+        finally:
+            if rank == 0:
+                self._all("/continue_generation", {})
+        return {"sync/seconds": time.monotonic() - start, "sync/bytes": nbytes, "sync/tensors": count}
+
+    def _send(self, bucket: list[tuple[str, torch.Tensor]], version: str) -> None:
+        if self.mode == "tensor":
+            flat, metadata = flatten_bucket(bucket)
+            payload = {
+                "serialized_named_tensors": [serialize_shared({"flattened_tensor": flat, "metadata": metadata})],
+                "load_format": "flattened_bucket",
+                "flush_cache": False,
+                "weight_version": version,
+            }
+            self._all("/update_weights_from_tensor", payload)
+            del flat  # engines answered: they copied out of the shared buffer, so it may go
+            return
+        payload = {
+            "names": [n for n, _ in bucket],
+            "dtypes": [str(t.dtype).removeprefix("torch.") for _, t in bucket],
+            "shapes": [list(t.shape) for _, t in bucket],
+            "group_name": GROUP_NAME,
+            "flush_cache": False,
+            "weight_version": version,
+            "timeout": self.timeout_s,
+        }
+        pending = [
+            self.pool.submit(self._call, url, "/update_weights_from_distributed", payload) for url in self.engine_urls
+        ]
+        broadcast(self.group, [t.contiguous() for _, t in bucket], self.timeout_s, f"{len(bucket)} weights to engines")
+        for f in pending:
+            f.result()
+
+    def _connect(self) -> None:
+        """Form the broadcast group: the trainer is rank 0 and hosts the store; engine i joins as rank i + 1."""
+        host, port, world = "127.0.0.1", free_port(), len(self.engine_urls) + 1
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        joins = [
+            self.pool.submit(
+                self._call, url, "/init_weights_update_group",
+                {"master_address": host, "master_port": port, "rank_offset": i + 1, "world_size": world,
+                 "group_name": GROUP_NAME, "backend": backend, "timeout": self.timeout_s},
+            )
+            for i, url in enumerate(self.engine_urls)
+        ]  # fmt: skip
+        try:
+            self.group = new_weight_group(host, port, 0, world, GROUP_NAME, backend, self.timeout_s)
+        except RuntimeError as exc:
+            raise WeightSyncError(f"weight sync: engines did not join the {backend} group in time: {exc}") from exc
+        for f in joins:
+            f.result()
+
+    def _sync_disk(self, model: torch.nn.Module, version: str, rank: int) -> tuple[int, int]:
+        buckets = list(iter_buckets(model, self.buffer_bytes))  # all ranks: gathering is collective
+        named = [pair for b in buckets for pair in b]
+        if rank == 0:
+            folder = save_checkpoint_atomically(buckets, os.path.join(self.disk_dir, "latest"))
+            self._all("/update_weights_from_disk", {"model_path": folder, "weight_version": version})
+        return sum(t.numel() * t.element_size() for _, t in named), len(named)
+
+    def close(self) -> None:
+        if self.group is not None and self.engine_urls:
+            for url in self.engine_urls:
+                try:
+                    self._call(url, "/destroy_weights_update_group", {"group_name": GROUP_NAME})
+                except WeightSyncError:
+                    pass
+        self.pool.shutdown(wait=False)

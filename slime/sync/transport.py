@@ -1,0 +1,96 @@
+"""How weights travel from the trainer to engines: process-shared tensors, a broadcast group, or files.
+
+Both sides import from here, so the trainer's encoding and the engine's decoding cannot drift apart.
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import datetime
+import io
+import os
+import pickle
+import shutil
+from multiprocessing.reduction import ForkingPickler
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as torch_mp
+
+from slime.sync.buckets import unflatten_bucket
+
+
+@contextlib.contextmanager
+def _shared_by_filename():
+    # CPU tensors pickled by ForkingPickler normally pass a file descriptor, which only a child process that
+    # inherits our connection can open. The "file_system" strategy names the shared-memory segment instead, so an
+    # unrelated engine process can map it. CUDA tensors always travel as CUDA IPC handles.
+    previous = torch_mp.get_sharing_strategy()
+    torch_mp.set_sharing_strategy("file_system")
+    try:
+        yield
+    finally:
+        torch_mp.set_sharing_strategy(previous)
+
+
+def serialize_shared(obj) -> str:
+    """base64 of a ForkingPickler dump: tensors inside are moved to shared memory (CPU) or exported as CUDA IPC
+    handles; only their handles are in the string. The caller must keep the tensors alive until the receiver
+    has copied them."""
+    buf = io.BytesIO()
+    with _shared_by_filename():
+        ForkingPickler(buf).dump(obj)
+    return base64.b64encode(buf.getvalue()).decode()
+
+
+def deserialize_named_tensors(payload: str, load_format: str | None) -> list[tuple[str, torch.Tensor]]:
+    """One rank's entry of `serialized_named_tensors`: a pickled list[(name, tensor)] or a flattened bucket."""
+    obj = pickle.loads(base64.b64decode(payload))
+    if load_format == "flattened_bucket":
+        return unflatten_bucket(obj["flattened_tensor"], obj["metadata"])
+    if not isinstance(obj, (list, tuple)):
+        raise TypeError(f"expected a list of (name, tensor), got {type(obj).__name__} (load_format={load_format!r})")
+    return list(obj)
+
+
+def new_weight_group(
+    master_address: str, master_port: int, rank: int, world_size: int, group_name: str, backend: str, timeout_s: float
+) -> dist.ProcessGroup:
+    """A process group outside torch.distributed's default group: the trainer (rank 0, hosting the store) plus
+    every engine. Built from a TCPStore directly, so a trainer that already has its own training group can join."""
+    timeout = datetime.timedelta(seconds=timeout_s)
+    store = dist.TCPStore(master_address, master_port, world_size, is_master=rank == 0, timeout=timeout)
+    prefixed = dist.PrefixStore(group_name, store)
+    if backend == "gloo":
+        return dist.ProcessGroupGloo(prefixed, rank, world_size, timeout)
+    if backend == "nccl":
+        options = dist.ProcessGroupNCCL.Options()
+        options._timeout = timeout
+        return dist.ProcessGroupNCCL(prefixed, rank, world_size, options)
+    raise ValueError(f"weight update group backend must be gloo or nccl, not {backend!r}")
+
+
+def broadcast(group: dist.ProcessGroup, tensors: list[torch.Tensor], timeout_s: float, what: str) -> None:
+    """Broadcast each tensor from rank 0 of `group`, in order; TimeoutError naming `what` if a peer is missing."""
+    for t in tensors:
+        work = group.broadcast([t], dist.BroadcastOptions())
+        try:
+            work.wait(datetime.timedelta(seconds=timeout_s))
+        except RuntimeError as exc:
+            raise TimeoutError(f"broadcast of {what} did not complete within {timeout_s:.0f}s: {exc}") from exc
+
+
+def save_checkpoint_atomically(named_buckets, folder: str) -> str:
+    """Write buckets of (name, tensor) as safetensors shards into `folder`, which appears whole or not at all."""
+    from safetensors.torch import save_file
+
+    tmp = f"{folder}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+    for i, bucket in enumerate(named_buckets):
+        tensors = {n: t.detach().contiguous().cpu() for n, t in bucket}
+        save_file(tensors, os.path.join(tmp, f"model-{i:05d}.safetensors"))
+    shutil.rmtree(folder, ignore_errors=True)
+    os.rename(tmp, folder)
+    return folder
