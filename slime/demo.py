@@ -1,6 +1,6 @@
-"""The README demo: GRPO-style rollouts of the embedded SmolLM2-135M-Instruct on built-in arithmetic problems.
+"""The README demo: GRPO on the embedded SmolLM2-135M-Instruct with built-in arithmetic problems, on CPU.
 
-Prints held-out accuracy on the built-in test split, then runs rollouts with rewards. Extra command-line flags are
+Prints held-out accuracy on the built-in test split before and after training. Extra command-line flags are
 appended to the demo's own, so any of them can be overridden (e.g. `--num-rollout 5`).
 """
 
@@ -21,7 +21,8 @@ DEMO_FLAGS = [
     "--input-key", "prompt", "--label-key", "label", "--apply-chat-template", "--rollout-shuffle",
     "--rm-type", "math",
     "--rollout-batch-size", "8", "--n-samples-per-prompt", "4", "--rollout-max-response-len", "96",
-    "--num-rollout", "3", "--debug-rollout-only",
+    "--rollout-temperature", "0.7", "--num-rollout", "10", "--eval-interval", "10",
+    "--lr", "2e-5", "--use-rollout-logprobs", "--use-dynamic-batch-size", "--max-tokens-per-gpu", "512",
     "--eval-prompt-data", "arithmetic_test", "builtin:arithmetic:test:64:0", "--eval-temperature", "0",
     "--output-dir", "outputs/demo",
 ]  # fmt: skip
@@ -34,15 +35,18 @@ def main(argv: list[str] | None = None) -> None:
     print("preparing the embedded model (converted once, then cached) …", flush=True)
     args.hf_checkpoint = resolve_checkpoint(args.hf_checkpoint)
     result = train(args)
-    before = result.get("eval_before", {}).get("eval/arithmetic_test/reward_mean")
+    key = "eval/arithmetic_test/reward_mean"
+    before, after = result.get("eval_before", {}).get(key), result.get("eval", {}).get(key)
     print("\n=== demo summary ===")
-    if before is not None:
-        print(f"held-out accuracy (64 built-in test problems, greedy): {before:.1%}")
+    if before is not None and after is not None:
+        print(f"held-out accuracy (64 built-in test problems, greedy): {before:.1%} before -> {after:.1%} after "
+              f"{args.num_rollout} GRPO steps")  # fmt: skip
     if "rollout" in result:
         r = result["rollout"]
-        print(f"last rollout: reward mean {r['rollout/reward_mean']:.3f}, {r['rollout/tokens_per_s']:.0f} tokens/s")
-    print("training is not wired in yet: this demo stops after rollouts with rewards (--debug-rollout-only).")
-    print(f"wall time {time.monotonic() - start:.0f}s; metrics in {args.output_dir}/metrics.jsonl")
+        print(f"last rollout: reward mean {r['rollout/reward_mean']:.3f}, response length "
+              f"{r['rollout/response_len_mean']:.0f} tokens")  # fmt: skip
+    print(f"wall time {time.monotonic() - start:.0f}s (seed {args.seed}); metrics in {args.output_dir}/metrics.jsonl, "
+          f"TensorBoard in {args.output_dir}/tensorboard")  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -9,3 +9,9 @@ async def length_reward(args, sample: Sample, **kwargs) -> float:
 
 async def failing_reward(args, sample: Sample, **kwargs) -> float:
     raise RuntimeError("grader exploded")
+
+
+async def token_reward(args, sample: Sample, **kwargs) -> float:
+    """1 for each response token below id 1000: a signal even a random tiny model can climb."""
+    ids = sample.tokens[len(sample.tokens) - sample.response_length :]
+    return sum(t < 1000 for t in ids) / max(len(ids), 1)

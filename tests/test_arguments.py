@@ -30,3 +30,45 @@ def test_reward_is_required(capsys):
     with pytest.raises(SystemExit):
         parse_args(["--hf-checkpoint", "m", "--prompt-data", "d.jsonl"])
     assert "--rm-type" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "extra, gbs, steps",
+    [
+        (["--rollout-batch-size", "8", "--n-samples-per-prompt", "4"], 32, 1),
+        (["--rollout-batch-size", "8", "--n-samples-per-prompt", "4", "--num-steps-per-rollout", "4"], 8, 4),
+        (["--rollout-batch-size", "8", "--n-samples-per-prompt", "4", "--global-batch-size", "16"], 16, 2),
+        (["--rollout-batch-size", "4", "--n-samples-per-prompt", "2", "--global-batch-size", "4",
+          "--num-steps-per-rollout", "2"], 4, 2),
+    ],
+)  # fmt: skip
+def test_batch_plan_fills_in_the_missing_side(extra, gbs, steps):
+    from slime.config.arguments import batch_plan
+
+    a = parse_args(BASE + extra)
+    assert (a.global_batch_size, a.num_steps_per_rollout) == (gbs, steps)
+    assert f"{steps} optimizer step(s) of {gbs}" in batch_plan(a)
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--rollout-batch-size", "8", "--n-samples-per-prompt", "4", "--global-batch-size", "12"],
+         "32 samples is not a multiple of --global-batch-size 12"),
+        (["--rollout-batch-size", "8", "--n-samples-per-prompt", "4", "--global-batch-size", "8",
+          "--num-steps-per-rollout", "2"], "--global-batch-size 8 x --num-steps-per-rollout 2 = 16"),
+        (["--rollout-batch-size", "3", "--n-samples-per-prompt", "2", "--num-steps-per-rollout", "4"],
+         "do not split into --num-steps-per-rollout 4"),
+        (["--rollout-batch-size", "3", "--n-samples-per-prompt", "1", "--actor-num-gpus-per-node", "2"],
+         "does not split evenly over 2 training ranks"),
+        (["--rollout-batch-size", "4", "--n-samples-per-prompt", "1", "--micro-batch-size", "3"],
+         "not a multiple of --micro-batch-size 3"),
+        (["--use-dynamic-batch-size"], "--use-dynamic-batch-size needs --max-tokens-per-gpu"),
+        (["--advantage-estimator", "nope"], "--advantage-estimator 'nope'"),
+        (["--eps-clip-c", "0.5"], "--eps-clip-c must be greater than 1"),
+    ],
+)  # fmt: skip
+def test_inconsistent_batch_settings_are_refused_naming_the_flags(capsys, extra, message):
+    with pytest.raises(SystemExit):
+        parse_args(BASE + extra)
+    assert message in capsys.readouterr().err

@@ -94,6 +94,10 @@ def build_parser() -> argparse.ArgumentParser:
     )  # fmt: skip
     g.add_argument("--max-tokens-per-gpu", type=int, default=None, help="tokens per packed micro-batch on one rank")
     g.add_argument("--distributed-timeout-minutes", type=float, default=10.0, help="timeout of training collectives")
+    g.add_argument(
+        "--train-timeout", type=float, default=3600.0,
+        help="seconds to wait for the training ranks to load, train on one rollout, or sync weights",
+    )  # fmt: skip
 
     g = p.add_argument_group("algorithm")
     g.add_argument("--advantage-estimator", default="grpo", help="advantage estimator (registered name): grpo")

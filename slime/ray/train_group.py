@@ -15,8 +15,8 @@ from slime.utils.http_utils import free_port
 class TrainGroup:
     """`world_size` TrainActor ranks joined by torch.distributed (one per GPU, or one process each on CPU)."""
 
-    def __init__(self, args: Any, timeout_s: float = 1800.0):
-        self.timeout_s = timeout_s
+    def __init__(self, args: Any):
+        self.timeout_s = args.train_timeout
         world = args.world_size
         use_gpu = bool(ray.cluster_resources().get("GPU", 0))
         remote = ray.remote(TrainActor)

@@ -128,6 +128,7 @@ def rollout_metrics(groups: list[list[Sample]], seconds: float, prefix: str = "r
         f"{prefix}/tokens": tokens,
         f"{prefix}/seconds": seconds,
         f"{prefix}/tokens_per_s": tokens / max(seconds, 1e-9),
+        f"{prefix}/weight_version": max((int(v) for s in samples for v in s.weight_versions if v.isdigit()), default=0),
     }
 
 

@@ -17,8 +17,14 @@ from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
-from slime.sync.buckets import flatten_bucket, iter_buckets
-from slime.sync.transport import broadcast, new_weight_group, save_checkpoint_atomically, serialize_shared
+from slime.sync.buckets import flat_size, flatten_bucket, iter_buckets
+from slime.sync.transport import (
+    broadcast,
+    new_weight_group,
+    save_checkpoint_atomically,
+    serialize_shared,
+    shared_cpu_buffer,
+)
 from slime.utils.http_utils import free_port, request_sync
 
 logger = logging.getLogger(__name__)
@@ -30,6 +36,13 @@ class WeightSyncError(RuntimeError):
     pass
 
 
+def _reachable_address() -> str:
+    """This node's address as other nodes see it (Ray knows it); loopback outside Ray."""
+    import ray
+
+    return ray.util.get_node_ip_address() if ray.is_initialized() else "127.0.0.1"
+
+
 class WeightSyncer:
     def __init__(self, engine_urls: list[str], mode: str, buffer_bytes: int, timeout_s: float, disk_dir: str):
         if mode not in MODES:
@@ -37,6 +50,7 @@ class WeightSyncer:
         self.engine_urls, self.mode, self.buffer_bytes = list(engine_urls), mode, buffer_bytes
         self.timeout_s, self.disk_dir = timeout_s, disk_dir
         self.group = None
+        self.shared: list[torch.Tensor] = []  # CPU tensor mode: one reusable shared-memory buffer per bucket
         self.pool = ThreadPoolExecutor(max(1, len(self.engine_urls)), thread_name_prefix="weight-sync")
 
     # ------------------------------------------------------------------ engine calls (rank 0 only)
@@ -69,11 +83,11 @@ class WeightSyncer:
             if self.mode == "disk":
                 nbytes, count = self._sync_disk(model, version, rank)
             else:
-                for bucket in iter_buckets(model, self.buffer_bytes):
+                for index, bucket in enumerate(iter_buckets(model, self.buffer_bytes)):
                     count += len(bucket)
                     nbytes += sum(t.numel() * t.element_size() for _, t in bucket)
                     if rank == 0:
-                        self._send(bucket, version)
+                        self._send(index, bucket, version)
             if rank == 0:
                 self._all("/update_weight_version", {"new_version": version, "abort_all_requests": False})
         finally:
@@ -81,9 +95,9 @@ class WeightSyncer:
                 self._all("/continue_generation", {})
         return {"sync/seconds": time.monotonic() - start, "sync/bytes": nbytes, "sync/tensors": count}
 
-    def _send(self, bucket: list[tuple[str, torch.Tensor]], version: str) -> None:
+    def _send(self, index: int, bucket: list[tuple[str, torch.Tensor]], version: str) -> None:
         if self.mode == "tensor":
-            flat, metadata = flatten_bucket(bucket)
+            flat, metadata = flatten_bucket(bucket, self._shared_buffer(index, bucket))
             payload = {
                 "serialized_named_tensors": [serialize_shared({"flattened_tensor": flat, "metadata": metadata})],
                 "load_format": "flattened_bucket",
@@ -91,7 +105,7 @@ class WeightSyncer:
                 "weight_version": version,
             }
             self._all("/update_weights_from_tensor", payload)
-            del flat  # engines answered: they copied out of the shared buffer, so it may go
+            del flat  # engines answered, so they copied out of it: the buffer may be refilled or freed
             return
         payload = {
             "names": [n for n, _ in bucket],
@@ -109,9 +123,21 @@ class WeightSyncer:
         for f in pending:
             f.result()
 
+    def _shared_buffer(self, index: int, bucket: list[tuple[str, torch.Tensor]]) -> torch.Tensor | None:
+        """The reusable shared-memory buffer of bucket `index` on CPU; None on GPU, where buffers are never reused
+        (an engine may answer before its device copy has finished)."""
+        if bucket[0][1].is_cuda:
+            return None
+        need = flat_size(bucket)
+        while len(self.shared) <= index:
+            self.shared.append(torch.empty(0, dtype=torch.uint8))
+        if self.shared[index].numel() < need:
+            self.shared[index] = shared_cpu_buffer(need)
+        return self.shared[index]
+
     def _connect(self) -> None:
         """Form the broadcast group: the trainer is rank 0 and hosts the store; engine i joins as rank i + 1."""
-        host, port, world = "127.0.0.1", free_port(), len(self.engine_urls) + 1
+        host, port, world = _reachable_address(), free_port(), len(self.engine_urls) + 1
         backend = "nccl" if torch.cuda.is_available() else "gloo"
         joins = [
             self.pool.submit(

@@ -44,6 +44,13 @@ def serialize_shared(obj) -> str:
     return base64.b64encode(buf.getvalue()).decode()
 
 
+def shared_cpu_buffer(nbytes: int) -> torch.Tensor:
+    """A uint8 CPU tensor in named shared memory: pickling it later copies nothing, and it can be refilled for the
+    next sync (our engines copy out before answering)."""
+    with _shared_by_filename():
+        return torch.empty(nbytes, dtype=torch.uint8).share_memory_()
+
+
 def deserialize_named_tensors(payload: str, load_format: str | None) -> list[tuple[str, torch.Tensor]]:
     """One rank's entry of `serialized_named_tensors`: a pickled list[(name, tensor)] or a flattened bucket."""
     obj = pickle.loads(base64.b64decode(payload))

@@ -164,6 +164,7 @@ class TrainActor:
         seconds = time.monotonic() - start
         out = {f"train/{k}": v for k, v in zip((*STATS, "grad_norm"), totals.tolist(), strict=True)}
         out.update({"train/lr": self.scheduler.get_last_lr()[0], "train/seconds": seconds,
+                    "train/param_norm": self._param_norm(),
                     "train/tokens_per_s": float(tokens) / seconds, "train/optimizer_steps": self.step})  # fmt: skip
         return out
 
@@ -199,6 +200,14 @@ class TrainActor:
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
         return float(norm)
+
+    def _param_norm(self) -> float:
+        local = torch.zeros(1, dtype=torch.float64, device=self.device)
+        for p in self.model.parameters():
+            shard = p.data.to_local() if hasattr(p.data, "to_local") else p.data
+            local += shard.double().square().sum()
+        dist.all_reduce(local)
+        return float(local.sqrt())
 
     def connect_engines(self, engine_urls: list[str]) -> None:
         a = self.args

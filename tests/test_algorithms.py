@@ -1,0 +1,138 @@
+"""Every estimator and loss against an independent float64 reference written with plain Python loops."""
+
+import math
+import random
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from slime.algorithms.advantages import ADVANTAGE_ESTIMATORS, group_normalize
+from slime.algorithms.losses import KL_ESTIMATORS, aggregate, entropy_from_log_probs, ppo_clip_loss
+from slime.trainer.optimizer import lr_at
+
+
+def _rand(n, scale=1.0, seed=0):
+    rng = random.Random(seed)
+    return [rng.gauss(0, scale) for _ in range(n)]
+
+
+@pytest.mark.parametrize("std_norm", [True, False])
+def test_grpo_matches_reference(std_norm):
+    rewards = [1.0, 0.0, 0.0, 1.0, 0.5, 0.5, 0.5, 0.5, 3.0, -1.0, 2.0, 0.0]
+    n = 4
+    want = []
+    for g in range(0, len(rewards), n):
+        grp = rewards[g : g + n]
+        mean = sum(grp) / n
+        std = math.sqrt(sum((r - mean) ** 2 for r in grp) / (n - 1))
+        want += [(r - mean) / (std + 1e-6) if std_norm else r - mean for r in grp]
+    args = SimpleNamespace(disable_grpo_std_normalization=not std_norm)
+    lengths = [3, 1, 0, 2] * 3
+    got = ADVANTAGE_ESTIMATORS["grpo"](torch.tensor(rewards, dtype=torch.float64), lengths, n, args)
+    for adv, w, length in zip(got, want, lengths, strict=True):
+        assert adv.shape == (length,)
+        assert torch.allclose(adv, torch.full((length,), w, dtype=torch.float64), atol=1e-12)
+    # an all-equal group carries no signal
+    assert torch.all(group_normalize(torch.ones(4, dtype=torch.float64), 4, True) == 0)
+    with pytest.raises(ValueError, match="groups of 4"):
+        group_normalize(torch.ones(6), 4, True)
+
+
+@pytest.mark.parametrize("eps_clip_c", [None, 3.0])
+def test_ppo_clip_matches_reference(eps_clip_c):
+    lp, old, adv = _rand(200, 0.5, 1), _rand(200, 0.5, 2), _rand(200, 1.0, 3)
+    lo, hi = 0.2, 0.28
+    got = ppo_clip_loss(*(torch.tensor(x, dtype=torch.float64) for x in (lp, old, adv)), lo, hi, eps_clip_c)
+    for i in range(200):
+        ratio = math.exp(lp[i] - old[i])
+        a = adv[i]
+        clipped_ratio = min(max(ratio, 1 - lo), 1 + hi)
+        loss = max(-ratio * a, -clipped_ratio * a)
+        if eps_clip_c is not None and a < 0:
+            loss = min(loss, -eps_clip_c * a)
+        assert got["loss"][i].item() == pytest.approx(loss, abs=1e-12)
+        assert got["clipfrac"][i].item() == float(-clipped_ratio * a > -ratio * a)
+        assert got["ppo_kl"][i].item() == pytest.approx(old[i] - lp[i], abs=1e-12)
+    assert 0 < got["clipfrac"].mean() < 1  # both branches exercised
+
+
+def test_ppo_clip_gradient_is_zero_where_clipped():
+    lp = torch.tensor([0.5, 0.0, -0.5], dtype=torch.float64, requires_grad=True)
+    old = torch.zeros(3, dtype=torch.float64)
+    adv = torch.tensor([1.0, 1.0, -1.0], dtype=torch.float64)
+    ppo_clip_loss(lp, old, adv, 0.2, 0.2)["loss"].sum().backward()
+    # ratio e^0.5 > 1.2 with A > 0, and e^-0.5 < 0.8 with A < 0: clipped, no gradient; ratio 1: gradient -A
+    assert lp.grad.tolist() == pytest.approx([0.0, -1.0, 0.0])
+
+
+@pytest.mark.parametrize("kind", ["k1", "k2", "k3", "low_var_kl"])
+def test_kl_estimators_match_reference(kind):
+    lp, ref = _rand(100, 1.0, 4), _rand(100, 1.0, 5)
+    lp[0], ref[0] = -30.0, 0.0  # a far-off token: low_var_kl clamps
+    got = KL_ESTIMATORS[kind](torch.tensor(lp, dtype=torch.float64), torch.tensor(ref, dtype=torch.float64))
+    for i in range(100):
+        d = lp[i] - ref[i]
+        want = {
+            "k1": d,
+            "k2": d * d / 2,
+            "k3": math.exp(-d) - 1 + d,
+            "low_var_kl": min(10.0, max(-10.0, math.exp(max(-20, min(20, -d))) - 1 - max(-20, min(20, -d)))),
+        }[kind]
+        assert got[i].item() == pytest.approx(want, rel=1e-12, abs=1e-12)
+
+
+def test_kl_k3_is_unbiased_for_the_true_kl():
+    p = torch.tensor([0.5, 0.3, 0.2], dtype=torch.float64)
+    q = torch.tensor([0.2, 0.5, 0.3], dtype=torch.float64)
+    true_kl = float((p * (p / q).log()).sum())
+    expected_k3 = float((p * KL_ESTIMATORS["k3"](p.log(), q.log())).sum())  # exact expectation under p
+    expected_k1 = float((p * KL_ESTIMATORS["k1"](p.log(), q.log())).sum())
+    assert expected_k3 == pytest.approx(true_kl, rel=1e-12)
+    assert expected_k1 == pytest.approx(true_kl, rel=1e-12)
+
+
+def test_entropy_matches_reference():
+    logits = torch.tensor(_rand(5 * 7, 2.0, 6), dtype=torch.float64).reshape(5, 7)
+    got = entropy_from_log_probs(torch.log_softmax(logits, -1))
+    for r in range(5):
+        z = [math.exp(x) for x in logits[r].tolist()]
+        ps = [x / sum(z) for x in z]
+        assert got[r].item() == pytest.approx(-sum(p * math.log(p) for p in ps), rel=1e-12)
+
+
+@pytest.mark.parametrize("per_token", [False, True])
+def test_aggregate_is_exact_under_any_split(per_token):
+    lengths = [3, 0, 5, 2, 4, 1]
+    values = _rand(sum(lengths), 1.0, 7)
+    mask = [1, 1, 0] + [1, 0, 1, 1, 1] + [0, 0] + [1, 1, 1, 1] + [1]
+    # reference over the whole batch
+    if per_token:
+        want = sum(v * m for v, m in zip(values, mask, strict=True)) / sum(mask)
+        normalizer = float(sum(mask))
+    else:
+        want, o = 0.0, 0
+        for n in lengths:
+            m = mask[o : o + n]
+            want += sum(v * k for v, k in zip(values[o : o + n], m, strict=True)) / max(sum(m), 1)
+            o += n
+        want /= len(lengths)
+        normalizer = float(len(lengths))
+    for split in ([6], [2, 4], [1, 1, 1, 1, 1, 1], [4, 2]):  # samples per micro-batch
+        total, s, o = 0.0, 0, 0
+        for k in split:
+            ls = lengths[s : s + k]
+            n = sum(ls)
+            v = torch.tensor(values[o : o + n], dtype=torch.float64)
+            m = torch.tensor(mask[o : o + n], dtype=torch.float64)
+            total += aggregate(v, m, ls, per_token, normalizer).item()
+            s, o = s + k, o + n
+        assert total == pytest.approx(want, rel=1e-12)
+
+
+def test_lr_schedule():
+    assert [lr_at(s, 1.0, 0.0, 4, 10, "constant") for s in range(5)] == [0.25, 0.5, 0.75, 1.0, 1.0]
+    assert lr_at(4, 1.0, 0.1, 4, 10, "linear") == pytest.approx(1.0)
+    assert lr_at(10, 1.0, 0.1, 4, 10, "linear") == pytest.approx(0.1)
+    assert lr_at(7, 1.0, 0.0, 4, 10, "cosine") == pytest.approx(0.5)
+    assert lr_at(50, 1.0, 0.0, 4, 10, "cosine") == pytest.approx(0.0)
