@@ -20,9 +20,9 @@ DEMO_FLAGS = [
     "--prompt-data", "builtin:arithmetic:train:1000:0",
     "--input-key", "prompt", "--label-key", "label", "--apply-chat-template", "--rollout-shuffle",
     "--rm-type", "math",
-    "--rollout-batch-size", "8", "--n-samples-per-prompt", "4", "--rollout-max-response-len", "96",
-    "--rollout-temperature", "0.7", "--num-rollout", "10", "--eval-interval", "10",
-    "--lr", "2e-5", "--use-rollout-logprobs", "--use-dynamic-batch-size", "--max-tokens-per-gpu", "512",
+    "--rollout-batch-size", "8", "--n-samples-per-prompt", "4", "--rollout-max-response-len", "48",
+    "--rollout-temperature", "0.8", "--num-rollout", "10", "--eval-interval", "10",
+    "--lr", "3e-5", "--use-rollout-logprobs", "--use-dynamic-batch-size", "--max-tokens-per-gpu", "512",
     "--eval-prompt-data", "arithmetic_test", "builtin:arithmetic:test:64:0", "--eval-temperature", "0",
     "--output-dir", "outputs/demo",
 ]  # fmt: skip
