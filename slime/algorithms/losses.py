@@ -95,5 +95,5 @@ def aggregate(
     if per_token:
         return masked.sum() / normalizer
     sums = torch.stack([chunk.sum() for chunk in masked.split(lengths)]) if lengths else masked.new_zeros(0)
-    counts = torch.tensor([float(m.sum()) for m in mask.split(lengths)], dtype=values.dtype)
+    counts = torch.stack([m.sum() for m in mask.split(lengths)]).to(values.dtype) if lengths else values.new_zeros(0)
     return (sums / counts.clamp(min=1.0)).sum() / normalizer

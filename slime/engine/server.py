@@ -191,6 +191,7 @@ async def server_info(request: web.Request) -> web.Response:
             "tp_size": 1,
             "dp_size": 1,
             "dtype": engine.dtype,
+            "device": engine.device.type,
             "weight_version": engine.weight_version,
             "internal_states": [dict(engine.stats, **engine.loads())],
         }

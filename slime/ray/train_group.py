@@ -62,3 +62,5 @@ class TrainGroup:
             pass
         for a in self.actors:
             ray.kill(a)
+        if self.pg is not None:  # give the GPUs back, or the next group waits for them forever
+            ray.util.remove_placement_group(self.pg)

@@ -50,6 +50,7 @@ class WeightSyncer:
         self.engine_urls, self.mode, self.buffer_bytes = list(engine_urls), mode, buffer_bytes
         self.timeout_s, self.disk_dir = timeout_s, disk_dir
         self.group = None
+        self.backend = "gloo"
         self.shared: list[torch.Tensor] = []  # CPU tensor mode: one reusable shared-memory buffer per bucket
         self.pool = ThreadPoolExecutor(max(1, len(self.engine_urls)), thread_name_prefix="weight-sync")
 
@@ -119,7 +120,9 @@ class WeightSyncer:
         pending = [
             self.pool.submit(self._call, url, "/update_weights_from_distributed", payload) for url in self.engine_urls
         ]
-        broadcast(self.group, [t.contiguous() for _, t in bucket], self.timeout_s, f"{len(bucket)} weights to engines")
+        device = "cuda" if self.backend == "nccl" else "cpu"
+        tensors = [t.to(device).contiguous() for _, t in bucket]
+        broadcast(self.group, tensors, self.timeout_s, f"{len(bucket)} weights to engines")
         for f in pending:
             f.result()
 
@@ -135,10 +138,18 @@ class WeightSyncer:
             self.shared[index] = shared_cpu_buffer(need)
         return self.shared[index]
 
+    def _group_backend(self) -> str:
+        """NCCL when the trainer and every engine hold weights on GPU; gloo when any side is on CPU (our embedded
+        engine reports its device in /server_info; an engine that does not say is taken to follow the trainer)."""
+        if not torch.cuda.is_available():
+            return "gloo"
+        devices = {info.get("device", "cuda") for info in self._all("/server_info", None, method="GET")}
+        return "nccl" if devices == {"cuda"} else "gloo"
+
     def _connect(self) -> None:
         """Form the broadcast group: the trainer is rank 0 and hosts the store; engine i joins as rank i + 1."""
         host, port, world = _reachable_address(), free_port(), len(self.engine_urls) + 1
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        self.backend = backend = self._group_backend()
         joins = [
             self.pool.submit(
                 self._call, url, "/init_weights_update_group",

@@ -1,0 +1,79 @@
+"""On a GPU machine: train a small random model one step with FSDP2 on CUDA, sync it into an embedded engine by
+each mode, and report how far the engine's log-probs are from the trainer's (bf16 compute on GPU vs fp32 engine).
+
+Usage: python benchmarks/gpu_sync_check.py TOKENIZER_DIR OUT_DIR
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import tempfile
+
+import ray
+import torch
+
+from slime.config.arguments import parse_args
+from slime.engine.launch import launch_engine
+from slime.ray.train_group import TrainGroup
+from tests.test_training import _generate, _max_diff
+
+
+def tiny_model(tokenizer_dir: str) -> str:
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    out = tempfile.mkdtemp(prefix="tiny-")
+    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
+    config = LlamaConfig(
+        vocab_size=len(tok), hidden_size=256, intermediate_size=512, num_hidden_layers=4, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=2048, tie_word_embeddings=True,
+        bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(config)
+    with torch.no_grad():
+        model.model.embed_tokens.weight.mul_(4)
+    model.save_pretrained(out)
+    tok.save_pretrained(out)
+    return out
+
+
+def main() -> None:
+    tokenizer_dir, out_dir = sys.argv[1], sys.argv[2]
+    model = tiny_model(tokenizer_dir)
+    ray.init(num_gpus=torch.cuda.device_count(), num_cpus=8, include_dashboard=False)
+    engine = launch_engine(model, out_dir, num_threads=4)
+    results = {}
+    try:
+        for mode in ("tensor", "distributed", "disk"):
+            args = parse_args([
+                "--hf-checkpoint", model, "--prompt-data", "builtin:arithmetic", "--rm-type", "math",
+                "--rollout-temperature", "0.8", "--output-dir", out_dir, "--update-weight-mode", mode,
+                "--lr", "0.05", "--rollout-batch-size", "4", "--n-samples-per-prompt", "2",
+            ])  # fmt: skip
+            group = TrainGroup(args)
+            try:
+                group.call("connect_engines", [engine.url])
+                train = group.train(0, _generate(engine.url, 8, seed=1))
+                stale = _generate(engine.url, 8, seed=2)
+                before = _max_diff(stale, group.call("log_probs", stale)[0])
+                sync = group.update_weights(f"{mode}-1")
+                fresh = _generate(engine.url, 8, seed=2)
+                after = _max_diff(fresh, group.call("log_probs", fresh)[0])
+                results[mode] = {"grad_norm": train["train/grad_norm"], "max_diff_before_sync": before,
+                                 "max_diff_after_sync": after, "engine_version": fresh["weight_version"],
+                                 "sync_seconds": sync["sync/seconds"]}  # fmt: skip
+            except Exception as exc:  # noqa: BLE001 - report every mode
+                results[mode] = {"error": f"{type(exc).__name__}: {exc}"[:2000]}
+            finally:
+                group.shutdown()
+            print(mode, json.dumps(results[mode]), flush=True)
+    finally:
+        engine.stop()
+        ray.shutdown()
+    with open(f"{out_dir}/gpu_sync_check.json", "w") as f:
+        json.dump(results, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
