@@ -33,10 +33,12 @@ INSTRUCTION = "Solve the problem and give the final answer as a number."
 
 def _problem(rng: random.Random) -> tuple[str, int]:
     op = rng.choices(["+", "-", "*"], weights=[3, 2, 1])[0]
+    # Small numbers: SmolLM2-135M gets these right often enough (~20% sampled at 48 tokens) for GRPO to have a
+    # signal from the first step; with two-digit operands it is ~5% and a 10-step CPU demo learns nothing reliable.
     if op == "*":
-        a, b = rng.randint(2, 9), rng.randint(2, 9)
+        a, b = rng.randint(2, 5), rng.randint(2, 5)
     else:
-        a, b = rng.randint(2, 40), rng.randint(1, 30)
+        a, b = rng.randint(2, 12), rng.randint(1, 9)
         if op == "-" and b > a:
             a, b = b, a
     answer = {"+": a + b, "-": a - b, "*": a * b}[op]

@@ -59,7 +59,7 @@ class TrainActor:
             torch.set_num_threads(args.train_threads or max(1, (os.cpu_count() or 1) // world_size))
         self.device = torch.device("cuda" if use_cuda else "cpu")
         dist.init_process_group(
-            "nccl" if use_cuda else "gloo",
+            "cpu:gloo,cuda:nccl" if use_cuda else "gloo",  # metrics and object gathers are CPU tensors
             init_method=f"tcp://{master_addr}:{master_port}",
             rank=rank,
             world_size=world_size,
