@@ -138,6 +138,12 @@ class TrainActor:
         shares = [[step[r::world] for r in range(world)] for step in steps]
         everything = [[i for step in shares for i in step[r]] for r in range(world)]
         if a.use_rollout_logprobs:
+            missing = [i for i, n in enumerate(data["response_lengths"]) if len(data["rollout_log_probs"][i]) != n]
+            if missing:
+                raise ValueError(
+                    f"--use-rollout-logprobs: {len(missing)} samples (first: #{missing[0]}) have no engine log-prob "
+                    "per response token; return them from the generate function or drop the flag"
+                )
             old = {i: torch.tensor(data["rollout_log_probs"][i]) for i in everything[self.rank]}
         else:
             old = self._log_probs_of(self.model, data, everything)
