@@ -16,31 +16,13 @@ import torch
 from slime.config.arguments import parse_args
 from slime.engine.launch import launch_engine
 from slime.ray.train_group import TrainGroup
+from tests.conftest import build_tiny_llama
 from tests.test_training import _generate, _max_diff
-
-
-def tiny_model(tokenizer_dir: str) -> str:
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
-
-    out = tempfile.mkdtemp(prefix="tiny-")
-    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
-    config = LlamaConfig(
-        vocab_size=len(tok), hidden_size=256, intermediate_size=512, num_hidden_layers=4, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=2048, tie_word_embeddings=True,
-        bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
-    )  # fmt: skip
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(config)
-    with torch.no_grad():
-        model.model.embed_tokens.weight.mul_(4)
-    model.save_pretrained(out)
-    tok.save_pretrained(out)
-    return out
 
 
 def main() -> None:
     tokenizer_dir, out_dir = sys.argv[1], sys.argv[2]
-    model = tiny_model(tokenizer_dir)
+    model = build_tiny_llama(tokenizer_dir, tempfile.mkdtemp(prefix="tiny-"), hidden_size=256, layers=4)
     ray.init(num_gpus=torch.cuda.device_count(), num_cpus=8, include_dashboard=False)
     engine = launch_engine(model, out_dir, num_threads=4)
     results = {}

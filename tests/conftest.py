@@ -16,26 +16,32 @@ def smollm2_path() -> str:
     return resolve_checkpoint("SmolLM2-135M-Instruct")
 
 
-@pytest.fixture(scope="session")
-def tiny_model_path(smollm2_path, tmp_path_factory) -> str:
-    """A random-weight 2-layer Llama with SmolLM2's tokenizer: fast, but a real transformers model."""
+def build_tiny_llama(tokenizer_dir: str, out: str, hidden_size: int = 64, layers: int = 2) -> str:
+    """Save a random-weight Llama with the tokenizer from `tokenizer_dir` into `out`: fast, but a real transformers
+    model. The embedding is scaled up so the output distribution is peaked: sampled text has structure and
+    log-probs vary."""
     import torch
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-    out = tmp_path_factory.mktemp("tiny-llama")
-    tok = AutoTokenizer.from_pretrained(smollm2_path)
+    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
     config = LlamaConfig(
-        vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=2048, tie_word_embeddings=True,
+        vocab_size=len(tok), hidden_size=hidden_size, intermediate_size=2 * hidden_size, num_hidden_layers=layers,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048, tie_word_embeddings=True,
         bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
     )  # fmt: skip
     torch.manual_seed(0)
     model = LlamaForCausalLM(config)
-    with torch.no_grad():  # a peaked output distribution so sampled text has structure and logprobs vary
+    with torch.no_grad():
         model.model.embed_tokens.weight.mul_(4)
     model.save_pretrained(out)
     tok.save_pretrained(out)
     return str(out)
+
+
+@pytest.fixture(scope="session")
+def tiny_model_path(smollm2_path, tmp_path_factory) -> str:
+    """A 2-layer random Llama (hidden 64) with SmolLM2's tokenizer."""
+    return build_tiny_llama(smollm2_path, str(tmp_path_factory.mktemp("tiny-llama")))
 
 
 @pytest.fixture

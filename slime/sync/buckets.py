@@ -31,12 +31,9 @@ def iter_buckets(model: torch.nn.Module, buffer_bytes: int) -> Iterator[list[tup
         yield bucket
 
 
-def flatten_bucket(
-    named: list[tuple[str, torch.Tensor]], out: torch.Tensor | None = None
-) -> tuple[torch.Tensor, list[dict]]:
-    """Pack tensors (any dtypes) into one uint8 tensor (`out` when given and large enough, else a new one). Returns
-    it and per-tensor metadata with byte offsets, in the field names of SGLang's flattened-bucket format (name,
-    shape, dtype, start_idx, end_idx, numel)."""
+def bucket_layout(named: list[tuple[str, torch.Tensor]]) -> tuple[list[dict], int]:
+    """Where each tensor goes in the flat byte buffer, in the field names of SGLang's flattened-bucket format (name,
+    shape, dtype, start_idx, end_idx, numel), and the buffer's total size in bytes."""
     metadata, offset = [], 0
     for name, t in named:
         start = -(-offset // ALIGN) * ALIGN
@@ -46,21 +43,22 @@ def flatten_bucket(
              "start_idx": start, "end_idx": end, "numel": t.numel()}
         )  # fmt: skip
         offset = end
-    if out is not None and out.numel() >= offset:
-        flat = out[:offset]
+    return metadata, offset
+
+
+def flatten_bucket(
+    named: list[tuple[str, torch.Tensor]], out: torch.Tensor | None = None
+) -> tuple[torch.Tensor, list[dict]]:
+    """Pack tensors (any dtypes) into one uint8 tensor (`out` when given and large enough, else a new one).
+    Returns it and the bucket_layout metadata."""
+    metadata, size = bucket_layout(named)
+    if out is not None and out.numel() >= size:
+        flat = out[:size]
     else:
-        flat = torch.empty(offset, dtype=torch.uint8, device=named[0][1].device if named else "cpu")
+        flat = torch.empty(size, dtype=torch.uint8, device=named[0][1].device if named else "cpu")
     for meta, (_, t) in zip(metadata, named, strict=True):
         flat[meta["start_idx"] : meta["end_idx"]].copy_(t.contiguous().reshape(-1).view(torch.uint8))
     return flat, metadata
-
-
-def flat_size(named: list[tuple[str, torch.Tensor]]) -> int:
-    """Bytes flatten_bucket needs for these tensors."""
-    offset = 0
-    for _, t in named:
-        offset = -(-offset // ALIGN) * ALIGN + t.numel() * t.element_size()
-    return offset
 
 
 def unflatten_bucket(flat: torch.Tensor, metadata: list) -> list[tuple[str, torch.Tensor]]:

@@ -17,13 +17,14 @@ from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
-from slime.sync.buckets import flat_size, flatten_bucket, iter_buckets
+from slime.sync.buckets import bucket_layout, flatten_bucket, iter_buckets
 from slime.sync.transport import (
     broadcast,
     new_weight_group,
-    save_checkpoint_atomically,
+    publish_folder,
     serialize_shared,
     shared_cpu_buffer,
+    write_shard,
 )
 from slime.utils.http_utils import free_port, request_sync
 
@@ -49,6 +50,7 @@ class WeightSyncer:
             raise ValueError(f"--update-weight-mode must be one of {MODES}, not {mode!r}")
         self.engine_urls, self.mode, self.buffer_bytes = list(engine_urls), mode, buffer_bytes
         self.timeout_s, self.disk_dir = timeout_s, disk_dir
+        self._disk_tmp = os.path.join(disk_dir, f"incoming-{os.getpid()}")
         self.group = None
         self.backend = "gloo"
         self.shared: list[torch.Tensor] = []  # CPU tensor mode: one reusable shared-memory buffer per bucket
@@ -81,15 +83,17 @@ class WeightSyncer:
             if self.mode == "distributed" and self.group is None:
                 self._connect()
         try:
-            if self.mode == "disk":
-                nbytes, count = self._sync_disk(model, version, rank)
-            else:
-                for index, bucket in enumerate(iter_buckets(model, self.buffer_bytes)):
-                    count += len(bucket)
-                    nbytes += sum(t.numel() * t.element_size() for _, t in bucket)
-                    if rank == 0:
-                        self._send(index, bucket, version)
+            for index, bucket in enumerate(
+                iter_buckets(model, self.buffer_bytes)
+            ):  # all ranks: gathering is collective
+                count += len(bucket)
+                nbytes += sum(t.numel() * t.element_size() for _, t in bucket)
+                if rank == 0:
+                    self._send(index, bucket, version)
             if rank == 0:
+                if self.mode == "disk":
+                    folder = publish_folder(self._disk_tmp, os.path.join(self.disk_dir, "latest"))
+                    self._all("/update_weights_from_disk", {"model_path": folder, "weight_version": version})
                 self._all("/update_weight_version", {"new_version": version, "abort_all_requests": False})
         finally:
             if rank == 0:
@@ -97,6 +101,9 @@ class WeightSyncer:
         return {"sync/seconds": time.monotonic() - start, "sync/bytes": nbytes, "sync/tensors": count}
 
     def _send(self, index: int, bucket: list[tuple[str, torch.Tensor]], version: str) -> None:
+        if self.mode == "disk":  # shards stream into a temporary folder, published whole after the last one
+            write_shard(bucket, self._disk_tmp, index)
+            return
         if self.mode == "tensor":
             flat, metadata = flatten_bucket(bucket, self._shared_buffer(index, bucket))
             payload = {
@@ -131,7 +138,7 @@ class WeightSyncer:
         (an engine may answer before its device copy has finished)."""
         if bucket[0][1].is_cuda:
             return None
-        need = flat_size(bucket)
+        need = bucket_layout(bucket)[1]
         while len(self.shared) <= index:
             self.shared.append(torch.empty(0, dtype=torch.uint8))
         if self.shared[index].numel() < need:
@@ -164,14 +171,6 @@ class WeightSyncer:
             raise WeightSyncError(f"weight sync: engines did not join the {backend} group in time: {exc}") from exc
         for f in joins:
             f.result()
-
-    def _sync_disk(self, model: torch.nn.Module, version: str, rank: int) -> tuple[int, int]:
-        buckets = list(iter_buckets(model, self.buffer_bytes))  # all ranks: gathering is collective
-        named = [pair for b in buckets for pair in b]
-        if rank == 0:
-            folder = save_checkpoint_atomically(buckets, os.path.join(self.disk_dir, "latest"))
-            self._all("/update_weights_from_disk", {"model_path": folder, "weight_version": version})
-        return sum(t.numel() * t.element_size() for _, t in named), len(named)
 
     def close(self) -> None:
         if self.group is not None and self.engine_urls:

@@ -88,16 +88,19 @@ def broadcast(group: dist.ProcessGroup, tensors: list[torch.Tensor], timeout_s: 
             raise TimeoutError(f"broadcast of {what} did not complete within {timeout_s:.0f}s: {exc}") from exc
 
 
-def save_checkpoint_atomically(named_buckets, folder: str) -> str:
-    """Write buckets of (name, tensor) as safetensors shards into `folder`, which appears whole or not at all."""
+def write_shard(bucket: list[tuple[str, torch.Tensor]], folder: str, index: int) -> None:
+    """Write one bucket as `model-<index>.safetensors`; shard 0 starts `folder` afresh."""
     from safetensors.torch import save_file
 
-    tmp = f"{folder}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    os.makedirs(tmp)
-    for i, bucket in enumerate(named_buckets):
-        tensors = {n: t.detach().contiguous().cpu() for n, t in bucket}
-        save_file(tensors, os.path.join(tmp, f"model-{i:05d}.safetensors"))
+    if index == 0:
+        shutil.rmtree(folder, ignore_errors=True)
+        os.makedirs(folder)
+    tensors = {n: t.detach().contiguous().cpu() for n, t in bucket}
+    save_file(tensors, os.path.join(folder, f"model-{index:05d}.safetensors"))
+
+
+def publish_folder(tmp: str, folder: str) -> str:
+    """Rename the finished `tmp` onto `folder`, so readers see a whole checkpoint or none."""
     shutil.rmtree(folder, ignore_errors=True)
     os.rename(tmp, folder)
     return folder

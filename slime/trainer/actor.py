@@ -228,12 +228,6 @@ class TrainActor:
         dist.barrier()
         return out
 
-    def weights_checksum(self) -> float:
-        """Sum of |w| over all parameters (a collective): lets tests see that an optimizer step moved weights."""
-        from slime.sync.buckets import full_tensor
-
-        return float(sum(full_tensor(p).double().abs().sum() for p in self.model.parameters()))
-
     def shutdown(self) -> None:
         if self.syncer is not None:
             self.syncer.close()
