@@ -3,7 +3,7 @@ import random
 import pytest
 import torch
 
-from slime.trainer.packing import forward_log_probs, response_positions, split_micro_batches
+from slime.trainer.packing import forward_log_probs, forward_values, response_positions, split_micro_batches
 
 
 @pytest.mark.parametrize("max_tokens", [None, 10, 25, 1000])
@@ -32,7 +32,8 @@ def test_packed_log_probs_equal_one_sequence_at_a_time(tiny_model_path):
     seqs = [[rng.randrange(100, 40000) for _ in range(n)] for n in (7, 12, 3)]
     resp = [4, 5, 2]
     with torch.no_grad():
-        packed, entropy = forward_log_probs(model, seqs, resp, temperature=0.7)
+        out = forward_log_probs(model, seqs, resp, temperature=0.7, keep_logits=True)
+        packed, entropy = out["log_probs"], out["entropy"]
         for_each = []
         for s, r in zip(seqs, resp, strict=True):  # plain per-sequence reference, whole logits, no packing
             logits = model(torch.tensor([s])).logits[0].double() / 0.7
@@ -41,3 +42,84 @@ def test_packed_log_probs_equal_one_sequence_at_a_time(tiny_model_path):
     assert packed.shape == entropy.shape == (11,)
     assert torch.allclose(packed.double(), torch.tensor(for_each, dtype=torch.float64), atol=1e-5)
     assert torch.all(entropy > 0)
+    assert out["logits"].shape == (11, model.config.vocab_size)
+
+
+def test_packed_values_equal_one_sequence_at_a_time(tiny_model_path):
+    """The critic reads V(s_t) at the row before each response token, and packing does not leak across samples."""
+    from transformers import AutoModel
+
+    from slime.trainer.models import ValueModel
+
+    critic = ValueModel(AutoModel.from_pretrained(tiny_model_path, dtype=torch.float32))
+    torch.nn.init.normal_(critic.value_head.weight)  # a zero head (the initial state) would hide any mistake
+    rng = random.Random(2)
+    seqs = [[rng.randrange(100, 40000) for _ in range(n)] for n in (5, 9, 2)]
+    resp = [3, 4, 1]
+    with torch.no_grad():
+        packed = forward_values(critic, seqs, resp)
+        want = []
+        for s, r in zip(seqs, resp, strict=True):
+            v = critic(torch.tensor([s]), torch.arange(len(s))[None])[0]
+            want += [v[j - 1].item() for j in range(len(s) - r, len(s))]
+    assert torch.allclose(packed.double(), torch.tensor(want, dtype=torch.float64), atol=1e-5)
+
+
+@pytest.mark.parametrize("per_token", [False, True])
+@pytest.mark.parametrize("estimator", ["ppo", "gspo"])
+def test_loss_and_gradients_do_not_depend_on_the_micro_batch_split(tiny_model_path, estimator, per_token):
+    """One global batch, split into micro-batches four ways (fixed sizes and token-packed): the summed loss shares
+    agree to 1e-6 relative, the accumulated gradients of the policy and the critic to 1e-5 of the largest entry
+    (float32 model: the split changes the summation order)."""
+    from types import SimpleNamespace
+
+    from transformers import AutoModel, AutoModelForCausalLM
+
+    from slime.trainer.loss import critic_loss, micro_batch_loss
+    from slime.trainer.models import ValueModel
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_path, dtype=torch.float32)
+    critic = ValueModel(AutoModel.from_pretrained(tiny_model_path, dtype=torch.float32))
+    torch.nn.init.normal_(critic.value_head.weight, std=0.1)
+    rng = random.Random(3)
+    lengths = [9, 4, 12, 6, 7, 3]
+    resp = [5, 1, 8, 2, 4, 2]
+    seqs = [[rng.randrange(100, 40000) for _ in range(n)] for n in lengths]
+    masks = [[float(rng.random() > 0.2) for _ in range(r)] for r in resp]
+    masks[1] = [0.0]  # fully masked sample
+    per_sample = lambda: [torch.tensor([rng.gauss(0, 1) for _ in range(r)]) for r in resp]  # noqa: E731
+    advantages, noise, returns, old_values = per_sample(), per_sample(), per_sample(), per_sample()
+    with torch.no_grad():
+        lp = forward_log_probs(model, seqs, resp, 1.0)["log_probs"].split(resp)
+    old = [x + 0.05 * e for x, e in zip(lp, noise, strict=True)]
+    args = SimpleNamespace(loss_type="policy_loss", advantage_estimator=estimator, eps_clip=0.2, eps_clip_high=0.2,
+                           eps_clip_c=3.0, entropy_coef=0.01, use_kl_loss=True, kl_loss_coef=0.1, kl_loss_type="k2",
+                           calculate_per_token_loss=per_token, value_clip=0.2)  # fmt: skip
+    normalizer = sum(map(sum, masks)) if per_token else float(len(resp))
+
+    def run(splits):
+        model.zero_grad()
+        critic.zero_grad()
+        total = 0.0
+        for mb in splits:
+            cat = lambda col: torch.cat([torch.as_tensor(col[i]) for i in mb])  # noqa: E731,B023
+            batch = {"mask": cat(masks), "lengths": [resp[i] for i in mb], "advantages": cat(advantages),
+                     "old_log_probs": cat(old), "ref_log_probs": cat(lp), "returns": cat(returns),
+                     "old_values": cat(old_values)}  # fmt: skip
+            tokens, rlens = [seqs[i] for i in mb], [resp[i] for i in mb]
+            loss, _ = micro_batch_loss(args, batch, forward_log_probs(model, tokens, rlens, 1.0, True), normalizer)
+            closs, _ = critic_loss(args, batch, forward_values(critic, tokens, rlens), normalizer)
+            (loss + closs).backward()
+            total += loss.item() + closs.item()
+        grads = [p.grad.clone() for p in [*model.parameters(), *critic.parameters()] if p.grad is not None]
+        return total, torch.cat([g.flatten() for g in grads])
+
+    ref_loss, ref_grad = run([[0, 1, 2, 3, 4, 5]])
+    max_tokens = 20
+    packed = [[lengths.index(n) for n in group] for group in ([12], [9, 7], [6, 4, 3])]
+    assert all(sum(lengths[i] for i in mb) <= max_tokens for mb in packed)
+    for splits in ([[i] for i in range(6)], [[0, 1], [2, 3], [4, 5]], [[0, 1, 2], [3, 4, 5]], packed):
+        loss, grad = run(splits)
+        assert loss == pytest.approx(ref_loss, rel=1e-6)
+        assert (grad - ref_grad).abs().max() <= 1e-5 * ref_grad.abs().max()

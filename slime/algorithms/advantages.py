@@ -1,16 +1,27 @@
 """Advantage estimators, registered by name (`--advantage-estimator`).
 
-Each estimator maps one rollout's rewards to per-token advantages of every sample's response. Samples arrive in
-rollout order: the `n_samples_per_prompt` responses of one prompt are consecutive (a group).
+Every estimator maps one rollout to per-token advantages (and, for a critic, returns). Samples arrive in rollout
+order: the `n_samples_per_prompt` responses of one prompt are consecutive (a group). All per-token inputs are lists
+of B tensors, one per sample, of shape [r_i] (r_i = that sample's response length):
+
+- rewards: [B] outcome rewards
+- loss_masks: 1 where the token is the model's own (counts in the loss), 0 for tool output or failed samples
+- kl: estimated KL(old policy || reference) per token (zeros when no KL penalty is configured)
+- values: the critic's V(s_t) before token t (ppo only)
+- old_log_probs, teacher_log_probs: the behaviour policy's and the distillation teacher's log-prob of each token
+
+An estimator returns (advantages, returns); returns is None unless a critic needs value targets.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 import torch
 
 ADVANTAGE_ESTIMATORS: dict[str, Callable] = {}
+Tokens = list[torch.Tensor]
 
 
 def register_advantage(name: str) -> Callable:
@@ -37,12 +48,125 @@ def group_normalize(rewards: torch.Tensor, group_size: int, std_normalization: b
     return centred.reshape(-1)
 
 
-@register_advantage("grpo")
-def grpo(rewards: torch.Tensor, response_lengths: list[int], group_size: int, args) -> list[torch.Tensor]:
-    """GRPO: the group-normalised outcome reward, broadcast over every response token.
+def discounted_returns(token_rewards: torch.Tensor, gamma: float) -> torch.Tensor:
+    """G_t = sum_{s >= t} gamma^(s-t) * r_s. [r] -> [r]."""
+    out = torch.empty_like(token_rewards)
+    running = token_rewards.new_zeros(())
+    for t in range(token_rewards.numel() - 1, -1, -1):
+        running = token_rewards[t] + gamma * running
+        out[t] = running
+    return out
 
-    rewards: [B]; response_lengths: B ints. Returns B tensors of shape [response_length_i].
+
+def gae(token_rewards: torch.Tensor, values: torch.Tensor, gamma: float, lambd: float) -> tuple[torch.Tensor, ...]:
+    """Generalised advantage estimation over one response; the state after the last token is terminal (V = 0).
+
+    token_rewards, values: [r]. delta_t = r_t + gamma * V_{t+1} - V_t, A_t = sum_k (gamma * lambd)^k delta_{t+k}.
+    Returns advantages [r] and value targets (returns) A_t + V_t [r].
+    """
+    advantages = torch.empty_like(token_rewards)
+    running = token_rewards.new_zeros(())
+    for t in range(token_rewards.numel() - 1, -1, -1):
+        next_value = values[t + 1] if t + 1 < values.numel() else 0.0
+        delta = token_rewards[t] + gamma * next_value - values[t]
+        running = delta + gamma * lambd * running
+        advantages[t] = running
+    return advantages, advantages + values
+
+
+def masked_whiten(values: Tokens, masks: Tokens, eps: float = 1e-8) -> Tokens:
+    """Whiten advantages over every masked-in token of the batch: (a - mean) / sqrt(var + eps), unbiased var.
+
+    values, masks: B tensors [r_i]. Tokens with mask 0 are shifted and scaled like the others but do not count in
+    the statistics. A batch with fewer than two counted tokens is only centred.
+    """
+    flat, mask = torch.cat(values).double(), torch.cat(masks).double()
+    count = mask.sum()
+    if count == 0:
+        return values
+    mean = (flat * mask).sum() / count
+    if count < 2:
+        return [(v - mean).to(v.dtype) for v in values]
+    var = ((flat - mean).square() * mask).sum() / (count - 1)
+    scale = torch.rsqrt(var + eps)
+    return [((v - mean) * scale).to(v.dtype) for v in values]
+
+
+def _last_counted(mask: torch.Tensor) -> int:
+    """Index of the last token that counts (the model's final token); the last token if none counts."""
+    counted = mask.nonzero()
+    return int(counted[-1]) if counted.numel() else mask.numel() - 1
+
+
+def token_rewards(reward: float, kl: torch.Tensor, mask: torch.Tensor, kl_coef: float) -> torch.Tensor:
+    """Per-token rewards of one response: -kl_coef * kl_t on counted tokens, plus the outcome reward on the last
+    counted token. kl, mask: [r] -> [r]."""
+    out = -kl_coef * kl * mask
+    if out.numel():
+        out[_last_counted(mask)] += reward
+    return out
+
+
+@register_advantage("grpo")
+@register_advantage("gspo")
+def grpo(rewards: torch.Tensor, data: dict[str, Tokens], args: Any) -> tuple[Tokens, None]:
+    """GRPO (and GSPO, which differs only in its loss): the group-normalised outcome reward on every token.
+
+    With `--kl-coef` the sequence's KL estimate (sum over counted tokens) is subtracted from its reward first.
     `--disable-grpo-std-normalization` keeps only the mean-centring (Dr. GRPO's advantage).
     """
-    scores = group_normalize(rewards, group_size, not args.disable_grpo_std_normalization)
-    return [torch.full((n,), float(s), dtype=rewards.dtype) for s, n in zip(scores, response_lengths, strict=True)]
+    if args.kl_coef:
+        kl = [(k * m).sum() for k, m in zip(data["kl"], data["loss_masks"], strict=True)]
+        rewards = rewards - args.kl_coef * torch.stack(kl).to(rewards.dtype)
+    scores = group_normalize(rewards, args.n_samples_per_prompt, not args.disable_grpo_std_normalization)
+    return [
+        torch.full_like(m, float(s), dtype=rewards.dtype) for s, m in zip(scores, data["loss_masks"], strict=True)
+    ], None
+
+
+@register_advantage("reinforce_plus_plus")
+def reinforce_plus_plus(rewards: torch.Tensor, data: dict[str, Tokens], args: Any) -> tuple[Tokens, None]:
+    """REINFORCE++: discounted (`--gamma`) token returns of the KL-penalised token rewards (see `token_rewards`).
+    Whitened over the whole batch afterwards (`--normalize-advantages` is implied)."""
+    return [
+        discounted_returns(token_rewards(float(r), k, m, args.kl_coef), args.gamma)
+        for r, k, m in zip(rewards, data["kl"], data["loss_masks"], strict=True)
+    ], None
+
+
+@register_advantage("reinforce_plus_plus_baseline")
+def reinforce_plus_plus_baseline(rewards: torch.Tensor, data: dict[str, Tokens], args: Any) -> tuple[Tokens, None]:
+    """REINFORCE++ with the group-mean reward as baseline: as `reinforce_plus_plus` on group-centred rewards."""
+    return reinforce_plus_plus(group_normalize(rewards, args.n_samples_per_prompt, False), data, args)
+
+
+@register_advantage("ppo")
+def ppo(rewards: torch.Tensor, data: dict[str, Tokens], args: Any) -> tuple[Tokens, Tokens]:
+    """PPO with a critic: GAE (`--gamma`, `--lambd`) over the KL-penalised token rewards and the critic's values.
+    Returns advantages and the critic's targets."""
+    out = [
+        gae(token_rewards(float(r), k, m, args.kl_coef), v, args.gamma, args.lambd)
+        for r, k, m, v in zip(rewards, data["kl"], data["loss_masks"], data["values"], strict=True)
+    ]
+    return [a for a, _ in out], [g for _, g in out]
+
+
+@register_advantage("on_policy_distillation")
+def on_policy_distillation(rewards: torch.Tensor, data: dict[str, Tokens], args: Any) -> tuple[Tokens, None]:
+    """On-policy distillation: A_t = log p_teacher(y_t) - log p_old(y_t), the negative per-token reverse KL to
+    the teacher on the student's own samples. Rewards are not used."""
+    return [t - o for t, o in zip(data["teacher_log_probs"], data["old_log_probs"], strict=True)], None
+
+
+def compute_advantages(rewards: torch.Tensor, data: dict[str, Tokens], args: Any) -> tuple[Tokens, Tokens | None]:
+    """The configured estimator, then the on-policy-distillation penalty (`--use-opd`, added to any estimator
+    but `on_policy_distillation` itself) and whitening (`--normalize-advantages`)."""
+    advantages, returns = ADVANTAGE_ESTIMATORS[args.advantage_estimator](rewards, data, args)
+    if args.use_opd and args.advantage_estimator != "on_policy_distillation":
+        advantages = [
+            a - args.opd_kl_coef * (o - t)
+            for a, o, t in zip(advantages, data["old_log_probs"], data["teacher_log_probs"], strict=True)
+        ]
+    if args.normalize_advantages:
+        advantages = masked_whiten(advantages, data["loss_masks"])
+    return advantages, returns

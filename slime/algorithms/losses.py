@@ -7,6 +7,7 @@ Token tensors are flat: [T] holds the response tokens of several samples back to
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 import torch
 
@@ -22,31 +23,82 @@ def _register(table: dict[str, Callable], name: str) -> Callable:
     return wrap
 
 
+def clipped_surrogate(
+    log_ratio: torch.Tensor, advantages: torch.Tensor, eps_clip: float, eps_clip_high: float, eps_clip_c: float | None
+) -> dict[str, torch.Tensor]:
+    """PPO's clipped surrogate, per token: max(-r·A, -clip(r, 1-eps_clip, 1+eps_clip_high)·A), r = exp(log_ratio).
+
+    log_ratio = log pi - log pi_old, advantages: [T]. With `eps_clip_c` (dual clip, > 1) the loss of a token with
+    negative advantage is further capped at -eps_clip_c·A. Returns [T] tensors: loss, clipfrac (1 where the
+    clipped branch was taken), ppo_kl (-log_ratio, the k1 estimate of KL(old || new)).
+    """
+    ratio = torch.exp(log_ratio)
+    unclipped = -ratio * advantages
+    clipped = -ratio.clamp(1.0 - eps_clip, 1.0 + eps_clip_high) * advantages
+    loss = torch.maximum(unclipped, clipped)
+    clipfrac = (clipped > unclipped).to(log_ratio.dtype)
+    if eps_clip_c is not None:
+        capped = torch.minimum(loss, -eps_clip_c * advantages)
+        loss = torch.where(advantages < 0, capped, loss)
+    return {"loss": loss, "clipfrac": clipfrac, "ppo_kl": -log_ratio}
+
+
 @_register(POLICY_LOSSES, "ppo")
 def ppo_clip_loss(
     log_probs: torch.Tensor,
     old_log_probs: torch.Tensor,
     advantages: torch.Tensor,
+    mask: torch.Tensor,
+    lengths: list[int],
     eps_clip: float,
     eps_clip_high: float,
     eps_clip_c: float | None = None,
 ) -> dict[str, torch.Tensor]:
-    """PPO's clipped surrogate, per token: max(-r·A, -clip(r, 1-eps_clip, 1+eps_clip_high)·A), r = exp(lp - old).
+    """PPO-clip with the token-level ratio pi(y_t) / pi_old(y_t). All tensors [T]; mask and lengths unused (the
+    common signature of POLICY_LOSSES). See `clipped_surrogate` for the returned [T] tensors."""
+    return clipped_surrogate(log_probs - old_log_probs, advantages, eps_clip, eps_clip_high, eps_clip_c)
 
-    All inputs [T]. With `eps_clip_c` (dual clip, > 1), the loss of a token with negative advantage is further
-    capped at -eps_clip_c·A. Returns [T] tensors: loss, clipfrac (1 where the clipped branch was taken), ppo_kl
-    (old - new log-prob, the k1 estimate of KL(old || new)).
+
+@_register(POLICY_LOSSES, "gspo")
+def gspo_loss(
+    log_probs: torch.Tensor,
+    old_log_probs: torch.Tensor,
+    advantages: torch.Tensor,
+    mask: torch.Tensor,
+    lengths: list[int],
+    eps_clip: float,
+    eps_clip_high: float,
+    eps_clip_c: float | None = None,
+) -> dict[str, torch.Tensor]:
+    """GSPO: one importance ratio per sequence, the geometric mean of its token ratios over counted tokens,
+    s_i = exp(mean_t (log pi - log pi_old)), clipped like PPO (typical ranges are ~1e-3, not 0.2).
+
+    All tensors [T], samples back to back with `lengths`. Each token carries s_i's value with the gradient of its
+    own log-prob (s_i · pi(y_t) / sg[pi(y_t)]), so the sequence gradient is s_i · mean_t grad log pi(y_t).
     """
     log_ratio = log_probs - old_log_probs
-    ratio = torch.exp(log_ratio)
-    unclipped = -ratio * advantages
-    clipped = -ratio.clamp(1.0 - eps_clip, 1.0 + eps_clip_high) * advantages
-    loss = torch.maximum(unclipped, clipped)
-    clipfrac = (clipped > unclipped).to(log_probs.dtype)
-    if eps_clip_c is not None:
-        capped = torch.minimum(loss, -eps_clip_c * advantages)
-        loss = torch.where(advantages < 0, capped, loss)
-    return {"loss": loss, "clipfrac": clipfrac, "ppo_kl": -log_ratio}
+    per_sequence = [
+        (lr * m).sum() / m.sum().clamp(min=1)
+        for lr, m in zip(log_ratio.split(lengths), mask.split(lengths), strict=True)
+    ]
+    seq = torch.cat([s.expand(n) for s, n in zip(per_sequence, lengths, strict=True)]) if lengths else log_ratio
+    return clipped_surrogate(seq.detach() + log_probs - log_probs.detach(), advantages, eps_clip, eps_clip_high,
+                             eps_clip_c)  # fmt: skip
+
+
+def value_loss(
+    values: torch.Tensor, old_values: torch.Tensor, returns: torch.Tensor, value_clip: float | None
+) -> dict[str, torch.Tensor]:
+    """The critic's clipped regression loss per token: 0.5 · max((V - G)^2, (V_old + clip(V - V_old, ±c) - G)^2).
+
+    values (with grad), old_values (before this rollout's updates), returns (targets G): [T]. value_clip None: the
+    plain 0.5 · (V - G)^2. Returns [T] tensors: loss, clipfrac (1 where the clipped term was larger).
+    """
+    unclipped = (values - returns).square()
+    if value_clip is None:
+        return {"loss": 0.5 * unclipped, "clipfrac": torch.zeros_like(values)}
+    clipped = (old_values + (values - old_values).clamp(-value_clip, value_clip) - returns).square()
+    return {"loss": 0.5 * torch.maximum(unclipped, clipped), "clipfrac": (clipped > unclipped).to(values.dtype)}
 
 
 @_register(KL_ESTIMATORS, "k1")
@@ -97,3 +149,28 @@ def aggregate(
     sums = torch.stack([chunk.sum() for chunk in masked.split(lengths)]) if lengths else masked.new_zeros(0)
     counts = torch.stack([m.sum() for m in mask.split(lengths)]).to(values.dtype) if lengths else values.new_zeros(0)
     return (sums / counts.clamp(min=1.0)).sum() / normalizer
+
+
+def dr_grpo_pg_loss_reducer(
+    total_lengths: list[int],
+    response_lengths: list[int],
+    loss_masks: list[torch.Tensor],
+    calculate_per_token_loss: bool = False,
+    args: Any = None,
+) -> Callable[[torch.Tensor], torch.Tensor]:
+    """Dr. GRPO's policy-loss normaliser, for `--custom-pg-loss-reducer-function-path
+    slime.algorithms.losses:dr_grpo_pg_loss_reducer`: every sample's token sum is divided by one constant,
+    `--rollout-max-response-len`, instead of its own length, so long responses are not down-weighted per token.
+
+    A pg-loss reducer gets the micro-batch's lengths and masks ([r_i] tensors) and returns a function from the
+    per-token loss [T] to the micro-batch's sum over samples; the trainer divides that by the samples of the global
+    batch (tokens with `--calculate-per-token-loss`, where this reducer is the plain masked token sum).
+    """
+    constant = float(args.rollout_max_response_len if args is not None else max(response_lengths, default=1))
+
+    def reduce(x: torch.Tensor) -> torch.Tensor:
+        sums = [(xi * mi).sum() for xi, mi in zip(x.split(response_lengths), loss_masks, strict=True)]
+        total = torch.stack(sums).sum() if sums else x.new_zeros(())
+        return total if calculate_per_token_loss else total / constant
+
+    return reduce

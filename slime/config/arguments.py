@@ -100,17 +100,46 @@ def build_parser() -> argparse.ArgumentParser:
     )  # fmt: skip
 
     g = p.add_argument_group("algorithm")
-    g.add_argument("--advantage-estimator", default="grpo", help="advantage estimator (registered name): grpo")
+    g.add_argument(
+        "--advantage-estimator", default="grpo",
+        help="grpo, gspo, reinforce_plus_plus, reinforce_plus_plus_baseline, ppo (with a critic) or "
+        "on_policy_distillation (docs/algorithms.md)",
+    )  # fmt: skip
+    g.add_argument(
+        "--loss-type", default="policy_loss", choices=["policy_loss", "sft_loss", "custom_loss"],
+        help="policy_loss: PPO-clip (GSPO for --advantage-estimator gspo); sft_loss: NLL of loss-masked tokens; "
+        "custom_loss: --custom-loss-function-path",
+    )  # fmt: skip
+    g.add_argument("--custom-loss-function-path", default=None, help="fn(args, batch, logits, sum_of_sample_mean)")
+    g.add_argument(
+        "--custom-pg-loss-reducer-function-path", default=None,
+        help="fn(total_lengths, response_lengths, loss_masks, calculate_per_token_loss) -> reducer of the policy "
+        "loss; slime.algorithms.losses:dr_grpo_pg_loss_reducer is Dr. GRPO's constant normaliser",
+    )  # fmt: skip
     g.add_argument(
         "--disable-grpo-std-normalization", action="store_true", help="GRPO: only subtract the group mean reward"
     )
+    g.add_argument(
+        "--normalize-advantages", action="store_true",
+        help="whiten advantages over all loss-masked tokens of the rollout (implied by reinforce_plus_plus*)",
+    )  # fmt: skip
+    g.add_argument("--gamma", type=float, default=1.0, help="discount per token (reinforce_plus_plus*, ppo)")
+    g.add_argument("--lambd", type=float, default=1.0, help="GAE lambda (ppo)")
     g.add_argument("--eps-clip", type=float, default=0.2, help="PPO clip range below (and above) ratio 1")
     g.add_argument("--eps-clip-high", type=float, default=None, help="PPO clip range above 1 (default: --eps-clip)")
     g.add_argument("--eps-clip-c", type=float, default=None, help="dual-clip bound (> 1) for negative advantages")
     g.add_argument("--entropy-coef", type=float, default=0.0, help="weight of the entropy bonus in the loss")
     g.add_argument("--use-kl-loss", action="store_true", help="add a KL penalty to the frozen reference model")
     g.add_argument("--kl-loss-coef", type=float, default=0.0, help="weight of the KL loss")
-    g.add_argument("--kl-loss-type", default="k1", choices=["k1", "k2", "k3", "low_var_kl"], help="KL estimator")
+    g.add_argument(
+        "--kl-loss-type", default="k1", choices=["k1", "k2", "k3", "low_var_kl"],
+        help="KL estimator of the KL loss and of the --kl-coef reward penalty",
+    )  # fmt: skip
+    g.add_argument(
+        "--kl-coef", type=float, default=0.0,
+        help="KL to the reference as a reward penalty: per token for reinforce_plus_plus* and ppo, summed over "
+        "the response for grpo/gspo (exclusive with --use-kl-loss)",
+    )  # fmt: skip
     g.add_argument(
         "--calculate-per-token-loss", action="store_true",
         help="average the loss over all tokens of the global batch (default: per-sample token mean, then sample mean)",
@@ -119,6 +148,41 @@ def build_parser() -> argparse.ArgumentParser:
         "--use-rollout-logprobs", action="store_true",
         help="use the engine's log-probs as the PPO old policy instead of recomputing them before training",
     )  # fmt: skip
+    g.add_argument("--critic-load", default=None, help="ppo: critic backbone (default: --hf-checkpoint)")
+    g.add_argument("--critic-lr", type=float, default=None, help="ppo: peak learning rate of the critic (default --lr)")
+    g.add_argument("--value-clip", type=float, default=0.2, help="ppo: clip of the value update per step (0: off)")
+
+    g = p.add_argument_group("train/inference mismatch")
+    g.add_argument("--use-tis", action="store_true", help="weight the policy loss by pi_old / pi_rollout, clipped")
+    g.add_argument("--tis-clip", type=float, default=2.0, help="TIS: upper bound of the importance weight")
+    g.add_argument("--tis-clip-low", type=float, default=0.0, help="TIS: lower bound of the importance weight")
+    g.add_argument("--tis-level", default="token", choices=["token", "sequence", "geometric"], help="TIS ratio level")
+    g.add_argument(
+        "--use-mis", action="store_true",
+        help="mask tokens (or samples) whose pi_old / pi_rollout lies outside [--mis-lower-bound, --mis-upper-bound]",
+    )  # fmt: skip
+    g.add_argument("--mis-level", default="token", choices=["token", "sequence", "geometric"], help="MIS ratio level")
+    g.add_argument("--mis-lower-bound", type=float, default=0.5, help="MIS: smallest kept ratio")
+    g.add_argument("--mis-upper-bound", type=float, default=2.0, help="MIS: largest kept ratio")
+    g.add_argument(
+        "--mis-veto-threshold",
+        type=float,
+        default=None,
+        help="MIS: drop a whole sample with any token ratio below this",
+    )
+    g.add_argument("--custom-tis-function-path", default=None, help="replaces the TIS/MIS weights (corrections.py)")
+
+    g = p.add_argument_group("on-policy distillation")
+    g.add_argument(
+        "--use-opd", action="store_true", help="add -opd_kl_coef x (log p_old - log p_teacher) to advantages"
+    )
+    g.add_argument(
+        "--opd-type", default=None, choices=["model", "megatron", "sglang"],
+        help="model (slime: megatron): --opd-teacher-load runs in the trainer; sglang: the reward or generate "
+        "function sets Sample.teacher_log_probs",
+    )  # fmt: skip
+    g.add_argument("--opd-kl-coef", type=float, default=1.0, help="weight of the distillation term")
+    g.add_argument("--opd-teacher-load", default=None, help="teacher Hugging Face folder (same tokenizer)")
 
     g = p.add_argument_group("weight sync")
     g.add_argument(
@@ -217,18 +281,7 @@ def validate_args(args: argparse.Namespace, parser: argparse.ArgumentParser) -> 
         parser.error("set --rm-type (e.g. math) or --custom-rm-path so samples get rewards")
     if args.eval_prompt_data is not None and (len(args.eval_prompt_data) == 0 or len(args.eval_prompt_data) % 2):
         parser.error("--eval-prompt-data takes pairs: NAME PATH [NAME PATH …]")
-    from slime.algorithms.advantages import ADVANTAGE_ESTIMATORS
-
-    if args.advantage_estimator not in ADVANTAGE_ESTIMATORS:
-        parser.error(
-            f"--advantage-estimator {args.advantage_estimator!r}: choose one of {sorted(ADVANTAGE_ESTIMATORS)}"
-        )
-    if args.eps_clip_high is None:
-        args.eps_clip_high = args.eps_clip
-    if args.eps_clip_c is not None and args.eps_clip_c <= 1.0:
-        parser.error(f"--eps-clip-c must be greater than 1 (dual clip), got {args.eps_clip_c}")
-    if args.use_kl_loss and args.kl_loss_coef == 0:
-        logging.getLogger(__name__).warning("--use-kl-loss with --kl-loss-coef 0: the KL is reported, not optimised")
+    validate_algorithm(args, parser)
     set_batch_plan(args, parser)
     if args.rollout_engine_threads == 0:
         args.rollout_engine_threads = max(1, (os.cpu_count() or 1) // args.rollout_num_engines)
@@ -244,3 +297,58 @@ def validate_args(args: argparse.Namespace, parser: argparse.ArgumentParser) -> 
         SamplingParams.from_dict(sampling)
     except SamplingParamsError as exc:
         parser.error(f"rollout sampling flags: {exc}")
+
+
+def validate_algorithm(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
+    """Algorithm flags: known names, ranges, and the combinations that cannot mean anything."""
+    from slime.algorithms.advantages import ADVANTAGE_ESTIMATORS
+
+    log = logging.getLogger(__name__)
+    if args.advantage_estimator not in ADVANTAGE_ESTIMATORS:
+        parser.error(
+            f"--advantage-estimator {args.advantage_estimator!r}: choose one of {sorted(ADVANTAGE_ESTIMATORS)}"
+        )
+    if args.eps_clip_high is None:
+        args.eps_clip_high = args.eps_clip
+    if args.eps_clip_c is not None and args.eps_clip_c <= 1.0:
+        parser.error(f"--eps-clip-c must be greater than 1 (dual clip), got {args.eps_clip_c}")
+    if args.use_kl_loss and args.kl_coef:
+        parser.error(
+            "--use-kl-loss and --kl-coef both penalise the KL to the reference (as a loss term and as a reward "
+            "penalty): choose one"
+        )
+    if args.use_kl_loss and args.kl_loss_coef == 0:
+        log.warning("--use-kl-loss with --kl-loss-coef 0: the KL is reported, not optimised")
+    if not 0 < args.gamma <= 1 or not 0 <= args.lambd <= 1:
+        parser.error(f"--gamma must be in (0, 1] and --lambd in [0, 1], got {args.gamma} and {args.lambd}")
+    if args.advantage_estimator.startswith("reinforce_plus_plus") and not args.normalize_advantages:
+        args.normalize_advantages = True  # the estimator is defined with batch whitening; raw returns are unscaled
+        log.info("--advantage-estimator %s implies --normalize-advantages", args.advantage_estimator)
+    if args.critic_lr is None:
+        args.critic_lr = args.lr
+    if (args.loss_type == "custom_loss") != bool(args.custom_loss_function_path):
+        parser.error("--loss-type custom_loss and --custom-loss-function-path go together")
+    if (args.use_tis or args.use_mis or args.custom_tis_function_path) and args.use_rollout_logprobs:
+        parser.error(
+            "--use-tis/--use-mis/--custom-tis-function-path correct pi_old (the trainer's log-probs) towards "
+            "pi_rollout; with --use-rollout-logprobs the two are the same: drop one"
+        )
+    if args.use_tis and not 0 <= args.tis_clip_low < args.tis_clip:
+        parser.error(f"--tis-clip-low {args.tis_clip_low} must be >= 0 and below --tis-clip {args.tis_clip}")
+    if args.use_mis and not 0 < args.mis_lower_bound < args.mis_upper_bound:
+        parser.error(f"--mis-lower-bound {args.mis_lower_bound} must be > 0 and below --mis-upper-bound "
+                     f"{args.mis_upper_bound}")  # fmt: skip
+    distill = args.use_opd or args.advantage_estimator == "on_policy_distillation"
+    if args.opd_type is None and args.opd_teacher_load:
+        args.opd_type = "model"
+    if distill and args.opd_type is None:
+        parser.error(
+            f"{'--use-opd' if args.use_opd else '--advantage-estimator on_policy_distillation'} needs a teacher: "
+            "--opd-teacher-load PATH (run in the trainer) or --opd-type sglang (Sample.teacher_log_probs)"
+        )
+    if args.opd_type in ("model", "megatron") and not args.opd_teacher_load:
+        parser.error(f"--opd-type {args.opd_type} needs --opd-teacher-load")
+    if args.opd_type == "sglang" and args.opd_teacher_load:
+        parser.error("--opd-type sglang takes teacher log-probs from the samples: drop --opd-teacher-load")
+    if args.opd_teacher_load and not distill:
+        parser.error("--opd-teacher-load without --use-opd or --advantage-estimator on_policy_distillation")

@@ -81,6 +81,7 @@ def to_train_data(groups: list[list[Sample]], args: Any) -> dict[str, list]:
         "loss_masks": masks,
         "rewards": [float(s.get_reward_value(args)) for s in samples],
         "rollout_log_probs": [list(s.rollout_log_probs or []) for s in samples],
+        "teacher_log_probs": [list(s.teacher_log_probs or []) for s in samples],
     }
 
 

@@ -1,7 +1,9 @@
-"""One training rank: an FSDP2-sharded Hugging Face policy (plus a frozen reference), AdamW, and the RL step.
+"""One training rank: an FSDP2-sharded Hugging Face policy (plus a frozen reference, a distillation teacher and a
+critic when the algorithm needs them), AdamW, and the RL step.
 
-Every rank receives the whole rollout (it is small next to the model) and takes its own share of each optimizer
-step, so advantages and loss normalisers are computed over the global batch without extra communication. All
+Every rank receives the whole rollout (it is small next to the model). Each computes the per-token inputs (old,
+reference and teacher log-probs, values) for its own share, and one gather gives every rank all of them, so
+advantages, whitening and loss normalisers are computed over the global batch identically everywhere. All
 ranks run the same number of forward/backward passes (a rank with less data runs zero-weight padding passes),
 because every FSDP pass is a collective.
 """
@@ -9,6 +11,7 @@ because every FSDP pass is a collective.
 from __future__ import annotations
 
 import datetime
+import inspect
 import logging
 import os
 import time
@@ -17,33 +20,19 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from slime.algorithms.advantages import ADVANTAGE_ESTIMATORS
+from slime.algorithms.advantages import compute_advantages
+from slime.algorithms.corrections import importance_weights
+from slime.algorithms.losses import KL_ESTIMATORS
 from slime.sync.syncer import WeightSyncer
-from slime.trainer.loss import STATS, rl_loss
+from slime.trainer.loss import critic_loss, micro_batch_loss
+from slime.trainer.models import load_critic, load_policy
 from slime.trainer.optimizer import build_optimizer
-from slime.trainer.packing import forward_log_probs, split_micro_batches
+from slime.trainer.packing import forward_log_probs, forward_values, split_micro_batches
+from slime.utils.misc import load_function
 
 logger = logging.getLogger(__name__)
 PAD_PASS = ([0, 0], 1)  # tokens and response length of a padding pass: one predicted token, weight 0
-
-
-def load_model(path: str, device: torch.device, mesh, trainable: bool) -> torch.nn.Module:
-    """The HF model in fp32, each decoder layer and then the root sharded with FSDP2 (bf16 compute on GPU)."""
-    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-    from transformers import AutoModelForCausalLM
-
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, attn_implementation="sdpa").to(device)
-    # bf16 compute on CPU measured ~10x slower in backward than fp32 (docs/benchmarks.md): keep fp32 there
-    mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if device.type == "cuda" else None
-    kwargs = {"mesh": mesh} | ({"mp_policy": mp} if mp else {})
-    layer_classes = set(getattr(model, "_no_split_modules", None) or [])
-    for module in model.modules():
-        if type(module).__name__ in layer_classes:
-            fully_shard(module, **kwargs)
-    fully_shard(model, **kwargs)
-    if not trainable:
-        model.eval().requires_grad_(False)
-    return model
+Tokens = list[torch.Tensor]
 
 
 class TrainActor:
@@ -69,12 +58,26 @@ class TrainActor:
 
         mesh = init_device_mesh(self.device.type, (world_size,))
         torch.manual_seed(args.seed)
-        self.model = load_model(args.hf_checkpoint, self.device, mesh, trainable=True)
+        self.model = load_policy(args.hf_checkpoint, self.device, mesh, trainable=True)
         self.model.train()
+        self.optimizer, self.scheduler = build_optimizer(self.model, args, args.lr)
+        needs_ref = args.use_kl_loss or args.kl_coef != 0
         self.ref_model = (
-            load_model(args.ref_load or args.hf_checkpoint, self.device, mesh, False) if args.use_kl_loss else None
+            load_policy(args.ref_load or args.hf_checkpoint, self.device, mesh, False) if needs_ref else None
         )
-        self.optimizer, self.scheduler = build_optimizer(self.model, args)
+        self.teacher = load_policy(args.opd_teacher_load, self.device, mesh, False) if args.opd_teacher_load else None
+        self.critic = None
+        if args.advantage_estimator == "ppo":
+            self.critic = load_critic(args.critic_load or args.hf_checkpoint, self.device, mesh)
+            self.critic_optimizer, self.critic_scheduler = build_optimizer(self.critic, args, args.critic_lr)
+        self.hooks = {
+            name: load_function(path, flag) if path else None
+            for name, path, flag in [
+                ("custom_loss_fn", args.custom_loss_function_path, "--custom-loss-function-path"),
+                ("pg_reducer", args.custom_pg_loss_reducer_function_path, "--custom-pg-loss-reducer-function-path"),
+                ("tis", args.custom_tis_function_path, "--custom-tis-function-path"),
+            ]
+        }
         self.syncer: WeightSyncer | None = None
         self.step = 0
 
@@ -94,117 +97,201 @@ class TrainActor:
         mine = plans[self.rank]
         return mine + [[] for _ in range(most - len(mine))]
 
-    def _forward(self, model, data: dict, mb: list[int], grad: bool, entropy_grad: bool = False):
-        tokens = [data["tokens"][i] for i in mb] if mb else [PAD_PASS[0]]
-        rlens = [data["response_lengths"][i] for i in mb] if mb else [PAD_PASS[1]]
-        with torch.set_grad_enabled(grad):
-            return forward_log_probs(model, tokens, rlens, self.args.rollout_temperature, entropy_grad)
+    @staticmethod
+    def _inputs(data: dict, mb: list[int]) -> tuple[list[list[int]], list[int]]:
+        if not mb:
+            return [PAD_PASS[0]], [PAD_PASS[1]]
+        return [data["tokens"][i] for i in mb], [data["response_lengths"][i] for i in mb]
 
-    def _log_probs_of(self, model, data: dict, indices_per_rank: list[list[int]]) -> dict[int, torch.Tensor]:
+    @torch.no_grad()
+    def _per_sample(self, model, data: dict, indices_per_rank: list[list[int]], values: bool = False) -> dict:
+        """{sample index: [r_i] log-probs (or the critic's values)} for this rank's share, no gradient."""
         lengths = [len(t) for t in data["tokens"]]
         out = {}
         for mb in self._passes(indices_per_rank, lengths):
-            lp, _ = self._forward(model, data, mb, grad=False)
-            for i, chunk in zip(mb, lp.split([data["response_lengths"][i] for i in mb]) if mb else [], strict=True):
+            tokens, rlens = self._inputs(data, mb)
+            if values:
+                result = forward_values(model, tokens, rlens)
+            else:
+                result = forward_log_probs(model, tokens, rlens, self.args.rollout_temperature)["log_probs"]
+            for i, chunk in zip(mb, result.split(rlens) if mb else [], strict=True):
                 out[i] = chunk.cpu()
         return out
 
-    # ------------------------------------------------------------------ public
-    def log_probs(self, data: dict) -> list[list[float]]:
-        """Current policy's log-probs of every sample's response tokens (all ranks must call; rank 0's answer is
-        complete)."""
-        n = len(data["tokens"])
-        shares = [list(range(r, n, self.world_size)) for r in range(self.world_size)]
-        mine = self._log_probs_of(self.model, data, shares)
-        gathered = [None] * self.world_size
-        dist.all_gather_object(gathered, {i: t.tolist() for i, t in mine.items()})
-        merged = {k: v for part in gathered for k, v in part.items()}
-        return [merged[i] for i in range(n)]
+    def _gather(self, mine: dict[str, dict[int, torch.Tensor]], n: int) -> dict[str, Tokens]:
+        """Every rank's share of each column, merged into lists over all n samples on every rank."""
+        parts = [None] * self.world_size
+        dist.all_gather_object(parts, mine)
+        return {name: [next(p[name][i] for p in parts if i in p[name]) for i in range(n)] for name in mine}
 
-    def train(self, rollout_id: int, data: dict) -> dict[str, float]:
-        """All optimizer steps of one rollout. `data`: tokens, response_lengths, loss_masks, rewards and
-        rollout_log_probs, one entry per sample in rollout order. Returns metrics averaged over the steps."""
-        a, start, world = self.args, time.monotonic(), self.world_size
-        rewards = torch.tensor(data["rewards"], dtype=torch.float32)
-        advantages = ADVANTAGE_ESTIMATORS[a.advantage_estimator](
-            rewards, data["response_lengths"], a.n_samples_per_prompt, a
-        )
-        g = a.global_batch_size
-        if len(data["tokens"]) % g:
+    def _token_columns(self, data: dict, indices_per_rank: list[list[int]]) -> dict[str, Tokens | None]:
+        """The per-token inputs of the estimators and losses, as lists over all samples (see advantages.py)."""
+        a, n = self.args, len(data["tokens"])
+        rollout = data.get("rollout_log_probs") or [[] for _ in range(n)]
+        has_rollout = all(len(r) == k for r, k in zip(rollout, data["response_lengths"], strict=True))
+        if a.use_rollout_logprobs and not has_rollout:
+            missing = [i for i, k in enumerate(data["response_lengths"]) if len(rollout[i]) != k]
             raise ValueError(
-                f"the rollout has {len(data['tokens'])} samples, not a multiple of --global-batch-size {g}"
+                f"--use-rollout-logprobs: {len(missing)} samples (first: #{missing[0]}) have no engine log-prob "
+                "per response token; return them from the generate function or drop the flag"
             )
-        steps = [list(range(s, s + g)) for s in range(0, len(data["tokens"]), g)]
-        shares = [[step[r::world] for r in range(world)] for step in steps]
-        everything = [[i for step in shares for i in step[r]] for r in range(world)]
+        mine: dict[str, dict[int, torch.Tensor]] = {}
         if a.use_rollout_logprobs:
-            missing = [i for i, n in enumerate(data["response_lengths"]) if len(data["rollout_log_probs"][i]) != n]
-            if missing:
-                raise ValueError(
-                    f"--use-rollout-logprobs: {len(missing)} samples (first: #{missing[0]}) have no engine log-prob "
-                    "per response token; return them from the generate function or drop the flag"
-                )
-            old = {i: torch.tensor(data["rollout_log_probs"][i]) for i in everything[self.rank]}
+            mine["old_log_probs"] = {i: torch.tensor(rollout[i]) for i in indices_per_rank[self.rank]}
         else:
-            old = self._log_probs_of(self.model, data, everything)
-        ref = self._log_probs_of(self.ref_model, data, everything) if self.ref_model is not None else None
-        lengths = [len(t) for t in data["tokens"]]
-        totals = torch.zeros(len(STATS) + 1, dtype=torch.float64)
-        tokens = torch.zeros(1, dtype=torch.float64)
-        for step, step_shares in zip(steps, shares, strict=True):
-            if a.calculate_per_token_loss:
-                normalizer = float(sum(sum(data["loss_masks"][i]) for i in step))
-            else:
-                normalizer = float(len(step))
-            sums = torch.zeros(len(STATS), dtype=torch.float64)
-            for mb in self._passes(step_shares, lengths):
-                log_probs, entropy = self._forward(self.model, data, mb, grad=True, entropy_grad=a.entropy_coef != 0)
-                batch = self._micro_batch(data, mb, advantages, old, ref, log_probs.device)
-                loss, stats = rl_loss(log_probs, entropy, batch, a, max(normalizer, 1.0))
-                (loss * world).backward()  # FSDP averages gradients over ranks; the loss is a share of a global sum
-                sums += stats
-                tokens += sum(lengths[i] for i in mb)
-            dist.all_reduce(sums)
-            totals += torch.cat([sums, torch.tensor([self._clip_and_step()], dtype=torch.float64)]) / len(steps)
-        dist.all_reduce(tokens)
-        seconds = time.monotonic() - start
-        out = {f"train/{k}": v for k, v in zip((*STATS, "grad_norm"), totals.tolist(), strict=True)}
-        out.update({"train/lr": self.scheduler.get_last_lr()[0], "train/seconds": seconds,
-                    "train/param_norm": self._param_norm(),
-                    "train/tokens_per_s": float(tokens) / seconds, "train/optimizer_steps": self.step})  # fmt: skip
-        return out
+            mine["old_log_probs"] = self._per_sample(self.model, data, indices_per_rank)
+        for name, model in (("ref_log_probs", self.ref_model), ("teacher_log_probs", self.teacher)):
+            if model is not None:
+                mine[name] = self._per_sample(model, data, indices_per_rank)
+        if self.critic is not None:
+            mine["values"] = self._per_sample(self.critic, data, indices_per_rank, values=True)
+        cols: dict[str, Tokens | None] = {"ref_log_probs": None, "teacher_log_probs": None, "values": None}
+        cols |= self._gather(mine, n)
+        cols["loss_masks"] = [torch.tensor(m, dtype=torch.float32) for m in data["loss_masks"]]
+        cols["rollout_log_probs"] = [torch.tensor(r) for r in rollout] if has_rollout else None
+        if a.use_opd and a.opd_type == "sglang":
+            cols["teacher_log_probs"] = self._teacher_from_samples(data)
+        if a.kl_coef and cols["ref_log_probs"] is not None:
+            kl = KL_ESTIMATORS[a.kl_loss_type]
+            cols["kl"] = [kl(o, r) for o, r in zip(cols["old_log_probs"], cols["ref_log_probs"], strict=True)]
+        else:
+            cols["kl"] = [torch.zeros_like(m) for m in cols["loss_masks"]]
+        return cols
 
     @staticmethod
-    def _micro_batch(data: dict, mb: list[int], advantages, old, ref, device) -> dict[str, Any]:
-        """Per-token tensors [R] of one micro-batch; a padding pass gets one token of weight 0."""
+    def _teacher_from_samples(data: dict) -> Tokens:
+        teacher = data.get("teacher_log_probs") or []
+        lengths = data["response_lengths"]
+        bad = [i for i, k in enumerate(lengths) if i >= len(teacher) or len(teacher[i] or []) != k]
+        if bad:
+            raise ValueError(
+                f"--opd-type sglang: {len(bad)} samples (first: #{bad[0]}) carry no Sample.teacher_log_probs with one "
+                "value per response token; set them in the reward or generate function (or use --opd-teacher-load)"
+            )
+        return [torch.tensor(t, dtype=torch.float32) for t in teacher]
 
-        def cat(parts: list) -> torch.Tensor:
-            return torch.cat([torch.as_tensor(p, dtype=torch.float32) for p in parts]).to(device)
+    def _corrections(self, cols: dict) -> tuple[Tokens | None, Tokens | None, dict[str, Tokens]]:
+        a = self.args
+        if not (a.use_tis or a.use_mis or self.hooks["tis"]) or cols["rollout_log_probs"] is None:
+            return None, None, {}
+        fn = self.hooks["tis"] or importance_weights
+        return fn(a, train_log_probs=cols["old_log_probs"], rollout_log_probs=cols["rollout_log_probs"],
+                  loss_masks=cols["loss_masks"])  # fmt: skip
 
-        if not mb:
-            zero = torch.zeros(1, device=device)
-            return {"mask": zero, "advantages": zero, "old_log_probs": zero, "lengths": [PAD_PASS[1]]}
-        rollout = data.get("rollout_log_probs")
-        return {
-            "mask": cat([data["loss_masks"][i] for i in mb]),
-            "advantages": cat([advantages[i] for i in mb]),
-            "old_log_probs": cat([old[i] for i in mb]),
-            "ref_log_probs": cat([ref[i] for i in mb]) if ref is not None else None,
-            "rollout_log_probs": cat([rollout[i] for i in mb])
-            if rollout and all(len(rollout[i]) == len(data["loss_masks"][i]) for i in mb)
-            else None,
-            "lengths": [data["response_lengths"][i] for i in mb],
-        }
+    # ------------------------------------------------------------------ public
+    def log_probs(self, data: dict) -> list[list[float]]:
+        """Current policy's log-probs of every sample's response tokens (all ranks must call; every rank gets all)."""
+        n = len(data["tokens"])
+        shares = [list(range(r, n, self.world_size)) for r in range(self.world_size)]
+        merged = self._gather({"lp": self._per_sample(self.model, data, shares)}, n)["lp"]
+        return [t.tolist() for t in merged]
 
-    def _clip_and_step(self) -> float:
-        params = [p for p in self.model.parameters() if p.grad is not None]
+    def train(self, rollout_id: int, data: dict) -> dict[str, float]:
+        """All optimizer steps of one rollout. `data`: tokens, response_lengths, loss_masks, rewards,
+        rollout_log_probs (and teacher_log_probs), one entry per sample in rollout order. Returns metrics averaged
+        over the steps."""
+        a, start, world = self.args, time.monotonic(), self.world_size
+        g, n = a.global_batch_size, len(data["tokens"])
+        if n % g:
+            raise ValueError(f"the rollout has {n} samples, not a multiple of --global-batch-size {g}")
+        steps = [list(range(s, s + g)) for s in range(0, n, g)]
+        shares = [[step[r::world] for r in range(world)] for step in steps]
+        everything = [[i for step in shares for i in step[r]] for r in range(world)]
+        cols = self._token_columns(data, everything)
+        cols["advantages"], cols["returns"] = compute_advantages(torch.tensor(data["rewards"]), cols, a)
+        cols["is_weights"], cols["is_masks"], is_metrics = self._corrections(cols)
+        lengths = [len(t) for t in data["tokens"]]
+        totals: dict[str, float] = {}
+        tokens = 0
+        for step, step_shares in zip(steps, shares, strict=True):
+            if a.calculate_per_token_loss:
+                normalizer = max(1.0, float(sum(sum(data["loss_masks"][i]) for i in step)))
+            else:
+                normalizer = float(len(step))
+            sums: dict[str, float] = {}
+            for mb in self._passes(step_shares, lengths):
+                batch = self._micro_batch(data, mb, cols, is_metrics)
+                tokens += sum(lengths[i] for i in mb)
+                inputs = self._inputs(data, mb)
+                out = forward_log_probs(self.model, *inputs, a.rollout_temperature, entropy_grad=a.entropy_coef != 0,
+                                        keep_logits=a.loss_type == "custom_loss")  # fmt: skip
+                loss, shares_ = micro_batch_loss(a, batch, out, normalizer)
+                (loss * world).backward()  # FSDP averages gradients over ranks; the loss is a share of a global sum
+                if self.critic is not None:
+                    closs, cshares = critic_loss(a, batch, forward_values(self.critic, *inputs), normalizer)
+                    (closs * world).backward()
+                    shares_ |= {f"critic/{k}": v for k, v in cshares.items()}
+                for k, v in shares_.items():
+                    sums[k] = sums.get(k, 0.0) + v
+            sums = self._sum_over_ranks(sums)
+            sums["grad_norm"] = self._clip_and_step(self.model, self.optimizer, self.scheduler)
+            if self.critic is not None:
+                sums["critic/grad_norm"] = self._clip_and_step(self.critic, self.critic_optimizer,
+                                                               self.critic_scheduler)  # fmt: skip
+            self.step += 1
+            for k, v in sums.items():
+                totals[k] = totals.get(k, 0.0) + v / len(steps)
+        seconds = time.monotonic() - start
+        out = {(k if "/" in k else f"train/{k}"): v for k, v in totals.items()}
+        out |= self._advantage_stats(cols)
+        out.update({"train/lr": self.scheduler.get_last_lr()[0], "train/seconds": seconds,
+                    "train/param_norm": self._param_norm(),
+                    "train/tokens_per_s": self._sum_over_ranks({"t": tokens})["t"] / seconds,
+                    "train/optimizer_steps": self.step})  # fmt: skip
+        return out
+
+    def _sum_over_ranks(self, values: dict[str, float]) -> dict[str, float]:
+        parts = [None] * self.world_size
+        dist.all_gather_object(parts, values)
+        keys = sorted({k for p in parts for k in p})
+        return {k: sum(p.get(k, 0.0) for p in parts) for k in keys}
+
+    @staticmethod
+    def _advantage_stats(cols: dict) -> dict[str, float]:
+        mask = torch.cat(cols["loss_masks"]).bool()
+        adv = torch.cat(cols["advantages"])[mask].double()
+        if not adv.numel():
+            return {}
+        return {"train/advantage_mean": float(adv.mean()), "train/advantage_std": float(adv.std(unbiased=False)),
+                "train/advantage_abs_max": float(adv.abs().max())}  # fmt: skip
+
+    def _micro_batch(self, data: dict, mb: list[int], cols: dict, is_metrics: dict) -> dict[str, Any]:
+        """Per-token tensors [R] of one micro-batch (None where a column is absent); a padding pass gets one token
+        of weight 0."""
+
+        def take(col: Tokens | None) -> torch.Tensor | None:
+            if col is None:
+                return None
+            parts = [col[i] for i in mb] if mb else [torch.zeros(1)]
+            return torch.cat(parts).to(device=self.device, dtype=torch.float32)
+
+        lengths = [data["response_lengths"][i] for i in mb] if mb else [PAD_PASS[1]]
+        batch = {name: take(cols[name]) for name in ("advantages", "old_log_probs", "ref_log_probs",
+                 "rollout_log_probs", "is_weights", "is_masks", "returns", "values")}  # fmt: skip
+        batch["old_values"] = batch.pop("values")
+        batch["mask"] = take(cols["loss_masks"]) if mb else torch.zeros(1, device=self.device)
+        batch["lengths"] = lengths
+        batch["is_metrics"] = {k: take(v) for k, v in is_metrics.items()}
+        batch["custom_loss_fn"] = self.hooks["custom_loss_fn"]
+        if self.hooks["pg_reducer"] is not None:
+            keep = batch["is_masks"] if batch["is_masks"] is not None else batch["mask"]
+            batch["pg_reducer"] = self._pg_reducer(data, mb, lengths, list((keep * batch["mask"]).split(lengths)))
+        return batch
+
+    def _pg_reducer(self, data: dict, mb: list[int], lengths: list[int], masks: Tokens):
+        factory = self.hooks["pg_reducer"]
+        total = [len(data["tokens"][i]) for i in mb] if mb else [len(PAD_PASS[0])]
+        kwargs = {"args": self.args} if "args" in inspect.signature(factory).parameters else {}
+        return factory(total, lengths, masks, self.args.calculate_per_token_loss, **kwargs)
+
+    def _clip_and_step(self, model, optimizer, scheduler) -> float:
+        params = [p for p in model.parameters() if p.grad is not None]
         max_norm = self.args.clip_grad if self.args.clip_grad > 0 else float("inf")
         norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
         norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm
-        self.optimizer.step()
-        self.scheduler.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        self.step += 1
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
         return float(norm)
 
     def _param_norm(self) -> float:

@@ -21,15 +21,19 @@ def lr_at(step: int, lr: float, min_lr: float, warmup: int, decay_iters: int, st
     raise ValueError(f"--lr-decay-style must be constant, linear or cosine, not {style!r}")
 
 
-def build_optimizer(model: torch.nn.Module, args) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
+def build_optimizer(
+    model: torch.nn.Module, args, lr: float
+) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
+    """AdamW over the trainable parameters with peak rate `lr` (--lr, or --critic-lr for the critic) and the
+    schedule of the --lr-* flags, scaled to that peak."""
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(
-        params, lr=args.lr, betas=(args.adam_beta1, args.adam_beta2), eps=args.adam_eps, weight_decay=args.weight_decay
+        params, lr=lr, betas=(args.adam_beta1, args.adam_beta2), eps=args.adam_eps, weight_decay=args.weight_decay
     )
     total = args.num_rollout * args.num_steps_per_rollout
     decay_iters = args.lr_decay_iters or total
 
-    def factor(step: int) -> float:  # LambdaLR multiplies the optimizer's base lr (= --lr) by this
+    def factor(step: int) -> float:  # LambdaLR multiplies the optimizer's base lr by this
         rate = lr_at(step, args.lr, args.min_lr, args.lr_warmup_iters, decay_iters, args.lr_decay_style)
         return rate / args.lr if args.lr else 0.0
 

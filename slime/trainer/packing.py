@@ -56,14 +56,27 @@ def forward_log_probs(
     response_lengths: list[int],
     temperature: float,
     entropy_grad: bool = False,
-) -> tuple[torch.Tensor, torch.Tensor]:
+    keep_logits: bool = False,
+) -> dict[str, torch.Tensor]:
     """Log-probabilities of every response token under `model`, as the engine computes them:
-    log_softmax(logits / temperature). Returns log_probs [R] and the entropy [R] of that distribution (detached
-    unless `entropy_grad`). Only the rows predicting response tokens go through the LM head."""
+    log_softmax(logits / temperature). Returns log_probs [R], the entropy [R] of that distribution (detached
+    unless `entropy_grad`) and, with `keep_logits`, the raw logits [R, V]. Only the rows predicting response
+    tokens go through the LM head."""
     device = next(model.parameters()).device
     ids, pos = pack(token_lists, device)
     rows = response_positions([len(t) for t in token_lists], response_lengths, device)
     logits = model(input_ids=ids, position_ids=pos, use_cache=False, logits_to_keep=rows).logits[0].float()
     log_p = torch.log_softmax(logits / temperature, dim=-1)
-    log_probs = log_p.gather(-1, ids[0, rows + 1][:, None])[:, 0]
-    return log_probs, entropy_from_log_probs(log_p if entropy_grad else log_p.detach())
+    out = {
+        "log_probs": log_p.gather(-1, ids[0, rows + 1][:, None])[:, 0],
+        "entropy": entropy_from_log_probs(log_p if entropy_grad else log_p.detach()),
+    }
+    return out | ({"logits": logits} if keep_logits else {})
+
+
+def forward_values(critic: torch.nn.Module, token_lists: list[list[int]], response_lengths: list[int]) -> torch.Tensor:
+    """The critic's value V(s_t) of the state before each response token (the same rows that predict it): [R]."""
+    device = next(critic.parameters()).device
+    ids, pos = pack(token_lists, device)
+    rows = response_positions([len(t) for t in token_lists], response_lengths, device)
+    return critic(input_ids=ids, position_ids=pos)[0, rows].float()

@@ -1,0 +1,58 @@
+"""The trained and frozen models of a training rank: Hugging Face definitions, sharded with FSDP2."""
+
+from __future__ import annotations
+
+import torch
+
+
+def shard(model: torch.nn.Module, layer_classes: set[str], device: torch.device, mesh) -> torch.nn.Module:
+    """FSDP2 `fully_shard` on every decoder layer, then on the root (bf16 compute / fp32 reduce on GPU)."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    # bf16 compute on CPU measured ~10x slower in backward than fp32 (docs/benchmarks.md): keep fp32 there
+    mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if device.type == "cuda" else None
+    kwargs = {"mesh": mesh} | ({"mp_policy": mp} if mp else {})
+    for module in model.modules():
+        if type(module).__name__ in layer_classes:
+            fully_shard(module, **kwargs)
+    fully_shard(model, **kwargs)
+    return model
+
+
+def load_policy(path: str, device: torch.device, mesh, trainable: bool) -> torch.nn.Module:
+    """A causal LM in fp32 (the policy, or a frozen reference / teacher)."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, attn_implementation="sdpa").to(device)
+    model = shard(model, set(getattr(model, "_no_split_modules", None) or []), device, mesh)
+    if not trainable:
+        model.eval().requires_grad_(False)
+    return model
+
+
+class ValueModel(torch.nn.Module):
+    """The critic: a transformer backbone and a linear value head, V(s) at every position of a packed row."""
+
+    def __init__(self, backbone: torch.nn.Module):
+        super().__init__()
+        self.backbone = backbone
+        self.value_head = torch.nn.Linear(backbone.config.hidden_size, 1)
+        # V = 0 at the start: GAE begins as REINFORCE with returns and the head learns before it steers anything
+        torch.nn.init.zeros_(self.value_head.weight)
+        torch.nn.init.zeros_(self.value_head.bias)
+
+    def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
+        """input_ids, position_ids: [1, T] -> values [1, T]."""
+        hidden = self.backbone(input_ids=input_ids, position_ids=position_ids, use_cache=False).last_hidden_state
+        return self.value_head(hidden).squeeze(-1)
+
+
+def load_critic(path: str, device: torch.device, mesh) -> ValueModel:
+    """The critic, its backbone initialised from the causal LM at `path` (the LM head is not used)."""
+    from transformers import AutoModel
+
+    backbone = AutoModel.from_pretrained(path, dtype=torch.float32, attn_implementation="sdpa")
+    critic = ValueModel(backbone).to(device)
+    critic = shard(critic, set(getattr(backbone, "_no_split_modules", None) or []), device, mesh)
+    critic.train()
+    return critic
