@@ -16,7 +16,7 @@ def smollm2_path() -> str:
     return resolve_checkpoint("SmolLM2-135M-Instruct")
 
 
-def build_tiny_llama(tokenizer_dir: str, out: str, hidden_size: int = 64, layers: int = 2) -> str:
+def build_tiny_llama(tokenizer_dir: str, out: str, hidden_size: int = 64, layers: int = 2, seed: int = 0) -> str:
     """Save a random-weight Llama with the tokenizer from `tokenizer_dir` into `out`: fast, but a real transformers
     model. The embedding is scaled up so the output distribution is peaked: sampled text has structure and
     log-probs vary."""
@@ -29,7 +29,7 @@ def build_tiny_llama(tokenizer_dir: str, out: str, hidden_size: int = 64, layers
         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048, tie_word_embeddings=True,
         bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
     )  # fmt: skip
-    torch.manual_seed(0)
+    torch.manual_seed(seed)
     model = LlamaForCausalLM(config)
     with torch.no_grad():
         model.model.embed_tokens.weight.mul_(4)
@@ -42,6 +42,12 @@ def build_tiny_llama(tokenizer_dir: str, out: str, hidden_size: int = 64, layers
 def tiny_model_path(smollm2_path, tmp_path_factory) -> str:
     """A 2-layer random Llama (hidden 64) with SmolLM2's tokenizer."""
     return build_tiny_llama(smollm2_path, str(tmp_path_factory.mktemp("tiny-llama")))
+
+
+@pytest.fixture(scope="session")
+def tiny_teacher_path(smollm2_path, tmp_path_factory) -> str:
+    """Another tiny Llama (other random weights, same tokenizer): a distillation teacher that disagrees."""
+    return build_tiny_llama(smollm2_path, str(tmp_path_factory.mktemp("tiny-teacher")), seed=1)
 
 
 @pytest.fixture

@@ -18,6 +18,16 @@ def test_defaults_follow_slime():
         (["--eval-prompt-data", "only_a_name"], "--eval-prompt-data takes pairs"),
         (["--n-samples-per-prompt", "0"], "--n-samples-per-prompt must be at least 1"),
         (["--apply-chat-template-kwargs", "[1]"], "expected a JSON object"),
+        (["--use-kl-loss", "--kl-coef", "0.1"], "--use-kl-loss and --kl-coef both penalise"),
+        (["--advantage-estimator", "dpo"], "choose one of ['grpo', 'gspo', 'on_policy_distillation', 'ppo'"),
+        (["--loss-type", "custom_loss"], "--loss-type custom_loss and --custom-loss-function-path go together"),
+        (["--use-tis", "--use-rollout-logprobs"], "with --use-rollout-logprobs the two are the same"),
+        (["--use-tis", "--tis-clip", "0.5", "--tis-clip-low", "0.5"], "--tis-clip-low 0.5 must be >= 0 and below"),
+        (["--use-mis", "--mis-lower-bound", "0"], "--mis-lower-bound 0.0 must be > 0"),
+        (["--advantage-estimator", "on_policy_distillation"], "needs a teacher: --opd-teacher-load PATH"),
+        (["--use-opd", "--opd-type", "megatron"], "--opd-type megatron needs --opd-teacher-load"),
+        (["--opd-teacher-load", "t"], "--opd-teacher-load without --use-opd"),
+        (["--gamma", "0"], "--gamma must be in (0, 1]"),
     ],
 )
 def test_bad_flags_are_refused_naming_them(capsys, extra, message):
@@ -72,3 +82,11 @@ def test_inconsistent_batch_settings_are_refused_naming_the_flags(capsys, extra,
     with pytest.raises(SystemExit):
         parse_args(BASE + extra)
     assert message in capsys.readouterr().err
+
+
+def test_algorithm_defaults_and_implications():
+    a = parse_args(BASE + ["--advantage-estimator", "reinforce_plus_plus", "--lr", "3e-6"])
+    assert a.normalize_advantages  # REINFORCE++ is defined with batch whitening
+    assert a.critic_lr == 3e-6 and a.eps_clip_high == a.eps_clip == 0.2 and a.loss_type == "policy_loss"
+    b = parse_args(BASE + ["--use-opd", "--opd-teacher-load", "teacher"])
+    assert b.opd_type == "model"
