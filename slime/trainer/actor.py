@@ -172,8 +172,13 @@ class TrainActor:
 
     def _corrections(self, cols: dict) -> tuple[Tokens | None, Tokens | None, dict[str, Tokens]]:
         a = self.args
-        if not (a.use_tis or a.use_mis or self.hooks["tis"]) or cols["rollout_log_probs"] is None:
+        if not (a.use_tis or a.use_mis or self.hooks["tis"]):
             return None, None, {}
+        if cols["rollout_log_probs"] is None:
+            raise ValueError(
+                "--use-tis/--use-mis/--custom-tis-function-path need the engine's log-prob of every response token "
+                "(Sample.rollout_log_probs); the rollout returned samples without them"
+            )
         fn = self.hooks["tis"] or importance_weights
         return fn(a, train_log_probs=cols["old_log_probs"], rollout_log_probs=cols["rollout_log_probs"],
                   loss_masks=cols["loss_masks"])  # fmt: skip

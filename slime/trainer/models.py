@@ -44,7 +44,7 @@ class ValueModel(torch.nn.Module):
     def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
         """input_ids, position_ids: [1, T] -> values [1, T]."""
         hidden = self.backbone(input_ids=input_ids, position_ids=position_ids, use_cache=False).last_hidden_state
-        return self.value_head(hidden).squeeze(-1)
+        return self.value_head(hidden).sum(-1)  # not squeeze: FSDP warns that in-place ops on a view skip hooks
 
 
 def load_critic(path: str, device: torch.device, mesh) -> ValueModel:
