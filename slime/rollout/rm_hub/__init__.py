@@ -10,7 +10,7 @@ import asyncio
 import random
 from typing import Any
 
-from slime.rollout.rm_hub.math_utils import grade_math
+from slime.rollout.rm_hub.math_utils import grade_math, last_boxed
 from slime.utils.misc import load_function
 from slime.utils.types import Sample
 
@@ -25,11 +25,38 @@ def _math(args: Any, sample: Sample) -> float:
     return grade_math(sample.response, _label(sample, "math"))
 
 
+def _deepscaler(args: Any, sample: Sample) -> float:
+    """The math check on what follows the closed thinking part (`</think>` or `###Response`); 0 if it is open."""
+    for marker in ("</think>", "###Response"):
+        if marker in sample.response:
+            return grade_math(sample.response.rsplit(marker, 1)[1], _label(sample, "deepscaler"))
+    return 0.0
+
+
 def _random(args: Any, sample: Sample) -> float:
     return float(random.randint(0, 1))
 
 
-BUILTIN_RM = {"math": _math, "random": _random}
+BUILTIN_RM = {"math": _math, "deepscaler": _deepscaler, "random": _random}
+
+
+def _builtin(rm_type: str):
+    """The built-in grader for `rm_type`; `boxed_<type>` grades only the last `\\boxed{}` of the response (0 when
+    there is none) with `<type>`."""
+    if rm_type.startswith("boxed_") and rm_type[6:] in BUILTIN_RM:
+        inner = BUILTIN_RM[rm_type[6:]]
+
+        def boxed(args: Any, sample: Sample) -> float:
+            answer = last_boxed(sample.response)
+            if answer is None:
+                return 0.0
+            return inner(args, Sample(response=f"\\boxed{{{answer}}}", label=sample.label, index=sample.index))
+
+        return boxed
+    fn = BUILTIN_RM.get(rm_type)
+    if fn is None:
+        raise ValueError(f"unknown rm_type {rm_type!r}; built-in: {sorted(BUILTIN_RM)} and boxed_<one of them>")
+    return fn
 
 
 async def async_rm(args: Any, sample: Sample, **kwargs: Any) -> float | dict:
@@ -41,10 +68,7 @@ async def async_rm(args: Any, sample: Sample, **kwargs: Any) -> float | dict:
     rm_type = sample.metadata.get("rm_type") or getattr(args, "rm_type", None)
     if not rm_type:
         raise ValueError("no reward function: set --rm-type or --custom-rm-path")
-    fn = BUILTIN_RM.get(rm_type)
-    if fn is None:
-        raise ValueError(f"unknown rm_type {rm_type!r}; built-in: {sorted(BUILTIN_RM)}")
-    return await asyncio.to_thread(fn, args, sample)
+    return await asyncio.to_thread(_builtin(rm_type), args, sample)
 
 
 async def batched_async_rm(args: Any, samples: list[Sample], **kwargs: Any) -> list[float | dict]:
