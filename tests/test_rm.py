@@ -161,3 +161,42 @@ def test_failing_reward_is_scored_marked_and_run_goes_on():
     s = Sample(response="x", label="1", index=3)
     asyncio.run(_reward(args(custom_rm_path="tests.custom_hooks:failing_reward", reward_on_error=-1.0), s))
     assert s.reward == -1.0 and "grader exploded" in s.metadata["reward_error"]
+
+
+@pytest.mark.parametrize("response, label, score", [
+    ("work...\nAnswer: 42", "42", 1.0),
+    ("Answer: 41\nno wait\nAnswer: 42", "42", 1.0),  # the last one counts
+    ("Answer: 3/4", "0.75", 1.0),  # non-integer labels grade correctly
+    ("Answer: \\frac{3}{4}", "\\frac{3}{4}", 1.0),
+    ("Answer: 2.5", "5/2", 1.0),
+    ("Answer: 0.7", "0.75", -1.0),
+    ("the answer is 42", "42", -1.0),  # DAPO needs the `Answer:` line
+    ("Answer: 42" + " filler" * 100, "42", -1.0),  # only the final 300 characters are read
+])  # fmt: skip
+def test_dapo(response, label, score):
+    out = asyncio.run(async_rm(args(rm_type="dapo"), Sample(response=response, label=label)))
+    assert out["score"] == score and out["acc"] == (score == 1.0)
+    assert Sample(reward=out).get_reward_value(SimpleNamespace(reward_key="score")) == score
+
+
+@pytest.mark.parametrize("response, label, f1", [
+    ("Paris", "paris", 1.0),
+    ("The capital is Paris.", "Paris", 0.5),  # 'capital is paris' vs 'paris': P 1/3, R 1
+    ("Answer: the Eiffel Tower", "Eiffel Tower", 1.0),
+    ("London", "Paris", 0.0),
+    ("New York City", "New York|NYC", 0.8),
+])  # fmt: skip
+def test_f1(response, label, f1):
+    assert asyncio.run(async_rm(args(rm_type="f1"), Sample(response=response, label=label))) == pytest.approx(f1)
+
+
+@pytest.mark.parametrize("response, label, score", [
+    ("Reasoning... Answer: (C)", "C", 1.0),
+    ("The answer is B", "(B)", 1.0),
+    ("\\boxed{D}", "D) 42 kelvin", 1.0),
+    ("Answer: A\nActually, answer: B", "A", 0.0),
+    ("I think it could be anything", "A", 0.0),
+    ("C", "C", 1.0),
+])  # fmt: skip
+def test_gpqa(response, label, score):
+    assert asyncio.run(async_rm(args(rm_type="gpqa"), Sample(response=response, label=label))) == score

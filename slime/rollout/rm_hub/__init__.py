@@ -11,6 +11,7 @@ import random
 from typing import Any
 
 from slime.rollout.rm_hub.math_utils import grade_math, last_boxed
+from slime.rollout.rm_hub.text_graders import dapo_score, f1_score, gpqa_score
 from slime.utils.misc import load_function
 from slime.utils.types import Sample
 
@@ -37,7 +38,19 @@ def _random(args: Any, sample: Sample) -> float:
     return float(random.randint(0, 1))
 
 
-BUILTIN_RM = {"math": _math, "deepscaler": _deepscaler, "random": _random}
+def _dapo(args: Any, sample: Sample) -> dict:
+    return dapo_score(sample.response, _label(sample, "dapo"))
+
+
+def _f1(args: Any, sample: Sample) -> float:
+    return f1_score(sample.response, _label(sample, "f1"))
+
+
+def _gpqa(args: Any, sample: Sample) -> float:
+    return gpqa_score(sample.response, _label(sample, "gpqa"))
+
+
+BUILTIN_RM = {"math": _math, "deepscaler": _deepscaler, "dapo": _dapo, "f1": _f1, "gpqa": _gpqa, "random": _random}
 
 
 def _builtin(rm_type: str):
