@@ -21,3 +21,10 @@ def reinforce_loss(args, batch, logits, sum_of_sample_mean):
     """A --custom-loss-function-path written against slime's signature: vanilla REINFORCE, -A * log p."""
     loss = sum_of_sample_mean(-batch["advantages"] * batch["log_probs"])
     return loss, {"custom_pg_loss": loss.detach(), "logits_rows": sum_of_sample_mean(logits.new_ones(logits.shape[0]))}
+
+
+async def slow_reward(args, sample: Sample, **kwargs) -> float:
+    import asyncio
+
+    await asyncio.sleep(30)
+    return 1.0

@@ -163,6 +163,14 @@ def test_failing_reward_is_scored_marked_and_run_goes_on():
     assert s.reward == -1.0 and "grader exploded" in s.metadata["reward_error"]
 
 
+def test_slow_reward_times_out_and_run_goes_on():
+    s = Sample(response="x", label="1", index=4)
+    start = time.monotonic()
+    asyncio.run(_reward(args(custom_rm_path="tests.custom_hooks:slow_reward", rm_timeout=0.5), s))
+    assert time.monotonic() - start < 5
+    assert s.reward == 0.0 and "--rm-timeout 0.5" in s.metadata["reward_error"]
+
+
 @pytest.mark.parametrize("response, label, score", [
     ("work...\nAnswer: 42", "42", 1.0),
     ("Answer: 41\nno wait\nAnswer: 42", "42", 1.0),  # the last one counts

@@ -198,7 +198,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--rm-type", default=None, help="built-in reward: math, random")
     g.add_argument("--custom-rm-path", default=None, help="async reward(args, sample, **kw) -> float | dict")
     g.add_argument("--reward-key", default=None, help="key of the scalar when rewards are dicts")
-    g.add_argument("--reward-on-error", type=float, default=0.0, help="reward of a sample whose reward function raised")
+    g.add_argument(
+        "--reward-on-error", type=float, default=0.0,
+        help="reward of a sample whose reward function raised or timed out (the sample is marked and counted)",
+    )  # fmt: skip
+    g.add_argument("--rm-timeout", type=float, default=60.0, help="seconds one reward computation may take")
 
     g = p.add_argument_group("evaluation")
     g.add_argument("--eval-prompt-data", nargs="*", default=None, help="NAME PATH [NAME PATH …] held-out datasets")

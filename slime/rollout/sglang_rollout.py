@@ -74,11 +74,15 @@ async def generate(args: Any, sample: Sample, sampling_params: dict[str, Any]) -
 
 
 async def _reward(args: Any, sample: Sample) -> None:
+    timeout = getattr(args, "rm_timeout", None)
     try:
-        sample.reward = await async_rm(args, sample)
+        sample.reward = await asyncio.wait_for(async_rm(args, sample), timeout)
     except Exception as exc:  # one broken grading must not end the run: score it, mark it, count it
         sample.reward = args.reward_on_error
-        sample.metadata["reward_error"] = f"{type(exc).__name__}: {exc}"
+        if isinstance(exc, TimeoutError):  # a grader in a thread keeps running; its result is dropped
+            sample.metadata["reward_error"] = f"TimeoutError: the reward took longer than --rm-timeout {timeout}s"
+        else:
+            sample.metadata["reward_error"] = f"{type(exc).__name__}: {exc}"
         logger.warning("reward failed for sample %s: %s", sample.index, sample.metadata["reward_error"])
 
 
