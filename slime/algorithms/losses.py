@@ -1,5 +1,8 @@
 """Policy losses, KL estimators, entropy and loss aggregation: pure tensor functions, registered by name.
 
+The policy loss is `clipped_surrogate` of an importance log-ratio; POLICY_RATIOS holds the ratio of each loss
+(PPO's per token, GSPO's per sequence).
+
 Token tensors are flat: [T] holds the response tokens of several samples back to back (packed, no padding), and
 `lengths` says how many tokens each sample owns.
 """
@@ -11,7 +14,7 @@ from typing import Any
 
 import torch
 
-POLICY_LOSSES: dict[str, Callable] = {}
+POLICY_RATIOS: dict[str, Callable] = {}
 KL_ESTIMATORS: dict[str, Callable] = {}
 
 
@@ -43,47 +46,40 @@ def clipped_surrogate(
     return {"loss": loss, "clipfrac": clipfrac, "ppo_kl": -log_ratio}
 
 
-@_register(POLICY_LOSSES, "ppo")
-def ppo_clip_loss(
-    log_probs: torch.Tensor,
-    old_log_probs: torch.Tensor,
-    advantages: torch.Tensor,
-    mask: torch.Tensor,
-    lengths: list[int],
-    eps_clip: float,
-    eps_clip_high: float,
-    eps_clip_c: float | None = None,
-) -> dict[str, torch.Tensor]:
-    """PPO-clip with the token-level ratio pi(y_t) / pi_old(y_t). All tensors [T]; mask and lengths unused (the
-    common signature of POLICY_LOSSES). See `clipped_surrogate` for the returned [T] tensors."""
-    return clipped_surrogate(log_probs - old_log_probs, advantages, eps_clip, eps_clip_high, eps_clip_c)
+def sample_means(values: torch.Tensor, mask: torch.Tensor, lengths: list[int]) -> torch.Tensor:
+    """Each sample's mean over its counted tokens (0 for a sample with none): [T], [T], B lengths -> [B]."""
+    if not lengths:
+        return values.new_zeros(0)
+    sums = torch.stack([chunk.sum() for chunk in (values * mask).split(lengths)])
+    counts = torch.stack([m.sum() for m in mask.split(lengths)]).to(values.dtype)
+    return sums / counts.clamp(min=1.0)
 
 
-@_register(POLICY_LOSSES, "gspo")
-def gspo_loss(
-    log_probs: torch.Tensor,
-    old_log_probs: torch.Tensor,
-    advantages: torch.Tensor,
-    mask: torch.Tensor,
-    lengths: list[int],
-    eps_clip: float,
-    eps_clip_high: float,
-    eps_clip_c: float | None = None,
-) -> dict[str, torch.Tensor]:
+@_register(POLICY_RATIOS, "ppo")
+def token_log_ratio(
+    log_probs: torch.Tensor, old_log_probs: torch.Tensor, mask: torch.Tensor, lengths: list[int]
+) -> torch.Tensor:
+    """PPO's per-token log ratio log pi(y_t) - log pi_old(y_t). All tensors [T] -> [T]; mask and lengths unused
+    (the common signature of POLICY_RATIOS)."""
+    return log_probs - old_log_probs
+
+
+@_register(POLICY_RATIOS, "gspo")
+def sequence_log_ratio(
+    log_probs: torch.Tensor, old_log_probs: torch.Tensor, mask: torch.Tensor, lengths: list[int]
+) -> torch.Tensor:
     """GSPO: one importance ratio per sequence, the geometric mean of its token ratios over counted tokens,
     s_i = exp(mean_t (log pi - log pi_old)), clipped like PPO (typical ranges are ~1e-3, not 0.2).
 
-    All tensors [T], samples back to back with `lengths`. Each token carries s_i's value with the gradient of its
-    own log-prob (s_i · pi(y_t) / sg[pi(y_t)]), so the sequence gradient is s_i · mean_t grad log pi(y_t).
+    All tensors [T] -> [T], samples back to back with `lengths`. Each token carries log s_i's value with the gradient
+    of its own log-prob (s_i · pi(y_t) / sg[pi(y_t)]), so the sequence gradient is s_i · mean_t grad log pi(y_t).
     """
-    log_ratio = log_probs - old_log_probs
-    per_sequence = [
-        (lr * m).sum() / m.sum().clamp(min=1)
-        for lr, m in zip(log_ratio.split(lengths), mask.split(lengths), strict=True)
-    ]
-    seq = torch.cat([s.expand(n) for s, n in zip(per_sequence, lengths, strict=True)]) if lengths else log_ratio
-    return clipped_surrogate(seq.detach() + log_probs - log_probs.detach(), advantages, eps_clip, eps_clip_high,
-                             eps_clip_c)  # fmt: skip
+    if not lengths:
+        return log_probs - old_log_probs
+    per_sequence = sample_means(log_probs - old_log_probs, mask, lengths).detach()
+    return (
+        per_sequence.repeat_interleave(torch.tensor(lengths, device=log_probs.device)) + log_probs - log_probs.detach()
+    )
 
 
 def value_loss(
@@ -143,12 +139,9 @@ def aggregate(
     global batch. Summing the returned scalars over all micro-batches and ranks gives the exact global mean,
     however the batch was split.
     """
-    masked = values * mask
     if per_token:
-        return masked.sum() / normalizer
-    sums = torch.stack([chunk.sum() for chunk in masked.split(lengths)]) if lengths else masked.new_zeros(0)
-    counts = torch.stack([m.sum() for m in mask.split(lengths)]).to(values.dtype) if lengths else values.new_zeros(0)
-    return (sums / counts.clamp(min=1.0)).sum() / normalizer
+        return (values * mask).sum() / normalizer
+    return sample_means(values, mask, lengths).sum() / normalizer
 
 
 def dr_grpo_pg_loss_reducer(

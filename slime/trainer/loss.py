@@ -11,10 +11,9 @@ from typing import Any
 
 import torch
 
-from slime.algorithms.losses import KL_ESTIMATORS, POLICY_LOSSES, aggregate, value_loss
+from slime.algorithms.losses import KL_ESTIMATORS, POLICY_RATIOS, aggregate, clipped_surrogate, value_loss
 
 Reduce = Callable[[torch.Tensor], torch.Tensor]
-Metrics = dict[str, torch.Tensor]
 
 
 def make_reduce(batch: dict[str, Any], args: Any, normalizer: float) -> Reduce:
@@ -26,10 +25,9 @@ def policy_loss(args: Any, batch: dict[str, Any], out: dict[str, torch.Tensor], 
     """PPO-clip (or GSPO) policy loss, weighted and masked by the mismatch corrections, - entropy_coef · entropy
     + kl_loss_coef · KL(policy || reference). Returns the loss and its metrics."""
     log_probs = out["log_probs"]
-    terms = POLICY_LOSSES["gspo" if args.advantage_estimator == "gspo" else "ppo"](
-        log_probs, batch["old_log_probs"], batch["advantages"], batch["mask"], batch["lengths"],
-        args.eps_clip, args.eps_clip_high, args.eps_clip_c,
-    )  # fmt: skip
+    ratio = POLICY_RATIOS["gspo" if args.advantage_estimator == "gspo" else "ppo"]
+    log_ratio = ratio(log_probs, batch["old_log_probs"], batch["mask"], batch["lengths"])
+    terms = clipped_surrogate(log_ratio, batch["advantages"], args.eps_clip, args.eps_clip_high, args.eps_clip_c)
     keep = batch.get("is_masks")
     pg = terms["loss"] * batch["is_weights"] if batch.get("is_weights") is not None else terms["loss"]
     pg = pg * keep if keep is not None else pg
