@@ -53,10 +53,13 @@ def _gpqa(args: Any, sample: Sample) -> float:
 BUILTIN_RM = {"math": _math, "deepscaler": _deepscaler, "dapo": _dapo, "f1": _f1, "gpqa": _gpqa, "random": _random}
 
 
+BOXED_READY = ("gpqa", "math")  # graders that read a `\\boxed{}`; the others look for text a box never holds
+
+
 def _builtin(rm_type: str):
     """The built-in grader for `rm_type`; `boxed_<type>` grades only the last `\\boxed{}` of the response (0 when
-    there is none) with `<type>`."""
-    if rm_type.startswith("boxed_") and rm_type[6:] in BUILTIN_RM:
+    there is none) with `<type>`, for the types in BOXED_READY."""
+    if rm_type.startswith("boxed_") and rm_type[6:] in BOXED_READY:
         inner = BUILTIN_RM[rm_type[6:]]
 
         def boxed(args: Any, sample: Sample) -> float:
@@ -68,7 +71,9 @@ def _builtin(rm_type: str):
         return boxed
     fn = BUILTIN_RM.get(rm_type)
     if fn is None:
-        raise ValueError(f"unknown rm_type {rm_type!r}; built-in: {sorted(BUILTIN_RM)} and boxed_<one of them>")
+        raise ValueError(
+            f"unknown rm_type {rm_type!r}; built-in: {sorted(BUILTIN_RM)}, and boxed_<one of them> for {BOXED_READY}"
+        )
     return fn
 
 
