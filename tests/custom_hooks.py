@@ -28,3 +28,21 @@ async def slow_reward(args, sample: Sample, **kwargs) -> float:
 
     await asyncio.sleep(30)
     return 1.0
+
+
+async def group_rank_reward(args, samples: list[Sample], **kwargs) -> list[float]:
+    """A --group-rm reward: 1 for the group's longest response, 0 for the others (needs the whole group)."""
+    longest = max(len(s.response) for s in samples)
+    return [float(len(s.response) == longest) for s in samples]
+
+
+async def none_reward(args, sample: Sample, **kwargs):
+    return None  # a common bug: a forgotten return
+
+
+async def dict_reward(args, sample: Sample, **kwargs) -> dict:
+    return {"score": float(len(sample.response)), "acc": sample.response == sample.label}
+
+
+async def group_size_reward(args, samples: list[Sample], **kwargs) -> float:
+    return float(len(samples))  # wrong for --group-rm: one value instead of one per sample

@@ -28,6 +28,10 @@ def test_defaults_follow_slime():
         (["--use-opd", "--opd-type", "megatron"], "--opd-type megatron needs --opd-teacher-load"),
         (["--opd-teacher-load", "t"], "--opd-teacher-load without --use-opd"),
         (["--gamma", "0"], "--gamma must be in (0, 1]"),
+        (["--rm-type", "remote_rm"], "--rm-type remote_rm needs --rm-url"),
+        (["--rm-type", "boxed_f1"], "--rm-type: unknown rm_type 'boxed_f1'"),
+        (["--rm-type", "maths"], "--rm-type: unknown rm_type 'maths'; built-in: ['dapo'"),
+        (["--rm-timeout", "0"], "--rm-timeout must be positive"),
     ],
 )
 def test_bad_flags_are_refused_naming_them(capsys, extra, message):

@@ -100,3 +100,28 @@ def test_train_debug_rollout_only_logs_metrics(tiny_model_path, tmp_path):
     lines = [json.loads(x) for x in open(tmp_path / "run" / "metrics.jsonl")]
     assert [x["step"] for x in lines] == [0, 1] and all(x["rollout/tokens_per_s"] > 0 for x in lines)
     assert any((tmp_path / "run" / "tensorboard").iterdir())
+
+
+def test_generate_rollout_group_rm_and_a_step_of_failed_rewards(two_engines_behind_router, tiny_model_path, tmp_path):
+    """--group-rm through the default rollout on real engines: the custom function sees each full group once; a step
+    whose every reward failed stops the run with the first error instead of training on --reward-on-error."""
+    from slime.rollout.manager import RolloutDataSourceWithEval
+    from slime.rollout.sglang_rollout import generate_rollout
+    from slime.utils.processing_utils import load_tokenizer
+
+    router, _ = two_engines_behind_router
+    host, port = router.url.rsplit("//", 1)[1].split(":")
+
+    def rollout(*extra):
+        args = _args(tiny_model_path, tmp_path, *extra)
+        args.sglang_router_ip, args.sglang_router_port = host, int(port)
+        source = RolloutDataSourceWithEval(args, load_tokenizer(tiny_model_path))
+        return generate_rollout(args, 0, source)
+
+    out = rollout("--group-rm", "--custom-rm-path", "tests.custom_hooks:group_rank_reward")
+    for group in out.samples:
+        longest = max(len(s.response) for s in group)
+        assert [s.reward for s in group] == [float(len(s.response) == longest) for s in group]
+    assert out.metrics["rollout/reward_errors"] == 0
+    with pytest.raises(RuntimeError, match="all 12 rewards failed.*grader exploded"):
+        rollout("--custom-rm-path", "tests.custom_hooks:failing_reward")

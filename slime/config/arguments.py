@@ -195,14 +195,34 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--update-weight-timeout", type=float, default=600.0, help="seconds any weight-sync step may take")
 
     g = p.add_argument_group("reward")
-    g.add_argument("--rm-type", default=None, help="built-in reward: math, random")
-    g.add_argument("--custom-rm-path", default=None, help="async reward(args, sample, **kw) -> float | dict")
+    g.add_argument(
+        "--rm-type", default=None,
+        help="built-in reward (docs/rewards.md): math, deepscaler, dapo, f1, gpqa, ifeval, random, remote_rm; "
+        "boxed_math / boxed_gpqa grade only the last \\boxed{}",
+    )  # fmt: skip
+    g.add_argument(
+        "--custom-rm-path", default=None,
+        help="module:function, async (args, sample, **kw) -> float | dict; with --group-rm (args, samples, **kw) "
+        "-> one reward per sample",
+    )  # fmt: skip
     g.add_argument("--reward-key", default=None, help="key of the scalar when rewards are dicts")
+    g.add_argument("--eval-reward-key", default=None, help="key of the scalar in eval rewards (default --reward-key)")
+    g.add_argument(
+        "--group-rm", action="store_true",
+        help="reward each group once it is fully generated; --custom-rm-path then gets the whole group in one call",
+    )  # fmt: skip
+    g.add_argument("--rm-url", default=None, help="remote_rm: URL that answers POST {prompt, response, label}")
+    g.add_argument(
+        "--rm-max-retries", type=int, default=3, help="remote_rm: retries after a connection error or 5xx answer"
+    )
     g.add_argument(
         "--reward-on-error", type=float, default=0.0,
         help="reward of a sample whose reward function raised or timed out (the sample is marked and counted)",
     )  # fmt: skip
-    g.add_argument("--rm-timeout", type=float, default=60.0, help="seconds one reward computation may take")
+    g.add_argument(
+        "--rm-timeout", type=float, default=60.0,
+        help="seconds one reward call may take (one sample, or one group with --group-rm; retries included)",
+    )  # fmt: skip
 
     g = p.add_argument_group("evaluation")
     g.add_argument("--eval-prompt-data", nargs="*", default=None, help="NAME PATH [NAME PATH …] held-out datasets")
@@ -283,6 +303,7 @@ def validate_args(args: argparse.Namespace, parser: argparse.ArgumentParser) -> 
             parser.error(f"--{flag.replace('_', '-')} must be at least 1, got {getattr(args, flag)}")
     if not args.rm_type and not args.custom_rm_path:
         parser.error("set --rm-type (e.g. math) or --custom-rm-path so samples get rewards")
+    validate_reward(args, parser)
     if args.eval_prompt_data is not None and (len(args.eval_prompt_data) == 0 or len(args.eval_prompt_data) % 2):
         parser.error("--eval-prompt-data takes pairs: NAME PATH [NAME PATH …]")
     validate_algorithm(args, parser)
@@ -301,6 +322,24 @@ def validate_args(args: argparse.Namespace, parser: argparse.ArgumentParser) -> 
         SamplingParams.from_dict(sampling)
     except SamplingParamsError as exc:
         parser.error(f"rollout sampling flags: {exc}")
+
+
+def validate_reward(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
+    """A reward type that would fail on every sample is refused before anything starts."""
+    if args.rm_type == "remote_rm" and not args.rm_url:
+        parser.error("--rm-type remote_rm needs --rm-url")
+    if args.rm_type and args.rm_type != "remote_rm":
+        from slime.rollout.rm_hub import builtin_rm
+
+        try:
+            builtin_rm(args.rm_type)
+        except ValueError as exc:
+            parser.error(f"--rm-type: {exc}")
+    if args.rm_timeout <= 0 or args.rm_max_retries < 0:
+        parser.error(f"--rm-timeout must be positive and --rm-max-retries non-negative, got {args.rm_timeout} and "
+                     f"{args.rm_max_retries}")  # fmt: skip
+    if args.group_rm and not args.custom_rm_path:
+        logging.getLogger(__name__).info("--group-rm without --custom-rm-path: built-in rewards grade per sample")
 
 
 def validate_algorithm(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:

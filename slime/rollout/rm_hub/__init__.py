@@ -1,7 +1,7 @@
-"""Reward functions (public import path): `async_rm` for one sample, `batched_async_rm` for many.
+"""Reward functions (public import path): `async_rm` for one sample, `batched_async_rm` for a group.
 
 Selection order, first match wins: the sample's own `metadata["custom_rm_path"]`, `--custom-rm-path`,
-`metadata["rm_type"]`, `--rm-type`.
+`metadata["rm_type"]`, `--rm-type`. docs/rewards.md says what each built-in type extracts and compares.
 """
 
 from __future__ import annotations
@@ -10,8 +10,10 @@ import asyncio
 import random
 from typing import Any
 
+from slime.rollout.rm_hub.ifeval import ifeval_score
 from slime.rollout.rm_hub.math_utils import grade_math, last_boxed
 from slime.rollout.rm_hub.text_graders import dapo_score, f1_score, gpqa_score
+from slime.utils.http_utils import post
 from slime.utils.misc import load_function
 from slime.utils.types import Sample
 
@@ -50,13 +52,43 @@ def _gpqa(args: Any, sample: Sample) -> float:
     return gpqa_score(sample.response, _label(sample, "gpqa"))
 
 
-BUILTIN_RM = {"math": _math, "deepscaler": _deepscaler, "dapo": _dapo, "f1": _f1, "gpqa": _gpqa, "random": _random}
+def _ifeval(args: Any, sample: Sample) -> float:
+    return ifeval_score(sample.response, sample.label, sample.metadata)
+
+
+BUILTIN_RM = {
+    "math": _math,
+    "deepscaler": _deepscaler,
+    "dapo": _dapo,
+    "f1": _f1,
+    "gpqa": _gpqa,
+    "ifeval": _ifeval,
+    "random": _random,
+}
+
+
+async def remote_rm(args: Any, sample: Sample) -> float | dict:
+    """POST {"prompt", "response", "label"} as JSON to `--rm-url`; the answer is a JSON number or dict (or a number
+    as text). Connection errors and 5xx answers are retried `--rm-max-retries` times; each try waits at most
+    `--rm-timeout` seconds."""
+    url = getattr(args, "rm_url", None)
+    if not url:
+        raise ValueError("rm_type remote_rm needs --rm-url")
+    payload = {"prompt": sample.prompt, "response": sample.response, "label": sample.label}
+    retries, timeout = getattr(args, "rm_max_retries", 3), getattr(args, "rm_timeout", None) or 60.0
+    answer = await post(url, payload, max_retries=retries, timeout=timeout)
+    if isinstance(answer, str):
+        try:
+            return float(answer)
+        except ValueError:
+            raise ValueError(f"remote reward {url} answered {answer[:200]!r}, not a number or JSON") from None
+    return answer
 
 
 BOXED_READY = ("gpqa", "math")  # graders that read a `\\boxed{}`; the others look for text a box never holds
 
 
-def _builtin(rm_type: str):
+def builtin_rm(rm_type: str):
     """The built-in grader for `rm_type`; `boxed_<type>` grades only the last `\\boxed{}` of the response (0 when
     there is none) with `<type>`, for the types in BOXED_READY."""
     if rm_type.startswith("boxed_") and rm_type[6:] in BOXED_READY:
@@ -72,7 +104,8 @@ def _builtin(rm_type: str):
     fn = BUILTIN_RM.get(rm_type)
     if fn is None:
         raise ValueError(
-            f"unknown rm_type {rm_type!r}; built-in: {sorted(BUILTIN_RM)}, and boxed_<one of them> for {BOXED_READY}"
+            f"unknown rm_type {rm_type!r}; built-in: {sorted(BUILTIN_RM)}, remote_rm (with --rm-url), and "
+            f"boxed_<type> for {BOXED_READY}"
         )
     return fn
 
@@ -86,8 +119,22 @@ async def async_rm(args: Any, sample: Sample, **kwargs: Any) -> float | dict:
     rm_type = sample.metadata.get("rm_type") or getattr(args, "rm_type", None)
     if not rm_type:
         raise ValueError("no reward function: set --rm-type or --custom-rm-path")
-    return await asyncio.to_thread(_builtin(rm_type), args, sample)
+    if rm_type == "remote_rm":
+        return await remote_rm(args, sample)
+    return await asyncio.to_thread(builtin_rm(rm_type), args, sample)
 
 
 async def batched_async_rm(args: Any, samples: list[Sample], **kwargs: Any) -> list[float | dict]:
+    """The rewards of a group, in order. `--custom-rm-path` is called once with the whole list (slime's group
+    convention, used by `--group-rm`) and must return one reward per sample; otherwise each sample is graded on
+    its own, concurrently."""
+    custom = getattr(args, "custom_rm_path", None)
+    if custom:
+        fn = load_function(custom, "--custom-rm-path")
+        rewards = await fn(args, samples, **kwargs)
+        if not isinstance(rewards, list | tuple) or len(rewards) != len(samples):
+            got = f"a list of {len(rewards)}" if isinstance(rewards, list | tuple) else type(rewards).__name__
+            raise TypeError(f"--custom-rm-path {custom} got {len(samples)} samples and returned {got}; with "
+                            "--group-rm it must return one reward per sample")  # fmt: skip
+        return list(rewards)
     return list(await asyncio.gather(*(async_rm(args, s, **kwargs) for s in samples)))
