@@ -87,6 +87,24 @@ def test_grade_math(response, label, expected):
     assert grade_math(response, label) == expected
 
 
+@pytest.mark.parametrize("response, label, expected", MATH_CASES)
+def test_deepscaler_on_the_math_table(response, label, expected):
+    """The same tricky answers after a closed thinking part that holds a decoy answer."""
+    wrapped = f"<think>so the answer is \\boxed{{999}}. Hmm.</think>{response}"
+    assert asyncio.run(async_rm(args(rm_type="deepscaler"), Sample(response=wrapped, label=label))) == expected
+
+
+DAPO_CASES = [(last_boxed(r), label, e) for r, label, e in MATH_CASES if last_boxed(r) is not None]
+
+
+@pytest.mark.parametrize("answer, label, expected", DAPO_CASES)
+def test_dapo_on_the_math_table(answer, label, expected):
+    """Each boxed answer of the math table written as DAPO's `Answer:` line: non-integers, LaTeX, units."""
+    response = f"Reasoning: 999 is a decoy.\nAnswer: {answer}"
+    out = asyncio.run(async_rm(args(rm_type="dapo"), Sample(response=response, label=label)))
+    assert out["score"] == (1.0 if expected else -1.0) and out["pred"] == answer.strip()
+
+
 @pytest.mark.parametrize("response, expected", [
     ("<think>maybe 3</think> The answer is \\boxed{4}", 1.0),
     ("<think>the answer is \\boxed{4}, no wait", 0.0),  # thinking never closed
