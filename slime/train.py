@@ -33,7 +33,8 @@ def train(args) -> dict:
             print(batch_plan(args))
             trainer = TrainGroup(args)
             trainer.call("connect_engines", info["engine_urls"])
-        if args.eval_prompt_data and not args.skip_eval_before_train:
+        has_eval = getattr(args, "has_eval", False)
+        if has_eval and not args.skip_eval_before_train:
             last["eval_before"] = log(metrics_log, 0, ray.get(manager.eval.remote(0))["metrics"])
         for rollout_id in tqdm(range(args.num_rollout), desc="rollout", unit="step", file=sys.stdout):
             step_start = time.monotonic()
@@ -44,8 +45,9 @@ def train(args) -> dict:
                 metrics |= trainer.update_weights(str(rollout_id + 1))
             metrics["perf/step_seconds"] = time.monotonic() - step_start
             last["rollout"] = log(metrics_log, rollout_id, metrics)
-            if args.eval_interval and (rollout_id + 1) % args.eval_interval == 0:
-                last["eval"] = log(metrics_log, rollout_id + 1, ray.get(manager.eval.remote(rollout_id + 1))["metrics"])
+            done = rollout_id + 1
+            if has_eval and args.eval_interval and (done % args.eval_interval == 0 or done == args.num_rollout):
+                last["eval"] = log(metrics_log, done, ray.get(manager.eval.remote(done))["metrics"])
     finally:
         if trainer is not None:
             trainer.shutdown()

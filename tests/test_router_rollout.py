@@ -64,8 +64,11 @@ def test_rollout_pipeline_through_ray(tiny_model_path, tmp_path):
     from slime.rollout.manager import RolloutManager
     from slime.utils.types import Sample
 
+    cfg = tmp_path / "eval.yaml"
+    cfg.write_text("eval:\n  datasets:\n    - {name: short, path: 'builtin:arithmetic:test:9:1', max_prompts: 3,\n"
+                   "       n_samples_per_eval_prompt: 2, max_response_len: 4}\n")  # fmt: skip
     args = _args(tiny_model_path, tmp_path, "--custom-rm-path", "tests.custom_hooks:length_reward",
-                 "--eval-prompt-data", "held_out", "builtin:arithmetic:test:5:0")  # fmt: skip
+                 "--eval-prompt-data", "held_out", "builtin:arithmetic:test:5:0", "--eval-config", str(cfg))  # fmt: skip
     ray.init(num_cpus=2, include_dashboard=False, ignore_reinit_error=True)
     manager = RolloutManager.options(num_cpus=0).remote(args)
     try:
@@ -85,7 +88,11 @@ def test_rollout_pipeline_through_ray(tiny_model_path, tmp_path):
             m["rollout/tokens"] == sum(s.response_length for g in groups for s in g) and m["rollout/tokens_per_s"] > 0
         )
         ev = ray.get(manager.eval.remote(0))["metrics"]
-        assert ev["eval/held_out/reward_mean"] > 0
+        assert ev["eval/held_out/reward_mean"] > 0 and ev["eval/held_out/num_prompts"] == 5
+        assert "eval/held_out/pass@1" in ev and "eval/held_out/pass@2" not in ev
+        # the YAML dataset: its own sample count and length cap; length_reward >= 1 makes every sample "correct"
+        assert ev["eval/short/num_prompts"] == 3 and ev["eval/short/pass@2"] == 1.0
+        assert 0 < ev["eval/short/response_len_mean"] <= 4 < ev["eval/held_out/response_len_mean"]
     finally:
         ray.get(manager.shutdown.remote())
         ray.shutdown()

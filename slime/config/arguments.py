@@ -37,13 +37,24 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--input-key", default="input", help="row key holding the prompt (string or chat messages)")
     g.add_argument("--label-key", default=None, help="row key holding the label passed to the reward")
     g.add_argument("--metadata-key", default="metadata", help="row key holding a dict copied to Sample.metadata")
-    g.add_argument("--tool-key", default=None, help="row key holding tool definitions given to the chat template")
+    g.add_argument(
+        "--tool-key", default=None,
+        help="row key holding tool definitions given to the chat template (default: the metadata's 'tools', if any)",
+    )  # fmt: skip
     g.add_argument("--apply-chat-template", action="store_true", help="format prompts with the tokenizer's template")
     g.add_argument("--apply-chat-template-kwargs", type=_json_dict, default={}, help="JSON kwargs for the template")
     g.add_argument("--rollout-shuffle", action="store_true", help="shuffle prompts, reshuffled each epoch")
     g.add_argument("--rollout-seed", type=int, default=42, help="seed of the prompt shuffle")
     g.add_argument("--rollout-max-prompt-len", type=int, default=None, help="drop prompts longer than this (tokens)")
     g.add_argument("--skip-invalid-data-rows", action="store_true", help="skip and count bad rows instead of failing")
+    g.add_argument(
+        "--rollout-global-dataset", action="store_true", default=True,
+        help="the rollout manager serves --prompt-data to the rollout function (the default; kept for slime scripts)",
+    )  # fmt: skip
+    g.add_argument(
+        "--disable-rollout-global-dataset", action="store_false", dest="rollout_global_dataset",
+        help="no shared dataset: a custom --rollout-function-path brings its own prompts",
+    )  # fmt: skip
 
     g = p.add_argument_group("rollout")
     g.add_argument("--num-rollout", type=int, default=1, help="rollout steps to run")
@@ -226,10 +237,26 @@ def build_parser() -> argparse.ArgumentParser:
 
     g = p.add_argument_group("evaluation")
     g.add_argument("--eval-prompt-data", nargs="*", default=None, help="NAME PATH [NAME PATH …] held-out datasets")
-    g.add_argument("--n-samples-per-eval-prompt", type=int, default=1, help="responses per eval prompt")
+    g.add_argument(
+        "--eval-config", default=None,
+        help="YAML of eval datasets with per-dataset rm_type, keys and sampling (slime.utils.eval_config)",
+    )  # fmt: skip
+    g.add_argument(
+        "--eval-function-path", default=None,
+        help="rollout function used for evaluation (default: --rollout-function-path), called with evaluation=True",
+    )  # fmt: skip
+    g.add_argument(
+        "--n-samples-per-eval-prompt", type=int, default=1, help="responses per eval prompt (pass@k up to it)"
+    )
     g.add_argument("--eval-temperature", type=float, default=None, help="eval temperature (default: rollout's)")
+    g.add_argument("--eval-top-p", type=float, default=None, help="eval nucleus mass (default: rollout's)")
+    g.add_argument("--eval-top-k", type=int, default=None, help="eval top-k (default: rollout's)")
     g.add_argument("--eval-max-response-len", type=int, default=None, help="eval max new tokens (default: rollout's)")
-    g.add_argument("--eval-interval", type=int, default=None, help="evaluate every this many rollout steps")
+    g.add_argument("--eval-max-prompts", type=int, default=None, help="evaluate the first N prompts of each dataset")
+    g.add_argument(
+        "--eval-interval", type=int, default=None,
+        help="evaluate every this many rollout steps, and after the last one",
+    )  # fmt: skip
     g.add_argument("--skip-eval-before-train", action="store_true", help="no evaluation at step 0")
     return p
 
@@ -296,16 +323,18 @@ def batch_plan(args: argparse.Namespace) -> str:
 
 def validate_args(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
     """Refuse inconsistent settings with one sentence naming the flags."""
-    if not args.prompt_data and args.rollout_function_path == "slime.rollout.sglang_rollout.generate_rollout":
-        parser.error("--prompt-data is required by the default rollout function")
+    default_rollout = args.rollout_function_path == "slime.rollout.sglang_rollout.generate_rollout"
+    if not args.rollout_global_dataset and default_rollout:
+        parser.error("--disable-rollout-global-dataset needs a --rollout-function-path that brings its own prompts")
+    if args.rollout_global_dataset and not args.prompt_data:
+        parser.error("--prompt-data is required (or --disable-rollout-global-dataset with a custom rollout function)")
     for flag in ("rollout_batch_size", "n_samples_per_prompt", "num_rollout", "rollout_num_engines"):
         if getattr(args, flag) < 1:
             parser.error(f"--{flag.replace('_', '-')} must be at least 1, got {getattr(args, flag)}")
     if not args.rm_type and not args.custom_rm_path:
         parser.error("set --rm-type (e.g. math) or --custom-rm-path so samples get rewards")
     validate_reward(args, parser)
-    if args.eval_prompt_data is not None and (len(args.eval_prompt_data) == 0 or len(args.eval_prompt_data) % 2):
-        parser.error("--eval-prompt-data takes pairs: NAME PATH [NAME PATH …]")
+    validate_eval(args, parser)
     validate_algorithm(args, parser)
     set_batch_plan(args, parser)
     if args.rollout_engine_threads == 0:
@@ -322,6 +351,31 @@ def validate_args(args: argparse.Namespace, parser: argparse.ArgumentParser) -> 
         SamplingParams.from_dict(sampling)
     except SamplingParamsError as exc:
         parser.error(f"rollout sampling flags: {exc}")
+
+
+def validate_eval(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
+    """Eval datasets are read from the flags and the YAML once here, so a bad entry fails before anything starts."""
+    from slime.engine.sampling import SamplingParams, SamplingParamsError
+    from slime.utils.eval_config import EvalConfigError, eval_dataset_configs
+
+    if args.eval_prompt_data is not None and (len(args.eval_prompt_data) == 0 or len(args.eval_prompt_data) % 2):
+        parser.error("--eval-prompt-data takes pairs: NAME PATH [NAME PATH …]")
+    try:
+        configs = eval_dataset_configs(args)
+    except EvalConfigError as exc:
+        parser.error(str(exc))
+    if args.eval_interval is not None and (args.eval_interval < 1 or not configs):
+        parser.error("--eval-interval needs a positive value and eval datasets (--eval-prompt-data or --eval-config)")
+    for c in configs:
+        where = f"eval dataset {c.name!r}"
+        if c.n_samples_per_eval_prompt < 1 or (c.max_prompts is not None and c.max_prompts < 1):
+            parser.error(f"{where}: n_samples_per_eval_prompt and max_prompts must be at least 1")
+        try:
+            SamplingParams.from_dict({"temperature": c.temperature, "top_p": c.top_p, "top_k": c.top_k,
+                                      "max_new_tokens": c.max_response_len})  # fmt: skip
+        except (SamplingParamsError, TypeError) as exc:
+            parser.error(f"{where}: {exc}")
+    args.has_eval = bool(configs)
 
 
 def validate_reward(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:

@@ -71,8 +71,10 @@ def load_prompt_data(
     apply_chat_template_kwargs: dict | None = None,
     max_prompt_len: int | None = None,
     skip_invalid: bool = False,
+    max_rows: int | None = None,
 ) -> PromptDataset:
-    """Read every row of `path` into a Sample with `prompt` (templated text), `label` and `metadata` set."""
+    """Read every row of `path` (the first `max_rows` usable ones when set) into a Sample with `prompt` (templated
+    text), `label` and `metadata` set."""
     samples: list[Sample] = []
     skipped: dict[str, int] = {}
 
@@ -82,6 +84,8 @@ def load_prompt_data(
         skipped[reason] = skipped.get(reason, 0) + 1
 
     for line, row in _rows(path):
+        if max_rows is not None and len(samples) >= max_rows:
+            break
         if isinstance(row, DataError):
             if not skip_invalid:
                 raise row
@@ -129,7 +133,7 @@ def load_prompt_data(
             reject(line, f"key {metadata_key!r} is a {type(metadata).__name__}, expected an object", "bad_metadata")
             continue
         metadata = dict(metadata or {})
-        tools = row.get(tool_key) if tool_key else None
+        tools = row.get(tool_key) if tool_key else metadata.get("tools")
         if apply_chat_template:
             text = tokenizer.apply_chat_template(
                 messages, tools=tools, tokenize=False, add_generation_prompt=True, **(apply_chat_template_kwargs or {})

@@ -13,14 +13,16 @@ from slime.utils.types import Sample
 class RolloutDataSource:
     """Cycles through a dataset; each epoch is reshuffled with `seed + epoch` when `shuffle` is set."""
 
-    def __init__(self, dataset: PromptDataset, n_samples_per_prompt: int = 1, shuffle: bool = False, seed: int = 42):
+    def __init__(
+        self, dataset: PromptDataset | None, n_samples_per_prompt: int = 1, shuffle: bool = False, seed: int = 42
+    ):
         self.dataset, self.n_samples_per_prompt, self.shuffle, self.seed = dataset, n_samples_per_prompt, shuffle, seed
         self.epoch, self.offset, self.sample_index, self.group_index = 0, 0, 0, 0
         self._order = self._epoch_order()
         self.buffer: list[list[Sample]] = []  # groups handed back (e.g. aborted, for partial rollout)
 
     def _epoch_order(self) -> list[int]:
-        order = list(range(len(self.dataset)))
+        order = list(range(len(self.dataset) if self.dataset is not None else 0))
         if self.shuffle:
             random.Random(self.seed + self.epoch).shuffle(order)
         return order
@@ -29,6 +31,9 @@ class RolloutDataSource:
         """`num_prompts` groups of `n_samples_per_prompt` fresh copies, buffered groups first."""
         groups = self.buffer[:num_prompts]
         del self.buffer[:num_prompts]
+        if len(groups) < num_prompts and self.dataset is None:
+            raise RuntimeError("no prompt dataset (--disable-rollout-global-dataset): the rollout function must "
+                               "bring its own prompts instead of calling data_source.get_samples")  # fmt: skip
         while len(groups) < num_prompts:
             if self.offset >= len(self._order):
                 self.epoch, self.offset = self.epoch + 1, 0

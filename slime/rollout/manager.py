@@ -11,8 +11,10 @@ import ray
 from slime.data.dataset import load_prompt_data
 from slime.data.source import RolloutDataSource
 from slime.engine.launch import ServerProcess, launch_engine
+from slime.observe.eval_metrics import dataset_metrics
 from slime.rollout.base_types import RolloutFnEvalOutput, RolloutFnTrainOutput
 from slime.router.router import launch_router, register_worker
+from slime.utils.eval_config import eval_dataset_configs
 from slime.utils.misc import load_function
 from slime.utils.processing_utils import load_tokenizer
 from slime.utils.types import Sample
@@ -21,43 +23,40 @@ logger = logging.getLogger(__name__)
 
 
 class RolloutDataSourceWithEval(RolloutDataSource):
-    """The training data source plus the eval datasets, each as one group list over all its prompts."""
+    """The training data source plus the eval datasets (slime.utils.eval_config), each as one group list over all
+    its prompts. With `--disable-rollout-global-dataset` there is no training dataset: the rollout function brings
+    its own prompts."""
 
     def __init__(self, args: Any, tokenizer: Any):
         load = dict(
             tokenizer=tokenizer,
-            input_key=args.input_key,
-            label_key=args.label_key,
-            metadata_key=args.metadata_key,
-            tool_key=args.tool_key,
             apply_chat_template=args.apply_chat_template,
             apply_chat_template_kwargs=args.apply_chat_template_kwargs,
             max_prompt_len=args.rollout_max_prompt_len,
             skip_invalid=args.skip_invalid_data_rows,
         )
-        super().__init__(
-            load_prompt_data(args.prompt_data, **load),
-            args.n_samples_per_prompt,
-            args.rollout_shuffle,
-            args.rollout_seed,
-        )
-        pairs = args.eval_prompt_data or []
-        self.eval_sets = {
-            name: load_prompt_data(path, **load) for name, path in zip(pairs[::2], pairs[1::2], strict=True)
-        }
-        self.n_eval = args.n_samples_per_eval_prompt
+        keys = dict(input_key=args.input_key, label_key=args.label_key, metadata_key=args.metadata_key,
+                    tool_key=args.tool_key)  # fmt: skip
+        dataset = load_prompt_data(args.prompt_data, **load, **keys) if args.rollout_global_dataset else None
+        super().__init__(dataset, args.n_samples_per_prompt, args.rollout_shuffle, args.rollout_seed)
+        self.eval_configs = {c.name: c for c in eval_dataset_configs(args)}
+        self.eval_sets = {}
+        for c in self.eval_configs.values():
+            self.eval_sets[c.name] = load_prompt_data(c.path, **load, input_key=c.input_key, label_key=c.label_key,
+                                                      metadata_key=c.metadata_key, tool_key=c.tool_key,
+                                                      max_rows=c.max_prompts)  # fmt: skip
 
     def eval_groups(self) -> dict[str, list[list[Sample]]]:
+        """{dataset name: one group of n_samples_per_eval_prompt fresh samples per prompt}, in file order."""
         out = {}
         for name, ds in self.eval_sets.items():
-            out[name] = [
-                [
-                    Sample(prompt=s.prompt, label=s.label, metadata=dict(s.metadata), group_index=g, index=g * n + k)
-                    for k in range(n)
-                ]
-                for g, s in enumerate(ds.samples)
-                for n in [self.n_eval]
-            ]
+            cfg, groups = self.eval_configs[name], []
+            n = cfg.n_samples_per_eval_prompt
+            for g, s in enumerate(ds.samples):
+                meta = cfg.inject_metadata(s.metadata)
+                groups.append([Sample(prompt=s.prompt, label=s.label, metadata=dict(meta), group_index=g,
+                                      index=g * n + k) for k in range(n)])  # fmt: skip
+            out[name] = groups
         return out
 
 
@@ -113,13 +112,16 @@ class RolloutManager:
         host, port = self.router.url.removeprefix("http://").rsplit(":", 1)
         args.sglang_router_ip, args.sglang_router_port = host, int(port)
         self.rollout_fn = load_function(args.rollout_function_path, "--rollout-function-path")
+        self.eval_fn = self.rollout_fn
+        if args.eval_function_path:
+            self.eval_fn = load_function(args.eval_function_path, "--eval-function-path")
 
     def info(self) -> dict[str, Any]:
         return {
             "router_url": self.router.url,
             "engine_urls": [e.url for e in self.engines],
-            "num_train_prompts": len(self.data_source.dataset),
-            "skipped_rows": self.data_source.dataset.skipped,
+            "num_train_prompts": len(self.data_source.dataset) if self.data_source.dataset else 0,
+            "skipped_rows": self.data_source.dataset.skipped if self.data_source.dataset else {},
             "eval_sets": {k: len(v) for k, v in self.data_source.eval_sets.items()},
         }
 
@@ -136,17 +138,27 @@ class RolloutManager:
             groups, metrics = out.samples, dict(out.metrics)
         else:  # a custom rollout function may return the groups alone
             groups, metrics = out, {}
+        if self.data_source.dataset is not None:
+            metrics.setdefault("rollout/epoch", self.data_source.epoch)
         for g in groups:
             for s in g:
                 s.check_alignment()
         return {"samples": groups, "metrics": metrics, "train_data": to_train_data(groups, self.args)}
 
     def eval(self, rollout_id: int) -> dict[str, Any]:
+        """Every eval dataset once. Returns {"metrics": the function's own metrics plus, per dataset, reward mean,
+        accuracy, pass@k and response length (slime.observe.eval_metrics)}."""
         self._check_engines()
-        out = self.rollout_fn(self.args, rollout_id, self.data_source, evaluation=True)
+        out = self.eval_fn(self.args, rollout_id, self.data_source, evaluation=True)
         if not isinstance(out, RolloutFnEvalOutput):
-            raise TypeError(f"--rollout-function-path returned {type(out).__name__} for evaluation")
-        return {"metrics": out.metrics}
+            raise TypeError(f"--eval-function-path returned {type(out).__name__}; evaluation needs a "
+                            "RolloutFnEvalOutput(data={name: {'rewards': [...], 'samples': [...]}})")  # fmt: skip
+        metrics = dict(out.metrics)
+        for name, data in out.data.items():
+            cfg = self.data_source.eval_configs.get(name)
+            n = cfg.n_samples_per_eval_prompt if cfg else self.args.n_samples_per_eval_prompt
+            metrics |= dataset_metrics(name, data, n)
+        return {"metrics": metrics}
 
     def shutdown(self) -> None:
         for server in [*self.engines, self.router]:

@@ -17,6 +17,7 @@ from typing import Any
 from slime.rollout.base_types import RolloutFnEvalOutput, RolloutFnTrainOutput
 from slime.rollout.rm_hub import async_rm, batched_async_rm
 from slime.utils.async_utils import run
+from slime.utils.eval_config import EvalDatasetConfig
 from slime.utils.http_utils import post
 from slime.utils.misc import load_function
 from slime.utils.processing_utils import load_tokenizer
@@ -30,25 +31,34 @@ def router_url(args: Any) -> str:
     return f"http://{args.sglang_router_ip}:{args.sglang_router_port}"
 
 
-def sampling_params(args: Any, evaluation: bool = False) -> dict[str, Any]:
-    temperature = args.rollout_temperature
-    max_new = args.rollout_max_response_len
-    if evaluation:
-        temperature = args.eval_temperature if args.eval_temperature is not None else temperature
-        max_new = args.eval_max_response_len or max_new
+def sampling_params(args: Any, evaluation: bool = False, dataset: EvalDatasetConfig | None = None) -> dict[str, Any]:
+    """The engine's sampling_params for training, or for an eval dataset (its config has every field resolved)."""
+    if dataset is not None:
+        temperature, top_p, top_k, max_new = dataset.temperature, dataset.top_p, dataset.top_k, dataset.max_response_len
+        stop, stop_ids = dataset.stop, dataset.stop_token_ids
+    else:
+        temperature, top_p, top_k = args.rollout_temperature, args.rollout_top_p, args.rollout_top_k
+        max_new, stop, stop_ids = args.rollout_max_response_len, args.rollout_stop, args.rollout_stop_token_ids
+        if evaluation:
+            temperature = args.eval_temperature if args.eval_temperature is not None else temperature
+            top_p = args.eval_top_p if getattr(args, "eval_top_p", None) is not None else top_p
+            top_k = args.eval_top_k if getattr(args, "eval_top_k", None) is not None else top_k
+            max_new = args.eval_max_response_len or max_new
     params = {
         "temperature": temperature,
-        "top_p": args.rollout_top_p,
-        "top_k": args.rollout_top_k,
+        "top_p": top_p,
+        "top_k": top_k,
         "max_new_tokens": max_new,
         "skip_special_tokens": args.rollout_skip_special_tokens,
         "no_stop_trim": True,
         "spaces_between_special_tokens": False,
     }
-    if args.rollout_stop:
-        params["stop"] = args.rollout_stop
-    if args.rollout_stop_token_ids:
-        params["stop_token_ids"] = args.rollout_stop_token_ids
+    if dataset is not None and dataset.min_new_tokens:
+        params["min_new_tokens"] = dataset.min_new_tokens
+    if stop:
+        params["stop"] = list(stop)
+    if stop_ids:
+        params["stop_token_ids"] = list(stop_ids)
     return params
 
 
@@ -178,12 +188,16 @@ async def _generate_group(args: Any, group: list[Sample], params: dict, sem, gen
     return done
 
 
-async def _generate_groups(args: Any, groups: list[list[Sample]], evaluation: bool) -> list[list[Sample]]:
+async def _generate_groups(
+    args: Any, groups: list[list[Sample]], evaluation: bool, dataset: EvalDatasetConfig | None = None
+) -> list[list[Sample]]:
     gen_fn = generate
-    if args.custom_generate_function_path:
+    if dataset is not None and dataset.custom_generate_function_path:
+        gen_fn = load_function(dataset.custom_generate_function_path, f"eval dataset {dataset.name} generate function")
+    elif args.custom_generate_function_path:
         gen_fn = load_function(args.custom_generate_function_path, "--custom-generate-function-path")
     sem = asyncio.Semaphore(args.sglang_server_concurrency * args.rollout_num_engines)
-    params = sampling_params(args, evaluation)
+    params = sampling_params(args, evaluation, dataset)
     return list(await asyncio.gather(*(_generate_group(args, g, params, sem, gen_fn, evaluation) for g in groups)))
 
 
@@ -220,12 +234,17 @@ def generate_rollout(
     start = time.monotonic()
     if evaluation:
         data, metrics = {}, {}
+        configs = getattr(data_source, "eval_configs", {})
         for name, groups in data_source.eval_groups().items():
             t0 = time.monotonic()
-            done = run(_generate_groups(args, groups, evaluation=True), timeout=args.rollout_timeout)
+            done = run(_generate_groups(args, groups, True, configs.get(name)), timeout=args.rollout_timeout)
             samples = [s for g in done for s in g]
             key = reward_key(args, evaluation=True)
-            data[name] = {"rewards": [scalar_reward(s, key) for s in samples], "samples": samples}
+            data[name] = {
+                "rewards": [scalar_reward(s, key) for s in samples],
+                "truncated": [s.status == Sample.Status.TRUNCATED for s in samples],
+                "samples": samples,
+            }
             metrics.update(rollout_metrics(done, time.monotonic() - t0, prefix=f"eval/{name}", key=key))
         return RolloutFnEvalOutput(data=data, metrics=metrics)
     groups = data_source.get_samples(args.rollout_batch_size)
