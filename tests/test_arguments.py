@@ -61,7 +61,7 @@ def test_batch_plan_fills_in_the_missing_side(extra, gbs, steps):
 
     a = parse_args(BASE + extra)
     assert (a.global_batch_size, a.num_steps_per_rollout) == (gbs, steps)
-    assert f"{steps} optimizer step(s) of {gbs}" in batch_plan(a)
+    assert f"{steps} optimizer step(s) of {gbs} samples" in batch_plan(a)
 
 
 @pytest.mark.parametrize(

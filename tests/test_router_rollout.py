@@ -67,8 +67,8 @@ def test_rollout_pipeline_through_ray(tiny_model_path, tmp_path):
     cfg = tmp_path / "eval.yaml"
     cfg.write_text("eval:\n  datasets:\n    - {name: short, path: 'builtin:arithmetic:test:9:1', max_prompts: 3,\n"
                    "       n_samples_per_eval_prompt: 2, max_response_len: 4}\n")  # fmt: skip
-    args = _args(tiny_model_path, tmp_path, "--custom-rm-path", "tests.custom_hooks:length_reward",
-                 "--eval-prompt-data", "held_out", "builtin:arithmetic:test:5:0", "--eval-config", str(cfg))  # fmt: skip
+    args = _args(tiny_model_path, tmp_path, "--custom-rm-path", "tests.custom_hooks:length_reward", "--eval-config",
+                 str(cfg), "--eval-prompt-data", "held_out", "builtin:arithmetic:test:5:0")  # fmt: skip
     ray.init(num_cpus=2, include_dashboard=False, ignore_reinit_error=True)
     manager = RolloutManager.options(num_cpus=0).remote(args)
     try:

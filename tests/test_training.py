@@ -108,16 +108,18 @@ ALGORITHMS = {
 
 @pytest.mark.parametrize("algorithm", list(ALGORITHMS))
 def test_world_size_two_matches_world_size_one(algorithm, ray_cluster, tiny_model_path, tmp_path):
-    """The same rollout on one rank (micro-batches of 2) and on two ranks (token-packed): equal metrics and equal
-    weights after two optimizer steps, with every per-token input gathered across ranks (ppo: the critic too)."""
+    """The same rollout on one rank (micro-batches of 2) and on two ranks (token-packed, token-balanced, larger
+    no-grad passes): equal metrics and equal weights after two optimizer steps, with every per-token input gathered
+    across ranks (ppo: the critic too)."""
     data = _synthetic_batch(16, rollout_log_probs="TIS" in algorithm)
     common = ["--rollout-batch-size", "4", "--n-samples-per-prompt", "4", "--global-batch-size", "8",
               "--lr", "0.01", "--train-threads", "1", *ALGORITHMS[algorithm]]  # fmt: skip
     runs = {}
     for name, extra in {
         "ws1 micro-batch 2": ["--micro-batch-size", "2"],
-        "ws2 packed <= 40 tokens": ["--actor-num-gpus-per-node", "2", "--use-dynamic-batch-size",
-                                    "--max-tokens-per-gpu", "40"],
+        "ws2 packed <= 40 tokens, balanced": ["--actor-num-gpus-per-node", "2", "--use-dynamic-batch-size",
+                                              "--max-tokens-per-gpu", "40", "--balance-data",
+                                              "--log-probs-max-tokens-per-gpu", "64"],
     }.items():  # fmt: skip
         group = TrainGroup(_args(tiny_model_path, tmp_path, *common, *extra))
         try:

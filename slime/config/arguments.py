@@ -104,6 +104,15 @@ def build_parser() -> argparse.ArgumentParser:
         help="pack micro-batches by tokens (--max-tokens-per-gpu) instead of --micro-batch-size samples",
     )  # fmt: skip
     g.add_argument("--max-tokens-per-gpu", type=int, default=None, help="tokens per packed micro-batch on one rank")
+    g.add_argument(
+        "--log-probs-max-tokens-per-gpu", type=int, default=None,
+        help="tokens per packed pass when computing old/ref/teacher log-probs and values (no gradient, so it can be "
+        "larger; default --max-tokens-per-gpu, or --micro-batch-size samples)",
+    )  # fmt: skip
+    g.add_argument(
+        "--balance-data", action="store_true",
+        help="split each optimizer step over ranks by token count (Karmarkar-Karp) instead of round-robin",
+    )  # fmt: skip
     g.add_argument("--distributed-timeout-minutes", type=float, default=10.0, help="timeout of training collectives")
     g.add_argument(
         "--train-timeout", type=float, default=3600.0,
@@ -296,29 +305,41 @@ def set_batch_plan(args: argparse.Namespace, parser: argparse.ArgumentParser) ->
         parser.error(f"--global-batch-size {args.global_batch_size} does not split evenly over {world} training "
                      f"ranks (--actor-num-nodes x --actor-num-gpus-per-node)")  # fmt: skip
     per_rank = args.global_batch_size // world
+    for flag in ("max_tokens_per_gpu", "log_probs_max_tokens_per_gpu"):
+        if getattr(args, flag) is not None and getattr(args, flag) < 1:
+            parser.error(f"--{flag.replace('_', '-')} must be at least 1, got {getattr(args, flag)}")
     if args.use_dynamic_batch_size:
         if not args.max_tokens_per_gpu:
             parser.error("--use-dynamic-batch-size needs --max-tokens-per-gpu")
+    elif args.max_tokens_per_gpu:  # slime scripts pass it either way; say what it does here
+        logging.getLogger(__name__).warning("--max-tokens-per-gpu has no effect without --use-dynamic-batch-size")
     elif per_rank % args.micro_batch_size:
         parser.error(f"--global-batch-size {args.global_batch_size} over {world} rank(s) gives {per_rank} samples "
                      f"per rank, not a multiple of --micro-batch-size {args.micro_batch_size}")  # fmt: skip
 
 
 def batch_plan(args: argparse.Namespace) -> str:
-    """One line: prompts -> samples -> optimizer steps -> per-rank samples -> micro-batches."""
-    micro = (
-        f"micro-batches packed to <= {args.max_tokens_per_gpu} tokens"
-        if args.use_dynamic_batch_size
-        else f"{args.global_batch_size // args.world_size // args.micro_batch_size} micro-batch(es) of "
-        f"{args.micro_batch_size}"
-    )
-    return (
-        f"batch plan: {args.rollout_batch_size} prompts x {args.n_samples_per_prompt} samples = "
-        f"{args.rollout_batch_size * args.n_samples_per_prompt} samples per rollout -> {args.num_steps_per_rollout} "
-        f"optimizer step(s) of {args.global_batch_size} -> {args.global_batch_size // args.world_size} samples on "
-        f"each of {args.world_size} rank(s) -> {micro}; {args.num_rollout} rollout(s), "
-        f"{args.num_rollout * args.num_steps_per_rollout} optimizer steps in all"
-    )
+    """The plan printed at start: prompts -> samples -> optimizer steps -> samples per rank -> micro-batches."""
+    samples, world = args.rollout_batch_size * args.n_samples_per_prompt, args.world_size
+    per_rank = args.global_batch_size // world
+    split = "token-balanced (--balance-data)" if args.balance_data else "round-robin"
+    if args.use_dynamic_batch_size:
+        micro = f"packed to <= {args.max_tokens_per_gpu} tokens each (a longer sample is a micro-batch of its own)"
+    else:
+        micro = f"{per_rank // args.micro_batch_size} of {args.micro_batch_size} sample(s) each, packed without padding"
+    no_grad = args.log_probs_max_tokens_per_gpu or (args.max_tokens_per_gpu if args.use_dynamic_batch_size else None)
+    lines = [
+        "batch plan:",
+        f"  rollout      {args.rollout_batch_size} prompts x {args.n_samples_per_prompt} samples = {samples} samples, "
+        f"responses <= {args.rollout_max_response_len} tokens",
+        f"  training     {args.num_steps_per_rollout} optimizer step(s) of {args.global_batch_size} samples, "
+        f"{per_rank} per rank on {world} rank(s), {split}",
+        f"  micro-batch  {micro}",
+        "  log-probs    " + (f"packed to <= {no_grad} tokens per pass" if no_grad else "as the micro-batches"),
+        f"  run          {args.num_rollout} rollout(s) = {args.num_rollout * args.num_steps_per_rollout} optimizer "
+        f"steps, {args.num_rollout * samples} samples",
+    ]
+    return "\n".join(lines)
 
 
 def validate_args(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:

@@ -27,7 +27,7 @@ from slime.sync.syncer import WeightSyncer
 from slime.trainer.loss import critic_loss, micro_batch_loss
 from slime.trainer.models import load_critic, load_policy
 from slime.trainer.optimizer import build_optimizer
-from slime.trainer.packing import forward_log_probs, forward_values, split_micro_batches
+from slime.trainer.packing import forward_log_probs, forward_values, rank_shares, split_micro_batches
 from slime.utils.misc import load_function
 
 logger = logging.getLogger(__name__)
@@ -82,10 +82,13 @@ class TrainActor:
         self.step = 0
 
     # ------------------------------------------------------------------ helpers
-    def _passes(self, indices_per_rank: list[list[int]], lengths: list[int]) -> list[list[int]]:
-        """This rank's micro-batches (lists of sample indices), padded with [] up to the largest count of any rank."""
+    def _passes(self, indices_per_rank: list[list[int]], lengths: list[int], no_grad: bool = False) -> list[list[int]]:
+        """This rank's micro-batches (lists of sample indices), padded with [] up to the largest count of any rank.
+        Passes without gradient pack to `--log-probs-max-tokens-per-gpu` when it is set."""
         a = self.args
         max_tokens = a.max_tokens_per_gpu if a.use_dynamic_batch_size else None
+        if no_grad and a.log_probs_max_tokens_per_gpu:
+            max_tokens = a.log_probs_max_tokens_per_gpu
         plans = [
             [
                 [idx[j] for j in mb]
@@ -108,7 +111,7 @@ class TrainActor:
         """{sample index: [r_i] log-probs (or the critic's values)} for this rank's share, no gradient."""
         lengths = [len(t) for t in data["tokens"]]
         out = {}
-        for mb in self._passes(indices_per_rank, lengths):
+        for mb in self._passes(indices_per_rank, lengths, no_grad=True):
             tokens, rlens = self._inputs(data, mb)
             if values:
                 result = forward_values(model, tokens, rlens)
@@ -199,13 +202,14 @@ class TrainActor:
         g, n = a.global_batch_size, len(data["tokens"])
         if n % g:
             raise ValueError(f"the rollout has {n} samples, not a multiple of --global-batch-size {g}")
+        lengths = [len(t) for t in data["tokens"]]
         steps = [list(range(s, s + g)) for s in range(0, n, g)]
-        shares = [[step[r::world] for r in range(world)] for step in steps]
+        shares = [rank_shares(step, lengths, world, a.balance_data) for step in steps]
         everything = [[i for step in shares for i in step[r]] for r in range(world)]
+        rank_tokens = [[sum(lengths[i] for i in share) for share in step] for step in shares]
         cols = self._token_columns(data, everything)
         cols["advantages"], cols["returns"] = compute_advantages(torch.tensor(data["rewards"]), cols, a)
         cols["is_weights"], cols["is_masks"], is_metrics = self._corrections(cols)
-        lengths = [len(t) for t in data["tokens"]]
         totals: dict[str, float] = {}
         tokens = 0
         for step, step_shares in zip(steps, shares, strict=True):
@@ -242,7 +246,8 @@ class TrainActor:
         out.update({"train/lr": self.scheduler.get_last_lr()[0], "train/seconds": seconds,
                     "train/param_norm": self._param_norm(),
                     "train/tokens_per_s": self._sum_over_ranks({"t": tokens})["t"] / seconds,
-                    "train/optimizer_steps": self.step})  # fmt: skip
+                    "train/optimizer_steps": self.step,
+                    "perf/rank_tokens_max_over_min": max(max(t) / max(min(t), 1) for t in rank_tokens)})  # fmt: skip
         return out
 
     def _sum_over_ranks(self, values: dict[str, float]) -> dict[str, float]:

@@ -1,6 +1,11 @@
-"""Packed micro-batches (no padding) and the response log-probabilities computed over them."""
+"""How a rollout is laid out for training: optimizer steps split over ranks (optionally token-balanced), packed
+micro-batches (no padding), and the response log-probabilities computed over them."""
 
 from __future__ import annotations
+
+import bisect
+import heapq
+import itertools
 
 import torch
 
@@ -30,6 +35,56 @@ def split_micro_batches(lengths: list[int], micro_batch_size: int, max_tokens: i
             bins.append([i])
             room.append(max_tokens - lengths[i])
     return [sorted(b) for b in bins]
+
+
+def balanced_partition(lengths: list[int], k: int) -> list[list[int]]:
+    """Indices of `lengths` in `k` parts of equal count (within one) with even token totals: the balanced largest
+    differencing method (Karmarkar-Karp) — sorted longest first, each run of k items starts as a partition of k
+    one-item sets, and the two partitions with the widest spread are merged repeatedly, the heaviest set of one with
+    the lightest of the other — then single swaps between the heaviest and lightest parts."""
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+    order += [-1] * (-len(order) % k)  # padding items of length 0 (dropped below) keep the counts equal
+    tie = itertools.count()
+    heap = []
+    for c in range(0, len(order), k):
+        sets = sorted(([lengths[i] if i >= 0 else 0, [i]] for i in order[c : c + k]), key=lambda x: -x[0])
+        heapq.heappush(heap, (-(sets[0][0] - sets[-1][0]), next(tie), sets))
+    while len(heap) > 1:
+        a, b = heapq.heappop(heap)[2], heapq.heappop(heap)[2]
+        merged = sorted(([x[0] + y[0], x[1] + y[1]] for x, y in zip(a, reversed(b), strict=True)), key=lambda x: -x[0])
+        heapq.heappush(heap, (-(merged[0][0] - merged[-1][0]), next(tie), merged))
+    sets = heap[0][2] if heap else [[0, []] for _ in range(k)]
+    return _swap_refine([[i for i in items if i >= 0] for _, items in sets], lengths)
+
+
+def _swap_refine(parts: list[list[int]], lengths: list[int], rounds: int = 200) -> list[list[int]]:
+    """Swap one sample between the heaviest and the lightest part while that narrows their gap (the differencing
+    method pairs samples rigidly; one swap often halves what it leaves). Counts never change."""
+    for _ in range(rounds):
+        totals = [sum(lengths[i] for i in p) for p in parts]
+        hi, lo = totals.index(max(totals)), totals.index(min(totals))
+        gap = totals[hi] - totals[lo]
+        light = sorted(parts[lo], key=lambda j: lengths[j])
+        light_lengths = [lengths[j] for j in light]
+        best = (gap, -1, -1)
+        for i in parts[hi]:
+            pos = bisect.bisect_left(light_lengths, lengths[i] - gap / 2)
+            for q in (pos - 1, pos):
+                if 0 <= q < len(light) and 0 < lengths[i] - light_lengths[q] < gap:
+                    best = min(best, (abs(gap - 2 * (lengths[i] - light_lengths[q])), i, light[q]))
+        if best[1] < 0:
+            break
+        _, i, j = best
+        parts[hi][parts[hi].index(i)], parts[lo][parts[lo].index(j)] = j, i
+    return [sorted(p) for p in parts]
+
+
+def rank_shares(step: list[int], lengths: list[int], world: int, balance: bool) -> list[list[int]]:
+    """The sample indices of one optimizer step on each of `world` ranks: round-robin, or token-balanced
+    (`--balance-data`). Either way every rank gets len(step) / world samples."""
+    if not balance:
+        return [step[r::world] for r in range(world)]
+    return [[step[j] for j in part] for part in balanced_partition([lengths[i] for i in step], world)]
 
 
 def pack(token_lists: list[list[int]], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
