@@ -90,8 +90,28 @@ def test_data_source_epochs_groups_and_state(tok, write_jsonl):
             assert len({s.group_index for s in group}) == 1
             seen.append(group[0].prompt)
     assert sorted(seen) == sorted([f"q{i}" for i in range(5)] * 2) and src.epoch == 1
+    src.get_samples(1)  # stop mid-epoch: 11 prompts served
     state = json.loads(json.dumps(src.state_dict()))
-    nxt = src.get_samples(1)[0][0].prompt
+    rest = [(g[0].prompt, g[0].index, g[0].group_index) for g in src.get_samples(7)]  # crosses into the 4th epoch
     src2 = RolloutDataSource(load_prompt_data(path, tok), 3, shuffle=True, seed=1)
     src2.load_state_dict(state)
-    assert src2.get_samples(1)[0][0].prompt == nxt
+    assert [(g[0].prompt, g[0].index, g[0].group_index) for g in src2.get_samples(7)] == rest
+    with pytest.raises(ValueError, match="expected"):
+        src2.load_state_dict({"epoch": 1})
+
+
+def test_tools_and_template_kwargs_reach_the_chat_template(tok, write_jsonl):
+    import copy
+
+    t = copy.deepcopy(tok)
+    t.chat_template = ("{% for x in tools or [] %}TOOL:{{ x.name }};{% endfor %}"
+                       "{% if enable_thinking is defined %}THINK={{ enable_thinking }};{% endif %}"
+                       "{{ messages[0].content }}")  # fmt: skip
+    calc = {"name": "calculator", "description": "evaluates arithmetic"}
+    rows = [{"input": "a", "metadata": {"tools": [calc]}}, {"input": "b", "tools": [{"name": "search"}]}]
+    path = write_jsonl(rows)
+    kw = dict(apply_chat_template=True, apply_chat_template_kwargs={"enable_thinking": False})
+    from_metadata = load_prompt_data(path, t, **kw)
+    assert [s.prompt for s in from_metadata.samples] == ["TOOL:calculator;THINK=False;a", "THINK=False;b"]
+    from_key = load_prompt_data(path, t, tool_key="tools", **kw)  # --tool-key wins over the metadata
+    assert [s.prompt for s in from_key.samples] == ["THINK=False;a", "TOOL:search;THINK=False;b"]

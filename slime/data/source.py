@@ -57,6 +57,9 @@ class RolloutDataSource:
         return {k: getattr(self, k) for k in ("epoch", "offset", "sample_index", "group_index")}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        for k, v in state.items():
-            setattr(self, k, v)
+        keys = ("epoch", "offset", "sample_index", "group_index")
+        if sorted(state) != sorted(keys):
+            raise ValueError(f"data source state has keys {sorted(state)}, expected {sorted(keys)}")
+        for k in keys:
+            setattr(self, k, int(state[k]))
         self._order = self._epoch_order()

@@ -160,6 +160,14 @@ class RolloutManager:
             metrics |= dataset_metrics(name, data, n)
         return {"metrics": metrics}
 
+    def data_state(self) -> dict[str, Any]:
+        """Where the training data stands (epoch, position, counters), for checkpoints."""
+        return self.data_source.state_dict()
+
+    def load_data_state(self, state: dict[str, Any]) -> None:
+        """Continue from a saved position: the next rollout gets the next unseen prompt of the same order."""
+        self.data_source.load_state_dict(state)
+
     def shutdown(self) -> None:
         for server in [*self.engines, self.router]:
             if server is not None:
