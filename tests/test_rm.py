@@ -8,7 +8,7 @@ import pytest
 
 from slime.rollout.rm_hub import async_rm
 from slime.rollout.rm_hub.math_utils import grade_math, last_boxed
-from slime.rollout.sglang_rollout import _reward
+from slime.rollout.scoring import score_sample
 from slime.utils.types import Sample
 from tests.conftest import SHARED_DATA
 
@@ -181,14 +181,14 @@ def test_selection_order():
 
 def test_failing_reward_is_scored_marked_and_run_goes_on():
     s = Sample(response="x", label="1", index=3)
-    asyncio.run(_reward(args(custom_rm_path="tests.custom_hooks:failing_reward", reward_on_error=-1.0), s))
+    asyncio.run(score_sample(args(custom_rm_path="tests.custom_hooks:failing_reward", reward_on_error=-1.0), s))
     assert s.reward == -1.0 and "grader exploded" in s.metadata["reward_error"]
 
 
 def test_slow_reward_times_out_and_run_goes_on():
     s = Sample(response="x", label="1", index=4)
     start = time.monotonic()
-    asyncio.run(_reward(args(custom_rm_path="tests.custom_hooks:slow_reward", rm_timeout=0.5), s))
+    asyncio.run(score_sample(args(custom_rm_path="tests.custom_hooks:slow_reward", rm_timeout=0.5), s))
     assert time.monotonic() - start < 5
     assert s.reward == 0.0 and "--rm-timeout 0.5" in s.metadata["reward_error"]
 

@@ -8,7 +8,8 @@ import pytest
 from aiohttp import web
 
 from slime.rollout.rm_hub import batched_async_rm
-from slime.rollout.sglang_rollout import _reward, _reward_group, check_reward, rollout_metrics
+from slime.rollout.scoring import check_reward, score_group, score_sample
+from slime.rollout.sglang_rollout import rollout_metrics
 from slime.utils.http_utils import close_sessions
 from slime.utils.types import Sample
 
@@ -36,7 +37,7 @@ def test_return_convention_is_checked_and_names_the_function():
 
 def test_bad_return_marks_the_sample_and_names_the_hook():
     s = Sample(response="x", label="1", index=5)
-    asyncio.run(_reward(args(custom_rm_path="tests.custom_hooks:none_reward", reward_on_error=-1.0), s))
+    asyncio.run(score_sample(args(custom_rm_path="tests.custom_hooks:none_reward", reward_on_error=-1.0), s))
     assert s.reward == -1.0
     assert s.metadata["reward_error"].startswith("--custom-rm-path tests.custom_hooks:none_reward: TypeError")
 
@@ -44,8 +45,8 @@ def test_bad_return_marks_the_sample_and_names_the_hook():
 def test_eval_reward_key_picks_another_scalar_for_evaluation():
     a = args(custom_rm_path="tests.custom_hooks:dict_reward", reward_key="score", eval_reward_key="acc")
     train, ev = Sample(response="42", label="42"), Sample(response="42", label="42")
-    asyncio.run(_reward(a, train))
-    asyncio.run(_reward(a, ev, evaluation=True))
+    asyncio.run(score_sample(a, train))
+    asyncio.run(score_sample(a, ev, evaluation=True))
     assert "reward_error" not in train.metadata and "reward_error" not in ev.metadata
     assert train.get_reward_value(a) == 2.0
     assert rollout_metrics([[train]], 1.0, key="score")["rollout/reward_mean"] == 2.0
@@ -55,16 +56,16 @@ def test_eval_reward_key_picks_another_scalar_for_evaluation():
 def test_group_rm_calls_the_custom_function_once_per_group():
     group = [Sample(response=r, index=i) for i, r in enumerate(["a", "abc", "ab"])]
     a = args(custom_rm_path="tests.custom_hooks:group_rank_reward", group_rm=True)
-    asyncio.run(_reward_group(a, group))
+    asyncio.run(score_group(a, group))
     assert [s.reward for s in group] == [0.0, 1.0, 0.0]
     assert asyncio.run(batched_async_rm(a, group)) == [0.0, 1.0, 0.0]
     # a per-sample function given a group fails; the message says it got a list
     bad = args(custom_rm_path="tests.custom_hooks:length_reward", group_rm=True, reward_on_error=-1.0)
-    asyncio.run(_reward_group(bad, group))
+    asyncio.run(score_group(bad, group))
     assert all(s.reward == -1.0 and "called with a list of samples" in s.metadata["reward_error"] for s in group)
     # one reward for the whole group instead of one per sample is refused, not broadcast
     scalar = args(custom_rm_path="tests.custom_hooks:group_size_reward", group_rm=True)
-    asyncio.run(_reward_group(scalar, group))
+    asyncio.run(score_group(scalar, group))
     assert all("returned float; with --group-rm it must return one reward per" in s.metadata["reward_error"]
                for s in group)  # fmt: skip
 
@@ -101,7 +102,7 @@ def test_remote_rm_posts_prompt_response_label_and_retries_5xx():
         try:
             a = args(rm_type="remote_rm", rm_url=url, reward_key="score")
             s = Sample(prompt="2+2?", response="4", label="4", index=0)
-            await _reward(a, s)
+            await score_sample(a, s)
             return s
         finally:
             await close_sessions()
@@ -124,7 +125,7 @@ def test_remote_rm_errors_are_clear(status, body, expect):
         runner, url = await _serve(handler)
         try:
             s = Sample(prompt="p", response="r", label="l", index=9)
-            await _reward(args(rm_type="remote_rm", rm_url=url), s)
+            await score_sample(args(rm_type="remote_rm", rm_url=url), s)
             return s, url
         finally:
             await close_sessions()
@@ -142,7 +143,7 @@ def test_remote_rm_down_fails_after_its_retries_not_forever():
 
     async def main():
         try:
-            await _reward(args(rm_type="remote_rm", rm_url=url, rm_max_retries=2), s)
+            await score_sample(args(rm_type="remote_rm", rm_url=url, rm_max_retries=2), s)
         finally:
             await close_sessions()
 

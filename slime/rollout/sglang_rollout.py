@@ -9,13 +9,11 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import math
-import numbers
 import time
 from typing import Any
 
 from slime.rollout.base_types import RolloutFnEvalOutput, RolloutFnTrainOutput
-from slime.rollout.rm_hub import async_rm, batched_async_rm
+from slime.rollout.scoring import reward_key, scalar_reward, score_group, score_sample
 from slime.utils.async_utils import run
 from slime.utils.eval_config import EvalDatasetConfig
 from slime.utils.http_utils import post
@@ -85,83 +83,6 @@ async def generate(args: Any, sample: Sample, sampling_params: dict[str, Any]) -
     return sample
 
 
-def reward_key(args: Any, evaluation: bool = False) -> str | None:
-    """The key of the scalar in dict rewards: `--eval-reward-key` (else `--reward-key`) for evaluation."""
-    if evaluation and getattr(args, "eval_reward_key", None):
-        return args.eval_reward_key
-    return getattr(args, "reward_key", None)
-
-
-def reward_source(args: Any, sample: Sample) -> str:
-    """Which reward function grades `sample`, by the selection order, for error messages."""
-    if sample.metadata.get("custom_rm_path"):
-        return f"metadata custom_rm_path {sample.metadata['custom_rm_path']}"
-    if getattr(args, "custom_rm_path", None):
-        return f"--custom-rm-path {args.custom_rm_path}"
-    return f"rm_type {sample.metadata.get('rm_type') or getattr(args, 'rm_type', None)}"
-
-
-def check_reward(reward: Any, key: str | None, source: str) -> float | dict:
-    """The one return convention: a finite real number, or a dict whose `key` entry is one."""
-    if isinstance(reward, dict):
-        if not key:
-            raise TypeError(f"{source} returned a dict with keys {sorted(reward)}; choose the scalar with "
-                            "--reward-key (and --eval-reward-key for evaluation)")  # fmt: skip
-        if key not in reward:
-            raise KeyError(f"{source} returned a dict without the reward key {key!r}: keys {sorted(reward)}")
-        check_reward(reward[key], None, f"{source} [{key!r}]")
-        return reward
-    if not isinstance(reward, numbers.Real):
-        raise TypeError(f"{source} returned {type(reward).__name__} {str(reward)[:80]!r}; a reward is a float or "
-                        "a dict holding the --reward-key scalar")  # fmt: skip
-    if not math.isfinite(reward):
-        raise ValueError(f"{source} returned {reward}")
-    return float(reward)
-
-
-_logged_tracebacks: set[tuple[str, str]] = set()
-
-
-def _mark_failed(args: Any, sample: Sample, exc: BaseException, source: str) -> None:
-    """Give the sample `--reward-on-error`, record why in its metadata, and log it (the traceback once per kind)."""
-    sample.reward = args.reward_on_error
-    if isinstance(exc, TimeoutError) and not str(exc):  # a grader in a thread keeps running; its result is dropped
-        why = f"TimeoutError: took longer than --rm-timeout {args.rm_timeout}s"
-    else:
-        why = f"{type(exc).__name__}: {exc}"
-    sample.metadata["reward_error"] = f"{source}: {why}"
-    first = (source, type(exc).__name__) not in _logged_tracebacks
-    _logged_tracebacks.add((source, type(exc).__name__))
-    logger.warning("reward of sample %s failed (%s); it gets --reward-on-error %s", sample.index,
-                   sample.metadata["reward_error"], args.reward_on_error, exc_info=exc if first else None)  # fmt: skip
-
-
-async def _reward(args: Any, sample: Sample, evaluation: bool = False) -> None:
-    """Grade one sample; a reward function that raises, times out or breaks the return convention is caught."""
-    source = reward_source(args, sample)
-    try:
-        reward = await asyncio.wait_for(async_rm(args, sample), getattr(args, "rm_timeout", None))
-        sample.reward = check_reward(reward, reward_key(args, evaluation), source)
-    except Exception as exc:  # one broken grading must not end the run: score it, mark it, count it
-        _mark_failed(args, sample, exc, source)
-
-
-async def _reward_group(args: Any, samples: list[Sample], evaluation: bool = False) -> None:
-    """`--group-rm` with `--custom-rm-path`: one call grades the group; if it fails, every sample is marked."""
-    source = f"--custom-rm-path {args.custom_rm_path} called with a list of samples (--group-rm)"
-    try:
-        rewards = await asyncio.wait_for(batched_async_rm(args, samples), getattr(args, "rm_timeout", None))
-    except Exception as exc:
-        for sample in samples:
-            _mark_failed(args, sample, exc, source)
-        return
-    for sample, reward in zip(samples, rewards, strict=True):
-        try:
-            sample.reward = check_reward(reward, reward_key(args, evaluation), source)
-        except Exception as exc:
-            _mark_failed(args, sample, exc, source)
-
-
 async def _generate_one(args: Any, sample: Sample, params: dict, sem: asyncio.Semaphore, gen_fn) -> Sample:
     async with sem:
         try:
@@ -182,9 +103,9 @@ async def _generate_group(args: Any, group: list[Sample], params: dict, sem, gen
     done = list(await asyncio.gather(*(_generate_one(args, s, params, sem, gen_fn) for s in group)))
     todo = [s for s in done if s.status not in (Sample.Status.ABORTED, Sample.Status.FAILED)]
     if todo and getattr(args, "group_rm", False) and args.custom_rm_path:
-        await _reward_group(args, todo, evaluation)
+        await score_group(args, todo, evaluation)
     else:
-        await asyncio.gather(*(_reward(args, s, evaluation) for s in todo))
+        await asyncio.gather(*(score_sample(args, s, evaluation) for s in todo))
     return done
 
 
@@ -199,12 +120,6 @@ async def _generate_groups(
     sem = asyncio.Semaphore(args.sglang_server_concurrency * args.rollout_num_engines)
     params = sampling_params(args, evaluation, dataset)
     return list(await asyncio.gather(*(_generate_group(args, g, params, sem, gen_fn, evaluation) for g in groups)))
-
-
-def scalar_reward(sample: Sample, key: str | None) -> float | None:
-    """The sample's reward as a number (`key` picks it from a dict); None when it was never graded."""
-    reward = sample.reward[key] if isinstance(sample.reward, dict) and key in sample.reward else sample.reward
-    return float(reward) if isinstance(reward, numbers.Real) else None
 
 
 def rollout_metrics(
