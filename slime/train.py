@@ -33,7 +33,7 @@ def train(args) -> dict:
             print(batch_plan(args))
             trainer = TrainGroup(args)
             trainer.call("connect_engines", info["engine_urls"])
-        has_eval = getattr(args, "has_eval", False)
+        has_eval = bool(args.eval_datasets)
         if has_eval and not args.skip_eval_before_train:
             last["eval_before"] = log(metrics_log, 0, ray.get(manager.eval.remote(0))["metrics"])
         for rollout_id in tqdm(range(args.num_rollout), desc="rollout", unit="step", file=sys.stdout):

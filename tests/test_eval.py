@@ -73,8 +73,8 @@ eval:
 """)
     args = parse_args([*BASE, "--eval-config", str(cfg), "--eval-prompt-data", "extra", "e.jsonl",
                        "--eval-max-response-len", "64", "--eval-top-p", "0.9"])  # fmt: skip
-    by = {c.name: c for c in eval_dataset_configs(args)}
-    assert list(by) == ["gsm8k", "gpqa", "extra"] and args.has_eval
+    by = {c.name: c for c in args.eval_datasets}
+    assert list(by) == ["gsm8k", "gpqa", "extra"] and by == {c.name: c for c in eval_dataset_configs(args)}
     g, q, e = by["gsm8k"], by["gpqa"], by["extra"]
     assert (g.input_key, g.label_key, g.n_samples_per_eval_prompt, g.temperature, g.max_prompts) == (
         "question", "answer", 4, 0.6, 50)  # fmt: skip
@@ -114,3 +114,13 @@ def test_bad_eval_flags_are_refused(capsys, extra, message):
     with pytest.raises(SystemExit):
         parse_args(BASE + extra)
     assert message in capsys.readouterr().err
+
+
+def test_sampling_params_for_training_and_for_evaluation_without_a_dataset_config():
+    from slime.rollout.sglang_rollout import sampling_params
+
+    args = parse_args([*BASE, "--rollout-temperature", "0.8", "--eval-temperature", "0", "--eval-top-p", "0.9",
+                       "--rollout-max-response-len", "48", "--rollout-stop", "END"])  # fmt: skip
+    train, ev = sampling_params(args), sampling_params(args, evaluation=True)
+    assert (train["temperature"], train["top_p"], train["max_new_tokens"], train["stop"]) == (0.8, 1.0, 48, ["END"])
+    assert (ev["temperature"], ev["top_p"], ev["max_new_tokens"], ev["stop"]) == (0.0, 0.9, 48, ["END"])

@@ -360,23 +360,24 @@ def validate_args(args: argparse.Namespace, parser: argparse.ArgumentParser) -> 
     set_batch_plan(args, parser)
     if args.rollout_engine_threads == 0:
         args.rollout_engine_threads = max(1, (os.cpu_count() or 1) // args.rollout_num_engines)
-    sampling = {
-        "temperature": args.rollout_temperature,
-        "top_p": args.rollout_top_p,
-        "top_k": args.rollout_top_k,
-        "max_new_tokens": args.rollout_max_response_len,
-    }
+    check_sampling(parser, "rollout sampling flags", args.rollout_temperature, args.rollout_top_p,
+                   args.rollout_top_k, args.rollout_max_response_len)  # fmt: skip
+
+
+def check_sampling(parser: argparse.ArgumentParser, where: str, temperature, top_p, top_k, max_new_tokens) -> None:
+    """The router drops keys it does not know, so sampling values are checked here rather than trusted to a 400."""
     from slime.engine.sampling import SamplingParams, SamplingParamsError
 
-    try:  # the router drops keys it does not know, so check values here rather than trust a 400
-        SamplingParams.from_dict(sampling)
-    except SamplingParamsError as exc:
-        parser.error(f"rollout sampling flags: {exc}")
+    raw = {"temperature": temperature, "top_p": top_p, "top_k": top_k, "max_new_tokens": max_new_tokens}
+    try:
+        SamplingParams.from_dict(raw)
+    except (SamplingParamsError, TypeError) as exc:
+        parser.error(f"{where}: {exc}")
 
 
 def validate_eval(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
-    """Eval datasets are read from the flags and the YAML once here, so a bad entry fails before anything starts."""
-    from slime.engine.sampling import SamplingParams, SamplingParamsError
+    """Eval datasets are read from the flags and the YAML once, here, into `args.eval_datasets`, so a bad entry
+    fails before anything starts."""
     from slime.utils.eval_config import EvalConfigError, eval_dataset_configs
 
     if args.eval_prompt_data is not None and (len(args.eval_prompt_data) == 0 or len(args.eval_prompt_data) % 2):
@@ -391,12 +392,8 @@ def validate_eval(args: argparse.Namespace, parser: argparse.ArgumentParser) -> 
         where = f"eval dataset {c.name!r}"
         if c.n_samples_per_eval_prompt < 1 or (c.max_prompts is not None and c.max_prompts < 1):
             parser.error(f"{where}: n_samples_per_eval_prompt and max_prompts must be at least 1")
-        try:
-            SamplingParams.from_dict({"temperature": c.temperature, "top_p": c.top_p, "top_k": c.top_k,
-                                      "max_new_tokens": c.max_response_len})  # fmt: skip
-        except (SamplingParamsError, TypeError) as exc:
-            parser.error(f"{where}: {exc}")
-    args.has_eval = bool(configs)
+        check_sampling(parser, where, c.temperature, c.top_p, c.top_k, c.max_response_len)
+    args.eval_datasets = configs
 
 
 def validate_reward(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:

@@ -14,7 +14,6 @@ from slime.engine.launch import ServerProcess, launch_engine
 from slime.observe.eval_metrics import dataset_metrics
 from slime.rollout.base_types import RolloutFnEvalOutput, RolloutFnTrainOutput
 from slime.router.router import launch_router, register_worker
-from slime.utils.eval_config import eval_dataset_configs
 from slime.utils.misc import load_function
 from slime.utils.processing_utils import load_tokenizer
 from slime.utils.types import Sample
@@ -23,9 +22,9 @@ logger = logging.getLogger(__name__)
 
 
 class RolloutDataSourceWithEval(RolloutDataSource):
-    """The training data source plus the eval datasets (slime.utils.eval_config), each as one group list over all
-    its prompts. With `--disable-rollout-global-dataset` there is no training dataset: the rollout function brings
-    its own prompts."""
+    """The training data source plus the eval datasets (`args.eval_datasets`, resolved by slime.utils.eval_config
+    when the flags are parsed), each as one group list over all its prompts. With `--disable-rollout-global-dataset`
+    there is no training dataset: the rollout function brings its own prompts."""
 
     def __init__(self, args: Any, tokenizer: Any):
         load = dict(
@@ -39,7 +38,7 @@ class RolloutDataSourceWithEval(RolloutDataSource):
                     tool_key=args.tool_key)  # fmt: skip
         dataset = load_prompt_data(args.prompt_data, **load, **keys) if args.rollout_global_dataset else None
         super().__init__(dataset, args.n_samples_per_prompt, args.rollout_shuffle, args.rollout_seed)
-        self.eval_configs = {c.name: c for c in eval_dataset_configs(args)}
+        self.eval_configs = {c.name: c for c in args.eval_datasets}
         self.eval_sets = {}
         for c in self.eval_configs.values():
             self.eval_sets[c.name] = load_prompt_data(c.path, **load, input_key=c.input_key, label_key=c.label_key,

@@ -15,7 +15,7 @@ from typing import Any
 from slime.rollout.base_types import RolloutFnEvalOutput, RolloutFnTrainOutput
 from slime.rollout.scoring import reward_key, scalar_reward, score_group, score_sample
 from slime.utils.async_utils import run
-from slime.utils.eval_config import EvalDatasetConfig
+from slime.utils.eval_config import EvalDatasetConfig, resolve
 from slime.utils.http_utils import post
 from slime.utils.misc import load_function
 from slime.utils.processing_utils import load_tokenizer
@@ -30,18 +30,16 @@ def router_url(args: Any) -> str:
 
 
 def sampling_params(args: Any, evaluation: bool = False, dataset: EvalDatasetConfig | None = None) -> dict[str, Any]:
-    """The engine's sampling_params for training, or for an eval dataset (its config has every field resolved)."""
+    """The engine's sampling_params for training, or for evaluation: an eval dataset's resolved config, or for a
+    dataset without one, the `--eval-*` flags over the rollout's (slime.utils.eval_config.resolve)."""
+    if evaluation and dataset is None:
+        dataset = resolve(args, {"name": "eval", "path": ""})
     if dataset is not None:
         temperature, top_p, top_k, max_new = dataset.temperature, dataset.top_p, dataset.top_k, dataset.max_response_len
         stop, stop_ids = dataset.stop, dataset.stop_token_ids
     else:
         temperature, top_p, top_k = args.rollout_temperature, args.rollout_top_p, args.rollout_top_k
         max_new, stop, stop_ids = args.rollout_max_response_len, args.rollout_stop, args.rollout_stop_token_ids
-        if evaluation:
-            temperature = args.eval_temperature if args.eval_temperature is not None else temperature
-            top_p = args.eval_top_p if getattr(args, "eval_top_p", None) is not None else top_p
-            top_k = args.eval_top_k if getattr(args, "eval_top_k", None) is not None else top_k
-            max_new = args.eval_max_response_len or max_new
     params = {
         "temperature": temperature,
         "top_p": top_p,

@@ -125,13 +125,16 @@ def eval_dataset_configs(args: Any) -> list[EvalDatasetConfig]:
     duplicated = sorted({n for n in names if names.count(n) > 1})
     if duplicated:
         raise EvalConfigError(f"eval dataset name(s) {duplicated} used twice (--eval-config / --eval-prompt-data)")
-    configs = []
-    for entry in entries:
-        for name, attrs in CLI_FALLBACK.items():
-            if entry.get(name) is None:
-                entry[name] = next((getattr(args, a) for a in attrs if getattr(args, a, None) is not None), None)
-        try:
-            configs.append(EvalDatasetConfig(**entry))
-        except TypeError as exc:
-            raise EvalConfigError(f"eval dataset {entry['name']!r}: {exc}") from exc
-    return configs
+    return [resolve(args, entry) for entry in entries]
+
+
+def resolve(args: Any, entry: dict[str, Any]) -> EvalDatasetConfig:
+    """One dataset's config with every field the entry leaves unset taken from the flags (CLI_FALLBACK)."""
+    entry = dict(entry)
+    for name, attrs in CLI_FALLBACK.items():
+        if entry.get(name) is None:
+            entry[name] = next((getattr(args, a) for a in attrs if getattr(args, a, None) is not None), None)
+    try:
+        return EvalDatasetConfig(**entry)
+    except TypeError as exc:
+        raise EvalConfigError(f"eval dataset {entry['name']!r}: {exc}") from exc
