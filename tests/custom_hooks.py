@@ -46,3 +46,23 @@ async def dict_reward(args, sample: Sample, **kwargs) -> dict:
 
 async def group_size_reward(args, samples: list[Sample], **kwargs) -> float:
     return float(len(samples))  # wrong for --group-rm: one value instead of one per sample
+
+
+def pop_last(args, rollout_id, buffer: list[list[Sample]], num_samples: int) -> list[list[Sample]]:
+    """A --buffer-filter-path: newest groups first."""
+    out = [buffer.pop() for _ in range(min(num_samples, len(buffer)))]
+    return out
+
+
+def keep_even_groups(args, samples: list[Sample], **kwargs):
+    """A --dynamic-sampling-filter-path rejecting every group with an odd group index (half of them)."""
+    from slime.rollout.filter_hub.base_types import DynamicFilterOutput
+
+    keep = samples[0].group_index % 2 == 0
+    return DynamicFilterOutput(keep=keep, reason=None if keep else "odd_group")
+
+
+def rank_post_process(args, samples: list[Sample]):
+    """A --custom-reward-post-process-path: scores are the raw rewards minus 1 (no group normalisation)."""
+    raw = [s.get_reward_value(args) for s in samples]
+    return raw, [r - 1.0 for r in raw]

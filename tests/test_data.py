@@ -6,7 +6,7 @@ import pytest
 
 from slime.data.builtin import arithmetic_rows, split_of
 from slime.data.dataset import DataError, load_prompt_data
-from slime.data.source import RolloutDataSource
+from slime.rollout.data_source import RolloutDataSource, RolloutDataSourceWithBuffer
 
 
 @pytest.fixture(scope="module")
@@ -80,9 +80,16 @@ def test_builtin_splits_are_seeded_and_disjoint():
         assert int(r["label"]) >= 0
 
 
+def _source_args(**kw):
+    from types import SimpleNamespace
+
+    return SimpleNamespace(**{"n_samples_per_prompt": 3, "rollout_shuffle": True, "rollout_seed": 1,
+                              "rollout_global_dataset": True, "buffer_filter_path": None, **kw})  # fmt: skip
+
+
 def test_data_source_epochs_groups_and_state(tok, write_jsonl):
     path = write_jsonl([{"input": f"q{i}"} for i in range(5)])
-    src = RolloutDataSource(load_prompt_data(path, tok), n_samples_per_prompt=3, shuffle=True, seed=1)
+    src = RolloutDataSource(_source_args(), load_prompt_data(path, tok))
     seen = []
     for _ in range(5):  # 10 prompts = two epochs
         for group in src.get_samples(2):
@@ -93,11 +100,33 @@ def test_data_source_epochs_groups_and_state(tok, write_jsonl):
     src.get_samples(1)  # stop mid-epoch: 11 prompts served
     state = json.loads(json.dumps(src.state_dict()))
     rest = [(g[0].prompt, g[0].index, g[0].group_index) for g in src.get_samples(7)]  # crosses into the 4th epoch
-    src2 = RolloutDataSource(load_prompt_data(path, tok), 3, shuffle=True, seed=1)
+    src2 = RolloutDataSource(_source_args(), load_prompt_data(path, tok))
     src2.load_state_dict(state)
     assert [(g[0].prompt, g[0].index, g[0].group_index) for g in src2.get_samples(7)] == rest
     with pytest.raises(ValueError, match="expected"):
         src2.load_state_dict({"epoch": 1})
+    with pytest.raises(RuntimeError, match="no buffer.*RolloutDataSourceWithBuffer"):
+        src2.add_samples(src2.get_samples(1))
+
+
+def test_buffered_groups_come_first_through_the_buffer_filter(tok, write_jsonl):
+    path = write_jsonl([{"input": f"q{i}"} for i in range(6)])
+    src = RolloutDataSourceWithBuffer(_source_args(rollout_shuffle=False), load_prompt_data(path, tok))
+    first = src.get_samples(3)
+    src.add_samples([first[2], first[0]])  # handed back in this order
+    again = src.get_samples(3)
+    assert [g[0].prompt for g in again] == ["q2", "q0", "q3"] and src.get_buffer_length() == 0
+    assert again[0] is first[2]  # the same samples (partial responses and all), not copies
+    with pytest.raises(ValueError, match="groups of --n-samples-per-prompt 3"):
+        src.add_samples([first[1][:2]])
+    newest = RolloutDataSourceWithBuffer(_source_args(rollout_shuffle=False, buffer_filter_path="tests.custom_hooks:pop_last"),
+                                         load_prompt_data(path, tok))  # fmt: skip
+    newest.add_samples(newest.get_samples(3))
+    assert [g[0].prompt for g in newest.get_samples(2)] == ["q2", "q1"] and newest.get_buffer_length() == 1
+    with pytest.raises(ImportError, match="--buffer-filter-path 'tests.custom_hooks:nope'"):
+        RolloutDataSourceWithBuffer(
+            _source_args(buffer_filter_path="tests.custom_hooks:nope"), load_prompt_data(path, tok)
+        )
 
 
 def test_tools_and_template_kwargs_reach_the_chat_template(tok, write_jsonl):

@@ -112,9 +112,8 @@ def test_train_debug_rollout_only_logs_metrics(tiny_model_path, tmp_path):
 def test_generate_rollout_group_rm_and_a_step_of_failed_rewards(two_engines_behind_router, tiny_model_path, tmp_path):
     """--group-rm through the default rollout on real engines: the custom function sees each full group once; a step
     whose every reward failed stops the run with the first error instead of training on --reward-on-error."""
-    from slime.rollout.manager import RolloutDataSourceWithEval
+    from slime.rollout.data_source import RolloutDataSourceWithBuffer
     from slime.rollout.sglang_rollout import generate_rollout
-    from slime.utils.processing_utils import load_tokenizer
 
     router, _ = two_engines_behind_router
     host, port = router.url.rsplit("//", 1)[1].split(":")
@@ -122,7 +121,7 @@ def test_generate_rollout_group_rm_and_a_step_of_failed_rewards(two_engines_behi
     def rollout(*extra):
         args = _args(tiny_model_path, tmp_path, *extra)
         args.sglang_router_ip, args.sglang_router_port = host, int(port)
-        source = RolloutDataSourceWithEval(args, load_tokenizer(tiny_model_path))
+        source = RolloutDataSourceWithBuffer(args)
         return generate_rollout(args, 0, source)
 
     out = rollout("--group-rm", "--custom-rm-path", "tests.custom_hooks:group_rank_reward")

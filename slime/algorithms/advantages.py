@@ -48,6 +48,14 @@ def group_normalize(rewards: torch.Tensor, group_size: int, std_normalization: b
     return centred.reshape(-1)
 
 
+def group_scores(rewards: torch.Tensor, args: Any, std_normalization: bool) -> torch.Tensor:
+    """`group_normalize` over `--n-samples-per-prompt` groups, unless `--custom-reward-post-process-path` already
+    turned the rewards into scores (its returned `rewards`, as in slime, replace this step). rewards: [B]."""
+    if getattr(args, "custom_reward_post_process_path", None):
+        return rewards
+    return group_normalize(rewards, args.n_samples_per_prompt, std_normalization)
+
+
 def discounted_returns(token_rewards: torch.Tensor, gamma: float) -> torch.Tensor:
     """G_t = sum_{s >= t} gamma^(s-t) * r_s. [r] -> [r]."""
     out = torch.empty_like(token_rewards)
@@ -118,7 +126,7 @@ def grpo(rewards: torch.Tensor, data: dict[str, Tokens], args: Any) -> tuple[Tok
     if args.kl_coef:
         kl = [(k * m).sum() for k, m in zip(data["kl"], data["loss_masks"], strict=True)]
         rewards = rewards - args.kl_coef * torch.stack(kl).to(rewards.dtype)
-    scores = group_normalize(rewards, args.n_samples_per_prompt, not args.disable_grpo_std_normalization)
+    scores = group_scores(rewards, args, not args.disable_grpo_std_normalization)
     return [
         torch.full_like(m, float(s), dtype=rewards.dtype) for s, m in zip(scores, data["loss_masks"], strict=True)
     ], None
@@ -137,7 +145,7 @@ def reinforce_plus_plus(rewards: torch.Tensor, data: dict[str, Tokens], args: An
 @register_advantage("reinforce_plus_plus_baseline")
 def reinforce_plus_plus_baseline(rewards: torch.Tensor, data: dict[str, Tokens], args: Any) -> tuple[Tokens, None]:
     """REINFORCE++ with the group-mean reward as baseline: as `reinforce_plus_plus` on group-centred rewards."""
-    return reinforce_plus_plus(group_normalize(rewards, args.n_samples_per_prompt, False), data, args)
+    return reinforce_plus_plus(group_scores(rewards, args, False), data, args)
 
 
 @register_advantage("ppo")

@@ -72,7 +72,43 @@ def build_parser() -> argparse.ArgumentParser:
         default="slime.rollout.sglang_rollout.generate_rollout",
         help="rollout function: (args, rollout_id, data_source, evaluation=False) -> samples",
     )
-    g.add_argument("--custom-generate-function-path", default=None, help="async generate(args, sample, params)")
+    g.add_argument(
+        "--custom-generate-function-path", default=None,
+        help="async generate(args, sample, sampling_params[, evaluation]) -> Sample, replacing the one-call default "
+        "(multi-turn, tools: slime.rollout.multi_turn)",
+    )  # fmt: skip
+    g.add_argument(
+        "--data-source-path", default="slime.rollout.data_source.RolloutDataSourceWithBuffer",
+        help="class built as cls(args) with get_samples(num_prompts), add_samples(groups) and __len__",
+    )  # fmt: skip
+    g.add_argument(
+        "--over-sampling-batch-size", type=int, default=None,
+        help="prompts submitted at a time while the step has too few groups (default --rollout-batch-size); "
+        "more than --rollout-batch-size lets --dynamic-sampling-filter-path drop groups without waiting",
+    )  # fmt: skip
+    g.add_argument(
+        "--dynamic-sampling-filter-path", default=None,
+        help="fn(args, group, **kw) -> DynamicFilterOutput | bool judging each graded group; dropped groups are "
+        "replaced by new prompts (e.g. slime.rollout.filter_hub.dynamic_sampling_filters.check_reward_nonzero_std)",
+    )  # fmt: skip
+    g.add_argument(
+        "--dynamic-sampling-max-prompts", type=int, default=None,
+        help="prompts one rollout step may sample before it stops with the drop reasons (default 10 x "
+        "--rollout-batch-size)",
+    )  # fmt: skip
+    g.add_argument(
+        "--partial-rollout", action="store_true",
+        help="groups aborted when the step is full keep their partial responses in the buffer and resume in the "
+        "next rollout with the remaining token budget (without it they return as fresh prompts)",
+    )  # fmt: skip
+    g.add_argument(
+        "--mask-offpolicy-in-partial-rollout", action="store_true",
+        help="--partial-rollout: leave the tokens a resumed sample brought from an earlier rollout out of the loss",
+    )  # fmt: skip
+    g.add_argument(
+        "--buffer-filter-path", default=None,
+        help="fn(args, rollout_id, buffer, num_samples) -> groups taken out of the buffer (default: pop_first)",
+    )  # fmt: skip
     g.add_argument("--debug-rollout-only", action="store_true", help="run rollouts only (no training); report tok/s")
     g.add_argument("--rollout-timeout", type=float, default=3600.0, help="seconds one rollout step may take")
 
@@ -225,6 +261,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="module:function, async (args, sample, **kw) -> float | dict; with --group-rm (args, samples, **kw) "
         "-> one reward per sample",
     )  # fmt: skip
+    g.add_argument(
+        "--custom-reward-post-process-path", default=None,
+        help="fn(args, samples) -> (raw_rewards, rewards), one per sample; its rewards replace the group "
+        "normalisation of grpo/gspo/reinforce_plus_plus_baseline",
+    )  # fmt: skip
     g.add_argument("--reward-key", default=None, help="key of the scalar when rewards are dicts")
     g.add_argument("--eval-reward-key", default=None, help="key of the scalar in eval rewards (default --reward-key)")
     g.add_argument(
@@ -355,6 +396,7 @@ def validate_args(args: argparse.Namespace, parser: argparse.ArgumentParser) -> 
     if not args.rm_type and not args.custom_rm_path:
         parser.error("set --rm-type (e.g. math) or --custom-rm-path so samples get rewards")
     validate_reward(args, parser)
+    validate_rollout_control(args, parser)
     validate_eval(args, parser)
     validate_algorithm(args, parser)
     set_batch_plan(args, parser)
@@ -394,6 +436,34 @@ def validate_eval(args: argparse.Namespace, parser: argparse.ArgumentParser) -> 
             parser.error(f"{where}: n_samples_per_eval_prompt and max_prompts must be at least 1")
         check_sampling(parser, where, c.temperature, c.top_p, c.top_k, c.max_response_len)
     args.eval_datasets = configs
+
+
+HOOK_FLAGS = (
+    "rollout_function_path", "custom_generate_function_path", "data_source_path", "dynamic_sampling_filter_path",
+    "buffer_filter_path", "custom_rm_path", "custom_reward_post_process_path", "eval_function_path",
+    "custom_loss_function_path", "custom_pg_loss_reducer_function_path", "custom_tis_function_path",
+)  # fmt: skip
+
+
+def validate_rollout_control(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
+    """Dynamic sampling and partial rollout settings, and every hook path imported once so a typo fails here."""
+    from slime.utils.misc import load_function
+
+    for flag in ("over_sampling_batch_size", "dynamic_sampling_max_prompts"):
+        if getattr(args, flag) is not None and getattr(args, flag) < 1:
+            parser.error(f"--{flag.replace('_', '-')} must be at least 1, got {getattr(args, flag)}")
+    if args.dynamic_sampling_max_prompts is not None and args.dynamic_sampling_max_prompts < args.rollout_batch_size:
+        parser.error(f"--dynamic-sampling-max-prompts {args.dynamic_sampling_max_prompts} is below "
+                     f"--rollout-batch-size {args.rollout_batch_size}")  # fmt: skip
+    if args.mask_offpolicy_in_partial_rollout and not args.partial_rollout:
+        parser.error("--mask-offpolicy-in-partial-rollout needs --partial-rollout")
+    for flag in HOOK_FLAGS:
+        path = getattr(args, flag, None)
+        if path:
+            try:
+                load_function(path, f"--{flag.replace('_', '-')}")
+            except (ImportError, ValueError, TypeError) as exc:
+                parser.error(str(exc))
 
 
 def validate_reward(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:

@@ -3,65 +3,28 @@
 from __future__ import annotations
 
 import logging
+import math
 import os
+from collections.abc import Callable
 from typing import Any
 
 import ray
 
-from slime.data.dataset import load_prompt_data
-from slime.data.source import RolloutDataSource
 from slime.engine.launch import ServerProcess, launch_engine
 from slime.observe.eval_metrics import dataset_metrics
 from slime.rollout.base_types import RolloutFnEvalOutput, RolloutFnTrainOutput
 from slime.router.router import launch_router, register_worker
 from slime.utils.misc import load_function
-from slime.utils.processing_utils import load_tokenizer
 from slime.utils.types import Sample
 
 logger = logging.getLogger(__name__)
 
 
-class RolloutDataSourceWithEval(RolloutDataSource):
-    """The training data source plus the eval datasets (`args.eval_datasets`, resolved by slime.utils.eval_config
-    when the flags are parsed), each as one group list over all its prompts. With `--disable-rollout-global-dataset`
-    there is no training dataset: the rollout function brings its own prompts."""
-
-    def __init__(self, args: Any, tokenizer: Any):
-        load = dict(
-            tokenizer=tokenizer,
-            apply_chat_template=args.apply_chat_template,
-            apply_chat_template_kwargs=args.apply_chat_template_kwargs,
-            max_prompt_len=args.rollout_max_prompt_len,
-            skip_invalid=args.skip_invalid_data_rows,
-        )
-        keys = dict(input_key=args.input_key, label_key=args.label_key, metadata_key=args.metadata_key,
-                    tool_key=args.tool_key)  # fmt: skip
-        dataset = load_prompt_data(args.prompt_data, **load, **keys) if args.rollout_global_dataset else None
-        super().__init__(dataset, args.n_samples_per_prompt, args.rollout_shuffle, args.rollout_seed)
-        self.eval_configs = {c.name: c for c in args.eval_datasets}
-        self.eval_sets = {}
-        for c in self.eval_configs.values():
-            self.eval_sets[c.name] = load_prompt_data(c.path, **load, input_key=c.input_key, label_key=c.label_key,
-                                                      metadata_key=c.metadata_key, tool_key=c.tool_key,
-                                                      max_rows=c.max_prompts)  # fmt: skip
-
-    def eval_groups(self) -> dict[str, list[list[Sample]]]:
-        """{dataset name: one group of n_samples_per_eval_prompt fresh samples per prompt}, in file order."""
-        out = {}
-        for name, ds in self.eval_sets.items():
-            cfg, groups = self.eval_configs[name], []
-            n = cfg.n_samples_per_eval_prompt
-            for g, s in enumerate(ds.samples):
-                meta = cfg.inject_metadata(s.metadata)
-                groups.append([Sample(prompt=s.prompt, label=s.label, metadata=dict(meta), group_index=g,
-                                      index=g * n + k) for k in range(n)])  # fmt: skip
-            out[name] = groups
-        return out
-
-
-def to_train_data(groups: list[list[Sample]], args: Any) -> dict[str, list]:
+def to_train_data(groups: list[list[Sample]], args: Any, post_process: Callable | None = None) -> dict[str, list]:
     """Flatten groups into the trainer's columns, one entry per sample in rollout order. A sample whose generation
-    failed keeps its place (its group's statistics need it) but gets an all-zero loss mask."""
+    failed, or that a hook marked `remove_sample`, keeps its place (its group's statistics need it) but gets an
+    all-zero loss mask. `post_process` is `--custom-reward-post-process-path`: `(args, samples) -> (raw_rewards,
+    rewards)`; its `rewards` reach the advantage estimator in place of the group normalisation."""
     sizes = {len(g) for g in groups}
     if sizes != {args.n_samples_per_prompt}:
         raise ValueError(
@@ -72,15 +35,33 @@ def to_train_data(groups: list[list[Sample]], args: Any) -> dict[str, list]:
     masks = []
     for s in samples:
         mask = s.loss_mask if s.loss_mask is not None else [1] * s.response_length
-        masks.append([0] * s.response_length if s.status == Sample.Status.FAILED else list(mask))
+        drop = s.status == Sample.Status.FAILED or s.remove_sample
+        masks.append([0] * s.response_length if drop else list(mask))
+    if post_process is None:
+        rewards = [float(s.get_reward_value(args)) for s in samples]
+    else:
+        rewards = _post_processed(post_process(args, samples), len(samples), args.custom_reward_post_process_path)
     return {
         "tokens": [list(s.tokens) for s in samples],
         "response_lengths": [s.response_length for s in samples],
         "loss_masks": masks,
-        "rewards": [float(s.get_reward_value(args)) for s in samples],
+        "rewards": rewards,
         "rollout_log_probs": [list(s.rollout_log_probs or []) for s in samples],
         "teacher_log_probs": [list(s.teacher_log_probs or []) for s in samples],
     }
+
+
+def _post_processed(out: Any, n: int, path: str) -> list[float]:
+    if not (isinstance(out, tuple | list) and len(out) == 2):
+        raise TypeError(f"--custom-reward-post-process-path {path} returned {type(out).__name__}; expected "
+                        "(raw_rewards, rewards)")  # fmt: skip
+    rewards = [float(r) for r in out[1]]
+    if len(rewards) != n or len(out[0]) != n:
+        raise ValueError(f"--custom-reward-post-process-path {path} returned {len(out[0])} raw rewards and "
+                         f"{len(rewards)} rewards for {n} samples")  # fmt: skip
+    if not all(math.isfinite(r) for r in rewards):
+        raise ValueError(f"--custom-reward-post-process-path {path} returned a non-finite reward")
+    return rewards
 
 
 @ray.remote
@@ -100,8 +81,7 @@ class RolloutManager:
                 for i in range(args.rollout_num_engines)
             ]  # fmt: skip
             self.router = launch_router(log_dir, policy=args.router_policy)
-            tokenizer = load_tokenizer(args.hf_checkpoint)
-            self.data_source = RolloutDataSourceWithEval(args, tokenizer)
+            self.data_source = load_function(args.data_source_path, "--data-source-path")(args)
             for e in self.engines:
                 e.wait_ready("/health", timeout=600)
                 register_worker(self.router.url, e.url)
@@ -114,14 +94,15 @@ class RolloutManager:
         self.eval_fn = self.rollout_fn
         if args.eval_function_path:
             self.eval_fn = load_function(args.eval_function_path, "--eval-function-path")
+        self.post_process = None
+        if args.custom_reward_post_process_path:
+            self.post_process = load_function(args.custom_reward_post_process_path, "--custom-reward-post-process-path")
 
     def info(self) -> dict[str, Any]:
         return {
             "router_url": self.router.url,
             "engine_urls": [e.url for e in self.engines],
-            "num_train_prompts": len(self.data_source.dataset) if self.data_source.dataset else 0,
-            "skipped_rows": self.data_source.dataset.skipped if self.data_source.dataset else {},
-            "eval_sets": {k: len(v) for k, v in self.data_source.eval_sets.items()},
+            "num_train_prompts": len(self.data_source),
         }
 
     def _check_engines(self) -> None:
@@ -137,12 +118,13 @@ class RolloutManager:
             groups, metrics = out.samples, dict(out.metrics)
         else:  # a custom rollout function may return the groups alone
             groups, metrics = out, {}
-        if self.data_source.dataset is not None:
+        if getattr(self.data_source, "dataset", None) is not None:
             metrics.setdefault("rollout/epoch", self.data_source.epoch)
         for g in groups:
             for s in g:
                 s.check_alignment()
-        return {"samples": groups, "metrics": metrics, "train_data": to_train_data(groups, self.args)}
+        train_data = to_train_data(groups, self.args, self.post_process)
+        return {"samples": groups, "metrics": metrics, "train_data": train_data}
 
     def eval(self, rollout_id: int) -> dict[str, Any]:
         """Every eval dataset once. Returns {"metrics": the function's own metrics plus, per dataset, reward mean,
@@ -153,14 +135,16 @@ class RolloutManager:
             raise TypeError(f"--eval-function-path returned {type(out).__name__}; evaluation needs a "
                             "RolloutFnEvalOutput(data={name: {'rewards': [...], 'samples': [...]}})")  # fmt: skip
         metrics = dict(out.metrics)
+        configs = {c.name: c for c in self.args.eval_datasets}
         for name, data in out.data.items():
-            cfg = self.data_source.eval_configs.get(name)
+            cfg = configs.get(name)
             n = cfg.n_samples_per_eval_prompt if cfg else self.args.n_samples_per_eval_prompt
             metrics |= dataset_metrics(name, data, n)
         return {"metrics": metrics}
 
     def data_state(self) -> dict[str, Any]:
-        """Where the training data stands (epoch, position, counters), for checkpoints."""
+        """Where the training data stands (epoch, position, counters), for checkpoints. The buffer of handed-back
+        groups is not part of it yet."""
         return self.data_source.state_dict()
 
     def load_data_state(self, state: dict[str, Any]) -> None:

@@ -1,22 +1,31 @@
-"""The default rollout: generate every sample of a step through the router, concurrently, then reward it.
+"""The default rollout: generate samples through the router, concurrently, grade them, keep what the step needs.
 
 `generate_rollout(args, rollout_id, data_source, evaluation=False)` is the public entry point (and the default of
-`--rollout-function-path`); `generate` is the default per-sample generate function that
-`--custom-generate-function-path` replaces.
+`--rollout-function-path`). `generate` is the default per-sample generate function that
+`--custom-generate-function-path` replaces; `generate_and_rm` / `generate_and_rm_group` (generate, then grade) are
+public for custom rollout functions. Dynamic sampling (`--over-sampling-batch-size`,
+`--dynamic-sampling-filter-path`) and partial rollout (`--partial-rollout`) live in `_train_rollout`.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextvars
+import inspect
 import logging
 import time
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 from slime.rollout.base_types import RolloutFnEvalOutput, RolloutFnTrainOutput
+from slime.rollout.data_source import eval_groups
+from slime.rollout.filter_hub.base_types import DynamicFilterOutput
 from slime.rollout.scoring import reward_key, scalar_reward, score_group, score_sample
 from slime.utils.async_utils import run
 from slime.utils.eval_config import EvalDatasetConfig, resolve
-from slime.utils.http_utils import post
+from slime.utils.http_utils import get, post
 from slime.utils.misc import load_function
 from slime.utils.processing_utils import load_tokenizer
 from slime.utils.types import Sample
@@ -76,48 +85,217 @@ async def generate(args: Any, sample: Sample, sampling_params: dict[str, Any]) -
     new_ids = [int(t[1]) for t in meta["output_token_logprobs"]]
     new_lps = [float(t[0]) for t in meta["output_token_logprobs"]]
     sample.append_response(new_ids, out["text"], loss_mask=1, log_probs=new_lps)
-    sample.weight_versions.append(str(meta.get("weight_version")))
+    if new_ids:
+        sample.weight_versions.append(str(meta.get("weight_version")))
     sample.status = _FINISH_STATUS.get(meta["finish_reason"]["type"], Sample.Status.FAILED)
     return sample
 
 
-async def _generate_one(args: Any, sample: Sample, params: dict, sem: asyncio.Semaphore, gen_fn) -> Sample:
-    async with sem:
+@dataclass
+class _GenState:
+    """One rollout's generation: the concurrency limit and whether the rollout stopped wanting results."""
+
+    semaphore: asyncio.Semaphore
+    aborted: bool = False
+
+
+_STATE: contextvars.ContextVar[_GenState] = contextvars.ContextVar("slime_generate_state")
+
+
+def _state(args: Any) -> _GenState:
+    """The current rollout's state; outside one (a custom rollout calling generate_and_rm directly), a fresh one."""
+    state = _STATE.get(None)
+    if state is None:
+        state = _GenState(asyncio.Semaphore(args.sglang_server_concurrency * args.rollout_num_engines))
+        _STATE.set(state)
+    return state
+
+
+def _generate_function(args: Any, sample: Sample) -> tuple[Callable, str]:
+    """The generate function for `sample`: an eval dataset's own, else `--custom-generate-function-path`, else
+    `generate`."""
+    path = sample.metadata.get("generate_function_path") or args.custom_generate_function_path
+    if not path:
+        return generate, "generate"
+    flag = "eval dataset custom_generate_function_path" if sample.metadata.get("generate_function_path") else None
+    return load_function(path, flag or "--custom-generate-function-path"), path
+
+
+async def generate_and_rm(
+    args: Any, sample: Sample, sampling_params: dict[str, Any], evaluation: bool = False
+) -> Sample:
+    """Generate one sample (or resume its partial response) and grade it, unless it was aborted or failed.
+
+    Under `--partial-rollout --mask-offpolicy-in-partial-rollout`, the response a resumed sample brings from an
+    earlier rollout (older weights) is masked out of the loss. A sample that finished in an earlier rollout comes
+    back as it is."""
+    if getattr(args, "partial_rollout", False) and args.mask_offpolicy_in_partial_rollout and sample.response_length:
+        sample.loss_mask = [0] * sample.response_length
+    if sample.status in (Sample.Status.COMPLETED, Sample.Status.TRUNCATED):
+        return sample
+    state = _state(args)
+    fn, name = _generate_function(args, sample)
+    async with state.semaphore:
+        if state.aborted:
+            sample.status = Sample.Status.ABORTED
+            return sample
         try:
-            result = await gen_fn(args, sample, params)
-        except Exception as exc:
+            if "evaluation" in inspect.signature(fn).parameters:
+                result = await fn(args, sample, dict(sampling_params), evaluation=evaluation)
+            else:
+                result = await fn(args, sample, dict(sampling_params))
+        except Exception as exc:  # one broken generation must not end the rollout: mark it, count it
             sample.status = Sample.Status.FAILED
-            sample.metadata["generate_error"] = f"{type(exc).__name__}: {exc}"
+            sample.metadata["generate_error"] = f"{name}: {type(exc).__name__}: {exc}"
             logger.warning("generation failed for sample %s: %s", sample.index, sample.metadata["generate_error"])
             sample.reward = args.reward_on_error
             return sample
-    if isinstance(result, list):
-        raise TypeError("a generate function returning a list of samples is not supported by generate_rollout yet")
+    if not isinstance(result, Sample):
+        raise TypeError(f"{name} returned {type(result).__name__}; a generate function returns the Sample it was "
+                        "given (returning several samples per trajectory is not supported)")  # fmt: skip
+    if result.status == Sample.Status.PENDING:
+        result.status = Sample.Status.COMPLETED  # a custom generate function that does not set the status
+    if result.status not in (Sample.Status.ABORTED, Sample.Status.FAILED) and result.reward is None:
+        if not getattr(args, "group_rm", False):
+            await score_sample(args, result, evaluation)
     return result
 
 
-async def _generate_group(args: Any, group: list[Sample], params: dict, sem, gen_fn, evaluation: bool) -> list[Sample]:
-    """Generate a group, then reward it: per sample, or in one call with `--group-rm --custom-rm-path`."""
-    done = list(await asyncio.gather(*(_generate_one(args, s, params, sem, gen_fn) for s in group)))
-    todo = [s for s in done if s.status not in (Sample.Status.ABORTED, Sample.Status.FAILED)]
-    if todo and getattr(args, "group_rm", False) and args.custom_rm_path:
-        await score_group(args, todo, evaluation)
-    else:
-        await asyncio.gather(*(score_sample(args, s, evaluation) for s in todo))
+async def generate_and_rm_group(
+    args: Any, group: list[Sample], sampling_params: dict[str, Any], evaluation: bool = False
+) -> list[Sample]:
+    """Generate a group, then grade it: per sample, or in one call with `--group-rm --custom-rm-path`."""
+    done = list(await asyncio.gather(*(generate_and_rm(args, s, sampling_params, evaluation) for s in group)))
+    if getattr(args, "group_rm", False) and not any(s.status == Sample.Status.ABORTED for s in done):
+        todo = [s for s in done if s.status != Sample.Status.FAILED]
+        if todo and args.custom_rm_path:
+            await score_group(args, todo, evaluation)
+        else:
+            await asyncio.gather(*(score_sample(args, s, evaluation) for s in todo))
     return done
 
 
-async def _generate_groups(
-    args: Any, groups: list[list[Sample]], evaluation: bool, dataset: EvalDatasetConfig | None = None
-) -> list[list[Sample]]:
-    gen_fn = generate
-    if dataset is not None and dataset.custom_generate_function_path:
-        gen_fn = load_function(dataset.custom_generate_function_path, f"eval dataset {dataset.name} generate function")
-    elif args.custom_generate_function_path:
-        gen_fn = load_function(args.custom_generate_function_path, "--custom-generate-function-path")
-    sem = asyncio.Semaphore(args.sglang_server_concurrency * args.rollout_num_engines)
-    params = sampling_params(args, evaluation, dataset)
-    return list(await asyncio.gather(*(_generate_group(args, g, params, sem, gen_fn, evaluation) for g in groups)))
+async def _abort_engines(args: Any, pending: set[asyncio.Task], timeout: float) -> None:
+    """Abort everything the engines run until every pending group has come back (a multi-turn generate function
+    may send another request after an abort, so this repeats), within `timeout` seconds."""
+    router = router_url(args)
+    workers = [w["url"] for w in (await get(f"{router}/workers", timeout=30))["workers"]]
+    deadline = time.monotonic() + timeout
+    while pending:
+        await asyncio.gather(*(post(f"{w}/abort_request", {"abort_all": True}, timeout=30) for w in workers))
+        _, pending = await asyncio.wait(pending, timeout=0.5)
+        if pending and time.monotonic() > deadline:
+            for task in pending:
+                task.cancel()
+            raise TimeoutError(f"{len(pending)} groups still generating {timeout:.0f}s after aborting every "
+                               f"engine behind {router}")  # fmt: skip
+
+
+def _fresh(sample: Sample) -> Sample:
+    """The sample as the data source first handed it out: prompt, label and metadata, no response."""
+    meta = {k: v for k, v in sample.metadata.items() if k not in ("start_rollout_id", "generate_error")}
+    return Sample(group_index=sample.group_index, index=sample.index, prompt=sample.prompt, label=sample.label,
+                  metadata=meta, multimodal_inputs=sample.multimodal_inputs)  # fmt: skip
+
+
+def _filter_verdict(filt: Callable | None, args: Any, group: list[Sample]) -> tuple[bool, str | None]:
+    if filt is None:
+        return True, None
+    out = filt(args, group)
+    keep = bool(out.keep if isinstance(out, DynamicFilterOutput) else out)
+    reason = (out.reason if isinstance(out, DynamicFilterOutput) else None) or "rejected"
+    return keep, None if keep else str(reason)
+
+
+async def _train_rollout(args: Any, rollout_id: int, data_source: Any) -> RolloutFnTrainOutput:
+    """`--rollout-batch-size` groups. Prompts go out `--over-sampling-batch-size` at a time; each group is judged
+    by `--dynamic-sampling-filter-path` as soon as it is graded; more prompts go out while kept + in-flight groups
+    fall short; once enough groups are kept, the engines abort the rest. Groups not used go back to the data
+    source's buffer: as they are under `--partial-rollout`, else as fresh prompts."""
+    target = args.rollout_batch_size
+    per_round = args.over_sampling_batch_size or target
+    limit = args.dynamic_sampling_max_prompts or 10 * target
+    path = args.dynamic_sampling_filter_path
+    filt = load_function(path, "--dynamic-sampling-filter-path") if path else None
+    params = sampling_params(args)
+    state = _GenState(asyncio.Semaphore(args.sglang_server_concurrency * args.rollout_num_engines))
+    _STATE.set(state)  # tasks created below copy this context
+    kept: list[list[Sample]] = []
+    extra: list[list[Sample]] = []
+    drops: Counter[str] = Counter()
+    pending: set[asyncio.Task] = set()
+    submitted = resumed = 0
+    try:
+        while len(kept) < target:
+            while len(kept) + len(pending) < target:
+                if submitted >= limit:
+                    raise RuntimeError(
+                        f"rollout {rollout_id}: {submitted} prompts sampled (--dynamic-sampling-max-prompts "
+                        f"{limit}) and only {len(kept)} of {target} groups passed --dynamic-sampling-filter-path "
+                        f"{path}; dropped: {dict(drops)}"
+                    )
+                for group in data_source.get_samples(min(per_round, limit - submitted)):
+                    for s in group:
+                        s.metadata.setdefault("start_rollout_id", rollout_id)
+                        resumed += bool(s.response_length)
+                    pending.add(asyncio.create_task(generate_and_rm_group(args, group, params)))
+                    submitted += 1
+            done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+            for task in done:
+                group = task.result()
+                keep, reason = _filter_verdict(filt, args, group)
+                if not keep:
+                    drops[reason] += 1
+                elif len(kept) < target:
+                    kept.append(group)
+                else:
+                    extra.append(group)
+        state.aborted = True
+        aborted = len(pending)
+        if pending:
+            await _abort_engines(args, pending, timeout=60)
+            extra += [t.result() for t in pending]
+    except BaseException:
+        for task in pending:
+            task.cancel()
+        raise
+    if extra:
+        if not args.partial_rollout:
+            extra = [[_fresh(s) for s in g] for g in extra]
+        data_source.add_samples(extra)
+    kept.sort(key=lambda g: g[0].index)
+    metrics = {
+        "rollout/submitted_groups": submitted,
+        "rollout/kept_groups": len(kept),
+        "rollout/dropped_groups": sum(drops.values()),
+        "rollout/aborted_groups": aborted,
+        "rollout/resumed_samples": resumed,
+        "rollout/buffer_groups": len(getattr(data_source, "buffer", [])),
+    }
+    metrics |= {f"rollout/dropped/{reason}": n for reason, n in drops.items()}
+    return RolloutFnTrainOutput(samples=kept, metrics=metrics)
+
+
+async def _eval_rollout(args: Any, groups_by_name: dict[str, list[list[Sample]]]) -> RolloutFnEvalOutput:
+    data, metrics = {}, {}
+    key = reward_key(args, evaluation=True)
+    configs = {c.name: c for c in args.eval_datasets}
+    for name, groups in groups_by_name.items():
+        t0, cfg = time.monotonic(), configs.get(name)
+        if cfg is not None and cfg.custom_generate_function_path:
+            for s in (s for g in groups for s in g):
+                s.metadata["generate_function_path"] = cfg.custom_generate_function_path
+        params = sampling_params(args, True, cfg)
+        _STATE.set(_GenState(asyncio.Semaphore(args.sglang_server_concurrency * args.rollout_num_engines)))
+        done = await asyncio.gather(*(generate_and_rm_group(args, g, params, evaluation=True) for g in groups))
+        samples = [s for g in done for s in g]
+        data[name] = {
+            "rewards": [scalar_reward(s, key) for s in samples],
+            "truncated": [s.status == Sample.Status.TRUNCATED for s in samples],
+            "samples": samples,
+        }
+        metrics.update(rollout_metrics(done, time.monotonic() - t0, prefix=f"eval/{name}", key=key))
+    return RolloutFnEvalOutput(data=data, metrics=metrics)
 
 
 def rollout_metrics(
@@ -143,28 +321,15 @@ def rollout_metrics(
 def generate_rollout(
     args: Any, rollout_id: int, data_source: Any, evaluation: bool = False
 ) -> RolloutFnTrainOutput | RolloutFnEvalOutput:
-    """Training: `--rollout-batch-size` groups from `data_source`. Evaluation: every eval dataset in full."""
+    """Training: `--rollout-batch-size` groups from `data_source` (dynamic sampling and partial rollout included).
+    Evaluation: every eval dataset (`args.eval_datasets`) in full."""
     start = time.monotonic()
     if evaluation:
-        data, metrics = {}, {}
-        configs = getattr(data_source, "eval_configs", {})
-        for name, groups in data_source.eval_groups().items():
-            t0 = time.monotonic()
-            done = run(_generate_groups(args, groups, True, configs.get(name)), timeout=args.rollout_timeout)
-            samples = [s for g in done for s in g]
-            key = reward_key(args, evaluation=True)
-            data[name] = {
-                "rewards": [scalar_reward(s, key) for s in samples],
-                "truncated": [s.status == Sample.Status.TRUNCATED for s in samples],
-                "samples": samples,
-            }
-            metrics.update(rollout_metrics(done, time.monotonic() - t0, prefix=f"eval/{name}", key=key))
-        return RolloutFnEvalOutput(data=data, metrics=metrics)
-    groups = data_source.get_samples(args.rollout_batch_size)
-    done = run(_generate_groups(args, groups, evaluation=False), timeout=args.rollout_timeout)
-    graded = [s for g in done for s in g if s.status not in (Sample.Status.ABORTED, Sample.Status.FAILED)]
+        return run(_eval_rollout(args, eval_groups(args)), timeout=args.rollout_timeout)
+    out = run(_train_rollout(args, rollout_id, data_source), timeout=args.rollout_timeout)
+    graded = [s for g in out.samples for s in g if s.status not in (Sample.Status.ABORTED, Sample.Status.FAILED)]
     if graded and all("reward_error" in s.metadata for s in graded):
         raise RuntimeError(f"rollout {rollout_id}: all {len(graded)} rewards failed, nothing to learn from; the "
                            f"first: {graded[0].metadata['reward_error']}")  # fmt: skip
-    metrics = rollout_metrics(done, time.monotonic() - start, key=reward_key(args))
-    return RolloutFnTrainOutput(samples=done, metrics=metrics)
+    out.metrics |= rollout_metrics(out.samples, time.monotonic() - start, key=reward_key(args))
+    return out

@@ -23,8 +23,8 @@ def load_function(path: str, flag: str | None = None) -> Callable[..., Any]:
         raise ValueError(f"{where}: expected 'module.path:function' or 'module.path.function'")
     try:
         obj: Any = importlib.import_module(module_name)
-    except ImportError as exc:
-        raise ImportError(f"{where}: cannot import module {module_name!r}: {exc}") from exc
+    except Exception as exc:  # a syntax or runtime error in the module is as fatal as a missing one
+        raise ImportError(f"{where}: cannot import module {module_name!r}: {type(exc).__name__}: {exc}") from exc
     for part in attr_path.split("."):
         try:
             obj = getattr(obj, part)
