@@ -66,3 +66,13 @@ def rank_post_process(args, samples: list[Sample]):
     """A --custom-reward-post-process-path: scores are the raw rewards minus 1 (no group normalisation)."""
     raw = [s.get_reward_value(args) for s in samples]
     return raw, [r - 1.0 for r in raw]
+
+
+async def first_groups_short(args, sample: Sample, sampling_params) -> Sample:
+    """A custom generate delegating to the default: groups 0 and 1 stop after 4 tokens, so they finish while the
+    others are mid-response (a deterministic stand-in for prompts of different difficulty)."""
+    from slime.rollout.sglang_rollout import generate
+
+    if sample.group_index < 2:
+        sampling_params = dict(sampling_params, max_new_tokens=4)
+    return await generate(args, sample, sampling_params)

@@ -119,8 +119,8 @@ def test_buffered_groups_come_first_through_the_buffer_filter(tok, write_jsonl):
     assert again[0] is first[2]  # the same samples (partial responses and all), not copies
     with pytest.raises(ValueError, match="groups of --n-samples-per-prompt 3"):
         src.add_samples([first[1][:2]])
-    newest = RolloutDataSourceWithBuffer(_source_args(rollout_shuffle=False, buffer_filter_path="tests.custom_hooks:pop_last"),
-                                         load_prompt_data(path, tok))  # fmt: skip
+    newest_args = _source_args(rollout_shuffle=False, buffer_filter_path="tests.custom_hooks:pop_last")
+    newest = RolloutDataSourceWithBuffer(newest_args, load_prompt_data(path, tok))
     newest.add_samples(newest.get_samples(3))
     assert [g[0].prompt for g in newest.get_samples(2)] == ["q2", "q1"] and newest.get_buffer_length() == 1
     with pytest.raises(ImportError, match="--buffer-filter-path 'tests.custom_hooks:nope'"):

@@ -1,0 +1,145 @@
+"""Dynamic sampling, partial rollout and slime-style hooks through the default rollout, on a real engine behind the
+real router."""
+
+import copy
+import json
+
+import pytest
+
+from slime.engine.launch import launch_engine
+from slime.router.router import launch_router, register_worker
+from slime.utils.http_utils import request_sync
+from slime.utils.types import Sample
+
+
+@pytest.fixture(scope="module")
+def engine_behind_router(tiny_model_path, tmp_path_factory):
+    logs = tmp_path_factory.mktemp("logs")
+    engine = launch_engine(tiny_model_path, logs, index=0, num_threads=1, wait=False)
+    router = launch_router(logs)
+    try:
+        engine.wait_ready("/health", 120)
+        register_worker(router.url, engine.url)
+        yield router, engine
+    finally:
+        engine.stop()
+        router.stop()
+
+
+def _aborted_requests(engine) -> int:
+    return json.loads(request_sync("GET", engine.url + "/server_info")[1])["internal_states"][0]["aborted_requests"]
+
+
+def _setup(engine_behind_router, tiny_model_path, tmp_path, *extra):
+    from slime.config.arguments import parse_args
+    from slime.rollout.data_source import RolloutDataSourceWithBuffer
+
+    router, _ = engine_behind_router
+    args = parse_args([
+        "--hf-checkpoint", tiny_model_path, "--prompt-data", "builtin:arithmetic:train:200:0",
+        "--input-key", "prompt", "--label-key", "label", "--apply-chat-template", "--rm-type", "math",
+        "--n-samples-per-prompt", "2", "--rollout-max-response-len", "48", "--sglang-server-concurrency", "4",
+        "--output-dir", str(tmp_path / "run"), *extra,
+    ])  # fmt: skip
+    host, port = router.url.rsplit("//", 1)[1].split(":")
+    args.sglang_router_ip, args.sglang_router_port = host, int(port)
+    return args, RolloutDataSourceWithBuffer(args)
+
+
+def test_filter_rejecting_half_still_fills_the_step_and_aborts_the_rest(
+    engine_behind_router, tiny_model_path, tmp_path
+):
+    from slime.rollout.sglang_rollout import generate_rollout
+
+    _, engine = engine_behind_router
+    args, source = _setup(engine_behind_router, tiny_model_path, tmp_path, "--rollout-batch-size", "4",
+                          "--over-sampling-batch-size", "16", "--dynamic-sampling-filter-path",
+                          "tests.custom_hooks:keep_even_groups")  # fmt: skip
+    before = _aborted_requests(engine)
+    out = generate_rollout(args, 0, source)
+    assert len(out.samples) == 4 and all(len(g) == 2 for g in out.samples)
+    assert all(g[0].group_index % 2 == 0 for g in out.samples)  # only groups the filter kept
+    assert [g[0].index for g in out.samples] == sorted(g[0].index for g in out.samples)
+    for s in (s for g in out.samples for s in g):
+        assert s.status in (Sample.Status.COMPLETED, Sample.Status.TRUNCATED) and s.reward is not None
+    m = out.metrics
+    assert m["rollout/kept_groups"] == 4 and m["rollout/submitted_groups"] == 16
+    assert m["rollout/dropped_groups"] == m["rollout/dropped/odd_group"] >= 1
+    assert m["rollout/aborted_groups"] >= 1
+    assert _aborted_requests(engine) > before  # requests in flight when the step filled were aborted on the engine
+    # without --partial-rollout, every group not used goes back as a fresh prompt: no prompt is lost
+    assert m["rollout/buffer_groups"] == len(source.buffer) == 16 - 4 - m["rollout/dropped_groups"]
+    for s in (s for g in source.buffer for s in g):
+        assert s.response_length == 0 and not s.tokens and s.status == Sample.Status.PENDING and s.reward is None
+    following = generate_rollout(args, 1, source)
+    assert following.metrics["rollout/kept_groups"] == 4
+
+
+def test_partial_rollout_resumes_aborted_samples_with_older_tokens_masked(
+    engine_behind_router, tiny_model_path, tmp_path
+):
+    from slime.rollout.manager import to_train_data
+    from slime.rollout.sglang_rollout import generate_rollout
+
+    _, engine = engine_behind_router
+    args, source = _setup(engine_behind_router, tiny_model_path, tmp_path, "--rollout-batch-size", "2",
+                          "--over-sampling-batch-size", "8", "--partial-rollout", "--mask-offpolicy-in-partial-rollout",
+                          "--sglang-server-concurrency", "16", "--custom-generate-function-path",
+                          "tests.custom_hooks:first_groups_short")  # fmt: skip
+    first = generate_rollout(args, 0, source)
+    assert len(first.samples) == 2 and first.metrics["rollout/aborted_groups"] >= 1
+    parked = {s.index: copy.deepcopy(s) for g in source.buffer for s in g}
+    partial = {i: s for i, s in parked.items() if s.response_length > 0 and s.status == Sample.Status.ABORTED}
+    assert partial, "no sample was aborted mid-response"
+    for s in parked.values():
+        assert s.metadata["start_rollout_id"] == 0 and len(s.rollout_log_probs or []) == s.response_length
+
+    assert request_sync("POST", engine.url + "/update_weight_version", {"new_version": "7"})[0] == 200
+    second = generate_rollout(args, 1, source)
+    assert second.metrics["rollout/resumed_samples"] >= len(partial)
+    now = {s.index: s for g in [*second.samples, *source.buffer] for s in g}
+    grew = 0
+    for i, old in partial.items():
+        s = now[i]
+        s.check_alignment()
+        n_old = old.response_length
+        assert s.tokens[: len(old.tokens)] == old.tokens  # the earlier response continues, nothing re-tokenised
+        assert s.rollout_log_probs[:n_old] == old.rollout_log_probs
+        assert s.loss_mask[:n_old] == [0] * n_old  # produced by the older weights: masked
+        assert s.loss_mask[n_old:] == [1] * (s.response_length - n_old)
+        assert s.response_length <= args.rollout_max_response_len  # only the remaining budget was generated
+        assert s.metadata["start_rollout_id"] == 0
+        if s.response_length > n_old:
+            grew += 1
+            assert s.weight_versions == ["default", "7"]
+    assert grew >= 1
+    data = to_train_data(second.samples, args)
+    assert [len(m) for m in data["loss_masks"]] == data["response_lengths"]
+
+
+def test_slime_style_custom_generate_runs_unchanged(engine_behind_router, tiny_model_path, tmp_path):
+    from slime.rollout.manager import to_train_data
+    from slime.rollout.sglang_rollout import generate_rollout
+
+    args, source = _setup(engine_behind_router, tiny_model_path, tmp_path, "--rollout-batch-size", "3",
+                          "--custom-generate-function-path", "tests.slime_style_generate.generate",
+                          "--custom-reward-post-process-path", "tests.custom_hooks:rank_post_process")  # fmt: skip
+    out = generate_rollout(args, 0, source)
+    samples = [s for g in out.samples for s in g]
+    assert len(samples) == 6
+    for s in samples:
+        s.check_alignment()
+        assert s.metadata["turns"] == 2 and s.status in (Sample.Status.COMPLETED, Sample.Status.TRUNCATED)
+        tool = s.metadata["tool_span"]  # where the tool's tokens went: masked out, log-prob 0
+        assert s.loss_mask[tool[0] : tool[1]] == [0] * (tool[1] - tool[0]) and tool[1] > tool[0]
+        assert set(s.loss_mask[: tool[0]]) <= {1} and set(s.loss_mask[tool[1] :]) <= {1}
+        assert s.rollout_log_probs[tool[0] : tool[1]] == [0.0] * (tool[1] - tool[0])
+        assert s.response_length <= args.rollout_max_response_len
+    data = to_train_data(out.samples, args, post_process=_load("tests.custom_hooks:rank_post_process"))
+    assert data["rewards"] == [s.reward - 1.0 for s in samples]
+
+
+def _load(path):
+    from slime.utils.misc import load_function
+
+    return load_function(path)
