@@ -111,3 +111,15 @@ def test_a_template_that_rewrites_the_assistant_turn_is_named(smollm2_path):
         traj.add_messages([{"role": "tool", "content": "x"}])
     with pytest.raises(ValueError, match="follows a model turn"):
         ChatTrajectory(Sample(prompt=[{"role": "user", "content": "hi"}]), tok).add_messages([])
+
+
+def test_environment_tokens_beyond_the_budget_are_cut(smollm2_path):
+    from slime.utils.processing_utils import load_tokenizer
+
+    tok = load_tokenizer(smollm2_path)
+    traj = ChatTrajectory(Sample(prompt=[{"role": "user", "content": "q"}]), tok, max_response_len=12)
+    traj.add_model_tokens(tok.encode("<search>a b</search>", add_special_tokens=False))
+    traj.add_messages([{"role": "tool", "content": "a long result " * 20}])
+    assert traj.sample.response_length == 12 and traj.sample.status == Sample.Status.TRUNCATED
+    assert traj.remaining({"max_new_tokens": 100}) == 0
+    traj.sample.check_alignment()

@@ -27,7 +27,9 @@ _FINISH_STATUS = {"stop": Sample.Status.COMPLETED, "length": Sample.Status.TRUNC
 class ChatTrajectory:
     """Builds `sample` turn by turn. `messages` is the conversation the prompt was rendered from; without it the
     prompt is `sample.prompt` (a message list, or an already rendered string — later turns are then rendered after a
-    stand-in user message, which is exact for templates that format each message on its own)."""
+    stand-in user message, which is exact for templates that format each message on its own).
+    `max_response_len` (usually `sampling_params["max_new_tokens"]`) caps the whole response: environment tokens
+    beyond it are cut and the sample is marked truncated."""
 
     def __init__(
         self,
@@ -36,18 +38,21 @@ class ChatTrajectory:
         messages: list[dict] | None = None,
         tools: list[dict] | None = None,
         chat_template_kwargs: dict | None = None,
+        max_response_len: int | None = None,
     ):
         self.sample, self.tokenizer, self.tools = sample, tokenizer, tools
+        self.max_response_len = max_response_len
         self.template_kwargs = dict(chat_template_kwargs or {})
         if messages is None and isinstance(sample.prompt, list):
             messages = sample.prompt
+        rendered_prompt = messages is None  # sample.prompt is already the template's text
         self.messages = list(messages) if messages is not None else [{"role": "user", "content": "…"}]
         self._rendered = self._render(self.messages)  # the template's text up to the open assistant turn
         self._turn_text = ""  # what the open assistant turn holds so far: model output and in-turn text
         self._last_model_id: int | None = None  # the last token the policy produced (an end-of-turn token?)
         self.turns = 0
         if not sample.tokens:
-            text = sample.prompt if isinstance(sample.prompt, str) else self._rendered
+            text = sample.prompt if rendered_prompt else self._rendered
             sample.tokens = tokenizer.encode(text, add_special_tokens=False)
 
     def _render(self, messages: list[dict]) -> str:
@@ -66,10 +71,17 @@ class ChatTrajectory:
         if token_ids:
             self._last_model_id = int(token_ids[-1])
 
+    def _append_environment(self, ids: list[int], text: str) -> list[int]:
+        if self.max_response_len is not None and self.sample.response_length + len(ids) > self.max_response_len:
+            ids = ids[: max(0, self.max_response_len - self.sample.response_length)]
+            text = self._decode(ids)
+            self.sample.status = Sample.Status.TRUNCATED
+        self.sample.append_response(ids, text, loss_mask=0, log_probs=[0.0] * len(ids))
+        return ids
+
     def add_text(self, text: str) -> list[int]:
         """Append environment text inside the open assistant turn (loss_mask 0). Returns its token ids."""
-        ids = self.tokenizer.encode(text, add_special_tokens=False)
-        self.sample.append_response(ids, text, loss_mask=0, log_probs=[0.0] * len(ids))
+        ids = self._append_environment(self.tokenizer.encode(text, add_special_tokens=False), text)
         self._turn_text += text
         return ids
 
@@ -95,14 +107,16 @@ class ChatTrajectory:
                 "template"
             )
         text = full[len(base) :]
-        ids = self.tokenizer.encode(text, add_special_tokens=False)
-        self.sample.append_response(ids, text, loss_mask=0, log_probs=[0.0] * len(ids))
+        ids = self._append_environment(self.tokenizer.encode(text, add_special_tokens=False), text)
         self.messages, self._rendered, self._turn_text = [*history, *messages], full, ""
         return ids
 
     def remaining(self, sampling_params: dict[str, Any]) -> int:
-        """Tokens left of `max_new_tokens` for the whole response."""
-        return int(sampling_params["max_new_tokens"]) - self.sample.response_length
+        """Tokens left for the whole response: `max_new_tokens` (and `max_response_len`) minus what is there."""
+        budget = int(sampling_params["max_new_tokens"])
+        if self.max_response_len is not None:
+            budget = min(budget, self.max_response_len)
+        return budget - self.sample.response_length
 
     async def generate(self, args: Any, sampling_params: dict[str, Any], **overrides: Any) -> str:
         """One model turn through the router with what is left of the budget (`overrides` change sampling params

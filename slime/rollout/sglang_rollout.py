@@ -304,6 +304,7 @@ def rollout_metrics(
     samples = [s for g in groups for s in g]
     rewards = [r for r in (scalar_reward(s, key) for s in samples) if r is not None]
     tokens = sum(s.response_length for s in samples)
+    masked = sum(s.loss_mask.count(0) for s in samples if s.loss_mask is not None)
     n = max(len(samples), 1)
     return {
         f"{prefix}/reward_mean": sum(rewards) / max(len(rewards), 1),
@@ -312,6 +313,7 @@ def rollout_metrics(
         f"{prefix}/failed": sum(s.status == Sample.Status.FAILED for s in samples),
         f"{prefix}/reward_errors": sum("reward_error" in s.metadata for s in samples),
         f"{prefix}/tokens": tokens,
+        f"{prefix}/masked_token_ratio": masked / max(tokens, 1),  # tool/environment tokens, and off-policy ones
         f"{prefix}/seconds": seconds,
         f"{prefix}/tokens_per_s": tokens / max(seconds, 1e-9),
         f"{prefix}/weight_version": max((int(v) for s in samples for v in s.weight_versions if v.isdigit()), default=0),
