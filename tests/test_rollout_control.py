@@ -143,3 +143,62 @@ def _load(path):
     from slime.utils.misc import load_function
 
     return load_function(path)
+
+
+def test_check_reward_nonzero_std_against_a_float64_reference():
+    import random
+    import statistics
+    from types import SimpleNamespace
+
+    from slime.rollout.filter_hub.dynamic_sampling_filters import check_no_aborted_or_failed, check_reward_nonzero_std
+
+    args = SimpleNamespace(reward_key="score")
+    rng = random.Random(0)
+    for _ in range(200):
+        n = rng.randint(1, 8)
+        rewards = [rng.choice([0.0, 1.0, 0.5, rng.uniform(-2, 2)]) for _ in range(n)]
+        group = [Sample(reward={"score": r}) for r in rewards]
+        expected = n > 1 and statistics.stdev(rewards) > 1e-6
+        out = check_reward_nonzero_std(args, group)
+        assert out.keep == expected and (out.reason is None) == expected
+        if not expected:
+            assert out.reason == f"zero_std_{round(rewards[0], 1)}"
+    group = [Sample(reward=1.0), Sample(reward=0.0, status=Sample.Status.FAILED)]
+    assert check_no_aborted_or_failed(args, group).reason == "failed_sample"
+
+
+def test_reward_post_process_replaces_group_normalisation():
+    from types import SimpleNamespace
+
+    import torch
+
+    from slime.algorithms.advantages import compute_advantages
+
+    masks = [torch.ones(3), torch.ones(2), torch.ones(4), torch.ones(1)]
+    base = dict(advantage_estimator="grpo", n_samples_per_prompt=2, kl_coef=0.0, disable_grpo_std_normalization=False,
+                use_opd=False, normalize_advantages=False)  # fmt: skip
+    rewards = torch.tensor([3.0, -1.0, 0.5, 0.25], dtype=torch.float64)
+    normalised, _ = compute_advantages(rewards, {"loss_masks": masks}, SimpleNamespace(**base))
+    assert [float(a[0]) for a in normalised] == pytest.approx([0.7071, -0.7071, 0.7071, -0.7071], abs=1e-3)
+    given, _ = compute_advantages(
+        rewards, {"loss_masks": masks}, SimpleNamespace(**base, custom_reward_post_process_path="m:f")
+    )
+    assert [a.tolist() for a in given] == [[3.0] * 3, [-1.0] * 2, [0.5] * 4, [0.25]]
+
+
+def test_hook_paths_fail_at_parse_time_naming_the_flag(tiny_model_path, capsys):
+    from slime.config.arguments import parse_args
+
+    base = ["--hf-checkpoint", tiny_model_path, "--prompt-data", "builtin:arithmetic", "--rm-type", "math"]
+    for flag, path, why in [
+        ("--dynamic-sampling-filter-path", "tests.custom_hooks:nope", "has no attribute 'nope'"),
+        ("--custom-reward-post-process-path", "no_such_module.f", "cannot import module 'no_such_module'"),
+        ("--data-source-path", "tests.custom_hooks", "'custom_hooks' in 'tests' is not callable"),
+    ]:
+        with pytest.raises(SystemExit):
+            parse_args([*base, flag, path])
+        err = capsys.readouterr().err
+        assert f"{flag} {path!r}" in err and why in err, err
+    with pytest.raises(SystemExit):
+        parse_args([*base, "--mask-offpolicy-in-partial-rollout"])
+    assert "needs --partial-rollout" in capsys.readouterr().err
