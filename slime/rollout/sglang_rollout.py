@@ -201,7 +201,12 @@ def _fresh(sample: Sample) -> Sample:
 def _filter_verdict(filt: Callable | None, args: Any, group: list[Sample]) -> tuple[bool, str | None]:
     if filt is None:
         return True, None
-    out = filt(args, group)
+    try:
+        out = filt(args, group)
+    except Exception as exc:
+        path = args.dynamic_sampling_filter_path
+        raise RuntimeError(f"--dynamic-sampling-filter-path {path} failed on group {group[0].group_index}: "
+                           f"{type(exc).__name__}: {exc}") from exc  # fmt: skip
     keep = bool(out.keep if isinstance(out, DynamicFilterOutput) else out)
     reason = (out.reason if isinstance(out, DynamicFilterOutput) else None) or "rejected"
     return keep, None if keep else str(reason)
@@ -234,7 +239,11 @@ async def _train_rollout(args: Any, rollout_id: int, data_source: Any) -> Rollou
                         f"{limit}) and only {len(kept)} of {target} groups passed --dynamic-sampling-filter-path "
                         f"{path}; dropped: {dict(drops)}"
                     )
-                for group in data_source.get_samples(min(per_round, limit - submitted)):
+                groups = data_source.get_samples(min(per_round, limit - submitted))
+                if not groups:
+                    raise RuntimeError(f"rollout {rollout_id}: the data source ({type(data_source).__name__}) "
+                                       f"returned no prompts with {len(kept)} of {target} groups kept")  # fmt: skip
+                for group in groups:
                     for s in group:
                         s.metadata.setdefault("start_rollout_id", rollout_id)
                         resumed += bool(s.response_length)
