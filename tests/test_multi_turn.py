@@ -123,3 +123,17 @@ def test_environment_tokens_beyond_the_budget_are_cut(smollm2_path):
     assert traj.sample.response_length == 12 and traj.sample.status == Sample.Status.TRUNCATED
     assert traj.remaining({"max_new_tokens": 100}) == 0
     traj.sample.check_alignment()
+
+
+def test_a_resumed_partial_sample_starts_its_conversation_over(smollm2_path):
+    from slime.utils.processing_utils import load_tokenizer
+
+    tok = load_tokenizer(smollm2_path)
+    prompt = [{"role": "user", "content": "q"}]
+    sample = Sample(prompt=prompt)
+    ChatTrajectory(sample, tok).add_model_tokens(tok.encode("half an ans", add_special_tokens=False))
+    ChatTrajectory(sample, tok)
+    assert sample.response_length == 0 and sample.metadata["restarted"] == 1
+    assert sample.tokens == tok.apply_chat_template(
+        prompt, tokenize=True, add_generation_prompt=True, return_dict=False
+    )

@@ -12,15 +12,19 @@ own token ids and log-probs (loss_mask 1). Environment turns are either
 
 Both get loss_mask 0 and log-prob 0. `generate` spends what is left of `max_new_tokens` over the whole response,
 tool tokens included (slime's convention), so a trajectory never exceeds `--rollout-max-response-len`.
+A sample handed back by `--partial-rollout` starts its conversation over (counted in `metadata["restarted"]`): the
+tool state between turns is not part of a Sample.
 """
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 from slime.utils.http_utils import post
 from slime.utils.types import Sample
 
+logger = logging.getLogger(__name__)
 _FINISH_STATUS = {"stop": Sample.Status.COMPLETED, "length": Sample.Status.TRUNCATED, "abort": Sample.Status.ABORTED}
 
 
@@ -42,6 +46,12 @@ class ChatTrajectory:
     ):
         self.sample, self.tokenizer, self.tools = sample, tokenizer, tools
         self.max_response_len = max_response_len
+        if sample.response_length:  # handed back by --partial-rollout: the conversation state is gone, start over
+            logger.info("sample %s: multi-turn sample resumed with %d response tokens starts over", sample.index,
+                        sample.response_length)  # fmt: skip
+            sample.tokens, sample.response, sample.response_length, sample.weight_versions = [], "", 0, []
+            sample.loss_mask = sample.rollout_log_probs = None
+            sample.metadata["restarted"] = sample.metadata.get("restarted", 0) + 1
         self.template_kwargs = dict(chat_template_kwargs or {})
         if messages is None and isinstance(sample.prompt, list):
             messages = sample.prompt

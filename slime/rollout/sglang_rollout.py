@@ -133,6 +133,9 @@ async def generate_and_rm(
         sample.loss_mask = [0] * sample.response_length
     if sample.status in (Sample.Status.COMPLETED, Sample.Status.TRUNCATED):
         return sample
+    if sample.status == Sample.Status.FAILED:  # a retry (a failed sample handed back under --partial-rollout)
+        sample.reward = None
+        sample.metadata.pop("generate_error", None)
     state = _state(args)
     fn, name = _generate_function(args, sample)
     async with state.semaphore:
