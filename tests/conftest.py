@@ -1,3 +1,4 @@
+import contextlib
 import json
 import os
 from pathlib import Path
@@ -67,3 +68,21 @@ def write_jsonl(tmp_path):
 def _quiet_ray():
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
     yield
+
+
+@contextlib.contextmanager
+def engines_behind_router(model_path: str, logs, count: int = 1, num_threads: int = 1, ready_s: float = 120):
+    """Real engine servers registered with the real router; yields (router, engines), stops them all after."""
+    from slime.engine.launch import launch_engine
+    from slime.router.router import launch_router, register_worker
+
+    engines = [launch_engine(model_path, logs, index=i, num_threads=num_threads, wait=False) for i in range(count)]
+    router = launch_router(logs)
+    try:
+        for e in engines:
+            e.wait_ready("/health", ready_s)
+            register_worker(router.url, e.url)
+        yield router, engines
+    finally:
+        for s in [*engines, router]:
+            s.stop()

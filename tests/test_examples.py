@@ -3,22 +3,14 @@ are really called, their turns are loss-masked, and the samples are ready to tra
 
 import pytest
 
-from slime.engine.launch import launch_engine
-from slime.router.router import launch_router, register_worker
+from tests.conftest import engines_behind_router
 
 
 @pytest.fixture(scope="module")
 def smollm2_behind_router(smollm2_path, tmp_path_factory):
     logs = tmp_path_factory.mktemp("logs")
-    engine = launch_engine(smollm2_path, logs, index=0, num_threads=2, wait=False)
-    router = launch_router(logs)
-    try:
-        engine.wait_ready("/health", 300)
-        register_worker(router.url, engine.url)
+    with engines_behind_router(smollm2_path, logs, num_threads=2, ready_s=300) as (router, _):
         yield router
-    finally:
-        engine.stop()
-        router.stop()
 
 
 def _rollout(router, smollm2_path, tmp_path, prompt_data, agent, max_len):

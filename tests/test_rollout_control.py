@@ -6,24 +6,15 @@ import json
 
 import pytest
 
-from slime.engine.launch import launch_engine
-from slime.router.router import launch_router, register_worker
 from slime.utils.http_utils import request_sync
 from slime.utils.types import Sample
+from tests.conftest import engines_behind_router
 
 
 @pytest.fixture(scope="module")
 def engine_behind_router(tiny_model_path, tmp_path_factory):
-    logs = tmp_path_factory.mktemp("logs")
-    engine = launch_engine(tiny_model_path, logs, index=0, num_threads=1, wait=False)
-    router = launch_router(logs)
-    try:
-        engine.wait_ready("/health", 120)
-        register_worker(router.url, engine.url)
-        yield router, engine
-    finally:
-        engine.stop()
-        router.stop()
+    with engines_behind_router(tiny_model_path, tmp_path_factory.mktemp("logs")) as (router, engines):
+        yield router, engines[0]
 
 
 def _aborted_requests(engine) -> int:

@@ -5,24 +5,15 @@ import json
 
 import pytest
 
-from slime.engine.launch import launch_engine
-from slime.router.router import launch_router, list_workers, register_worker
+from slime.router.router import list_workers
 from slime.utils.http_utils import post, request_sync
+from tests.conftest import engines_behind_router
 
 
 @pytest.fixture(scope="module")
 def two_engines_behind_router(tiny_model_path, tmp_path_factory):
-    logs = tmp_path_factory.mktemp("logs")
-    engines = [launch_engine(tiny_model_path, logs, index=i, num_threads=1, wait=False) for i in range(2)]
-    router = launch_router(logs)
-    try:
-        for e in engines:
-            e.wait_ready("/health", 120)
-            register_worker(router.url, e.url)
-        yield router, engines
-    finally:
-        for s in [*engines, router]:
-            s.stop()
+    with engines_behind_router(tiny_model_path, tmp_path_factory.mktemp("logs"), count=2) as pair:
+        yield pair
 
 
 def test_router_lists_both_engines_and_spreads_load(two_engines_behind_router):

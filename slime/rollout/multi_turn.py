@@ -21,11 +21,10 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from slime.utils.http_utils import post
+from slime.rollout.sglang_rollout import call_engine, finish_status
 from slime.utils.types import Sample
 
 logger = logging.getLogger(__name__)
-_FINISH_STATUS = {"stop": Sample.Status.COMPLETED, "length": Sample.Status.TRUNCATED, "abort": Sample.Status.ABORTED}
 
 
 class ChatTrajectory:
@@ -136,14 +135,10 @@ class ChatTrajectory:
         if params["max_new_tokens"] <= 0:
             self.sample.status = Sample.Status.TRUNCATED
             return "length"
-        url = f"http://{args.sglang_router_ip}:{args.sglang_router_port}/generate"
-        out = await post(url, {"input_ids": self.sample.tokens, "sampling_params": params, "return_logprob": True})
-        meta = out["meta_info"]
-        pairs = meta["output_token_logprobs"]
-        self.add_model_tokens([int(p[1]) for p in pairs], [float(p[0]) for p in pairs])
-        if pairs:
-            self.sample.weight_versions.append(str(meta.get("weight_version")))
+        ids, lps, _, version, finish = await call_engine(args, self.sample.tokens, params)
+        self.add_model_tokens(ids, lps)
+        if ids:
+            self.sample.weight_versions.append(version)
         self.turns += 1
-        finish = meta["finish_reason"]["type"]
-        self.sample.status = _FINISH_STATUS.get(finish, Sample.Status.FAILED)
+        self.sample.status = finish_status(finish)
         return finish

@@ -31,7 +31,7 @@ from slime.utils.processing_utils import load_tokenizer
 from slime.utils.types import Sample
 
 logger = logging.getLogger(__name__)
-_FINISH_STATUS = {"stop": Sample.Status.COMPLETED, "length": Sample.Status.TRUNCATED, "abort": Sample.Status.ABORTED}
+FINISH_STATUS = {"stop": Sample.Status.COMPLETED, "length": Sample.Status.TRUNCATED, "abort": Sample.Status.ABORTED}
 
 
 def router_url(args: Any) -> str:
@@ -67,6 +67,21 @@ def sampling_params(args: Any, evaluation: bool = False, dataset: EvalDatasetCon
     return params
 
 
+async def call_engine(args: Any, input_ids: list[int], params: dict[str, Any]) -> tuple[list, list, str, str, str]:
+    """One POST /generate on the router. Returns (new token ids, their log-probs, text, weight version, finish
+    reason type: stop / length / abort)."""
+    out = await post(f"{router_url(args)}/generate", {"input_ids": input_ids, "sampling_params": params,
+                                                      "return_logprob": True})  # fmt: skip
+    meta = out["meta_info"]
+    ids = [int(t[1]) for t in meta["output_token_logprobs"]]
+    lps = [float(t[0]) for t in meta["output_token_logprobs"]]
+    return ids, lps, out["text"], str(meta.get("weight_version")), meta["finish_reason"]["type"]
+
+
+def finish_status(finish: str) -> Sample.Status:
+    return FINISH_STATUS.get(finish, Sample.Status.FAILED)
+
+
 async def generate(args: Any, sample: Sample, sampling_params: dict[str, Any]) -> Sample:
     """One response for `sample` (resuming its partial response, if any) via POST /generate on the router."""
     tokenizer = load_tokenizer(args.hf_checkpoint)
@@ -77,17 +92,11 @@ async def generate(args: Any, sample: Sample, sampling_params: dict[str, Any]) -
     if params["max_new_tokens"] <= 0:
         sample.status = Sample.Status.TRUNCATED
         return sample
-    out = await post(
-        f"{router_url(args)}/generate",
-        {"input_ids": sample.tokens, "sampling_params": params, "return_logprob": True},
-    )
-    meta = out["meta_info"]
-    new_ids = [int(t[1]) for t in meta["output_token_logprobs"]]
-    new_lps = [float(t[0]) for t in meta["output_token_logprobs"]]
-    sample.append_response(new_ids, out["text"], loss_mask=1, log_probs=new_lps)
-    if new_ids:
-        sample.weight_versions.append(str(meta.get("weight_version")))
-    sample.status = _FINISH_STATUS.get(meta["finish_reason"]["type"], Sample.Status.FAILED)
+    ids, lps, text, version, finish = await call_engine(args, sample.tokens, params)
+    sample.append_response(ids, text, loss_mask=1, log_probs=lps)
+    if ids:
+        sample.weight_versions.append(version)
+    sample.status = finish_status(finish)
     return sample
 
 
@@ -102,11 +111,15 @@ class _GenState:
 _STATE: contextvars.ContextVar[_GenState] = contextvars.ContextVar("slime_generate_state")
 
 
+def _new_state(args: Any) -> _GenState:
+    return _GenState(asyncio.Semaphore(args.sglang_server_concurrency * args.rollout_num_engines))
+
+
 def _state(args: Any) -> _GenState:
     """The current rollout's state; outside one (a custom rollout calling generate_and_rm directly), a fresh one."""
     state = _STATE.get(None)
     if state is None:
-        state = _GenState(asyncio.Semaphore(args.sglang_server_concurrency * args.rollout_num_engines))
+        state = _new_state(args)
         _STATE.set(state)
     return state
 
@@ -226,7 +239,7 @@ async def _train_rollout(args: Any, rollout_id: int, data_source: Any) -> Rollou
     path = args.dynamic_sampling_filter_path
     filt = load_function(path, "--dynamic-sampling-filter-path") if path else None
     params = sampling_params(args)
-    state = _GenState(asyncio.Semaphore(args.sglang_server_concurrency * args.rollout_num_engines))
+    state = _new_state(args)
     _STATE.set(state)  # tasks created below copy this context
     kept: list[list[Sample]] = []
     extra: list[list[Sample]] = []
@@ -298,7 +311,7 @@ async def _eval_rollout(args: Any, groups_by_name: dict[str, list[list[Sample]]]
             for s in (s for g in groups for s in g):
                 s.metadata["generate_function_path"] = cfg.custom_generate_function_path
         params = sampling_params(args, True, cfg)
-        _STATE.set(_GenState(asyncio.Semaphore(args.sglang_server_concurrency * args.rollout_num_engines)))
+        _STATE.set(_new_state(args))
         done = await asyncio.gather(*(generate_and_rm_group(args, g, params, evaluation=True) for g in groups))
         samples = [s for g in done for s in g]
         data[name] = {
