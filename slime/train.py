@@ -15,17 +15,18 @@ from slime.models.provision import resolve_checkpoint
 from slime.observe.metrics import MetricsLogger
 from slime.ray.train_group import TrainGroup
 from slime.rollout.manager import RolloutManager
+from slime.trainer import checkpoint
 
 
 def train(args) -> dict:
-    """Run `--num-rollout` steps; returns the last rollout, train, sync and eval metrics."""
+    """Run rollouts `start..--num-rollout-1` (start > 0 when --load holds a checkpoint); returns the last rollout,
+    train, sync and eval metrics."""
     ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=True, ignore_reinit_error=True)
-    metrics_log = MetricsLogger(args.output_dir)
     manager = RolloutManager.options(num_cpus=0).remote(args)
-    trainer = None
+    trainer, metrics_log = None, None
     last: dict = {}
     try:
-        info = ray.get(manager.info.remote())
+        info = wait(manager.info.remote(), 1800, "the rollout manager to start its engines and router")
         print(
             f"rollout: {info['num_train_prompts']} prompts, engines {info['engine_urls']} behind {info['router_url']}"
         )
@@ -33,28 +34,89 @@ def train(args) -> dict:
             print(batch_plan(args))
             trainer = TrainGroup(args)
             trainer.call("connect_engines", info["engine_urls"])
+            wait(manager.attach_trainer.remote(trainer.actors), 60, "the rollout manager")
+        start, saved_at = resume(args, trainer, manager)
+        metrics_log = MetricsLogger(args.output_dir, resume_after=saved_at, purge_step=start)
         has_eval = bool(args.eval_datasets)
-        if has_eval and not args.skip_eval_before_train:
-            last["eval_before"] = log(metrics_log, 0, ray.get(manager.eval.remote(0))["metrics"])
-        for rollout_id in tqdm(range(args.num_rollout), desc="rollout", unit="step", file=sys.stdout):
+        if has_eval and not args.skip_eval_before_train and start == 0:
+            last["eval_before"] = log(metrics_log, 0, evaluate(args, manager, 0))
+        for rollout_id in tqdm(range(start, args.num_rollout), desc="rollout", unit="step", file=sys.stdout):
             step_start = time.monotonic()
-            rollout = ray.get(manager.generate.remote(rollout_id))
+            rollout = wait(manager.generate.remote(rollout_id), args.rollout_timeout, f"rollout {rollout_id}")
             metrics = dict(rollout["metrics"])
             if trainer is not None:
                 metrics |= trainer.train(rollout_id, ray.put(rollout["train_data"]))
-                metrics |= trainer.update_weights(str(rollout_id + 1))
+                metrics |= sync_weights(args, trainer, manager, str(rollout_id + 1))
             metrics["perf/step_seconds"] = time.monotonic() - step_start
             last["rollout"] = log(metrics_log, rollout_id, metrics)
             done = rollout_id + 1
             if has_eval and args.eval_interval and (done % args.eval_interval == 0 or done == args.num_rollout):
-                last["eval"] = log(metrics_log, done, ray.get(manager.eval.remote(done))["metrics"])
+                last["eval"] = log(metrics_log, done, evaluate(args, manager, done))
+            if args.save and ((args.save_interval and done % args.save_interval == 0) or done == args.num_rollout):
+                save(args, rollout_id, trainer, manager)
     finally:
         if trainer is not None:
             trainer.shutdown()
-        ray.get(manager.shutdown.remote())
-        metrics_log.close()
+        ray.get(manager.shutdown.remote(), timeout=120)
+        if metrics_log is not None:
+            metrics_log.close()
         ray.shutdown()
     return last
+
+
+def wait(ref, timeout: float, what: str):
+    try:
+        return ray.get(ref, timeout=timeout)
+    except ray.exceptions.GetTimeoutError as exc:
+        raise TimeoutError(f"waited {timeout:.0f}s for {what}") from exc
+
+
+def evaluate(args, manager, rollout_id: int) -> dict:
+    return wait(manager.eval.remote(rollout_id), args.rollout_timeout, f"evaluation at rollout {rollout_id}")["metrics"]
+
+
+def sync_weights(args, trainer: TrainGroup, manager, version: str) -> dict:
+    """Push the trainer's weights to every engine as `version` (engines that died during training are restarted
+    first under --use-fault-tolerance); the manager remembers the version for later restarts."""
+    if args.use_fault_tolerance:
+        wait(manager.recover_engines.remote(), args.update_weight_timeout + 900, "engine recovery before weight sync")
+    metrics = trainer.update_weights(version)
+    wait(manager.set_weight_version.remote(version), 60, "the rollout manager")
+    return metrics
+
+
+def resume(args, trainer: TrainGroup | None, manager) -> tuple[int, float | None]:
+    """Load the newest complete checkpoint under --load into trainer and data source and push its weights to the
+    engines. Returns (first rollout id to run, the checkpoint's save time); (0, None) for a fresh start."""
+    found = checkpoint.latest(args.load) if args.load else None
+    if found is None:
+        if args.load:
+            print(f"--load {args.load}: no checkpoint yet, starting from --hf-checkpoint")
+        return 0, None
+    rollout_id, folder = found
+    meta = wait(manager.load.remote(str(folder)), 600, f"the rollout manager to load {folder}")
+    if trainer is not None:
+        loaded = trainer.call("load", str(folder), what=f"training ranks to load {folder}")[0]
+        if not loaded["optimizer_loaded"]:
+            print(f"{folder}: no optimizer state loaded; AdamW starts fresh")
+        sync_weights(args, trainer, manager, meta["weight_version"] or str(rollout_id + 1))
+    print(f"resumed from {folder}: next rollout {rollout_id + 1}")
+    return rollout_id + 1, meta["saved_at"]
+
+
+def save(args, rollout_id: int, trainer: TrainGroup | None, manager) -> None:
+    """Checkpoint `rollout_id` under --save (staged, then published whole), and the --save-hf export."""
+    start = time.monotonic()
+    staged = checkpoint.staging_dir(args.save, rollout_id)
+    if trainer is not None:
+        trainer.call("save", str(staged), what=f"training ranks to save checkpoint {rollout_id}")
+    wait(manager.save.remote(str(staged), rollout_id), 600, f"the rollout manager to save checkpoint {rollout_id}")
+    folder = checkpoint.commit(args.save, rollout_id, staged)
+    if args.save_hf and trainer is not None:
+        out = args.save_hf.format(rollout_id=rollout_id)
+        trainer.call("export_hf", out, what=f"training ranks to export {out}")
+        print(f"exported the policy to {out}")
+    print(f"saved {folder} in {time.monotonic() - start:.1f}s")
 
 
 def log(metrics_log: MetricsLogger, step: int, metrics: dict) -> dict:

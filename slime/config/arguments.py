@@ -111,6 +111,12 @@ def build_parser() -> argparse.ArgumentParser:
     )  # fmt: skip
     g.add_argument("--debug-rollout-only", action="store_true", help="run rollouts only (no training); report tok/s")
     g.add_argument("--rollout-timeout", type=float, default=3600.0, help="seconds one rollout step may take")
+    g.add_argument(
+        "--sglang-enable-deterministic-inference", action="store_true",
+        help="reproducible rollouts: every request samples with its own seed (from --seed and the sample's index) "
+        "and each engine runs one request at a time, so results do not depend on batching (slow; for resume checks "
+        "and research)",
+    )  # fmt: skip
 
     g = p.add_argument_group("training")
     g.add_argument("--actor-num-nodes", type=int, default=1, help="nodes of training ranks")
@@ -119,7 +125,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="training ranks per node: one per GPU, or one process each on CPU (world size = nodes x this)",
     )  # fmt: skip
     g.add_argument("--train-threads", type=int, default=0, help="torch threads per CPU training rank (0: cores/ranks)")
-    g.add_argument("--ref-load", default=None, help="reference model for --use-kl-loss (default: --hf-checkpoint)")
+    g.add_argument(
+        "--ref-load", default=None,
+        help="reference model for the KL terms: a Hugging Face folder or a --save folder (default: --hf-checkpoint)",
+    )  # fmt: skip
     g.add_argument("--lr", type=float, default=1e-6, help="peak learning rate of AdamW")
     g.add_argument("--min-lr", type=float, default=0.0, help="learning rate at the end of linear/cosine decay")
     g.add_argument("--lr-warmup-iters", type=int, default=0, help="optimizer steps of linear warm-up from 0")
@@ -154,6 +163,43 @@ def build_parser() -> argparse.ArgumentParser:
         "--train-timeout", type=float, default=3600.0,
         help="seconds to wait for the training ranks to load, train on one rollout, or sync weights",
     )  # fmt: skip
+
+    g = p.add_argument_group("checkpoints and faults")
+    g.add_argument(
+        "--save", default=None,
+        help="folder of checkpoints (iter_XXXXXXX/ + latest_checkpointed_iteration.txt); saved every --save-interval "
+        "rollouts and after the last one",
+    )  # fmt: skip
+    g.add_argument("--save-interval", type=int, default=None, help="rollouts between checkpoints (needs --save)")
+    g.add_argument(
+        "--load", default=None,
+        help="resume from the newest complete checkpoint in this folder; a folder without one starts a fresh run "
+        "(so the same command both starts and resumes when --load equals --save)",
+    )  # fmt: skip
+    g.add_argument("--no-save-optim", action="store_true", help="leave optimizer state out of checkpoints (smaller; "
+                   "a resume then restarts AdamW's moments)")  # fmt: skip
+    g.add_argument("--no-load-optim", action="store_true", help="resume weights but start a fresh optimizer")
+    g.add_argument("--no-load-rng", action="store_true", help="resume without restoring the saved RNG states")
+    g.add_argument(
+        "--save-hf", default=None,
+        help="also export the policy as a Hugging Face folder at each checkpoint; the path may contain {rollout_id}",
+    )  # fmt: skip
+    g.add_argument(
+        "--max-nan-steps", type=int, default=3,
+        help="optimizer steps with a non-finite loss or gradient norm are skipped; stop the run once more than this "
+        "many were skipped",
+    )  # fmt: skip
+    g.add_argument(
+        "--use-fault-tolerance", action="store_true",
+        help="health-check engines during rollouts; restart a dead or hung one, give it the current weights, "
+        "re-register it with the router, and retry its in-flight requests",
+    )  # fmt: skip
+    g.add_argument("--rollout-health-check-interval", type=float, default=30.0,
+                   help="seconds between engine health checks (/health_generate) during a rollout")  # fmt: skip
+    g.add_argument("--rollout-health-check-timeout", type=float, default=30.0,
+                   help="seconds an engine may take to answer a health check before it is restarted")  # fmt: skip
+    g.add_argument("--rollout-health-check-first-wait", type=float, default=0.0,
+                   help="seconds after an engine (re)starts before its first health check")  # fmt: skip
 
     g = p.add_argument_group("algorithm")
     g.add_argument(
@@ -396,6 +442,7 @@ def validate_args(args: argparse.Namespace, parser: argparse.ArgumentParser) -> 
     if not args.rm_type and not args.custom_rm_path:
         parser.error("set --rm-type (e.g. math) or --custom-rm-path so samples get rewards")
     validate_reward(args, parser)
+    validate_checkpoints(args, parser)
     validate_rollout_control(args, parser)
     validate_eval(args, parser)
     validate_algorithm(args, parser)
@@ -404,6 +451,23 @@ def validate_args(args: argparse.Namespace, parser: argparse.ArgumentParser) -> 
         args.rollout_engine_threads = max(1, (os.cpu_count() or 1) // args.rollout_num_engines)
     check_sampling(parser, "rollout sampling flags", args.rollout_temperature, args.rollout_top_p,
                    args.rollout_top_k, args.rollout_max_response_len)  # fmt: skip
+
+
+def validate_checkpoints(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
+    if args.save_interval is not None and (args.save_interval < 1 or not args.save):
+        parser.error("--save-interval needs --save and must be at least 1")
+    if args.save_hf:
+        if not args.save:
+            parser.error("--save-hf exports at checkpoints: set --save too")
+        try:
+            args.save_hf.format(rollout_id=0)
+        except (KeyError, IndexError, ValueError) as exc:
+            parser.error(f"--save-hf {args.save_hf!r}: the only placeholder allowed is {{rollout_id}} ({exc})")
+    if args.max_nan_steps < 0:
+        parser.error("--max-nan-steps must be >= 0")
+    for flag in ("rollout_health_check_interval", "rollout_health_check_timeout"):
+        if getattr(args, flag) <= 0:
+            parser.error(f"--{flag.replace('_', '-')} must be > 0 seconds")
 
 
 def check_sampling(parser: argparse.ArgumentParser, where: str, temperature, top_p, top_k, max_new_tokens) -> None:

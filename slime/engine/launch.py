@@ -6,7 +6,7 @@ import os
 import subprocess
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from slime.utils.http_utils import free_port, request_sync
@@ -20,6 +20,7 @@ class ServerProcess:
     url: str
     proc: subprocess.Popen
     log_path: Path
+    started: float = field(default_factory=time.monotonic)
 
     def alive(self) -> bool:
         return self.proc.poll() is None
@@ -61,14 +62,30 @@ class ServerProcess:
                 self.proc.wait(5)
 
 
-def spawn(name: str, cmd: list[str], url: str, log_dir: str | Path, env: dict | None = None) -> ServerProcess:
+def _die_with_parent() -> None:
+    """In the child before exec: Linux sends SIGKILL when the thread that started it exits."""
+    import ctypes
+    import signal
+
+    try:
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except OSError:
+        pass
+
+
+def spawn(
+    name: str, cmd: list[str], url: str, log_dir: str | Path, env: dict | None = None, die_with_parent: bool = False
+) -> ServerProcess:
+    """Start `cmd` with its output in `log_dir/<name>.log`. `die_with_parent`: killed with the starting thread (for
+    servers started by a long-lived thread, on Linux), so a killed run leaves no orphan."""
     log_dir = Path(log_dir)
     log_dir.mkdir(parents=True, exist_ok=True)
     log_path = log_dir / f"{name}.log"
     log = open(log_path, "w")  # noqa: SIM115 - owned by the child for its lifetime
     proc = subprocess.Popen(
-        cmd, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})}, start_new_session=True
-    )
+        cmd, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})}, start_new_session=True,
+        preexec_fn=_die_with_parent if die_with_parent and sys.platform == "linux" else None,
+    )  # fmt: skip
     return ServerProcess(name, url, proc, log_path)
 
 
@@ -83,16 +100,19 @@ def launch_engine(
     seed: int = 0,
     startup_timeout: float = 300.0,
     wait: bool = True,
+    restart: int = 0,
 ) -> ServerProcess:
-    """Start one embedded engine server (`python -m slime.engine.server`) on a free port."""
+    """Start one embedded engine server (`python -m slime.engine.server`) on a free port. `restart` > 0 names the
+    log of a replacement for engine `index` (engine-<index>-restart<n>.log), so the dead one's log is kept."""
     port = free_port(host)
     cmd = [
         sys.executable, "-m", "slime.engine.server", "--model-path", model_path, "--host", host, "--port", str(port),
         "--dtype", dtype, "--num-threads", str(num_threads), "--max-running-requests", str(max_running_requests),
-        "--seed", str(seed + index),
+        "--seed", str(seed + index), "--parent-pid", str(os.getpid()),
     ]  # fmt: skip
     env = {"OMP_NUM_THREADS": str(num_threads)} if num_threads else None
-    server = spawn(f"engine-{index}", cmd, f"http://{host}:{port}", log_dir, env)
+    name = f"engine-{index}" + (f"-restart{restart}" if restart else "")
+    server = spawn(name, cmd, f"http://{host}:{port}", log_dir, env)
     if wait:
         server.wait_ready("/health", startup_timeout)
     return server

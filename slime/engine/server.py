@@ -406,12 +406,28 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--max-prefill-tokens", type=int, default=4096, help="prompt tokens admitted per prefill pass")
     p.add_argument("--seed", type=int, default=0, help="seed of the sampling generator")
     p.add_argument("--num-threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    p.add_argument(
+        "--parent-pid", type=int, default=0,
+        help="exit when this process (the launcher) is gone, so a killed run leaves no orphan engine (0: never)",
+    )  # fmt: skip
     return p.parse_args(argv)
+
+
+def _exit_with_parent(parent_pid: int) -> None:
+    def watch() -> None:
+        while os.getppid() == parent_pid:
+            time.sleep(1.0)
+        logger.error("launcher process %d is gone; exiting", parent_pid)
+        os._exit(1)
+
+    threading.Thread(target=watch, name="parent-watch", daemon=True).start()
 
 
 def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=os.environ.get("SLIME_LOG_LEVEL", "INFO"), format="%(asctime)s %(name)s %(message)s")
     args = parse_args(argv)
+    if args.parent_pid:
+        _exit_with_parent(args.parent_pid)
     from slime.models.provision import resolve_checkpoint
 
     engine = EmbeddedEngine(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 import ray
@@ -10,6 +11,10 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from slime.trainer.actor import TrainActor
 from slime.utils.http_utils import free_port
+
+
+class TrainerError(RuntimeError):
+    """A training rank raised or died; the message names the rank and what the group was doing."""
 
 
 class TrainGroup:
@@ -39,10 +44,22 @@ class TrainGroup:
         self._get([a.__ray_ready__.remote() for a in self.actors], "training ranks to load the model")
 
     def _get(self, refs: list, what: str) -> list:
-        try:
-            return ray.get(refs, timeout=self.timeout_s)
-        except ray.exceptions.GetTimeoutError as exc:
-            raise TimeoutError(f"waited {self.timeout_s:.0f}s for {what}") from exc
+        """Results of one call on every rank. The first rank to fail stops the wait (the others may be blocked in a
+        collective with it) with an error naming that rank and `what`."""
+        index = {ref: rank for rank, ref in enumerate(refs)}
+        pending, deadline = list(refs), time.monotonic() + self.timeout_s
+        while pending:
+            done, pending = ray.wait(pending, num_returns=1, timeout=max(0.0, deadline - time.monotonic()))
+            if not done:
+                ranks = sorted(index[r] for r in pending)
+                raise TimeoutError(f"waited {self.timeout_s:.0f}s for {what}; ranks {ranks} did not finish")
+            try:
+                ray.get(done[0])
+            except ray.exceptions.RayError as exc:
+                cause = getattr(exc, "cause", None) or exc
+                raise TrainerError(f"training rank {index[done[0]]} failed during {what}: "
+                                   f"{type(cause).__name__}: {cause}") from exc  # fmt: skip
+        return ray.get(refs)
 
     def call(self, method: str, *args, what: str | None = None) -> list:
         """Call `method` on every rank at once (they run collectives together); returns every rank's result."""

@@ -139,6 +139,15 @@ class RolloutDataSourceWithBuffer(RolloutDataSource):
     def get_buffer_length(self) -> int:
         return len(self.buffer)
 
+    def state_dict(self) -> dict[str, Any]:
+        """The prompt position and the buffered groups (partial responses included), for checkpoints."""
+        return super().state_dict() | {"buffer": [[s.to_dict() for s in g] for g in self.buffer]}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        state = dict(state)
+        self.buffer = [[Sample.from_dict(s) for s in g] for g in state.pop("buffer", [])]
+        super().load_state_dict(state)
+
 
 def pop_first(args: Any, rollout_id: int | None, buffer: list[list[Sample]], num_samples: int) -> list[list[Sample]]:
     """The default buffer filter: the oldest `num_samples` groups, removed from the buffer."""

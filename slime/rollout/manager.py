@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import os
+import pickle
+import threading
+import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import ray
@@ -13,7 +18,8 @@ import ray
 from slime.engine.launch import ServerProcess, launch_engine
 from slime.observe.eval_metrics import dataset_metrics
 from slime.rollout.base_types import RolloutFnEvalOutput, RolloutFnTrainOutput
-from slime.router.router import launch_router, register_worker
+from slime.router.router import launch_router, register_worker, remove_worker
+from slime.utils.http_utils import request_sync
 from slime.utils.misc import load_function
 from slime.utils.types import Sample
 
@@ -71,16 +77,14 @@ class RolloutManager:
         self.args = args
         self.engines: list[ServerProcess] = []
         self.router: ServerProcess | None = None
-        log_dir = os.path.join(args.output_dir, "server_logs")
+        self.log_dir = os.path.join(args.output_dir, "server_logs")
+        self.trainer_actors: list = []  # set by attach_trainer: they push weights to a restarted engine
+        self.weight_version: str | None = None  # None: engines still serve --hf-checkpoint
+        self.restarts: list[str] = []  # one line per engine restart (fault tolerance)
+        self._monitor_error: BaseException | None = None
         try:
-            self.engines = [
-                launch_engine(
-                    args.hf_checkpoint, log_dir, index=i, dtype=args.rollout_engine_dtype,
-                    num_threads=args.rollout_engine_threads, seed=args.seed, wait=False,
-                )
-                for i in range(args.rollout_num_engines)
-            ]  # fmt: skip
-            self.router = launch_router(log_dir, policy=args.router_policy)
+            self.engines = [self._launch(i, wait=False) for i in range(args.rollout_num_engines)]
+            self.router = launch_router(self.log_dir, policy=args.router_policy)
             self.data_source = load_function(args.data_source_path, "--data-source-path")(args)
             for e in self.engines:
                 e.wait_ready("/health", timeout=600)
@@ -98,6 +102,22 @@ class RolloutManager:
         if args.custom_reward_post_process_path:
             self.post_process = load_function(args.custom_reward_post_process_path, "--custom-reward-post-process-path")
 
+    def _launch(self, index: int, wait: bool, restart: int = 0) -> ServerProcess:
+        a = self.args
+        return launch_engine(
+            a.hf_checkpoint, self.log_dir, index=index, dtype=a.rollout_engine_dtype,
+            num_threads=a.rollout_engine_threads, seed=a.seed, wait=wait, restart=restart, startup_timeout=600,
+            max_running_requests=1 if a.sglang_enable_deterministic_inference else 64,
+        )  # fmt: skip
+
+    def attach_trainer(self, actors: list) -> None:
+        """The training ranks (Ray actor handles), so a restarted engine can be given the current weights."""
+        self.trainer_actors = list(actors)
+
+    def set_weight_version(self, version: str) -> None:
+        """The version the trainer last synced to every engine; a restarted engine gets the same."""
+        self.weight_version = version
+
     def info(self) -> dict[str, Any]:
         return {
             "router_url": self.router.url,
@@ -105,19 +125,101 @@ class RolloutManager:
             "num_train_prompts": len(self.data_source),
         }
 
-    def _check_engines(self) -> None:
-        dead = [f"{e.name} (exit {e.proc.returncode}):\n{e.log_tail(1500)}" for e in self.engines if not e.alive()]
-        if dead:
-            raise RuntimeError("engine server(s) died: " + "\n".join(dead))
+    # ------------------------------------------------------------------ fault tolerance
+    def _health_problem(self, engine: ServerProcess) -> str | None:
+        """Why `engine` must be restarted, or None when it answers a 1-token generation in time."""
+        if not engine.alive():
+            return f"exited with code {engine.proc.returncode}"
+        timeout = self.args.rollout_health_check_timeout
+        try:
+            status, body = request_sync("GET", f"{engine.url}/health_generate", timeout=timeout)
+        except ConnectionError as exc:
+            return f"no answer to /health_generate within {timeout:.0f}s ({exc})"
+        return None if status == 200 else f"/health_generate answered {status}: {body[:200]}"
 
+    def _restart(self, index: int, why: str) -> None:
+        """Replace engine `index`: out of the router, killed, started again, given the current weights, back in."""
+        old = self.engines[index]
+        logger.warning("%s at %s %s; restarting it. Log tail:\n%s", old.name, old.url, why, old.log_tail(800))
+        try:
+            remove_worker(self.router.url, old.url)
+        except (ConnectionError, RuntimeError) as exc:
+            logger.warning("could not remove %s from the router: %s", old.url, exc)
+        old.stop(grace=2)
+        new = self._launch(index, wait=True, restart=len(self.restarts) + 1)
+        self.engines[index] = new
+        if self.trainer_actors and self.weight_version is not None:
+            refs = [a.push_weights.remote([new.url], self.weight_version) for a in self.trainer_actors]
+            ray.get(refs, timeout=self.args.update_weight_timeout)
+        if self.trainer_actors:
+            ray.get([a.connect_engines.remote([e.url for e in self.engines]) for a in self.trainer_actors],
+                    timeout=self.args.update_weight_timeout)  # fmt: skip
+        register_worker(self.router.url, new.url)
+        self.restarts.append(f"{old.name} {why} -> {new.name} at {new.url}")
+        logger.warning("engine %d restarted at %s with weight version %s", index, new.url, self.weight_version)
+
+    def recover_engines(self) -> int:
+        """Restart every engine that fails its health check now; returns how many were restarted. Without
+        --use-fault-tolerance a dead engine stops the run instead, with its log tail."""
+        if not self.args.use_fault_tolerance:
+            dead = [f"{e.name} (exit {e.proc.returncode}):\n{e.log_tail(1500)}" for e in self.engines if not e.alive()]
+            if dead:
+                raise RuntimeError("engine server(s) died (--use-fault-tolerance restarts them): " + "\n".join(dead))
+            return 0
+        restarted = 0
+        for i, engine in enumerate(self.engines):
+            problem = self._health_problem(engine)
+            if problem:
+                self._restart(i, problem)
+                restarted += 1
+        return restarted
+
+    def _watch(self, stop: threading.Event) -> None:
+        """Health-check every engine each --rollout-health-check-interval seconds until `stop`; restart failures."""
+        a = self.args
+        try:
+            while not stop.wait(a.rollout_health_check_interval):
+                for i, engine in enumerate(self.engines):
+                    if time.monotonic() - engine.started < a.rollout_health_check_first_wait or stop.is_set():
+                        continue
+                    problem = self._health_problem(engine)
+                    if problem:
+                        self._restart(i, problem)
+        except BaseException as exc:  # noqa: BLE001 - re-raised by _guarded in the rollout's thread
+            self._monitor_error = exc
+
+    def _guarded(self, fn: Callable[[], Any]) -> tuple[Any, dict[str, float]]:
+        """Run one rollout or evaluation; under --use-fault-tolerance, with the health monitor watching."""
+        before = len(self.restarts)
+        self.recover_engines()
+        if not self.args.use_fault_tolerance:
+            return fn(), {}
+        stop = threading.Event()
+        self._monitor_error = None
+        watcher = threading.Thread(target=self._watch, args=(stop,), name="engine-health", daemon=True)
+        watcher.start()
+        try:
+            out = fn()
+        except BaseException as exc:
+            if self._monitor_error is not None:
+                raise RuntimeError(f"engine restart failed: {self._monitor_error}") from exc
+            raise
+        finally:
+            stop.set()
+            watcher.join()
+        if self._monitor_error is not None:
+            raise RuntimeError(f"engine restart failed: {self._monitor_error}") from self._monitor_error
+        return out, {"rollout/engine_restarts": float(len(self.restarts) - before)}
+
+    # ------------------------------------------------------------------ rollouts
     def generate(self, rollout_id: int) -> dict[str, Any]:
         """One training rollout. Returns {"samples": [[Sample]], "metrics": {...}, "train_data": {...}}."""
-        self._check_engines()
-        out = self.rollout_fn(self.args, rollout_id, self.data_source)
+        out, health = self._guarded(lambda: self.rollout_fn(self.args, rollout_id, self.data_source))
         if isinstance(out, RolloutFnTrainOutput):
             groups, metrics = out.samples, dict(out.metrics)
         else:  # a custom rollout function may return the groups alone
             groups, metrics = out, {}
+        metrics |= health
         if getattr(self.data_source, "dataset", None) is not None:
             metrics.setdefault("rollout/epoch", self.data_source.epoch)
         for g in groups:
@@ -129,8 +231,7 @@ class RolloutManager:
     def eval(self, rollout_id: int) -> dict[str, Any]:
         """Every eval dataset once. Returns {"metrics": the function's own metrics plus, per dataset, reward mean,
         accuracy, pass@k and response length (slime.observe.eval_metrics)}."""
-        self._check_engines()
-        out = self.eval_fn(self.args, rollout_id, self.data_source, evaluation=True)
+        out, _ = self._guarded(lambda: self.eval_fn(self.args, rollout_id, self.data_source, evaluation=True))
         if not isinstance(out, RolloutFnEvalOutput):
             raise TypeError(f"--eval-function-path returned {type(out).__name__}; evaluation needs a "
                             "RolloutFnEvalOutput(data={name: {'rewards': [...], 'samples': [...]}})")  # fmt: skip
@@ -142,14 +243,27 @@ class RolloutManager:
             metrics |= dataset_metrics(name, data, n)
         return {"metrics": metrics}
 
-    def data_state(self) -> dict[str, Any]:
-        """Where the training data stands (epoch, position, counters), for checkpoints. The buffer of handed-back
-        groups is not part of it yet."""
-        return self.data_source.state_dict()
+    # ------------------------------------------------------------------ checkpoints
+    def save(self, folder: str, rollout_id: int) -> None:
+        """Write the rollout side of checkpoint `rollout_id` into the staging `folder`: the data source's state
+        (position and buffered groups) and, last, rollout.json."""
+        folder_ = Path(folder)
+        if hasattr(self.data_source, "state_dict"):
+            with open(folder_ / "data_source.pkl", "wb") as f:
+                pickle.dump(self.data_source.state_dict(), f)
+        else:
+            logger.warning("%s has no state_dict(): a resumed run restarts its position", type(self.data_source))
+        meta = {"rollout_id": rollout_id, "weight_version": self.weight_version, "saved_at": time.time()}
+        (folder_ / "rollout.json").write_text(json.dumps(meta))
 
-    def load_data_state(self, state: dict[str, Any]) -> None:
-        """Continue from a saved position: the next rollout gets the next unseen prompt of the same order."""
-        self.data_source.load_state_dict(state)
+    def load(self, folder: str) -> dict[str, Any]:
+        """Restore the data source from a checkpoint; returns rollout.json."""
+        folder_ = Path(folder)
+        state_file = folder_ / "data_source.pkl"
+        if state_file.exists() and hasattr(self.data_source, "load_state_dict"):
+            with open(state_file, "rb") as f:
+                self.data_source.load_state_dict(pickle.load(f))
+        return json.loads((folder_ / "rollout.json").read_text())
 
     def shutdown(self) -> None:
         for server in [*self.engines, self.router]:

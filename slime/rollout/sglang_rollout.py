@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
+import hashlib
 import inspect
 import logging
 import time
@@ -25,7 +26,7 @@ from slime.rollout.filter_hub.base_types import DynamicFilterOutput
 from slime.rollout.scoring import reward_key, scalar_reward, score_group, score_sample
 from slime.utils.async_utils import run
 from slime.utils.eval_config import EvalDatasetConfig, resolve
-from slime.utils.http_utils import get, post
+from slime.utils.http_utils import HTTPError, get, post
 from slime.utils.misc import load_function
 from slime.utils.processing_utils import load_tokenizer
 from slime.utils.types import Sample
@@ -134,6 +135,14 @@ def _generate_function(args: Any, sample: Sample) -> tuple[Callable, str]:
     return load_function(path, flag or "--custom-generate-function-path"), path
 
 
+def sampling_seed(args: Any, sample: Sample, evaluation: bool = False) -> int:
+    """The engine seed of one sample under --sglang-enable-deterministic-inference: a function of --seed and the
+    sample's index only, so a sample draws the same tokens whatever else the engine runs, in this run or a resumed
+    one."""
+    key = f"{args.seed}:{'eval' if evaluation else 'train'}:{sample.index}".encode()
+    return int.from_bytes(hashlib.blake2b(key, digest_size=7).digest(), "big")
+
+
 async def generate_and_rm(
     args: Any, sample: Sample, sampling_params: dict[str, Any], evaluation: bool = False
 ) -> Sample:
@@ -151,15 +160,18 @@ async def generate_and_rm(
         sample.metadata.pop("generate_error", None)
     state = _state(args)
     fn, name = _generate_function(args, sample)
+    params = dict(sampling_params)
+    if getattr(args, "sglang_enable_deterministic_inference", False):
+        params["sampling_seed"] = sampling_seed(args, sample, evaluation)
     async with state.semaphore:
         if state.aborted:
             sample.status = Sample.Status.ABORTED
             return sample
         try:
             if "evaluation" in inspect.signature(fn).parameters:
-                result = await fn(args, sample, dict(sampling_params), evaluation=evaluation)
+                result = await fn(args, sample, params, evaluation=evaluation)
             else:
-                result = await fn(args, sample, dict(sampling_params))
+                result = await fn(args, sample, params)
         except Exception as exc:  # one broken generation must not end the rollout: mark it, count it
             sample.status = Sample.Status.FAILED
             sample.metadata["generate_error"] = f"{name}: {type(exc).__name__}: {exc}"
@@ -195,10 +207,17 @@ async def _abort_engines(args: Any, pending: set[asyncio.Task], timeout: float) 
     """Abort everything the engines run until every pending group has come back (a multi-turn generate function
     may send another request after an abort, so this repeats), within `timeout` seconds."""
     router = router_url(args)
-    workers = [w["url"] for w in (await get(f"{router}/workers", timeout=30))["workers"]]
     deadline = time.monotonic() + timeout
+
+    async def abort(worker: str) -> None:
+        try:
+            await post(f"{worker}/abort_request", {"abort_all": True}, max_retries=2, timeout=30)
+        except (ConnectionError, TimeoutError, HTTPError) as exc:  # a dead engine has nothing left to abort
+            logger.warning("abort_request to %s failed: %s", worker, exc)
+
     while pending:
-        await asyncio.gather(*(post(f"{w}/abort_request", {"abort_all": True}, timeout=30) for w in workers))
+        workers = [w["url"] for w in (await get(f"{router}/workers", timeout=30))["workers"]]
+        await asyncio.gather(*(abort(w) for w in workers))
         _, pending = await asyncio.wait(pending, timeout=0.5)
         if pending and time.monotonic() > deadline:
             for task in pending:

@@ -28,7 +28,7 @@ def launch_router(
         # its metrics exporter otherwise binds a fixed port, so a second router on the host would crash
         "--prometheus-host", host, "--prometheus-port", str(free_port(host)),
     ]  # fmt: skip
-    router = spawn("router", cmd, f"http://{host}:{port}", log_dir)
+    router = spawn("router", cmd, f"http://{host}:{port}", log_dir, die_with_parent=True)
     router.wait_ready("/workers", startup_timeout)
     return router
 

@@ -13,8 +13,10 @@ from __future__ import annotations
 import datetime
 import inspect
 import logging
+import math
 import os
 import time
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -24,6 +26,7 @@ from slime.algorithms.advantages import compute_advantages
 from slime.algorithms.corrections import importance_weights
 from slime.algorithms.losses import KL_ESTIMATORS
 from slime.sync.syncer import WeightSyncer
+from slime.trainer import checkpoint
 from slime.trainer.loss import critic_loss, micro_batch_loss
 from slime.trainer.models import load_critic, load_policy
 from slime.trainer.optimizer import build_optimizer
@@ -62,9 +65,7 @@ class TrainActor:
         self.model.train()
         self.optimizer, self.scheduler = build_optimizer(self.model, args, args.lr)
         needs_ref = args.use_kl_loss or args.kl_coef != 0
-        self.ref_model = (
-            load_policy(args.ref_load or args.hf_checkpoint, self.device, mesh, False) if needs_ref else None
-        )
+        self.ref_model = self._load_reference(mesh) if needs_ref else None
         self.teacher = load_policy(args.opd_teacher_load, self.device, mesh, False) if args.opd_teacher_load else None
         self.critic = None
         if args.advantage_estimator == "ppo":
@@ -80,6 +81,16 @@ class TrainActor:
         }
         self.syncer: WeightSyncer | None = None
         self.step = 0
+        self.skipped_steps = 0  # optimizer steps skipped for a non-finite gradient norm, over the whole run
+
+    def _load_reference(self, mesh) -> torch.nn.Module:
+        """The frozen reference: a Hugging Face folder, or the policy weights of a slime checkpoint (--ref-load)."""
+        path = self.args.ref_load or self.args.hf_checkpoint
+        if not checkpoint.is_checkpoint(path):
+            return load_policy(path, self.device, mesh, False)
+        model = load_policy(self.args.hf_checkpoint, self.device, mesh, False)
+        checkpoint.load_model(model, None, checkpoint.latest(path)[1] / "policy")
+        return model
 
     # ------------------------------------------------------------------ helpers
     def _passes(self, indices_per_rank: list[list[int]], lengths: list[int], no_grad: bool = False) -> list[list[int]]:
@@ -211,7 +222,7 @@ class TrainActor:
         cols["advantages"], cols["returns"] = compute_advantages(torch.tensor(data["rewards"]), cols, a)
         cols["is_weights"], cols["is_masks"], is_metrics = self._corrections(cols)
         totals: dict[str, float] = {}
-        tokens = 0
+        tokens, skipped_before = 0, self.skipped_steps
         for step, step_shares in zip(steps, shares, strict=True):
             if a.calculate_per_token_loss:
                 normalizer = max(1.0, float(sum(sum(data["loss_masks"][i]) for i in step)))
@@ -233,10 +244,10 @@ class TrainActor:
                 for k, v in shares_.items():
                     sums[k] = sums.get(k, 0.0) + v
             sums = self._sum_over_ranks(sums)
-            sums["grad_norm"] = self._clip_and_step(self.model, self.optimizer, self.scheduler)
+            sums["grad_norm"] = self._clip_and_step(self.model, self.optimizer, self.scheduler, rollout_id)
             if self.critic is not None:
                 sums["critic/grad_norm"] = self._clip_and_step(self.critic, self.critic_optimizer,
-                                                               self.critic_scheduler)  # fmt: skip
+                                                               self.critic_scheduler, rollout_id)  # fmt: skip
             self.step += 1
             for k, v in sums.items():
                 totals[k] = totals.get(k, 0.0) + v / len(steps)
@@ -246,7 +257,8 @@ class TrainActor:
         out.update({"train/lr": self.scheduler.get_last_lr()[0], "train/seconds": seconds,
                     "train/param_norm": self._param_norm(),
                     "train/tokens_per_s": self._sum_over_ranks({"t": tokens})["t"] / seconds,
-                    "train/optimizer_steps": self.step,
+                    "train/optimizer_steps": self.step, "train/skipped_steps": self.skipped_steps - skipped_before,
+                    "train/skipped_steps_total": self.skipped_steps,
                     "perf/rank_tokens_max_over_min": max(max(t) / max(min(t), 1) for t in rank_tokens)})  # fmt: skip
         return out
 
@@ -294,15 +306,28 @@ class TrainActor:
         kwargs = {"args": self.args} if "args" in inspect.signature(factory).parameters else {}
         return factory(total, lengths, masks, self.args.calculate_per_token_loss, **kwargs)
 
-    def _clip_and_step(self, model, optimizer, scheduler) -> float:
+    def _clip_and_step(self, model, optimizer, scheduler, rollout_id: int) -> float:
+        """Clip and apply the gradients. A non-finite global norm (NaN/Inf in the loss or a gradient; every rank
+        sees the same norm) skips the update, scheduler included, and is counted; past --max-nan-steps the run
+        stops."""
         params = [p for p in model.parameters() if p.grad is not None]
         max_norm = self.args.clip_grad if self.args.clip_grad > 0 else float("inf")
         norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
-        norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm
-        optimizer.step()
-        scheduler.step()
+        norm = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
+        if math.isfinite(norm):
+            optimizer.step()
+            scheduler.step()
+        else:
+            self.skipped_steps += 1
+            logger.warning("rank %d, rollout %d, optimizer step %d: gradient norm is %s; update skipped (%d so far)",
+                           self.rank, rollout_id, self.step, norm, self.skipped_steps)  # fmt: skip
+            if self.skipped_steps > self.args.max_nan_steps:
+                raise FloatingPointError(
+                    f"rank {self.rank}, rollout {rollout_id}, optimizer step {self.step}: {self.skipped_steps} "
+                    f"updates had a non-finite loss or gradient, more than --max-nan-steps {self.args.max_nan_steps}"
+                )
         optimizer.zero_grad(set_to_none=True)
-        return float(norm)
+        return norm
 
     def _param_norm(self) -> float:
         local = torch.zeros(1, dtype=torch.float64, device=self.device)
@@ -314,6 +339,8 @@ class TrainActor:
 
     def connect_engines(self, engine_urls: list[str]) -> None:
         a = self.args
+        if self.syncer is not None:  # the engine set changed (a restart): the next sync forms a new group
+            self.syncer.close()
         disk_dir = os.path.join(os.path.abspath(a.output_dir), "weight_sync")
         self.syncer = WeightSyncer(engine_urls, a.update_weight_mode, a.update_weight_buffer_size,
                                    a.update_weight_timeout, disk_dir)  # fmt: skip
@@ -324,6 +351,66 @@ class TrainActor:
         out = self.syncer.sync(self.model, version, self.rank)
         dist.barrier()
         return out
+
+    def push_weights(self, engine_urls: list[str], version: str) -> dict[str, float]:
+        """Sync the current weights to some engines only (a restarted one), leaving the others' requests alone."""
+        a = self.args
+        syncer = WeightSyncer(engine_urls, a.update_weight_mode, a.update_weight_buffer_size, a.update_weight_timeout,
+                              os.path.join(os.path.abspath(a.output_dir), "weight_sync_recovery"))  # fmt: skip
+        try:
+            out = syncer.sync(self.model, version, self.rank)
+        finally:
+            syncer.close()
+        dist.barrier()
+        return out
+
+    # ------------------------------------------------------------------ checkpoints
+    def _trained(self) -> list[tuple[str, torch.nn.Module, torch.optim.Optimizer, Any]]:
+        parts = [("policy", self.model, self.optimizer, self.scheduler)]
+        if self.critic is not None:
+            parts.append(("critic", self.critic, self.critic_optimizer, self.critic_scheduler))
+        return parts
+
+    def save(self, folder: str) -> None:
+        """Write this rank's part of a checkpoint into the staging `folder` (every rank calls; see checkpoint.py)."""
+        folder_ = Path(folder)
+        for name, model, optimizer, _ in self._trained():
+            checkpoint.save_model(model, None if self.args.no_save_optim else optimizer, folder_ / name)
+        (folder_ / "rng").mkdir(exist_ok=True)
+        torch.save(checkpoint.rng_state(), folder_ / "rng" / f"rank_{self.rank}.pt")
+        if self.rank == 0:
+            from transformers import AutoTokenizer
+
+            state = {"step": self.step, "skipped_steps": self.skipped_steps, "world_size": self.world_size,
+                     "schedulers": {name: sch.state_dict() for name, _, _, sch in self._trained()}}  # fmt: skip
+            torch.save(state, folder_ / "trainer.pt")
+            self.model.config.save_pretrained(folder_ / "hf_config")
+            AutoTokenizer.from_pretrained(self.args.hf_checkpoint).save_pretrained(folder_ / "hf_config")
+        dist.barrier()
+
+    def load(self, folder: str) -> dict[str, Any]:
+        """Restore weights, optimizer, schedulers, counters and RNG from a checkpoint written by any world size."""
+        folder_, a = Path(folder), self.args
+        state = torch.load(folder_ / "trainer.pt", weights_only=False)
+        loaded_optim = True
+        for name, model, optimizer, scheduler in self._trained():
+            if not (folder_ / name).exists():
+                raise FileNotFoundError(f"{folder_ / name} is missing: the checkpoint was saved without the {name}")
+            loaded_optim &= checkpoint.load_model(model, None if a.no_load_optim else optimizer, folder_ / name)
+            scheduler.load_state_dict(state["schedulers"][name])
+            for group, lr in zip(optimizer.param_groups, scheduler.get_last_lr(), strict=True):
+                group["lr"] = lr  # also right when the optimizer starts fresh (--no-save-optim / --no-load-optim)
+        self.step, self.skipped_steps = int(state["step"]), int(state["skipped_steps"])
+        rng = folder_ / "rng" / f"rank_{self.rank}.pt"
+        if not a.no_load_rng and rng.exists():
+            checkpoint.set_rng_state(torch.load(rng, weights_only=False))
+        dist.barrier()
+        return {"optimizer_loaded": loaded_optim, "saved_world_size": state["world_size"]}
+
+    def export_hf(self, out: str) -> str | None:
+        path = checkpoint.export_hf(self.model, self.args.hf_checkpoint, out, self.rank)
+        dist.barrier()
+        return str(path) if path else None
 
     def shutdown(self) -> None:
         if self.syncer is not None:

@@ -1,0 +1,220 @@
+"""Checkpoints: a folder per saved rollout, written whole or not at all, and the Hugging Face export.
+
+Layout of `--save DIR`:
+
+    DIR/latest_checkpointed_iteration.txt   the rollout id of the newest complete checkpoint
+    DIR/iter_0000007/                       one checkpoint (state after rollout 7 was trained and synced)
+        policy/          torch.distributed.checkpoint (DCP) shards: {"model": ..., "optim": ...}
+        critic/          the same for the PPO critic
+        trainer.pt       LR schedulers, optimizer-step and skipped-step counters
+        rng/rank_<r>.pt  every training rank's RNG states
+        rollout.json     data position, partial-rollout buffer, rollout id, weight version
+        hf_config/       the policy's config and tokenizer, so `slime convert` needs nothing else
+
+Every rank writes its DCP shards into `iter_XXXXXXX.incomplete/`; once all parts are in, the folder is renamed to its
+final name and only then is the pointer file replaced (write + fsync + rename). A process killed at any moment leaves
+the pointer naming a complete checkpoint. DCP shards are resharded on load, so a checkpoint written by N ranks loads
+into any number of ranks.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+
+POINTER = "latest_checkpointed_iteration.txt"
+INCOMPLETE = ".incomplete"
+
+
+def iter_dir(save_dir: str | os.PathLike, rollout_id: int) -> Path:
+    return Path(save_dir) / f"iter_{rollout_id:07d}"
+
+
+def staging_dir(save_dir: str | os.PathLike, rollout_id: int) -> Path:
+    """The folder a checkpoint is written into; a leftover one from a killed run is cleared first."""
+    path = Path(str(iter_dir(save_dir, rollout_id)) + INCOMPLETE)
+    if path.exists():
+        shutil.rmtree(path)
+    path.mkdir(parents=True)
+    return path
+
+
+def commit(save_dir: str | os.PathLike, rollout_id: int, staged: Path) -> Path:
+    """Publish a fully written staging folder as checkpoint `rollout_id` and point "latest" at it."""
+    final = iter_dir(save_dir, rollout_id)
+    if final.exists():  # saving the same rollout again (a resumed run): replace it whole
+        old = Path(str(final) + ".old")
+        shutil.rmtree(old, ignore_errors=True)
+        final.rename(old)
+        staged.rename(final)
+        shutil.rmtree(old)
+    else:
+        staged.rename(final)
+    _fsync_dir(Path(save_dir))
+    tmp = Path(save_dir) / (POINTER + ".tmp")
+    with open(tmp, "w") as f:
+        f.write(str(rollout_id))
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, Path(save_dir) / POINTER)
+    _fsync_dir(Path(save_dir))
+    return final
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def latest(load_dir: str | os.PathLike) -> tuple[int, Path] | None:
+    """(rollout id, folder) of the newest complete checkpoint under `load_dir`, or None when there is none yet.
+    `load_dir` may also be one `iter_XXXXXXX` folder."""
+    load_dir = Path(load_dir)
+    if (load_dir / "rollout.json").exists():
+        return int(json.loads((load_dir / "rollout.json").read_text())["rollout_id"]), load_dir
+    pointer = load_dir / POINTER
+    if not pointer.exists():
+        return None
+    text = pointer.read_text().strip()
+    try:
+        rollout_id = int(text)
+    except ValueError:
+        raise ValueError(f"{pointer}: expected a rollout id, found {text[:80]!r}") from None
+    folder = iter_dir(load_dir, rollout_id)
+    if not (folder / "rollout.json").exists():
+        raise FileNotFoundError(f"{pointer} names rollout {rollout_id}, but {folder} is missing or incomplete")
+    return rollout_id, folder
+
+
+def is_checkpoint(path: str | os.PathLike) -> bool:
+    """Whether `path` is a checkpoint folder (or a --save folder holding one) rather than a Hugging Face model."""
+    p = Path(path)
+    return (p / POINTER).exists() or (p / "rollout.json").exists()
+
+
+# ---------------------------------------------------------------------------------------------- model and optimizer
+def save_model(model: torch.nn.Module, optimizer: torch.optim.Optimizer | None, folder: Path) -> None:
+    """DCP-save an FSDP2 model (and its optimizer unless None). Collective: every rank calls it."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_state_dict
+
+    if optimizer is None:
+        state = {"model": get_model_state_dict(model)}
+    else:
+        model_sd, optim_sd = get_state_dict(model, optimizer)
+        state = {"model": model_sd, "optim": optim_sd}
+    dcp.save(state, checkpoint_id=str(folder))
+
+
+def saved_keys(folder: Path) -> set[str]:
+    """Top-level keys ("model", "optim") present in a DCP folder."""
+    import torch.distributed.checkpoint as dcp
+
+    metadata = dcp.FileSystemReader(str(folder)).read_metadata()
+    return {key.split(".", 1)[0] for key in metadata.state_dict_metadata}
+
+
+def load_model(model: torch.nn.Module, optimizer: torch.optim.Optimizer | None, folder: Path) -> bool:
+    """Load what `save_model` wrote, resharded to this world size. Collective. Returns whether the optimizer state
+    was loaded (False when the checkpoint was saved with --no-save-optim, or `optimizer` is None)."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+    if not (folder / ".metadata").exists():
+        raise FileNotFoundError(f"{folder} holds no model shards (.metadata missing)")
+    with_optim = optimizer is not None and "optim" in saved_keys(folder)
+    model_sd, optim_sd = get_state_dict(model, optimizer if with_optim else [])
+    state = {"model": model_sd} | ({"optim": optim_sd} if with_optim else {})
+    dcp.load(state, checkpoint_id=str(folder))
+    set_state_dict(model, optimizer if with_optim else [], model_state_dict=state["model"],
+                   optim_state_dict=state.get("optim", {}))  # fmt: skip
+    return with_optim
+
+
+# ---------------------------------------------------------------------------------------------- small state
+def rng_state() -> dict[str, Any]:
+    import random
+
+    import numpy as np
+
+    state = {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    import random
+
+    import numpy as np
+
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+def write_json(path: Path, data: dict) -> None:
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(data))
+    os.replace(tmp, path)
+
+
+# ---------------------------------------------------------------------------------------------- Hugging Face
+def export_hf(model: torch.nn.Module, tokenizer_source: str, out: str | os.PathLike, rank: int) -> Path | None:
+    """Write the policy as a Hugging Face folder (safetensors, config, tokenizer) at `out`, atomically. Collective
+    (the full weights are gathered to rank 0, on CPU); returns the folder on rank 0, None elsewhere."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if rank != 0:
+        return None
+    return write_hf_folder(model, full, tokenizer_source, Path(out))
+
+
+def write_hf_folder(model: torch.nn.Module, state: dict[str, torch.Tensor], tokenizer_source: str, out: Path) -> Path:
+    from transformers import AutoTokenizer
+
+    staged = Path(str(out) + INCOMPLETE)
+    shutil.rmtree(staged, ignore_errors=True)
+    staged.parent.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(staged, state_dict=state, safe_serialization=True)
+    AutoTokenizer.from_pretrained(tokenizer_source).save_pretrained(staged)
+    generation = Path(tokenizer_source) / "generation_config.json"
+    if generation.exists() and not (staged / "generation_config.json").exists():
+        shutil.copy(generation, staged)
+    if out.exists():
+        shutil.rmtree(out)
+    staged.rename(out)
+    return out
+
+
+def convert(checkpoint: str | os.PathLike, out: str | os.PathLike) -> Path:
+    """`slime convert`: a checkpoint (a --save folder or one iter_ folder) -> a Hugging Face folder. Runs in one
+    process without torch.distributed; the checkpoint's hf_config/ supplies the architecture and tokenizer."""
+    import torch.distributed.checkpoint as dcp
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    found = latest(checkpoint)
+    if found is None:
+        raise FileNotFoundError(f"{checkpoint}: no {POINTER} and no rollout.json: not a slime checkpoint")
+    folder = found[1]
+    config_dir = folder / "hf_config"
+    if not (config_dir / "config.json").exists():
+        raise FileNotFoundError(f"{config_dir}/config.json is missing; the checkpoint cannot be converted")
+    config = AutoConfig.from_pretrained(config_dir)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    state = {"model": model.state_dict()}
+    dcp.load(state, checkpoint_id=str(folder / "policy"))
+    model.load_state_dict(state["model"])
+    model.tie_weights()
+    return write_hf_folder(model, state["model"], str(config_dir), Path(out))
