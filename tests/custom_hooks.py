@@ -76,3 +76,49 @@ async def first_groups_short(args, sample: Sample, sampling_params) -> Sample:
     if sample.group_index < 2:
         sampling_params = dict(sampling_params, max_new_tokens=4)
     return await generate(args, sample, sampling_params)
+
+
+def nan_loss(args, batch, logits, sum_of_sample_mean):
+    """A --custom-loss-function-path whose loss is NaN (with a gradient), to exercise the skipped-update path."""
+    loss = sum_of_sample_mean(batch["log_probs"]) * float("nan")
+    return loss, {}
+
+
+_GENERATE_CALLS = [0]
+
+
+def _engine_pid(args, index: int) -> int:
+    """The pid of engine `index`, a child of this (the rollout manager's) process; its --seed is --seed + index."""
+    import os
+
+    for pid in os.listdir("/proc"):
+        if not pid.isdigit():
+            continue
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+            with open(f"/proc/{pid}/cmdline") as f:
+                cmd = f.read().split("\0")
+        except OSError:
+            continue
+        if ppid == os.getpid() and "slime.engine.server" in cmd and cmd[cmd.index("--seed") + 1] == str(
+            args.seed + index
+        ):
+            return int(pid)
+    raise RuntimeError(f"engine {index} is not a child of {os.getpid()}")
+
+
+async def sabotage_engines_generate(args, sample: Sample, sampling_params: dict) -> Sample:
+    """The default generate; the first call of rollout 1 SIGKILLs engine 0 and the first of rollout 2 SIGSTOPs
+    engine 1 (hung: alive but silent), with the rollout's other requests in flight (4 x 4 samples per rollout)."""
+    import os
+    import signal
+
+    from slime.rollout.sglang_rollout import generate
+
+    _GENERATE_CALLS[0] += 1
+    if _GENERATE_CALLS[0] == 17:
+        os.kill(_engine_pid(args, 0), signal.SIGKILL)
+    elif _GENERATE_CALLS[0] == 33:
+        os.kill(_engine_pid(args, 1), signal.SIGSTOP)
+    return await generate(args, sample, sampling_params)

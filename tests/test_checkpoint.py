@@ -1,0 +1,295 @@
+"""Checkpoints, exact resume, Hugging Face export and fault handling, on the tiny model with the real engine, router
+and Ray."""
+
+import json
+import os
+import pickle
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+import ray
+import torch
+
+from slime.config.arguments import parse_args
+from slime.observe.metrics import MetricsLogger
+from slime.ray.train_group import TrainerError, TrainGroup
+from slime.rollout.data_source import RolloutDataSourceWithBuffer
+from slime.trainer import checkpoint
+from slime.utils.types import Sample
+from tests.test_training import _synthetic_batch
+
+ROOT = Path(__file__).resolve().parents[1]
+TIMING = ("seconds", "per_s", "time")  # wall-clock metrics: the only ones allowed to differ between runs
+
+
+def _loop_args(model: str, out: Path, *extra: str) -> list[str]:
+    return [
+        "--hf-checkpoint", model, "--prompt-data", "builtin:arithmetic:train:64:0", "--input-key", "prompt",
+        "--custom-rm-path", "tests.custom_hooks.token_reward", "--rollout-batch-size", "4",
+        "--n-samples-per-prompt", "4", "--global-batch-size", "8", "--rollout-max-response-len", "12",
+        "--lr", "0.01", "--output-dir", str(out), *extra,
+    ]  # fmt: skip
+
+
+def _metrics(out: Path) -> list[dict]:
+    return [json.loads(line) for line in open(out / "metrics.jsonl")]
+
+
+def _train_cmd(model: str, out: Path) -> list[str]:
+    ckpt = str(out / "ckpt")
+    extra = ["--rollout-shuffle", "--sglang-enable-deterministic-inference", "--num-rollout", "4",
+             "--save-interval", "2", "--save", ckpt, "--load", ckpt]  # fmt: skip
+    return [sys.executable, "-m", "slime.train", *_loop_args(model, out, *extra)]
+
+
+def test_killed_run_resumes_to_the_uninterrupted_runs_metrics(tiny_model_path, tmp_path):
+    """The same command, run whole and run killed (-9) right after its first checkpoint then started again:
+    every metric of every step is equal, timings aside."""
+    ray.shutdown()
+    whole, killed = tmp_path / "whole", tmp_path / "killed"
+    subprocess.run(_train_cmd(tiny_model_path, whole), cwd=ROOT, check=True, capture_output=True, timeout=600)
+    killed.mkdir()
+    with open(killed / "first.log", "w") as log:
+        proc = subprocess.Popen(_train_cmd(tiny_model_path, killed), cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
+        pointer = killed / "ckpt" / checkpoint.POINTER
+        deadline = time.monotonic() + 300
+        while not pointer.exists():
+            assert proc.poll() is None and time.monotonic() < deadline, (killed / "first.log").read_text()[-3000:]
+            time.sleep(0.02)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    assert pointer.read_text() == "1" and len(_metrics(killed)) == 2  # killed in rollout 2, before its metrics
+    second = subprocess.run(_train_cmd(tiny_model_path, killed), cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
+    assert "next rollout 2" in second.stdout
+    a, b = _metrics(whole), _metrics(killed)
+    assert [m["step"] for m in a] == [m["step"] for m in b] == [0, 1, 2, 3]
+    for ma, mb in zip(a, b, strict=True):
+        assert ma.keys() == mb.keys()
+        differ = {k: (ma[k], mb[k]) for k in ma if not any(t in k for t in TIMING) and ma[k] != mb[k]}
+        assert not differ, f"step {ma['step']}: {differ}"
+    assert a[3]["train/optimizer_steps"] == 8 and a[3]["rollout/weight_version"] == 3
+    assert sorted(os.listdir(killed / "ckpt")) == ["iter_0000001", "iter_0000003", checkpoint.POINTER]
+
+
+KILL_DURING_SAVE = textwrap.dedent("""
+    import sys, time, torch, torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from slime.trainer import checkpoint
+    from slime.trainer.models import load_policy
+    model_path, save, port = sys.argv[1], sys.argv[2], sys.argv[3]
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
+    model = load_policy(model_path, torch.device("cpu"), init_device_mesh("cpu", (1,)), True)
+    opt = torch.optim.AdamW(model.parameters(), lr=0.1)
+    def step_and_save(rollout_id, hang):
+        model(input_ids=torch.tensor([[5, 6, 7, 8]])).logits.mean().backward()
+        opt.step(); opt.zero_grad()
+        staged = checkpoint.staging_dir(save, rollout_id)
+        checkpoint.save_model(model, opt, staged / "policy")
+        (staged / "rollout.json").write_text('{"rollout_id": %d}' % rollout_id)
+        if hang:  # shards written, not yet published: the parent kills us here
+            open(save + "/writing", "w").close(); time.sleep(600)
+        checkpoint.commit(save, rollout_id, staged)
+    step_and_save(0, False)
+    torch.save({n: p.full_tensor() for n, p in model.named_parameters()}, save + "/weights0.pt")
+    step_and_save(1, True)
+""")
+
+
+def test_kill_during_a_checkpoint_write_leaves_the_previous_one_loadable(tiny_model_path, tmp_path):
+    from slime.utils.http_utils import free_port
+
+    save = tmp_path / "ckpt"
+    save.mkdir()
+    proc = subprocess.Popen([sys.executable, "-c", KILL_DURING_SAVE, tiny_model_path, str(save), str(free_port())],
+                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)  # fmt: skip
+    deadline = time.monotonic() + 120
+    while not (save / "writing").exists():
+        assert proc.poll() is None and time.monotonic() < deadline, proc.stdout.read().decode()[-3000:]
+        time.sleep(0.05)
+    proc.kill()
+    proc.wait()
+    assert (save / "iter_0000001.incomplete" / "policy" / ".metadata").exists()  # the half-published one
+    rollout_id, folder = checkpoint.latest(save)
+    assert (rollout_id, folder.name) == (0, "iter_0000000")
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_path, dtype=torch.float32)
+    state = {"model": model.state_dict()}
+    import torch.distributed.checkpoint as dcp
+
+    dcp.load(state, checkpoint_id=str(folder / "policy"))
+    saved = torch.load(save / "weights0.pt")
+    assert all(torch.equal(state["model"][n], saved[n]) for n in saved)
+    # the next save of rollout 1 clears the leftover and publishes whole
+    staged = checkpoint.staging_dir(save, 1)
+    (staged / "rollout.json").write_text('{"rollout_id": 1}')
+    checkpoint.commit(save, 1, staged)
+    assert checkpoint.latest(save)[0] == 1 and not (save / "iter_0000001.incomplete").exists()
+
+
+def test_latest_names_a_broken_pointer(tmp_path):
+    assert checkpoint.latest(tmp_path) is None
+    (tmp_path / checkpoint.POINTER).write_text("7")
+    with pytest.raises(FileNotFoundError, match="iter_0000007"):
+        checkpoint.latest(tmp_path)
+    (tmp_path / checkpoint.POINTER).write_text("seven")
+    with pytest.raises(ValueError, match=checkpoint.POINTER):
+        checkpoint.latest(tmp_path)
+    result = subprocess.run([sys.executable, "-m", "slime.cli", "convert", str(tmp_path / "nothing"), "out"],
+                            cwd=ROOT, capture_output=True, text=True)  # fmt: skip
+    assert result.returncode == 1 and "not a slime checkpoint" in result.stderr
+
+
+def _trainer_args(model: str, tmp_path: Path, *extra: str):
+    return parse_args([
+        "--hf-checkpoint", model, "--prompt-data", "builtin:arithmetic", "--rm-type", "math", "--output-dir",
+        str(tmp_path), "--rollout-batch-size", "4", "--n-samples-per-prompt", "4", "--global-batch-size", "8",
+        "--lr", "0.01", "--train-threads", "1", "--advantage-estimator", "ppo", "--critic-lr", "0.02", *extra,
+    ])  # fmt: skip
+
+
+def test_two_rank_checkpoint_loads_on_one_rank_and_exports_to_hugging_face(tiny_model_path, tmp_path):
+    """Policy, critic and AdamW saved by 2 ranks continue on 1 rank exactly as on the 2 ranks; --save-hf and
+    `slime convert` folders give the trainer's log-probs."""
+    ray.init(num_cpus=2, include_dashboard=False, ignore_reinit_error=True)
+    data, later = _synthetic_batch(16, seed=1), _synthetic_batch(16, seed=2)
+    save, hf = tmp_path / "ckpt", tmp_path / "hf"
+    try:
+        two = TrainGroup(_trainer_args(tiny_model_path, tmp_path, "--actor-num-gpus-per-node", "2"))
+        try:
+            two.train(0, data)
+            staged = checkpoint.staging_dir(save, 0)
+            two.call("save", str(staged))
+            checkpoint.write_json(staged / "rollout.json", {"rollout_id": 0})
+            checkpoint.commit(save, 0, staged)
+            two.call("export_hf", str(hf))
+            trained_lp = torch.tensor([x for lp in two.call("log_probs", later)[0] for x in lp])
+            m_two = two.train(1, later)
+        finally:
+            two.shutdown()
+        one = TrainGroup(_trainer_args(tiny_model_path, tmp_path))
+        try:
+            info = one.call("load", str(checkpoint.latest(save)[1]))[0]
+            assert info == {"optimizer_loaded": True, "saved_world_size": 2}
+            loaded_lp = torch.tensor([x for lp in one.call("log_probs", later)[0] for x in lp])
+            m_one = one.train(1, later)
+        finally:
+            one.shutdown()
+    finally:
+        ray.shutdown()
+    assert torch.equal(loaded_lp, trained_lp)
+    assert m_one["train/optimizer_steps"] == m_two["train/optimizer_steps"] == 4
+    for key in ("train/loss", "train/grad_norm", "train/param_norm", "critic/value_loss", "critic/grad_norm"):
+        assert m_one[key] == pytest.approx(m_two[key], rel=1e-5), key
+    converted = tmp_path / "converted"
+    result = subprocess.run([sys.executable, "-m", "slime.cli", "convert", str(save), str(converted)], cwd=ROOT,
+                            capture_output=True, text=True)  # fmt: skip
+    assert result.returncode == 0, result.stderr[-2000:]
+    from transformers import AutoModelForCausalLM
+
+    for folder in (hf, converted):
+        model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+        lps = []
+        with torch.no_grad():
+            for tokens, n in zip(later["tokens"], later["response_lengths"], strict=True):
+                logits = model(input_ids=torch.tensor([tokens])).logits[0, :-1] / 1.0
+                lp = torch.log_softmax(logits, -1).gather(-1, torch.tensor(tokens[1:])[:, None])[:, 0]
+                lps.append(lp[-n:])
+        assert torch.allclose(torch.cat(lps), trained_lp, atol=1e-5), folder
+
+
+def test_buffer_and_position_survive_a_checkpoint(write_jsonl, tiny_model_path):
+    args = parse_args(["--hf-checkpoint", tiny_model_path, "--prompt-data", write_jsonl([{"input": f"q{i}"} for i in range(5)]),
+                       "--rm-type", "math", "--n-samples-per-prompt", "2", "--rollout-shuffle"])  # fmt: skip
+    source = RolloutDataSourceWithBuffer(args)
+    first = source.get_samples(3)
+    partial = first[1]
+    for s in partial:
+        s.tokens, s.response, s.response_length = [1, 2, 3], "ab", 2
+        s.rollout_log_probs, s.loss_mask, s.weight_versions = [-0.5, -0.25], [1, 1], ["3"]
+        s.status = Sample.Status.ABORTED
+    source.add_samples([partial])
+    restored = RolloutDataSourceWithBuffer(args)
+    restored.load_state_dict(pickle.loads(pickle.dumps(source.state_dict())))
+    assert [s.to_dict() for s in restored.buffer[0]] == [s.to_dict() for s in partial]
+    a, b = source.get_samples(4), restored.get_samples(4)
+    assert [[s.to_dict() for s in g] for g in a] == [[s.to_dict() for s in g] for g in b]
+    assert a[0][0].response == "ab" and a[0][0].status == Sample.Status.ABORTED  # the buffer comes first
+
+
+def test_metrics_of_a_resumed_run_drop_what_the_crashed_run_logged_after_its_checkpoint(tmp_path):
+    log = MetricsLogger(str(tmp_path), tensorboard=False)
+    log.log(0, {"x": 0}, echo=False)
+    saved_at = time.time()
+    time.sleep(0.01)
+    log.log(1, {"x": 1}, echo=False)
+    log.close()
+    log = MetricsLogger(str(tmp_path), tensorboard=False, resume_after=saved_at, purge_step=1)
+    log.log(1, {"x": 10}, echo=False)
+    log.close()
+    assert [(m["step"], m["x"]) for m in _metrics(tmp_path)] == [(0, 0), (1, 10)]
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--save-interval", "2"], "--save-interval needs --save"),
+        (["--save", "c", "--save-hf", "out/{step}"], "only placeholder allowed is {rollout_id}"),
+        (["--save-hf", "out"], "--save-hf exports at checkpoints"),
+        (["--rollout-health-check-timeout", "0"], "--rollout-health-check-timeout must be > 0"),
+    ],
+)
+def test_checkpoint_flags_are_checked(flags, message, capsys):
+    with pytest.raises(SystemExit):
+        parse_args(["--hf-checkpoint", "x", "--prompt-data", "builtin:arithmetic", "--rm-type", "math", *flags])
+    assert message in capsys.readouterr().err
+
+
+def test_nan_updates_are_skipped_then_stop_the_run_naming_rank_and_rollout(tiny_model_path, tmp_path):
+    from slime.train import train
+
+    ray.shutdown()
+    out = tmp_path / "run"
+    args = parse_args(_loop_args(tiny_model_path, out, "--num-rollout", "2", "--max-nan-steps", "3", "--loss-type",
+                                 "custom_loss", "--custom-loss-function-path", "tests.custom_hooks.nan_loss"))
+    with pytest.raises(TrainerError, match=r"training rank 0 failed during training on rollout 1: FloatingPointError: "
+                       r"rank 0, rollout 1, optimizer step 3: 4 updates .* --max-nan-steps 3"):  # fmt: skip
+        train(args)
+    (step0,) = _metrics(out)
+    assert step0["train/skipped_steps"] == 2 and step0["train/optimizer_steps"] == 2
+    from transformers import AutoModelForCausalLM
+
+    initial = AutoModelForCausalLM.from_pretrained(tiny_model_path, dtype=torch.float32)
+    norm = sum(p.detach().double().square().sum() for p in initial.parameters()) ** 0.5
+    assert step0["train/param_norm"] == pytest.approx(float(norm), rel=1e-6)  # nothing was applied
+
+
+def test_engines_killed_or_hung_mid_rollout_are_restarted_and_lose_no_sample(tiny_model_path, tmp_path):
+    """Rollout 1: engine 0 is SIGKILLed; rollout 2: engine 1 is SIGSTOPped (alive, silent). Each is detected,
+    replaced, given the current weights and re-registered; the requests it held are retried; every step trains on
+    all 16 samples with the current weights."""
+    from slime.train import train
+
+    ray.shutdown()
+    out = tmp_path / "run"
+    args = parse_args(_loop_args(
+        tiny_model_path, out, "--num-rollout", "3", "--rollout-num-engines", "2", "--use-fault-tolerance",
+        "--rollout-health-check-interval", "0.5", "--rollout-health-check-timeout", "3",
+        "--custom-generate-function-path", "tests.custom_hooks.sabotage_engines_generate",
+        "--rollout-max-response-len", "24",
+    ))  # fmt: skip
+    train(args)
+    steps = _metrics(out)
+    assert [s["rollout/engine_restarts"] for s in steps] == [0, 1, 1]
+    assert all(s["rollout/failed"] == 0 and s["rollout/kept_groups"] == 4 for s in steps)
+    assert [s["rollout/weight_version"] for s in steps] == [0, 1, 2]
+    # the restarted engines generated with the trainer's weights: the trainer reproduces their log-probs
+    assert all(s["train/logprob_abs_diff_vs_rollout"] < 1e-4 for s in steps)
+    logs = sorted(os.listdir(out / "server_logs"))
+    assert "engine-0-restart1.log" in logs and "engine-1-restart2.log" in logs
