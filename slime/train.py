@@ -57,7 +57,10 @@ def train(args) -> dict:
     finally:
         if trainer is not None:
             trainer.shutdown()
-        ray.get(manager.shutdown.remote(), timeout=120)
+        try:  # the manager may still be inside a rollout that timed out: then it is killed (its servers follow)
+            ray.get(manager.shutdown.remote(), timeout=60)
+        except (ray.exceptions.GetTimeoutError, ray.exceptions.RayError):
+            ray.kill(manager)
         if metrics_log is not None:
             metrics_log.close()
         ray.shutdown()
@@ -94,13 +97,14 @@ def resume(args, trainer: TrainGroup | None, manager) -> tuple[int, float | None
             print(f"--load {args.load}: no checkpoint yet, starting from --hf-checkpoint")
         return 0, None
     rollout_id, folder = found
+    start = time.monotonic()
     meta = wait(manager.load.remote(str(folder)), 600, f"the rollout manager to load {folder}")
     if trainer is not None:
         loaded = trainer.call("load", str(folder), what=f"training ranks to load {folder}")[0]
         if not loaded["optimizer_loaded"]:
             print(f"{folder}: no optimizer state loaded; AdamW starts fresh")
         sync_weights(args, trainer, manager, meta["weight_version"] or str(rollout_id + 1))
-    print(f"resumed from {folder}: next rollout {rollout_id + 1}")
+    print(f"resumed from {folder} in {time.monotonic() - start:.1f}s: next rollout {rollout_id + 1}")
     return rollout_id + 1, meta["saved_at"]
 
 
@@ -111,11 +115,11 @@ def save(args, rollout_id: int, trainer: TrainGroup | None, manager) -> None:
     if trainer is not None:
         trainer.call("save", str(staged), what=f"training ranks to save checkpoint {rollout_id}")
     wait(manager.save.remote(str(staged), rollout_id), 600, f"the rollout manager to save checkpoint {rollout_id}")
-    folder = checkpoint.commit(args.save, rollout_id, staged)
-    if args.save_hf and trainer is not None:
-        out = args.save_hf.format(rollout_id=rollout_id)
+    if args.save_hf and trainer is not None:  # before publishing: a published checkpoint always has its export
+        export_start, out = time.monotonic(), args.save_hf.format(rollout_id=rollout_id)
         trainer.call("export_hf", out, what=f"training ranks to export {out}")
-        print(f"exported the policy to {out}")
+        print(f"exported the policy to {out} in {time.monotonic() - export_start:.1f}s")
+    folder = checkpoint.commit(args.save, rollout_id, staged)
     print(f"saved {folder} in {time.monotonic() - start:.1f}s")
 
 

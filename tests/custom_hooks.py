@@ -101,8 +101,10 @@ def _engine_pid(args, index: int) -> int:
                 cmd = f.read().split("\0")
         except OSError:
             continue
-        if ppid == os.getpid() and "slime.engine.server" in cmd and cmd[cmd.index("--seed") + 1] == str(
-            args.seed + index
+        if (
+            ppid == os.getpid()
+            and "slime.engine.server" in cmd
+            and cmd[cmd.index("--seed") + 1] == str(args.seed + index)
         ):
             return int(pid)
     raise RuntimeError(f"engine {index} is not a child of {os.getpid()}")
@@ -122,3 +124,12 @@ async def sabotage_engines_generate(args, sample: Sample, sampling_params: dict)
     elif _GENERATE_CALLS[0] == 33:
         os.kill(_engine_pid(args, 1), signal.SIGSTOP)
     return await generate(args, sample, sampling_params)
+
+
+def rank1_raises_loss(args, batch, logits, sum_of_sample_mean):
+    """A --custom-loss-function-path that raises on training rank 1 only (rank 0 then waits in a collective)."""
+    import torch.distributed as dist
+
+    if dist.get_rank() == 1:
+        raise RuntimeError("custom loss exploded on purpose")
+    return reinforce_loss(args, batch, logits, sum_of_sample_mean)

@@ -205,8 +205,9 @@ def test_two_rank_checkpoint_loads_on_one_rank_and_exports_to_hugging_face(tiny_
 
 
 def test_buffer_and_position_survive_a_checkpoint(write_jsonl, tiny_model_path):
-    args = parse_args(["--hf-checkpoint", tiny_model_path, "--prompt-data", write_jsonl([{"input": f"q{i}"} for i in range(5)]),
-                       "--rm-type", "math", "--n-samples-per-prompt", "2", "--rollout-shuffle"])  # fmt: skip
+    data = write_jsonl([{"input": f"q{i}"} for i in range(5)])
+    args = parse_args(["--hf-checkpoint", tiny_model_path, "--prompt-data", data, "--rm-type", "math",
+                       "--n-samples-per-prompt", "2", "--rollout-shuffle"])  # fmt: skip
     source = RolloutDataSourceWithBuffer(args)
     first = source.get_samples(3)
     partial = first[1]
@@ -256,8 +257,20 @@ def test_nan_updates_are_skipped_then_stop_the_run_naming_rank_and_rollout(tiny_
 
     ray.shutdown()
     out = tmp_path / "run"
-    args = parse_args(_loop_args(tiny_model_path, out, "--num-rollout", "2", "--max-nan-steps", "3", "--loss-type",
-                                 "custom_loss", "--custom-loss-function-path", "tests.custom_hooks.nan_loss"))
+    args = parse_args(
+        _loop_args(
+            tiny_model_path,
+            out,
+            "--num-rollout",
+            "2",
+            "--max-nan-steps",
+            "3",
+            "--loss-type",
+            "custom_loss",
+            "--custom-loss-function-path",
+            "tests.custom_hooks.nan_loss",
+        )
+    )
     with pytest.raises(TrainerError, match=r"training rank 0 failed during training on rollout 1: FloatingPointError: "
                        r"rank 0, rollout 1, optimizer step 3: 4 updates .* --max-nan-steps 3"):  # fmt: skip
         train(args)
@@ -293,3 +306,53 @@ def test_engines_killed_or_hung_mid_rollout_are_restarted_and_lose_no_sample(tin
     assert all(s["train/logprob_abs_diff_vs_rollout"] < 1e-4 for s in steps)
     logs = sorted(os.listdir(out / "server_logs"))
     assert "engine-0-restart1.log" in logs and "engine-1-restart2.log" in logs
+
+
+def test_one_failing_rank_stops_the_group_at_once_naming_the_rank(tiny_model_path, tmp_path):
+    """Rank 1 raises while rank 0 waits for it in a gradient collective: the error names rank 1 and the rollout
+    without waiting for the collective's timeout, and shutdown does not hang on the stuck rank."""
+    ray.init(num_cpus=2, include_dashboard=False, ignore_reinit_error=True)
+    try:
+        group = TrainGroup(_trainer_args(
+            tiny_model_path, tmp_path, "--actor-num-gpus-per-node", "2", "--advantage-estimator", "grpo",
+            "--loss-type", "custom_loss", "--custom-loss-function-path", "tests.custom_hooks.rank1_raises_loss",
+        ))  # fmt: skip
+        start = time.monotonic()
+        with pytest.raises(TrainerError, match="training rank 1 failed during training on rollout 5: RuntimeError: "
+                           "custom loss exploded on purpose"):  # fmt: skip
+            group.train(5, _synthetic_batch(16))
+        group.shutdown()
+        assert time.monotonic() - start < 120  # the collective timeout is 10 minutes
+    finally:
+        ray.shutdown()
+
+
+NO_OPTIM = textwrap.dedent("""
+    import sys, torch, torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from slime.trainer import checkpoint
+    from slime.trainer.models import load_policy
+    model_path, folder, port = sys.argv[1], sys.argv[2], sys.argv[3]
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
+    mesh = init_device_mesh("cpu", (1,))
+    model = load_policy(model_path, torch.device("cpu"), mesh, True)
+    opt = torch.optim.AdamW(model.parameters(), lr=0.1)
+    model(input_ids=torch.tensor([[5, 6, 7, 8]])).logits.mean().backward()
+    opt.step()
+    checkpoint.save_model(model, None, checkpoint.Path(folder))
+    assert checkpoint.saved_keys(checkpoint.Path(folder)) == {"model"}
+    fresh = load_policy(model_path, torch.device("cpu"), mesh, True)
+    fresh_opt = torch.optim.AdamW(fresh.parameters(), lr=0.1)
+    assert checkpoint.load_model(fresh, fresh_opt, checkpoint.Path(folder)) is False
+    assert all(torch.equal(a.full_tensor(), b.full_tensor()) for a, b in zip(model.parameters(), fresh.parameters()))
+    assert not fresh_opt.state  # AdamW starts fresh
+    print("ok")
+""")
+
+
+def test_a_checkpoint_without_optimizer_state_loads_the_weights_only(tiny_model_path, tmp_path):
+    from slime.utils.http_utils import free_port
+
+    result = subprocess.run([sys.executable, "-c", NO_OPTIM, tiny_model_path, str(tmp_path / "policy"),
+                             str(free_port())], cwd=ROOT, capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert result.returncode == 0 and result.stdout.strip().endswith("ok"), result.stderr[-3000:]

@@ -43,16 +43,17 @@ class TrainGroup:
         ]
         self._get([a.__ray_ready__.remote() for a in self.actors], "training ranks to load the model")
 
-    def _get(self, refs: list, what: str) -> list:
+    def _get(self, refs: list, what: str, timeout_s: float | None = None) -> list:
         """Results of one call on every rank. The first rank to fail stops the wait (the others may be blocked in a
         collective with it) with an error naming that rank and `what`."""
         index = {ref: rank for rank, ref in enumerate(refs)}
-        pending, deadline = list(refs), time.monotonic() + self.timeout_s
+        timeout_s = timeout_s or self.timeout_s
+        pending, deadline = list(refs), time.monotonic() + timeout_s
         while pending:
             done, pending = ray.wait(pending, num_returns=1, timeout=max(0.0, deadline - time.monotonic()))
             if not done:
                 ranks = sorted(index[r] for r in pending)
-                raise TimeoutError(f"waited {self.timeout_s:.0f}s for {what}; ranks {ranks} did not finish")
+                raise TimeoutError(f"waited {timeout_s:.0f}s for {what}; ranks {ranks} did not finish")
             try:
                 ray.get(done[0])
             except ray.exceptions.RayError as exc:
@@ -73,8 +74,8 @@ class TrainGroup:
         return self.call("update_weights", version, what=f"weight sync of version {version}")[0]
 
     def shutdown(self) -> None:
-        try:
-            self.call("shutdown", what="training ranks to shut down")
+        try:  # a rank stuck in a collective with a failed one never answers: do not wait long for it
+            self._get([a.shutdown.remote() for a in self.actors], "training ranks to shut down", timeout_s=10)
         except Exception:  # noqa: BLE001 - shutting down after a failure must not hide the failure
             pass
         for a in self.actors:

@@ -80,7 +80,7 @@ class RolloutManager:
         self.log_dir = os.path.join(args.output_dir, "server_logs")
         self.trainer_actors: list = []  # set by attach_trainer: they push weights to a restarted engine
         self.weight_version: str | None = None  # None: engines still serve --hf-checkpoint
-        self.restarts: list[str] = []  # one line per engine restart (fault tolerance)
+        self.restarts: list[float] = []  # seconds each engine restart took (fault tolerance)
         self._monitor_error: BaseException | None = None
         try:
             self.engines = [self._launch(i, wait=False) for i in range(args.rollout_num_engines)]
@@ -139,7 +139,7 @@ class RolloutManager:
 
     def _restart(self, index: int, why: str) -> None:
         """Replace engine `index`: out of the router, killed, started again, given the current weights, back in."""
-        old = self.engines[index]
+        old, start = self.engines[index], time.monotonic()
         logger.warning("%s at %s %s; restarting it. Log tail:\n%s", old.name, old.url, why, old.log_tail(800))
         try:
             remove_worker(self.router.url, old.url)
@@ -155,8 +155,10 @@ class RolloutManager:
             ray.get([a.connect_engines.remote([e.url for e in self.engines]) for a in self.trainer_actors],
                     timeout=self.args.update_weight_timeout)  # fmt: skip
         register_worker(self.router.url, new.url)
-        self.restarts.append(f"{old.name} {why} -> {new.name} at {new.url}")
-        logger.warning("engine %d restarted at %s with weight version %s", index, new.url, self.weight_version)
+        seconds = time.monotonic() - start
+        self.restarts.append(seconds)
+        logger.warning("%s replaced by %s at %s (weight version %s) in %.1fs", old.name, new.name, new.url,
+                       self.weight_version, seconds)  # fmt: skip
 
     def recover_engines(self) -> int:
         """Restart every engine that fails its health check now; returns how many were restarted. Without
@@ -209,7 +211,10 @@ class RolloutManager:
             watcher.join()
         if self._monitor_error is not None:
             raise RuntimeError(f"engine restart failed: {self._monitor_error}") from self._monitor_error
-        return out, {"rollout/engine_restarts": float(len(self.restarts) - before)}
+        new = self.restarts[before:]
+        return out, {"rollout/engine_restarts": float(len(new))} | (
+            {"rollout/engine_restart_seconds": sum(new)} if new else {}
+        )
 
     # ------------------------------------------------------------------ rollouts
     def generate(self, rollout_id: int) -> dict[str, Any]:
