@@ -21,18 +21,20 @@ from slime.trainer import checkpoint
 def train(args) -> dict:
     """Run rollouts `start..--num-rollout-1` (start > 0 when --load holds a checkpoint); returns the last rollout,
     train, sync and eval metrics."""
+    own_ray = not ray.is_initialized()  # a cluster the caller started is left running
     ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=True, ignore_reinit_error=True)
-    manager = RolloutManager.options(num_cpus=0).remote(args)
+    manager = RolloutManager.options(num_cpus=0).remote(args)  # starts engines while the trainer loads
     trainer, metrics_log = None, None
     last: dict = {}
     try:
+        if not args.debug_rollout_only:
+            print(batch_plan(args))
+            trainer = TrainGroup(args)
         info = wait(manager.info.remote(), 1800, "the rollout manager to start its engines and router")
         print(
             f"rollout: {info['num_train_prompts']} prompts, engines {info['engine_urls']} behind {info['router_url']}"
         )
-        if not args.debug_rollout_only:
-            print(batch_plan(args))
-            trainer = TrainGroup(args)
+        if trainer is not None:
             trainer.call("connect_engines", info["engine_urls"])
             wait(manager.attach_trainer.remote(trainer.actors), 60, "the rollout manager")
         start, saved_at = resume(args, trainer, manager)
@@ -60,10 +62,12 @@ def train(args) -> dict:
         try:  # the manager may still be inside a rollout that timed out: then it is killed (its servers follow)
             ray.get(manager.shutdown.remote(), timeout=60)
         except (ray.exceptions.GetTimeoutError, ray.exceptions.RayError):
-            ray.kill(manager)
+            pass
+        ray.kill(manager)
         if metrics_log is not None:
             metrics_log.close()
-        ray.shutdown()
+        if own_ray:
+            ray.shutdown()
     return last
 
 

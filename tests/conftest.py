@@ -64,6 +64,16 @@ def write_jsonl(tmp_path):
     return write
 
 
+@pytest.fixture(scope="module")
+def ray_cluster():
+    """A local Ray cluster shared by one test module (slime.train.train reuses it and leaves it running)."""
+    import ray
+
+    ray.init(num_cpus=2, include_dashboard=False, ignore_reinit_error=True)
+    yield
+    ray.shutdown()
+
+
 @pytest.fixture(autouse=True, scope="session")
 def _quiet_ray():
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")

@@ -12,7 +12,6 @@ import time
 from pathlib import Path
 
 import pytest
-import ray
 import torch
 
 from slime.config.arguments import parse_args
@@ -50,7 +49,6 @@ def _train_cmd(model: str, out: Path) -> list[str]:
 def test_killed_run_resumes_to_the_uninterrupted_runs_metrics(tiny_model_path, tmp_path):
     """The same command, run whole and run killed (-9) right after its first checkpoint then started again:
     every metric of every step is equal, timings aside."""
-    ray.shutdown()
     whole, killed = tmp_path / "whole", tmp_path / "killed"
     subprocess.run(_train_cmd(tiny_model_path, whole), cwd=ROOT, check=True, capture_output=True, timeout=600)
     killed.mkdir()
@@ -154,35 +152,31 @@ def _trainer_args(model: str, tmp_path: Path, *extra: str):
     ])  # fmt: skip
 
 
-def test_two_rank_checkpoint_loads_on_one_rank_and_exports_to_hugging_face(tiny_model_path, tmp_path):
+def test_two_rank_checkpoint_loads_on_one_rank_and_exports_to_hugging_face(ray_cluster, tiny_model_path, tmp_path):
     """Policy, critic and AdamW saved by 2 ranks continue on 1 rank exactly as on the 2 ranks; --save-hf and
     `slime convert` folders give the trainer's log-probs."""
-    ray.init(num_cpus=2, include_dashboard=False, ignore_reinit_error=True)
     data, later = _synthetic_batch(16, seed=1), _synthetic_batch(16, seed=2)
     save, hf = tmp_path / "ckpt", tmp_path / "hf"
+    two = TrainGroup(_trainer_args(tiny_model_path, tmp_path, "--actor-num-gpus-per-node", "2"))
     try:
-        two = TrainGroup(_trainer_args(tiny_model_path, tmp_path, "--actor-num-gpus-per-node", "2"))
-        try:
-            two.train(0, data)
-            staged = checkpoint.staging_dir(save, 0)
-            two.call("save", str(staged))
-            checkpoint.write_json(staged / "rollout.json", {"rollout_id": 0})
-            checkpoint.commit(save, 0, staged)
-            two.call("export_hf", str(hf))
-            trained_lp = torch.tensor([x for lp in two.call("log_probs", later)[0] for x in lp])
-            m_two = two.train(1, later)
-        finally:
-            two.shutdown()
-        one = TrainGroup(_trainer_args(tiny_model_path, tmp_path))
-        try:
-            info = one.call("load", str(checkpoint.latest(save)[1]))[0]
-            assert info == {"optimizer_loaded": True, "saved_world_size": 2}
-            loaded_lp = torch.tensor([x for lp in one.call("log_probs", later)[0] for x in lp])
-            m_one = one.train(1, later)
-        finally:
-            one.shutdown()
+        two.train(0, data)
+        staged = checkpoint.staging_dir(save, 0)
+        two.call("save", str(staged))
+        checkpoint.write_json(staged / "rollout.json", {"rollout_id": 0})
+        checkpoint.commit(save, 0, staged)
+        two.call("export_hf", str(hf))
+        trained_lp = torch.tensor([x for lp in two.call("log_probs", later)[0] for x in lp])
+        m_two = two.train(1, later)
     finally:
-        ray.shutdown()
+        two.shutdown()
+    one = TrainGroup(_trainer_args(tiny_model_path, tmp_path))
+    try:
+        info = one.call("load", str(checkpoint.latest(save)[1]))[0]
+        assert info == {"optimizer_loaded": True, "saved_world_size": 2}
+        loaded_lp = torch.tensor([x for lp in one.call("log_probs", later)[0] for x in lp])
+        m_one = one.train(1, later)
+    finally:
+        one.shutdown()
     assert torch.equal(loaded_lp, trained_lp)
     assert m_one["train/optimizer_steps"] == m_two["train/optimizer_steps"] == 4
     for key in ("train/loss", "train/grad_norm", "train/param_norm", "critic/value_loss", "critic/grad_norm"):
@@ -252,10 +246,9 @@ def test_checkpoint_flags_are_checked(flags, message, capsys):
     assert message in capsys.readouterr().err
 
 
-def test_nan_updates_are_skipped_then_stop_the_run_naming_rank_and_rollout(tiny_model_path, tmp_path):
+def test_nan_updates_are_skipped_then_stop_the_run_naming_rank_and_rollout(ray_cluster, tiny_model_path, tmp_path):
     from slime.train import train
 
-    ray.shutdown()
     out = tmp_path / "run"
     args = parse_args(
         _loop_args(
@@ -283,13 +276,12 @@ def test_nan_updates_are_skipped_then_stop_the_run_naming_rank_and_rollout(tiny_
     assert step0["train/param_norm"] == pytest.approx(float(norm), rel=1e-6)  # nothing was applied
 
 
-def test_engines_killed_or_hung_mid_rollout_are_restarted_and_lose_no_sample(tiny_model_path, tmp_path):
+def test_engines_killed_or_hung_mid_rollout_are_restarted_and_lose_no_sample(ray_cluster, tiny_model_path, tmp_path):
     """Rollout 1: engine 0 is SIGKILLed; rollout 2: engine 1 is SIGSTOPped (alive, silent). Each is detected,
     replaced, given the current weights and re-registered; the requests it held are retried; every step trains on
     all 16 samples with the current weights."""
     from slime.train import train
 
-    ray.shutdown()
     out = tmp_path / "run"
     args = parse_args(_loop_args(
         tiny_model_path, out, "--num-rollout", "3", "--rollout-num-engines", "2", "--use-fault-tolerance",
@@ -308,23 +300,19 @@ def test_engines_killed_or_hung_mid_rollout_are_restarted_and_lose_no_sample(tin
     assert "engine-0-restart1.log" in logs and "engine-1-restart2.log" in logs
 
 
-def test_one_failing_rank_stops_the_group_at_once_naming_the_rank(tiny_model_path, tmp_path):
+def test_one_failing_rank_stops_the_group_at_once_naming_the_rank(ray_cluster, tiny_model_path, tmp_path):
     """Rank 1 raises while rank 0 waits for it in a gradient collective: the error names rank 1 and the rollout
     without waiting for the collective's timeout, and shutdown does not hang on the stuck rank."""
-    ray.init(num_cpus=2, include_dashboard=False, ignore_reinit_error=True)
-    try:
-        group = TrainGroup(_trainer_args(
-            tiny_model_path, tmp_path, "--actor-num-gpus-per-node", "2", "--advantage-estimator", "grpo",
-            "--loss-type", "custom_loss", "--custom-loss-function-path", "tests.custom_hooks.rank1_raises_loss",
-        ))  # fmt: skip
-        start = time.monotonic()
-        with pytest.raises(TrainerError, match="training rank 1 failed during training on rollout 5: RuntimeError: "
-                           "custom loss exploded on purpose"):  # fmt: skip
-            group.train(5, _synthetic_batch(16))
-        group.shutdown()
-        assert time.monotonic() - start < 120  # the collective timeout is 10 minutes
-    finally:
-        ray.shutdown()
+    group = TrainGroup(_trainer_args(
+        tiny_model_path, tmp_path, "--actor-num-gpus-per-node", "2", "--advantage-estimator", "grpo",
+        "--loss-type", "custom_loss", "--custom-loss-function-path", "tests.custom_hooks.rank1_raises_loss",
+    ))  # fmt: skip
+    start = time.monotonic()
+    with pytest.raises(TrainerError, match="training rank 1 failed during training on rollout 5: RuntimeError: "
+                       "custom loss exploded on purpose"):  # fmt: skip
+        group.train(5, _synthetic_batch(16))
+    group.shutdown()
+    assert time.monotonic() - start < 120  # the collective timeout is 10 minutes
 
 
 NO_OPTIM = textwrap.dedent("""

@@ -24,7 +24,7 @@ def _rollout(router, smollm2_path, tmp_path, prompt_data, agent, max_len):
         "--label-key", "label", "--rollout-batch-size", "3", "--n-samples-per-prompt", "3",
         "--rollout-max-response-len", str(max_len), "--rollout-temperature", "0.7",
         "--custom-generate-function-path", f"{agent}:generate", "--custom-rm-path", f"{agent}:reward",
-        "--output-dir", str(tmp_path / "run"),
+        "--output-dir", str(tmp_path / "run"), "--sglang-enable-deterministic-inference",  # seeded: not flaky
     ])  # fmt: skip
     host, port = router.url.rsplit("//", 1)[1].split(":")
     args.sglang_router_ip, args.sglang_router_port = host, int(port)

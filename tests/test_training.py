@@ -5,7 +5,6 @@ import math
 import random
 
 import pytest
-import ray
 import torch
 
 from slime.config.arguments import parse_args
@@ -21,13 +20,6 @@ def _args(model, tmp_path, *extra):
         "--hf-checkpoint", model, "--prompt-data", "builtin:arithmetic", "--rm-type", "math",
         "--rollout-temperature", str(TEMPERATURE), "--output-dir", str(tmp_path), "--seed", "3", *extra,
     ])  # fmt: skip
-
-
-@pytest.fixture(scope="module")
-def ray_cluster():
-    ray.init(num_cpus=2, include_dashboard=False, ignore_reinit_error=True)
-    yield
-    ray.shutdown()
 
 
 @pytest.fixture(scope="module")
@@ -139,11 +131,10 @@ def test_world_size_two_matches_world_size_one(algorithm, ray_cluster, tiny_mode
     assert torch.allclose(lp1, lp2, atol=1e-5)  # the same weights after two optimizer steps
 
 
-def test_rl_loop_trains_and_engines_serve_new_weights(tiny_model_path, tmp_path):
+def test_rl_loop_trains_and_engines_serve_new_weights(ray_cluster, tiny_model_path, tmp_path):
     """slime.train.train end to end on the tiny model: rollout -> train -> sync, through Ray, three times."""
     from slime.train import train
 
-    ray.shutdown()  # train() starts its own cluster
     out = tmp_path / "run"
     args = parse_args([
         "--hf-checkpoint", tiny_model_path, "--prompt-data", "builtin:arithmetic:train:64:0", "--input-key", "prompt",
@@ -182,11 +173,10 @@ ESTIMATOR_RUNS = {
 
 
 @pytest.mark.parametrize("name", list(ESTIMATOR_RUNS))
-def test_every_estimator_runs_the_loop(name, tiny_model_path, tiny_teacher_path, tmp_path):
+def test_every_estimator_runs_the_loop(name, ray_cluster, tiny_model_path, tiny_teacher_path, tmp_path):
     """Each estimator through slime.train.train on the tiny model: two rollouts, two optimizer steps each."""
     from slime.train import train
 
-    ray.shutdown()
     out = tmp_path / "run"
     extra = list(ESTIMATOR_RUNS[name])
     if "opd" in name or "distillation" in name:

@@ -52,7 +52,12 @@ class ServerProcess:
             f"{self.log_tail()}"
         )
 
+    def terminate(self) -> None:
+        if self.alive():
+            self.proc.terminate()
+
     def stop(self, grace: float = 10.0) -> None:
+        """SIGTERM, then SIGKILL if it has not exited after `grace` seconds."""
         if self.alive():
             self.proc.terminate()
             try:

@@ -271,6 +271,8 @@ class RolloutManager:
         return json.loads((folder_ / "rollout.json").read_text())
 
     def shutdown(self) -> None:
-        for server in [*self.engines, self.router]:
-            if server is not None:
-                server.stop()
+        servers = [s for s in [*self.engines, self.router] if s is not None]
+        for server in servers:  # all at once: each takes a moment to exit
+            server.terminate()
+        for server in servers:
+            server.stop()
