@@ -38,7 +38,7 @@ def train(args) -> dict:
             trainer.call("connect_engines", info["engine_urls"])
             wait(manager.attach_trainer.remote(trainer.actors), 60, "the rollout manager")
         start, saved_at = resume(args, trainer, manager)
-        metrics_log = MetricsLogger(args.output_dir, resume_after=saved_at, purge_step=start)
+        metrics_log = MetricsLogger(args.output_dir, resume_after=saved_at, purge_step=start if args.load else None)
         has_eval = bool(args.eval_datasets)
         if has_eval and not args.skip_eval_before_train and start == 0:
             last["eval_before"] = log(metrics_log, 0, evaluate(args, manager, 0))
@@ -94,12 +94,13 @@ def sync_weights(args, trainer: TrainGroup, manager, version: str) -> dict:
 
 def resume(args, trainer: TrainGroup | None, manager) -> tuple[int, float | None]:
     """Load the newest complete checkpoint under --load into trainer and data source and push its weights to the
-    engines. Returns (first rollout id to run, the checkpoint's save time); (0, None) for a fresh start."""
+    engines. Returns (first rollout id to run, the checkpoint's save time); (0, None) without --load."""
     found = checkpoint.latest(args.load) if args.load else None
     if found is None:
-        if args.load:
-            print(f"--load {args.load}: no checkpoint yet, starting from --hf-checkpoint")
-        return 0, None
+        if not args.load:
+            return 0, None
+        print(f"--load {args.load}: no checkpoint yet, starting from --hf-checkpoint")
+        return 0, 0.0  # a run killed before its first checkpoint left metrics that this start replaces
     rollout_id, folder = found
     start = time.monotonic()
     meta = wait(manager.load.remote(str(folder)), 600, f"the rollout manager to load {folder}")

@@ -229,6 +229,8 @@ def test_metrics_of_a_resumed_run_drop_what_the_crashed_run_logged_after_its_che
     log.log(1, {"x": 10}, echo=False)
     log.close()
     assert [(m["step"], m["x"]) for m in _metrics(tmp_path)] == [(0, 0), (1, 10)]
+    MetricsLogger(str(tmp_path), tensorboard=False, resume_after=0.0, purge_step=0).close()  # --load, no checkpoint
+    assert _metrics(tmp_path) == []
 
 
 @pytest.mark.parametrize(

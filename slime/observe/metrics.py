@@ -27,7 +27,7 @@ class MetricsLogger:
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
-            self._tb = SummaryWriter(os.path.join(output_dir, "tensorboard"), purge_step=purge_step or None)
+            self._tb = SummaryWriter(os.path.join(output_dir, "tensorboard"), purge_step=purge_step)
 
     def log(self, step: int, metrics: dict[str, Any], echo: bool = True) -> None:
         scalars = {k: float(v) for k, v in metrics.items() if isinstance(v, int | float) and not isinstance(v, bool)}

@@ -133,7 +133,10 @@ def load_model(model: torch.nn.Module, optimizer: torch.optim.Optimizer | None, 
     with_optim = optimizer is not None and "optim" in saved_keys(folder)
     model_sd, optim_sd = get_state_dict(model, optimizer if with_optim else [])
     state = {"model": model_sd} | ({"optim": optim_sd} if with_optim else {})
-    dcp.load(state, checkpoint_id=str(folder))
+    try:
+        dcp.load(state, checkpoint_id=str(folder))
+    except Exception as exc:  # noqa: BLE001 - DCP's own message lists the mismatched keys; say which checkpoint
+        raise RuntimeError(f"{folder} does not fit this model (another architecture or size?): {exc}") from exc
     set_state_dict(model, optimizer if with_optim else [], model_state_dict=state["model"],
                    optim_state_dict=state.get("optim", {}))  # fmt: skip
     return with_optim
