@@ -163,6 +163,9 @@ class RolloutManager:
     def recover_engines(self) -> int:
         """Restart every engine that fails its health check now; returns how many were restarted. Without
         --use-fault-tolerance a dead engine stops the run instead, with its log tail."""
+        if not self.router.alive():  # not restarted: every worker would have to be registered again
+            raise RuntimeError(f"the router died (exit {self.router.proc.returncode}); log {self.router.log_path}:\n"
+                               f"{self.router.log_tail(1500)}")  # fmt: skip
         if not self.args.use_fault_tolerance:
             dead = [f"{e.name} (exit {e.proc.returncode}):\n{e.log_tail(1500)}" for e in self.engines if not e.alive()]
             if dead:
