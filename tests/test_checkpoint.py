@@ -346,3 +346,65 @@ def test_a_checkpoint_without_optimizer_state_loads_the_weights_only(tiny_model_
     result = subprocess.run([sys.executable, "-c", NO_OPTIM, tiny_model_path, str(tmp_path / "policy"),
                              str(free_port())], cwd=ROOT, capture_output=True, text=True, timeout=300)  # fmt: skip
     assert result.returncode == 0 and result.stdout.strip().endswith("ok"), result.stderr[-3000:]
+
+
+def test_resume_restores_the_partial_rollout_buffer_and_the_critic(ray_cluster, tiny_model_path, tmp_path):
+    """Rollout 0 keeps 2 groups and parks 6 aborted mid-response (--partial-rollout); the checkpoint holds them; a run
+    resumed from it continues those very samples in rollout 1. PPO: the critic is saved and loaded too."""
+    from slime.train import train
+
+    out, ckpt = tmp_path / "run", tmp_path / "ckpt"
+    flags = _loop_args(
+        tiny_model_path, out, "--rollout-batch-size", "2", "--over-sampling-batch-size", "8", "--partial-rollout",
+        "--custom-generate-function-path", "tests.custom_hooks:first_groups_short", "--rollout-max-response-len",
+        "48", "--advantage-estimator", "ppo", "--critic-lr", "0.01", "--save", str(ckpt), "--load", str(ckpt),
+    )  # fmt: skip
+    train(parse_args([*flags, "--num-rollout", "1"]))
+    with open(ckpt / "iter_0000000" / "data_source.pkl", "rb") as f:
+        parked = [Sample.from_dict(s) for g in pickle.load(f)["buffer"] for s in g]
+    partial = {s.index: s for s in parked if s.response_length > 0}
+    assert partial and (ckpt / "iter_0000000" / "critic" / ".metadata").exists()
+    train(parse_args([*flags, "--num-rollout", "2"]))
+    steps = _metrics(out)
+    assert [s["step"] for s in steps] == [0, 1]
+    assert steps[1]["rollout/resumed_samples"] >= len(partial)
+    assert steps[1]["train/optimizer_steps"] == 2 and steps[1]["critic/grad_norm"] > 0
+
+
+def test_ref_load_takes_a_checkpoint(ray_cluster, tiny_model_path, tmp_path):
+    """--ref-load naming a --save folder: the reference is the checkpoint's policy, so a policy loaded from the same
+    checkpoint starts with zero KL to it (and a nonzero KL to the initial model)."""
+    data = _synthetic_batch(16, seed=3)
+    save = tmp_path / "ckpt"
+    group = TrainGroup(_trainer_args(tiny_model_path, tmp_path, "--advantage-estimator", "grpo"))
+    try:
+        group.train(0, data)
+        staged = checkpoint.staging_dir(save, 0)
+        group.call("save", str(staged))
+        checkpoint.write_json(staged / "rollout.json", {"rollout_id": 0})
+        checkpoint.commit(save, 0, staged)
+    finally:
+        group.shutdown()
+    kl = {}
+    for name, ref in {"checkpoint": str(save), "initial": tiny_model_path}.items():
+        group = TrainGroup(
+            _trainer_args(
+                tiny_model_path,
+                tmp_path,
+                "--advantage-estimator",
+                "grpo",
+                "--use-kl-loss",
+                "--kl-loss-coef",
+                "0.1",
+                "--ref-load",
+                ref,
+                "--global-batch-size",
+                "16",
+            )
+        )
+        try:
+            group.call("load", str(checkpoint.latest(save)[1]))
+            kl[name] = group.train(1, data)["train/kl_loss"]
+        finally:
+            group.shutdown()
+    assert kl["checkpoint"] == 0 and abs(kl["initial"]) > 1e-4
