@@ -198,3 +198,34 @@ def test_stop_string_ends_generation_and_is_trimmed_from_text_only(server, tiny_
     untrimmed = {**seeded, "stop": stop, "no_stop_trim": True}
     _, kept = call(server, "/generate", {"input_ids": [5, 6, 7], "sampling_params": untrimmed})
     assert stop in kept["text"]
+
+
+def test_release_and_resume_memory_for_a_colocated_trainer(tiny_model_path, tmp_path):
+    """/release_memory_occupation frees the weights (requests wait), /resume_memory_occupation allocates them
+    again but keeps the engine paused until a weight sync ends with /continue_generation; then the waiting request
+    runs on the synced weights."""
+    srv = launch_engine(tiny_model_path, tmp_path, num_threads=1)
+    try:
+        greedy = {"input_ids": [1, 2, 3, 4], "sampling_params": {"max_new_tokens": 8, "temperature": 0}}
+        before = call(srv, "/generate", greedy)[1]["output_ids"]
+        assert call(srv, "/server_info", method="GET")[1]["weight_bytes"] > 0
+        assert call(srv, "/release_memory_occupation", {"tags": ["weights", "kv_cache"]}) == (200, None)
+        info = call(srv, "/server_info", method="GET")[1]
+        assert info["weights_released"] and info["weight_bytes"] == 0
+        assert call(srv, "/health_generate", method="GET")[0] == 200  # held on purpose, not unhealthy
+        assert call(srv, "/release_memory_occupation", {"tags": ["optimizer"]})[0] == 400
+        waiting: dict = {}
+        thread = threading.Thread(target=lambda: waiting.update(out=call(srv, "/generate", greedy)))
+        thread.start()
+        time.sleep(1.0)
+        assert thread.is_alive()  # no weights: the request waits
+        assert call(srv, "/resume_memory_occupation", {"tags": ["weights"]}) == (200, None)
+        time.sleep(1.0)
+        assert thread.is_alive()  # weights allocated but not synced: still waiting
+        assert call(srv, "/update_weights_from_disk", {"model_path": tiny_model_path, "weight_version": "2"})[0] == 200
+        assert call(srv, "/continue_generation", {})[0] == 200
+        thread.join(60)
+        status, out = waiting["out"]
+        assert status == 200 and out["output_ids"] == before and out["meta_info"]["weight_version"] == "2"
+    finally:
+        srv.stop()

@@ -75,6 +75,7 @@ class EmbeddedEngine:
         self._next_input: torch.Tensor | None = None  # [B] last sampled token, not yet in the cache
         self._positions: torch.Tensor | None = None  # [B] position id of that token
         self._paused = False
+        self._released: list[tuple[torch.nn.Parameter, torch.Size]] = []  # weights freed for a colocated trainer
         self._stopped = False
         self._cv = threading.Condition()
         self._step_lock = threading.RLock()
@@ -136,6 +137,44 @@ class EmbeddedEngine:
     @property
     def paused(self) -> bool:
         return self._paused
+
+    @property
+    def weights_released(self) -> bool:
+        return bool(self._released)
+
+    def weight_bytes(self) -> int:
+        return sum(p.numel() * p.element_size() for p in self.model.parameters())
+
+    def release_memory(self, tags: list[str] | None = None) -> None:
+        """Free the memory named by `tags` ("weights", "kv_cache", "cuda_graph"; None or [] means all) so a trainer
+        on the same device can use it. The engine must be idle (pause or abort first); requests that arrive while
+        the weights are released wait for `resume_memory`. The KV cache lives only while requests run, so an idle
+        engine holds none; there are no CUDA graphs yet."""
+        tags = _memory_tags(tags)
+        with self._step_lock:
+            if self._rows:
+                raise RuntimeError(f"release_memory_occupation needs an idle engine; {len(self._rows)} requests are "
+                                   "running (pause_generation or abort_request first)")  # fmt: skip
+            if "weights" in tags and not self._released:
+                for p in self.model.parameters():
+                    self._released.append((p, p.shape))
+                    p.data = torch.empty(0, dtype=p.dtype, device=p.device)
+            if "kv_cache" in tags:
+                self._cache, self._mask, self._next_input = None, None, None
+            if self.device.type == "cuda":
+                torch.cuda.empty_cache()
+
+    def resume_memory(self, tags: list[str] | None = None) -> None:
+        """Allocate what `release_memory` freed. Resumed weights hold no values until the next weight update (as
+        in SGLang), so the engine stays paused: the weight sync's final /continue_generation lets requests run."""
+        tags = _memory_tags(tags)
+        with self._step_lock, self._cv:
+            if "weights" in tags and self._released:
+                for p, shape in self._released:
+                    p.data = torch.empty(shape, dtype=p.dtype, device=p.device)
+                self._released = []
+                self._paused = True
+            self._cv.notify_all()
 
     def loads(self) -> dict:
         with self._cv:
@@ -217,7 +256,7 @@ class EmbeddedEngine:
             try:
                 with self._step_lock, torch.inference_mode():
                     self._retire_aborted()
-                    if not self._paused or self._stopped:
+                    if not (self._paused or self._released) or self._stopped:
                         self._admit()
                         if self._rows:
                             self._decode_step()
@@ -229,7 +268,7 @@ class EmbeddedEngine:
     def _has_work(self) -> bool:
         if any(r.abort_message for r in itertools.chain(self._waiting, self._rows)):
             return True
-        return not self._paused and bool(self._rows or self._waiting)
+        return not (self._paused or self._released) and bool(self._rows or self._waiting)
 
     def _retire_aborted(self) -> None:
         with self._cv:
@@ -386,6 +425,16 @@ class EmbeddedEngine:
             self._mask = self._mask[:, lead:]
             for layer in self._cache.layers:
                 layer.keys, layer.values = layer.keys[:, :, lead:], layer.values[:, :, lead:]
+
+
+MEMORY_TAGS = ("weights", "kv_cache", "cuda_graph")
+
+
+def _memory_tags(tags: list[str] | None) -> set[str]:
+    unknown = set(tags or []) - set(MEMORY_TAGS)
+    if unknown:
+        raise ValueError(f"unknown memory tags {sorted(unknown)}; known: {list(MEMORY_TAGS)}")
+    return set(tags or MEMORY_TAGS)
 
 
 def _left_pad(t: torch.Tensor, width: int, dim: int) -> torch.Tensor:

@@ -151,7 +151,7 @@ async def health(request: web.Request) -> web.Response:
 
 async def health_generate(request: web.Request) -> web.Response:
     engine = request.app[ENGINE]
-    if engine.paused:  # generation is held on purpose; the server itself is fine
+    if engine.paused or engine.weights_released:  # generation is held on purpose; the server itself is fine
         return await health(request)
     loop = asyncio.get_running_loop()
     fut = loop.create_future()
@@ -193,6 +193,8 @@ async def server_info(request: web.Request) -> web.Response:
             "dtype": engine.dtype,
             "device": engine.device.type,
             "weight_version": engine.weight_version,
+            "weights_released": engine.weights_released,
+            "weight_bytes": engine.weight_bytes(),
             "internal_states": [dict(engine.stats, **engine.loads())],
         }
     )
@@ -242,6 +244,24 @@ async def pause_generation(request: web.Request) -> web.Response:
     except (ValueError, TimeoutError) as exc:
         return web.json_response({"message": str(exc), "status": "error"}, status=400)
     return web.json_response({"message": "Generation paused", "status": "ok"})
+
+
+async def release_memory_occupation(request: web.Request) -> web.Response:
+    body = await _json_or_empty(request)
+    try:
+        await asyncio.to_thread(request.app[ENGINE].release_memory, body.get("tags"))
+    except (ValueError, RuntimeError) as exc:
+        return web.json_response({"message": str(exc), "status": "error"}, status=400)
+    return web.json_response(None)
+
+
+async def resume_memory_occupation(request: web.Request) -> web.Response:
+    body = await _json_or_empty(request)
+    try:
+        await asyncio.to_thread(request.app[ENGINE].resume_memory, body.get("tags"))
+    except ValueError as exc:
+        return web.json_response({"message": str(exc), "status": "error"}, status=400)
+    return web.json_response(None)
 
 
 async def continue_generation(request: web.Request) -> web.Response:
@@ -381,6 +401,8 @@ def build_app(engine: EmbeddedEngine, args: argparse.Namespace) -> web.Applicati
     ]:
         r.add_get(path, handler)
     r.add_route("*", "/flush_cache", flush_cache)
+    r.add_route("*", "/release_memory_occupation", release_memory_occupation)
+    r.add_route("*", "/resume_memory_occupation", resume_memory_occupation)
     for path, handler in [
         ("/abort_request", abort_request),
         ("/pause_generation", pause_generation),
