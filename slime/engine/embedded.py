@@ -50,6 +50,7 @@ class EmbeddedEngine:
         max_prefill_tokens: int = 4096,
         seed: int = 0,
         num_threads: int | None = None,
+        device: str = "cpu",
     ):
         if num_threads:
             torch.set_num_threads(num_threads)
@@ -57,10 +58,10 @@ class EmbeddedEngine:
         self.tokenizer = AutoTokenizer.from_pretrained(model_path)
         torch_dtype = getattr(torch, dtype)
         self.model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch_dtype, attn_implementation="sdpa")
-        self.model.eval().requires_grad_(False)
+        self.device = torch.device(device)
+        self.model.to(self.device).eval().requires_grad_(False)
         self.config = self.model.config
         self.dtype = dtype
-        self.device = next(self.model.parameters()).device
         self.max_context = int(getattr(self.config, "max_position_embeddings", 1 << 30))
         self.eos_ids = _eos_ids(self.model, self.tokenizer)
         self.max_running_requests = max_running_requests
@@ -299,8 +300,9 @@ class EmbeddedEngine:
             return
         width = max(len(r.input_ids) for r in batch)
         pad = self.eos_ids[0] if self.eos_ids else 0
-        ids = torch.tensor([[pad] * (width - len(r.input_ids)) + r.input_ids for r in batch])
-        mask = torch.tensor([[0] * (width - len(r.input_ids)) + [1] * len(r.input_ids) for r in batch])
+        ids = torch.tensor([[pad] * (width - len(r.input_ids)) + r.input_ids for r in batch], device=self.device)
+        mask = torch.tensor([[0] * (width - len(r.input_ids)) + [1] * len(r.input_ids) for r in batch],
+                            device=self.device)  # fmt: skip
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
         cache = DynamicCache(config=self.config)
         out = self.model(
@@ -310,18 +312,19 @@ class EmbeddedEngine:
         keep = self._sample_and_check(batch, out.logits[:, -1], new_pos)
         if not keep:
             return
-        sel = torch.tensor(keep)
+        sel = torch.tensor(keep, device=self.device)
         _select_cache(cache, sel)
         self._merge(
             [batch[i] for i in keep],
             cache,
             mask[sel],
-            torch.tensor([batch[i].output_ids[-1] for i in keep]),
+            torch.tensor([batch[i].output_ids[-1] for i in keep], device=self.device),
             new_pos[sel],
         )
 
     def _decode_step(self) -> None:
-        self._mask = torch.cat([self._mask, torch.ones(len(self._rows), 1, dtype=self._mask.dtype)], dim=1)
+        ones = torch.ones(len(self._rows), 1, dtype=self._mask.dtype, device=self.device)
+        self._mask = torch.cat([self._mask, ones], dim=1)
         out = self.model(
             input_ids=self._next_input[:, None],
             attention_mask=self._mask,
@@ -332,12 +335,13 @@ class EmbeddedEngine:
         rows = self._rows
         self.stats["max_batch_rows"] = max(self.stats["max_batch_rows"], len(rows))
         keep = self._sample_and_check(rows, out.logits[:, -1], self._positions)
-        self._next_input = torch.tensor([r.output_ids[-1] for r in rows])
+        self._next_input = torch.tensor([r.output_ids[-1] for r in rows], device=self.device)
         self._select_rows(keep)
 
     def _sample_and_check(self, reqs: list[Request], logits: torch.Tensor, next_pos: torch.Tensor) -> list[int]:
-        """Sample one token per request, append it, finish the ones that stop. Returns indices still running."""
-        logits = logits.float()
+        """Sample one token per request, append it, finish the ones that stop. Returns indices still running.
+        Sampling runs on CPU (per-request seeded generators); on GPU the logits come over once per step."""
+        logits, next_pos = logits.float().cpu(), next_pos.cpu()
         for i, r in enumerate(reqs):
             if len(r.output_ids) < r.params.min_new_tokens:
                 logits[i, self._stop_ids(r)] = float("-inf")
@@ -415,7 +419,7 @@ class EmbeddedEngine:
         if not keep:
             self._rows, self._cache, self._mask, self._next_input, self._positions = [], None, None, None, None
             return
-        sel = torch.tensor(keep)
+        sel = torch.tensor(keep, device=self.device)
         self._rows = [self._rows[i] for i in keep]
         _select_cache(self._cache, sel)
         self._mask, self._next_input, self._positions = self._mask[sel], self._next_input[sel], self._positions[sel]

@@ -106,6 +106,7 @@ def launch_engine(
     startup_timeout: float = 300.0,
     wait: bool = True,
     restart: int = 0,
+    device: str = "cpu",
 ) -> ServerProcess:
     """Start one embedded engine server (`python -m slime.engine.server`) on a free port. `restart` > 0 names the
     log of a replacement for engine `index` (engine-<index>-restart<n>.log), so the dead one's log is kept."""
@@ -113,7 +114,7 @@ def launch_engine(
     cmd = [
         sys.executable, "-m", "slime.engine.server", "--model-path", model_path, "--host", host, "--port", str(port),
         "--dtype", dtype, "--num-threads", str(num_threads), "--max-running-requests", str(max_running_requests),
-        "--seed", str(seed + index), "--parent-pid", str(os.getpid()),
+        "--seed", str(seed + index), "--parent-pid", str(os.getpid()), "--device", device,
     ]  # fmt: skip
     env = {"OMP_NUM_THREADS": str(num_threads)} if num_threads else None
     name = f"engine-{index}" + (f"-restart{restart}" if restart else "")

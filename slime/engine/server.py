@@ -428,6 +428,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--max-prefill-tokens", type=int, default=4096, help="prompt tokens admitted per prefill pass")
     p.add_argument("--seed", type=int, default=0, help="seed of the sampling generator")
     p.add_argument("--num-threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    p.add_argument("--device", default="cpu", help="where the model runs: cpu, cuda or cuda:N")
     p.add_argument(
         "--parent-pid", type=int, default=0,
         help="exit when this process (the launcher) is gone, so a killed run leaves no orphan engine (0: never)",
@@ -459,6 +460,7 @@ def main(argv: list[str] | None = None) -> None:
         max_prefill_tokens=args.max_prefill_tokens,
         seed=args.seed,
         num_threads=args.num_threads or None,
+        device=args.device,
     )
     logger.info("serving %s on http://%s:%d", args.model_path, args.host, args.port)
     web.run_app(build_app(engine, args), host=args.host, port=args.port, print=None, access_log=None)
