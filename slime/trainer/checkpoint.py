@@ -22,6 +22,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -217,7 +218,9 @@ def convert(checkpoint: str | os.PathLike, out: str | os.PathLike) -> Path:
     config = AutoConfig.from_pretrained(config_dir)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     state = {"model": model.state_dict()}
-    dcp.load(state, checkpoint_id=str(folder / "policy"))
+    with warnings.catch_warnings():  # loading without a process group is the point here, not a mistake
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        dcp.load(state, checkpoint_id=str(folder / "policy"))
     model.load_state_dict(state["model"])
     model.tie_weights()
     return write_hf_folder(model, state["model"], str(config_dir), Path(out))
