@@ -47,6 +47,8 @@ def train(args) -> dict:
             rollout = wait(manager.generate.remote(rollout_id), args.rollout_timeout, f"rollout {rollout_id}")
             metrics = dict(rollout["metrics"])
             if trainer is not None:
+                if args.offload_train:
+                    metrics |= trainer.call("onload", what="training ranks to move back to the GPU")[0]
                 metrics |= trainer.train(rollout_id, ray.put(rollout["train_data"]))
                 metrics |= sync_weights(args, trainer, manager, str(rollout_id + 1))
             metrics["perf/step_seconds"] = time.monotonic() - step_start
@@ -56,6 +58,8 @@ def train(args) -> dict:
                 last["eval"] = log(metrics_log, done, evaluate(args, manager, done))
             if args.save and ((args.save_interval and done % args.save_interval == 0) or done == args.num_rollout):
                 save(args, rollout_id, trainer, manager)
+            if trainer is not None and args.offload_train:
+                trainer.call("offload", what="training ranks to move to CPU")
     finally:
         if trainer is not None:
             trainer.shutdown()

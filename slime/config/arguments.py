@@ -158,6 +158,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--balance-data", action="store_true",
         help="split each optimizer step over ranks by token count (Karmarkar-Karp) instead of round-robin",
     )  # fmt: skip
+    g.add_argument(
+        "--offload-train", action="store_true",
+        help="between training steps, keep the trainer's weights and optimizer state on CPU (GPU ranks only): frees "
+        "the GPU for rollout engines sharing it; the log shows torch.cuda.memory_allocated before and after",
+    )  # fmt: skip
     g.add_argument("--distributed-timeout-minutes", type=float, default=10.0, help="timeout of training collectives")
     g.add_argument(
         "--train-timeout", type=float, default=3600.0,

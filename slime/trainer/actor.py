@@ -352,6 +352,32 @@ class TrainActor:
         dist.barrier()
         return out
 
+    def offload(self) -> dict[str, float]:
+        """--offload-train: every model's weights and the optimizer state go to CPU, so the rollout has the GPU."""
+        return self._move(torch.device("cpu"), "offload")
+
+    def onload(self) -> dict[str, float]:
+        return self._move(self.device, "onload")
+
+    def _move(self, device: torch.device, what: str) -> dict[str, float]:
+        if self.device.type != "cuda":  # nothing to free on a CPU rank
+            return {}
+        before = torch.cuda.memory_allocated()
+        for model in (self.model, self.ref_model, self.teacher, self.critic):
+            if model is not None:
+                model.to(device)
+        for optimizer in [self.optimizer] + ([self.critic_optimizer] if self.critic is not None else []):
+            for state in optimizer.state.values():
+                for key, value in state.items():
+                    if torch.is_tensor(value) and key != "step":  # AdamW keeps its step counter on CPU
+                        state[key] = value.to(device, non_blocking=True)
+        torch.cuda.synchronize()
+        torch.cuda.empty_cache()
+        after = torch.cuda.memory_allocated()
+        logger.info("rank %d %s: torch.cuda.memory_allocated %.2f GB -> %.2f GB", self.rank, what, before / 1e9,
+                    after / 1e9)  # fmt: skip
+        return {f"perf/{what}_gpu_gb_before": before / 1e9, f"perf/{what}_gpu_gb_after": after / 1e9}
+
     def push_weights(self, engine_urls: list[str], version: str) -> dict[str, float]:
         """Sync the current weights to some engines only (a restarted one), leaving the others' requests alone."""
         a = self.args
