@@ -157,7 +157,7 @@ def test_rl_loop_trains_and_engines_serve_new_weights(ray_cluster, tiny_model_pa
 
 
 ESTIMATOR_RUNS = {
-    "gspo": ["--advantage-estimator", "gspo", "--eps-clip", "3e-3", "--eps-clip-high", "4e-3"],
+    "gspo": ["--advantage-estimator", "gspo", "--eps-clip", "3e-3", "--eps-clip-high", "4e-3", "--offload-train"],
     "reinforce_plus_plus": ["--advantage-estimator", "reinforce_plus_plus", "--kl-coef", "0.01", "--gamma", "0.99"],
     "reinforce_plus_plus_baseline, custom loss": [
         "--advantage-estimator", "reinforce_plus_plus_baseline", "--loss-type", "custom_loss",
