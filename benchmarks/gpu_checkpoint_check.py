@@ -23,6 +23,7 @@ from slime.config.arguments import parse_args
 from slime.ray.train_group import TrainGroup
 from slime.trainer import checkpoint
 from tests.conftest import build_tiny_llama
+from tests.test_checkpoint import save_trainer_checkpoint
 from tests.test_training import _synthetic_batch
 
 
@@ -60,10 +61,7 @@ def main() -> None:
     try:
         group.train(0, data)
         start = time.monotonic()
-        staged = checkpoint.staging_dir(save, 0)
-        group.call("save", str(staged))
-        checkpoint.write_json(staged / "rollout.json", {"rollout_id": 0})
-        checkpoint.commit(save, 0, staged)
+        save_trainer_checkpoint(group, save, 0)
         result["save_s"] = time.monotonic() - start
         start = time.monotonic()
         group.call("export_hf", str(hf))

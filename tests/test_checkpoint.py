@@ -144,6 +144,14 @@ def test_latest_names_a_broken_pointer(tmp_path):
     assert result.returncode == 1 and "not a slime checkpoint" in result.stderr
 
 
+def save_trainer_checkpoint(group: TrainGroup, save: Path, rollout_id: int) -> None:
+    """The trainer's part of a checkpoint, published with a minimal rollout.json (no rollout manager here)."""
+    staged = checkpoint.staging_dir(save, rollout_id)
+    group.call("save", str(staged))
+    checkpoint.write_json(staged / "rollout.json", {"rollout_id": rollout_id})
+    checkpoint.commit(save, rollout_id, staged)
+
+
 def _trainer_args(model: str, tmp_path: Path, *extra: str):
     return parse_args([
         "--hf-checkpoint", model, "--prompt-data", "builtin:arithmetic", "--rm-type", "math", "--output-dir",
@@ -160,10 +168,7 @@ def test_two_rank_checkpoint_loads_on_one_rank_and_exports_to_hugging_face(ray_c
     two = TrainGroup(_trainer_args(tiny_model_path, tmp_path, "--actor-num-gpus-per-node", "2"))
     try:
         two.train(0, data)
-        staged = checkpoint.staging_dir(save, 0)
-        two.call("save", str(staged))
-        checkpoint.write_json(staged / "rollout.json", {"rollout_id": 0})
-        checkpoint.commit(save, 0, staged)
+        save_trainer_checkpoint(two, save, 0)
         two.call("export_hf", str(hf))
         trained_lp = torch.tensor([x for lp in two.call("log_probs", later)[0] for x in lp])
         m_two = two.train(1, later)
@@ -379,10 +384,7 @@ def test_ref_load_takes_a_checkpoint(ray_cluster, tiny_model_path, tmp_path):
     group = TrainGroup(_trainer_args(tiny_model_path, tmp_path, "--advantage-estimator", "grpo"))
     try:
         group.train(0, data)
-        staged = checkpoint.staging_dir(save, 0)
-        group.call("save", str(staged))
-        checkpoint.write_json(staged / "rollout.json", {"rollout_id": 0})
-        checkpoint.commit(save, 0, staged)
+        save_trainer_checkpoint(group, save, 0)
     finally:
         group.shutdown()
     kl = {}

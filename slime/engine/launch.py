@@ -59,7 +59,7 @@ class ServerProcess:
     def stop(self, grace: float = 10.0) -> None:
         """SIGTERM, then SIGKILL if it has not exited after `grace` seconds."""
         if self.alive():
-            self.proc.terminate()
+            self.terminate()
             try:
                 self.proc.wait(grace)
             except subprocess.TimeoutExpired:

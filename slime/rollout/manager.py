@@ -171,8 +171,15 @@ class RolloutManager:
             if dead:
                 raise RuntimeError("engine server(s) died (--use-fault-tolerance restarts them): " + "\n".join(dead))
             return 0
+        return self._replace_unhealthy(first_wait=0.0)
+
+    def _replace_unhealthy(self, first_wait: float, stop: threading.Event | None = None) -> int:
+        """One health sweep: restart every engine older than `first_wait` seconds that fails its check (until
+        `stop` is set). Returns how many were restarted."""
         restarted = 0
         for i, engine in enumerate(self.engines):
+            if (stop is not None and stop.is_set()) or time.monotonic() - engine.started < first_wait:
+                continue
             problem = self._health_problem(engine)
             if problem:
                 self._restart(i, problem)
@@ -184,12 +191,7 @@ class RolloutManager:
         a = self.args
         try:
             while not stop.wait(a.rollout_health_check_interval):
-                for i, engine in enumerate(self.engines):
-                    if time.monotonic() - engine.started < a.rollout_health_check_first_wait or stop.is_set():
-                        continue
-                    problem = self._health_problem(engine)
-                    if problem:
-                        self._restart(i, problem)
+                self._replace_unhealthy(a.rollout_health_check_first_wait, stop)
         except BaseException as exc:  # noqa: BLE001 - re-raised by _guarded in the rollout's thread
             self._monitor_error = exc
 

@@ -337,13 +337,16 @@ class TrainActor:
         dist.all_reduce(local)
         return float(local.sqrt())
 
-    def connect_engines(self, engine_urls: list[str]) -> None:
+    def _new_syncer(self, engine_urls: list[str], folder: str) -> WeightSyncer:
         a = self.args
+        disk_dir = os.path.join(os.path.abspath(a.output_dir), folder)  # disk mode writes here
+        return WeightSyncer(engine_urls, a.update_weight_mode, a.update_weight_buffer_size, a.update_weight_timeout,
+                            disk_dir)  # fmt: skip
+
+    def connect_engines(self, engine_urls: list[str]) -> None:
         if self.syncer is not None:  # the engine set changed (a restart): the next sync forms a new group
             self.syncer.close()
-        disk_dir = os.path.join(os.path.abspath(a.output_dir), "weight_sync")
-        self.syncer = WeightSyncer(engine_urls, a.update_weight_mode, a.update_weight_buffer_size,
-                                   a.update_weight_timeout, disk_dir)  # fmt: skip
+        self.syncer = self._new_syncer(engine_urls, "weight_sync")
 
     def update_weights(self, version: str) -> dict[str, float]:
         if self.syncer is None:
@@ -366,7 +369,7 @@ class TrainActor:
         for model in (self.model, self.ref_model, self.teacher, self.critic):
             if model is not None:
                 model.to(device)
-        for optimizer in [self.optimizer] + ([self.critic_optimizer] if self.critic is not None else []):
+        for _, _, optimizer, _ in self._trained():
             for state in optimizer.state.values():
                 for key, value in state.items():
                     if torch.is_tensor(value) and key != "step":  # AdamW keeps its step counter on CPU
@@ -380,9 +383,7 @@ class TrainActor:
 
     def push_weights(self, engine_urls: list[str], version: str) -> dict[str, float]:
         """Sync the current weights to some engines only (a restarted one), leaving the others' requests alone."""
-        a = self.args
-        syncer = WeightSyncer(engine_urls, a.update_weight_mode, a.update_weight_buffer_size, a.update_weight_timeout,
-                              os.path.join(os.path.abspath(a.output_dir), "weight_sync_recovery"))  # fmt: skip
+        syncer = self._new_syncer(engine_urls, "weight_sync_recovery")
         try:
             out = syncer.sync(self.model, version, self.rank)
         finally:
