@@ -13,6 +13,7 @@ from tqdm import tqdm
 from slime.config.arguments import batch_plan, parse_args
 from slime.models.provision import resolve_checkpoint
 from slime.observe.metrics import MetricsLogger
+from slime.ray.placement import place_engines
 from slime.ray.train_group import TrainGroup
 from slime.rollout.manager import RolloutManager
 from slime.trainer import checkpoint
@@ -23,13 +24,18 @@ def train(args) -> dict:
     train, sync and eval metrics."""
     own_ray = not ray.is_initialized()  # a cluster the caller started is left running
     ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=True, ignore_reinit_error=True)
-    manager = RolloutManager.options(num_cpus=0).remote(args)  # starts engines while the trainer loads
-    trainer, metrics_log = None, None
+    trainer, manager, metrics_log = None, None, None
     last: dict = {}
     try:
+        print(place_engines(args, int(ray.cluster_resources().get("GPU", 0))))
         if not args.debug_rollout_only:
             print(batch_plan(args))
-            trainer = TrainGroup(args)
+            trainer = TrainGroup(args, wait=False)  # loads while the manager starts engines
+        shared = [g for ids in trainer.gpu_ids for g in ids] if args.engines_share_trainer_gpus else None
+        own_gpus = args.rollout_num_engines if args.rollout_device == "cuda" and not shared else 0
+        manager = RolloutManager.options(num_cpus=0, num_gpus=own_gpus).remote(args, shared)
+        if trainer is not None:
+            trainer.wait_ready()
         info = wait(manager.info.remote(), 1800, "the rollout manager to start its engines and router")
         print(
             f"rollout: {info['num_train_prompts']} prompts, engines {info['engine_urls']} behind {info['router_url']}"
@@ -38,36 +44,30 @@ def train(args) -> dict:
             trainer.call("connect_engines", info["engine_urls"])
             wait(manager.attach_trainer.remote(trainer.actors), 60, "the rollout manager")
         start, saved_at = resume(args, trainer, manager)
+        if trainer is not None and args.offload_train:  # engines generate first: the GPU is theirs
+            trainer.call("offload", what="training ranks to move to CPU")
         metrics_log = MetricsLogger(args.output_dir, resume_after=saved_at, purge_step=start if args.load else None)
         has_eval = bool(args.eval_datasets)
         if has_eval and not args.skip_eval_before_train and start == 0:
             last["eval_before"] = log(metrics_log, 0, evaluate(args, manager, 0))
         for rollout_id in tqdm(range(start, args.num_rollout), desc="rollout", unit="step", file=sys.stdout):
-            step_start = time.monotonic()
-            rollout = wait(manager.generate.remote(rollout_id), args.rollout_timeout, f"rollout {rollout_id}")
-            metrics = dict(rollout["metrics"])
-            if trainer is not None:
-                if args.offload_train:
-                    metrics |= trainer.call("onload", what="training ranks to move back to the GPU")[0]
-                metrics |= trainer.train(rollout_id, ray.put(rollout["train_data"]))
-                metrics |= sync_weights(args, trainer, manager, str(rollout_id + 1))
-            metrics["perf/step_seconds"] = time.monotonic() - step_start
-            last["rollout"] = log(metrics_log, rollout_id, metrics)
+            last["rollout"] = log(metrics_log, rollout_id, step(args, rollout_id, trainer, manager))
             done = rollout_id + 1
-            if has_eval and args.eval_interval and (done % args.eval_interval == 0 or done == args.num_rollout):
-                last["eval"] = log(metrics_log, done, evaluate(args, manager, done))
             if args.save and ((args.save_interval and done % args.save_interval == 0) or done == args.num_rollout):
                 save(args, rollout_id, trainer, manager)
             if trainer is not None and args.offload_train:
                 trainer.call("offload", what="training ranks to move to CPU")
+            if has_eval and args.eval_interval and (done % args.eval_interval == 0 or done == args.num_rollout):
+                last["eval"] = log(metrics_log, done, evaluate(args, manager, done))
     finally:
         if trainer is not None:
             trainer.shutdown()
-        try:  # the manager may still be inside a rollout that timed out: then it is killed (its servers follow)
-            ray.get(manager.shutdown.remote(), timeout=60)
-        except (ray.exceptions.GetTimeoutError, ray.exceptions.RayError):
-            pass
-        ray.kill(manager)
+        if manager is not None:
+            try:  # the manager may still be inside a rollout that timed out: then it is killed (servers follow)
+                ray.get(manager.shutdown.remote(), timeout=60)
+            except (ray.exceptions.GetTimeoutError, ray.exceptions.RayError):
+                pass
+            ray.kill(manager)
         if metrics_log is not None:
             metrics_log.close()
         if own_ray:
@@ -82,16 +82,39 @@ def wait(ref, timeout: float, what: str):
         raise TimeoutError(f"waited {timeout:.0f}s for {what}") from exc
 
 
+def step(args, rollout_id: int, trainer: TrainGroup | None, manager) -> dict:
+    """One rollout, the training on it and the weight sync; returns the step's metrics. Under --offload-rollout
+    engines free their memory for the training, under --offload-train the trainer comes back from CPU for it."""
+    start = time.monotonic()
+    rollout = wait(manager.generate.remote(rollout_id), args.rollout_timeout, f"rollout {rollout_id}")
+    metrics = dict(rollout["metrics"]) | {"perf/rollout_seconds": time.monotonic() - start}
+    if trainer is not None:
+        if args.offload_rollout:
+            metrics |= wait(manager.release_memory.remote(), 600, "engines to release their memory")
+        if args.offload_train:
+            metrics |= trainer.call("onload", what="training ranks to move back to the GPU")[0]
+        metrics |= trainer.train(rollout_id, ray.put(rollout["train_data"]))
+        metrics |= sync_weights(args, trainer, manager, str(rollout_id + 1))
+    metrics["perf/step_seconds"] = time.monotonic() - start
+    return metrics
+
+
 def evaluate(args, manager, rollout_id: int) -> dict:
     return wait(manager.eval.remote(rollout_id), args.rollout_timeout, f"evaluation at rollout {rollout_id}")["metrics"]
 
 
 def sync_weights(args, trainer: TrainGroup, manager, version: str) -> dict:
     """Push the trainer's weights to every engine as `version` (engines that died during training are restarted
-    first under --use-fault-tolerance); the manager remembers the version for later restarts."""
+    first under --use-fault-tolerance; engines that released memory take it back); the manager remembers the
+    version for later restarts."""
     if args.use_fault_tolerance:
         wait(manager.recover_engines.remote(), args.update_weight_timeout + 900, "engine recovery before weight sync")
-    metrics = trainer.update_weights(version)
+    metrics = {}
+    if args.offload_rollout:  # weights first: the sync writes into them; then the KV cache to generate with
+        metrics |= wait(manager.resume_memory.remote(["weights"]), 600, "engines to take back their weights")
+    metrics |= trainer.update_weights(version)
+    if args.offload_rollout:
+        metrics |= wait(manager.resume_memory.remote(["kv_cache"]), 600, "engines to take back their KV cache")
     wait(manager.set_weight_version.remote(version), 60, "the rollout manager")
     return metrics
 

@@ -132,7 +132,9 @@ def test_world_size_two_matches_world_size_one(algorithm, ray_cluster, tiny_mode
 
 
 def test_rl_loop_trains_and_engines_serve_new_weights(ray_cluster, tiny_model_path, tmp_path):
-    """slime.train.train end to end on the tiny model: rollout -> train -> sync, through Ray, three times."""
+    """slime.train.train end to end on the tiny model: rollout -> train -> sync, through Ray, three times. With
+    --colocate the engine frees its weights after each rollout and takes them back only for the sync (on CPU the
+    trainer's offload is a no-op), so the engine's log-probs matching the trainer's proves the sync refilled them."""
     from slime.train import train
 
     out = tmp_path / "run"
@@ -140,11 +142,12 @@ def test_rl_loop_trains_and_engines_serve_new_weights(ray_cluster, tiny_model_pa
         "--hf-checkpoint", tiny_model_path, "--prompt-data", "builtin:arithmetic:train:64:0", "--input-key", "prompt",
         "--custom-rm-path", "tests.custom_hooks.token_reward", "--rollout-batch-size", "4",
         "--n-samples-per-prompt", "4", "--global-batch-size", "8", "--rollout-max-response-len", "12",
-        "--num-rollout", "3", "--lr", "0.01", "--output-dir", str(out),
+        "--num-rollout", "3", "--lr", "0.01", "--output-dir", str(out), "--colocate",
     ])  # fmt: skip
     train(args)
     steps = [json.loads(x) for x in open(out / "metrics.jsonl")]
     assert [s["step"] for s in steps] == [0, 1, 2]
+    assert all("perf/engine_release_seconds" in s and "perf/engine_resume_weights_seconds" in s for s in steps)
     # the engine generated rollout k with the weights of sync k (version "0" is the initial checkpoint)
     assert [s["rollout/weight_version"] for s in steps] == [0, 1, 2]
     assert all(s["train/optimizer_steps"] == 2 * (k + 1) for k, s in enumerate(steps))

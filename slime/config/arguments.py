@@ -24,8 +24,29 @@ def build_parser() -> argparse.ArgumentParser:
     )
     g = p.add_argument_group("model and cluster")
     g.add_argument("--hf-checkpoint", required=True, help="Hugging Face folder, or the built-in SmolLM2-135M-Instruct")
-    g.add_argument("--rollout-num-engines", type=int, default=1, help="engine servers to start (CPU) behind the router")
-    g.add_argument("--rollout-engine-dtype", default="float32", choices=["float32", "bfloat16"], help="engine weights")
+    g.add_argument(
+        "--rollout-num-engines", type=int, default=1,
+        help="engine servers to start behind the router on CPU (on GPUs: one per GPU, see --rollout-num-gpus)",
+    )  # fmt: skip
+    g.add_argument(
+        "--rollout-num-gpus", type=int, default=None,
+        help="GPUs for engines of their own, beside the training GPUs (one engine each; weight sync by NCCL); "
+        "unset: engines share the training GPUs",
+    )  # fmt: skip
+    g.add_argument("--rollout-num-gpus-per-engine", type=int, default=1, help="GPUs per engine (the embedded: 1)")
+    g.add_argument(
+        "--colocate", action="store_true",
+        help="engines on the training GPUs, taking turns: engines release weights and KV cache while the trainer "
+        "trains, the trainer moves to CPU while engines generate (implies --offload-train and --offload-rollout)",
+    )  # fmt: skip
+    g.add_argument(
+        "--rollout-engine-dtype", default=None, choices=["float32", "bfloat16"],
+        help="engine weights and compute (default: bfloat16 on GPU, float32 on CPU)",
+    )  # fmt: skip
+    g.add_argument(
+        "--sglang-max-running-requests", type=int, default=None,
+        help="requests one engine decodes together (batch rows; default 256 on GPU, 64 on CPU)",
+    )  # fmt: skip
     g.add_argument("--rollout-engine-threads", type=int, default=0, help="torch threads per engine (0: cores/engines)")
     g.add_argument("--sglang-server-concurrency", type=int, default=512, help="in-flight requests per engine, at most")
     g.add_argument("--router-policy", default="cache_aware", help="sglang-router policy (cache_aware, round_robin, …)")
@@ -163,6 +184,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="between training steps, keep the trainer's weights and optimizer state on CPU (GPU ranks only): frees "
         "the GPU for rollout engines sharing it; the log shows torch.cuda.memory_allocated before and after",
     )  # fmt: skip
+    g.add_argument(
+        "--offload-rollout", action="store_true",
+        help="engines release their weights and KV cache while the trainer trains and take them back before the "
+        "weight sync; each engine's log shows torch.cuda.memory_allocated before and after",
+    )  # fmt: skip
     g.add_argument("--distributed-timeout-minutes", type=float, default=10.0, help="timeout of training collectives")
     g.add_argument(
         "--train-timeout", type=float, default=3600.0,
@@ -293,8 +319,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     g = p.add_argument_group("weight sync")
     g.add_argument(
-        "--update-weight-mode", default="tensor", choices=["tensor", "distributed", "disk"],
-        help="how new weights reach engines: shared memory / CUDA IPC, a gloo / NCCL broadcast, or files",
+        "--update-weight-mode", default=None, choices=["tensor", "distributed", "disk"],
+        help="how new weights reach engines: shared memory / CUDA IPC, a gloo / NCCL broadcast, or files (default: "
+        "tensor, or distributed when engines have GPUs of their own)",
     )  # fmt: skip
     g.add_argument(
         "--update-weight-buffer-size", type=int, default=512 * 1024**2, help="bytes of weights sent per bucket"
@@ -444,6 +471,14 @@ def validate_args(args: argparse.Namespace, parser: argparse.ArgumentParser) -> 
     for flag in ("rollout_batch_size", "n_samples_per_prompt", "num_rollout", "rollout_num_engines"):
         if getattr(args, flag) < 1:
             parser.error(f"--{flag.replace('_', '-')} must be at least 1, got {getattr(args, flag)}")
+    for flag in ("rollout_num_gpus", "sglang_max_running_requests"):
+        if getattr(args, flag) is not None and getattr(args, flag) < 1:
+            parser.error(f"--{flag.replace('_', '-')} must be at least 1, got {getattr(args, flag)}")
+    if args.colocate and args.rollout_num_gpus:
+        parser.error("--colocate puts engines on the training GPUs; drop --rollout-num-gpus (or --colocate)")
+    if args.colocate:  # as in slime: colocated engines and trainer take turns on the GPU
+        args.offload_train = args.offload_rollout = True
+    args.rollout_device, args.engines_share_trainer_gpus = "cpu", False  # until slime.ray.placement decides
     if not args.rm_type and not args.custom_rm_path:
         parser.error("set --rm-type (e.g. math) or --custom-rm-path so samples get rewards")
     validate_reward(args, parser)

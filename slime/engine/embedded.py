@@ -146,12 +146,12 @@ class EmbeddedEngine:
     def weight_bytes(self) -> int:
         return sum(p.numel() * p.element_size() for p in self.model.parameters())
 
-    def release_memory(self, tags: list[str] | None = None) -> None:
+    def release_memory(self, tags: list[str] | None = None) -> dict[str, int]:
         """Free the memory named by `tags` ("weights", "kv_cache", "cuda_graph"; None or [] means all) so a trainer
         on the same device can use it. The engine must be idle (pause or abort first); requests that arrive while
         the weights are released wait for `resume_memory`. The KV cache lives only while requests run, so an idle
-        engine holds none; there are no CUDA graphs yet."""
-        tags = _memory_tags(tags)
+        engine holds none; there are no CUDA graphs yet. Returns the GPU memory allocated before and after."""
+        tags, before = _memory_tags(tags), self._gpu_bytes()
         with self._step_lock:
             if self._rows:
                 raise RuntimeError(f"release_memory_occupation needs an idle engine; {len(self._rows)} requests are "
@@ -164,11 +164,23 @@ class EmbeddedEngine:
                 self._cache, self._mask, self._next_input = None, None, None
             if self.device.type == "cuda":
                 torch.cuda.empty_cache()
+        return self._memory_report("release", tags, before)
 
-    def resume_memory(self, tags: list[str] | None = None) -> None:
+    def _gpu_bytes(self) -> int:
+        return torch.cuda.memory_allocated(self.device) if self.device.type == "cuda" else 0
+
+    def _memory_report(self, what: str, tags: list[str], before: int) -> dict[str, int]:
+        after = self._gpu_bytes()
+        if self.device.type == "cuda":
+            logger.info("%s_memory_occupation %s: torch.cuda.memory_allocated %.2f GB -> %.2f GB", what,
+                        ",".join(tags), before / 1e9, after / 1e9)  # fmt: skip
+        return {"gpu_memory_allocated_before": before, "gpu_memory_allocated_after": after}
+
+    def resume_memory(self, tags: list[str] | None = None) -> dict[str, int]:
         """Allocate what `release_memory` freed. Resumed weights hold no values until the next weight update (as
-        in SGLang), so the engine stays paused: the weight sync's final /continue_generation lets requests run."""
-        tags = _memory_tags(tags)
+        in SGLang), so the engine stays paused: the weight sync's final /continue_generation lets requests run.
+        Returns the GPU memory allocated before and after."""
+        tags, before = _memory_tags(tags), self._gpu_bytes()
         with self._step_lock, self._cv:
             if "weights" in tags and self._released:
                 for p, shape in self._released:
@@ -176,6 +188,7 @@ class EmbeddedEngine:
                 self._released = []
                 self._paused = True
             self._cv.notify_all()
+        return self._memory_report("resume", tags, before)
 
     def loads(self) -> dict:
         with self._cv:

@@ -107,16 +107,20 @@ def launch_engine(
     wait: bool = True,
     restart: int = 0,
     device: str = "cpu",
+    gpu: str | None = None,
 ) -> ServerProcess:
     """Start one embedded engine server (`python -m slime.engine.server`) on a free port. `restart` > 0 names the
-    log of a replacement for engine `index` (engine-<index>-restart<n>.log), so the dead one's log is kept."""
+    log of a replacement for engine `index` (engine-<index>-restart<n>.log), so the dead one's log is kept. `gpu`:
+    the physical GPU id it may see (CUDA_VISIBLE_DEVICES; it runs on cuda:0 then)."""
     port = free_port(host)
     cmd = [
         sys.executable, "-m", "slime.engine.server", "--model-path", model_path, "--host", host, "--port", str(port),
         "--dtype", dtype, "--num-threads", str(num_threads), "--max-running-requests", str(max_running_requests),
         "--seed", str(seed + index), "--parent-pid", str(os.getpid()), "--device", device,
     ]  # fmt: skip
-    env = {"OMP_NUM_THREADS": str(num_threads)} if num_threads else None
+    env = {"OMP_NUM_THREADS": str(num_threads)} if num_threads else {}
+    if gpu is not None:
+        env["CUDA_VISIBLE_DEVICES"] = gpu
     name = f"engine-{index}" + (f"-restart{restart}" if restart else "")
     server = spawn(name, cmd, f"http://{host}:{port}", log_dir, env)
     if wait:

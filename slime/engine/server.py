@@ -249,19 +249,19 @@ async def pause_generation(request: web.Request) -> web.Response:
 async def release_memory_occupation(request: web.Request) -> web.Response:
     body = await _json_or_empty(request)
     try:
-        await asyncio.to_thread(request.app[ENGINE].release_memory, body.get("tags"))
+        memory = await asyncio.to_thread(request.app[ENGINE].release_memory, body.get("tags"))
     except (ValueError, RuntimeError) as exc:
         return web.json_response({"message": str(exc), "status": "error"}, status=400)
-    return web.json_response(None)
+    return web.json_response(memory)
 
 
 async def resume_memory_occupation(request: web.Request) -> web.Response:
     body = await _json_or_empty(request)
     try:
-        await asyncio.to_thread(request.app[ENGINE].resume_memory, body.get("tags"))
+        memory = await asyncio.to_thread(request.app[ENGINE].resume_memory, body.get("tags"))
     except ValueError as exc:
         return web.json_response({"message": str(exc), "status": "error"}, status=400)
-    return web.json_response(None)
+    return web.json_response(memory)
 
 
 async def continue_generation(request: web.Request) -> web.Response:

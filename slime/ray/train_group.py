@@ -20,7 +20,9 @@ class TrainerError(RuntimeError):
 class TrainGroup:
     """`world_size` TrainActor ranks joined by torch.distributed (one per GPU, or one process each on CPU)."""
 
-    def __init__(self, args: Any):
+    def __init__(self, args: Any, wait: bool = True):
+        """Start the ranks and let them load the models; returns once loaded, or at once when not `wait` (then
+        `wait_ready` before the first call). `gpu_ids[r]`: rank r's GPU ids as Ray assigned them."""
         self.timeout_s = args.train_timeout
         world = args.world_size
         use_gpu = bool(ray.cluster_resources().get("GPU", 0))
@@ -41,7 +43,13 @@ class TrainGroup:
             ).remote(args, r, world, *master)
             for r in range(world)
         ]
-        self._get([a.__ray_ready__.remote() for a in self.actors], "training ranks to load the model")
+        self.gpu_ids = self._get([a.gpu_ids.remote() for a in self.actors], "training ranks to start")
+        self._setup = [a.setup.remote() for a in self.actors]
+        if wait:
+            self.wait_ready()
+
+    def wait_ready(self) -> None:
+        self._get(self._setup, "training ranks to load the model")
 
     def _get(self, refs: list, what: str, timeout_s: float | None = None) -> list:
         """Results of one call on every rank. The first rank to fail stops the wait (the others may be blocked in a

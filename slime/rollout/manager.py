@@ -17,6 +17,7 @@ import ray
 
 from slime.engine.launch import ServerProcess, launch_engine
 from slime.observe.eval_metrics import dataset_metrics
+from slime.ray.placement import engine_dtype
 from slime.rollout.base_types import RolloutFnEvalOutput, RolloutFnTrainOutput
 from slime.router.router import launch_router, register_worker, remove_worker
 from slime.utils.http_utils import request_sync
@@ -72,9 +73,16 @@ def _post_processed(out: Any, n: int, path: str) -> list[float]:
 
 @ray.remote
 class RolloutManager:
-    def __init__(self, args: Any):
+    def __init__(self, args: Any, engine_gpus: list[str] | None = None):
+        """`engine_gpus[i]`: the GPU engine i runs on when engines share the training GPUs; engines on GPUs of
+        their own use the GPUs Ray gave this actor (see slime.ray.placement)."""
         logging.basicConfig(level=os.environ.get("SLIME_LOG_LEVEL", "INFO"), format="%(asctime)s %(name)s %(message)s")
         self.args = args
+        self.engine_gpus: list[str | None] = [None] * args.rollout_num_engines
+        if args.rollout_device == "cuda":
+            self.engine_gpus = list(engine_gpus or [str(i) for i in ray.get_gpu_ids()])
+            if len(self.engine_gpus) < args.rollout_num_engines:
+                raise RuntimeError(f"{args.rollout_num_engines} GPU engines need as many GPUs; got {self.engine_gpus}")
         self.engines: list[ServerProcess] = []
         self.router: ServerProcess | None = None
         self.log_dir = os.path.join(args.output_dir, "server_logs")
@@ -104,10 +112,12 @@ class RolloutManager:
 
     def _launch(self, index: int, wait: bool, restart: int = 0) -> ServerProcess:
         a = self.args
+        on_gpu = a.rollout_device == "cuda"
+        batch = a.sglang_max_running_requests or (256 if on_gpu else 64)
         return launch_engine(
-            a.hf_checkpoint, self.log_dir, index=index, dtype=a.rollout_engine_dtype,
-            num_threads=a.rollout_engine_threads, seed=a.seed, wait=wait, restart=restart, startup_timeout=600,
-            max_running_requests=1 if a.sglang_enable_deterministic_inference else 64,
+            a.hf_checkpoint, self.log_dir, index=index, dtype=engine_dtype(a), num_threads=a.rollout_engine_threads,
+            seed=a.seed, wait=wait, restart=restart, startup_timeout=600, device=a.rollout_device,
+            gpu=self.engine_gpus[index], max_running_requests=1 if a.sglang_enable_deterministic_inference else batch,
         )  # fmt: skip
 
     def attach_trainer(self, actors: list) -> None:
@@ -124,6 +134,31 @@ class RolloutManager:
             "engine_urls": [e.url for e in self.engines],
             "num_train_prompts": len(self.data_source),
         }
+
+    # ------------------------------------------------------------------ memory (--offload-rollout, --colocate)
+    def release_memory(self) -> dict[str, float]:
+        """Every engine stops (aborting any stray request) and frees its weights and KV cache for the trainer;
+        returns the engines' GPU memory (GB) before and after. The weight sync lets them generate again."""
+        for e in self.engines:
+            request_sync("POST", e.url + "/pause_generation", {"mode": "abort"}, timeout=120)
+        return self._memory("/release_memory_occupation", None, "release")
+
+    def resume_memory(self, tags: list[str]) -> dict[str, float]:
+        """Engines allocate `tags` again ("weights" before the weight sync, then "kv_cache")."""
+        return self._memory("/resume_memory_occupation", tags, "resume_" + "_".join(tags))
+
+    def _memory(self, endpoint: str, tags: list[str] | None, what: str) -> dict[str, float]:
+        start, before, after = time.monotonic(), 0.0, 0.0
+        for e in self.engines:
+            status, body = request_sync("POST", e.url + endpoint, {"tags": tags}, timeout=600)
+            if status != 200:
+                raise RuntimeError(f"{e.name} at {e.url} answered {endpoint} with {status}: {body[:300]}; log "
+                                   f"{e.log_path}:\n{e.log_tail(1500)}")  # fmt: skip
+            out = json.loads(body or "{}")
+            before += out.get("gpu_memory_allocated_before", 0) / 1e9
+            after += out.get("gpu_memory_allocated_after", 0) / 1e9
+        return {f"perf/engine_{what}_gpu_gb_before": before, f"perf/engine_{what}_gpu_gb_after": after,
+                f"perf/engine_{what}_seconds": time.monotonic() - start}  # fmt: skip
 
     # ------------------------------------------------------------------ fault tolerance
     def _health_problem(self, engine: ServerProcess) -> str | None:

@@ -16,11 +16,16 @@ def full_tensor(param: torch.Tensor) -> torch.Tensor:
     return data.full_tensor() if hasattr(data, "full_tensor") else data
 
 
-def iter_buckets(model: torch.nn.Module, buffer_bytes: int) -> Iterator[list[tuple[str, torch.Tensor]]]:
-    """Yield lists of (name, full tensor) of at most `buffer_bytes` each (a larger tensor travels alone)."""
+def iter_buckets(
+    model: torch.nn.Module, buffer_bytes: int, dtype: torch.dtype | None = None
+) -> Iterator[list[tuple[str, torch.Tensor]]]:
+    """Yield lists of (name, full tensor) of at most `buffer_bytes` each (a larger tensor travels alone).
+    `dtype`: floating-point tensors are cast to it first (the engine's dtype: fewer bytes to move)."""
     bucket, size = [], 0
     for name, param in model.named_parameters():
         tensor = full_tensor(param).detach()
+        if dtype is not None and tensor.is_floating_point():
+            tensor = tensor.to(dtype)
         nbytes = tensor.numel() * tensor.element_size()
         if bucket and size + nbytes > buffer_bytes:
             yield bucket

@@ -17,7 +17,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
-from slime.sync.buckets import bucket_layout, flatten_bucket, iter_buckets
+from slime.sync.buckets import bucket_layout, dtype_from_name, flatten_bucket, iter_buckets
 from slime.sync.transport import (
     broadcast,
     new_weight_group,
@@ -45,11 +45,16 @@ def _reachable_address() -> str:
 
 
 class WeightSyncer:
-    def __init__(self, engine_urls: list[str], mode: str, buffer_bytes: int, timeout_s: float, disk_dir: str):
+    def __init__(
+        self, engine_urls: list[str], mode: str, buffer_bytes: int, timeout_s: float, disk_dir: str,
+        dtype: str | None = None,
+    ):  # fmt: skip
+        """`dtype`: the engines' weight dtype; floating-point weights travel in it (None: as the trainer holds them)."""
         if mode not in MODES:
             raise ValueError(f"--update-weight-mode must be one of {MODES}, not {mode!r}")
         self.engine_urls, self.mode, self.buffer_bytes = list(engine_urls), mode, buffer_bytes
         self.timeout_s, self.disk_dir = timeout_s, disk_dir
+        self.dtype = dtype_from_name(dtype) if dtype else None
         self._disk_tmp = os.path.join(disk_dir, f"incoming-{os.getpid()}")
         self.group = None
         self.backend = "gloo"
@@ -83,9 +88,7 @@ class WeightSyncer:
             if self.mode == "distributed" and self.group is None:
                 self._connect()
         try:
-            for index, bucket in enumerate(
-                iter_buckets(model, self.buffer_bytes)
-            ):  # all ranks: gathering is collective
+            for index, bucket in enumerate(iter_buckets(model, self.buffer_bytes, self.dtype)):  # all ranks: collective
                 count += len(bucket)
                 nbytes += sum(t.numel() * t.element_size() for _, t in bucket)
                 if rank == 0:

@@ -25,6 +25,7 @@ import torch.distributed as dist
 from slime.algorithms.advantages import compute_advantages
 from slime.algorithms.corrections import importance_weights
 from slime.algorithms.losses import KL_ESTIMATORS
+from slime.ray.placement import engine_dtype
 from slime.sync.syncer import WeightSyncer
 from slime.trainer import checkpoint
 from slime.trainer.loss import critic_loss, micro_batch_loss
@@ -42,24 +43,35 @@ class TrainActor:
     """Ray actor (wrapped with ray.remote by slime.ray.train_group). Rank `rank` of `world_size`."""
 
     def __init__(self, args: Any, rank: int, world_size: int, master_addr: str, master_port: int):
+        """Cheap: the rank can report its GPU at once; `setup` joins the group and loads the models."""
         self.args, self.rank, self.world_size = args, rank, world_size
+        self.master = master_addr, master_port
         logging.basicConfig(level=os.environ.get("SLIME_LOG_LEVEL", "INFO"), format="%(asctime)s %(name)s %(message)s")
-        use_cuda = torch.cuda.is_available()
+        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+    def gpu_ids(self) -> list[str]:
+        """This rank's physical GPU ids as Ray assigned them (engines sharing the GPU get them as
+        CUDA_VISIBLE_DEVICES); [] on CPU."""
+        import ray
+
+        return [str(i) for i in ray.get_gpu_ids()]
+
+    def setup(self) -> None:
+        args, use_cuda = self.args, self.device.type == "cuda"
         if use_cuda:
             torch.cuda.set_device(0)  # Ray exposes this rank's GPU as device 0
         else:
-            torch.set_num_threads(args.train_threads or max(1, (os.cpu_count() or 1) // world_size))
-        self.device = torch.device("cuda" if use_cuda else "cpu")
+            torch.set_num_threads(args.train_threads or max(1, (os.cpu_count() or 1) // self.world_size))
         dist.init_process_group(
             "cpu:gloo,cuda:nccl" if use_cuda else "gloo",  # metrics and object gathers are CPU tensors
-            init_method=f"tcp://{master_addr}:{master_port}",
-            rank=rank,
-            world_size=world_size,
+            init_method=f"tcp://{self.master[0]}:{self.master[1]}",
+            rank=self.rank,
+            world_size=self.world_size,
             timeout=datetime.timedelta(minutes=args.distributed_timeout_minutes),
         )
         from torch.distributed.device_mesh import init_device_mesh
 
-        mesh = init_device_mesh(self.device.type, (world_size,))
+        mesh = init_device_mesh(self.device.type, (self.world_size,))
         torch.manual_seed(args.seed)
         self.model = load_policy(args.hf_checkpoint, self.device, mesh, trainable=True)
         self.model.train()
@@ -340,8 +352,8 @@ class TrainActor:
     def _new_syncer(self, engine_urls: list[str], folder: str) -> WeightSyncer:
         a = self.args
         disk_dir = os.path.join(os.path.abspath(a.output_dir), folder)  # disk mode writes here
-        return WeightSyncer(engine_urls, a.update_weight_mode, a.update_weight_buffer_size, a.update_weight_timeout,
-                            disk_dir)  # fmt: skip
+        return WeightSyncer(engine_urls, a.update_weight_mode or "tensor", a.update_weight_buffer_size,
+                            a.update_weight_timeout, disk_dir, dtype=engine_dtype(a))  # fmt: skip
 
     def connect_engines(self, engine_urls: list[str]) -> None:
         if self.syncer is not None:  # the engine set changed (a restart): the next sync forms a new group
@@ -365,7 +377,7 @@ class TrainActor:
     def _move(self, device: torch.device, what: str) -> dict[str, float]:
         if self.device.type != "cuda":  # nothing to free on a CPU rank
             return {}
-        before = torch.cuda.memory_allocated()
+        start, before = time.monotonic(), torch.cuda.memory_allocated()
         for model in (self.model, self.ref_model, self.teacher, self.critic):
             if model is not None:
                 model.to(device)
@@ -379,7 +391,8 @@ class TrainActor:
         after = torch.cuda.memory_allocated()
         logger.info("rank %d %s: torch.cuda.memory_allocated %.2f GB -> %.2f GB", self.rank, what, before / 1e9,
                     after / 1e9)  # fmt: skip
-        return {f"perf/{what}_gpu_gb_before": before / 1e9, f"perf/{what}_gpu_gb_after": after / 1e9}
+        return {f"perf/{what}_gpu_gb_before": before / 1e9, f"perf/{what}_gpu_gb_after": after / 1e9,
+                f"perf/{what}_seconds": time.monotonic() - start}  # fmt: skip
 
     def push_weights(self, engine_urls: list[str], version: str) -> dict[str, float]:
         """Sync the current weights to some engines only (a restarted one), leaving the others' requests alone."""
