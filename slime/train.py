@@ -55,8 +55,6 @@ def train(args) -> dict:
             done = rollout_id + 1
             if args.save and ((args.save_interval and done % args.save_interval == 0) or done == args.num_rollout):
                 save(args, rollout_id, trainer, manager)
-            if trainer is not None and args.offload_train:
-                trainer.call("offload", what="training ranks to move to CPU")
             if has_eval and args.eval_interval and (done % args.eval_interval == 0 or done == args.num_rollout):
                 last["eval"] = log(metrics_log, done, evaluate(args, manager, done))
     finally:
@@ -95,6 +93,8 @@ def step(args, rollout_id: int, trainer: TrainGroup | None, manager) -> dict:
             metrics |= trainer.call("onload", what="training ranks to move back to the GPU")[0]
         metrics |= trainer.train(rollout_id, ray.put(rollout["train_data"]))
         metrics |= sync_weights(args, trainer, manager, str(rollout_id + 1))
+        if args.offload_train:
+            metrics |= trainer.call("offload", what="training ranks to move to CPU")[0]
     metrics["perf/step_seconds"] = time.monotonic() - start
     return metrics
 
@@ -144,6 +144,9 @@ def save(args, rollout_id: int, trainer: TrainGroup | None, manager) -> None:
     """Checkpoint `rollout_id` under --save (staged, then published whole), and the --save-hf export."""
     start = time.monotonic()
     staged = checkpoint.staging_dir(args.save, rollout_id)
+    offloaded = trainer is not None and args.offload_train
+    if offloaded:  # checkpoints are written from the GPU copies, as every other save
+        trainer.call("onload", what="training ranks to move back to the GPU for the checkpoint")
     if trainer is not None:
         trainer.call("save", str(staged), what=f"training ranks to save checkpoint {rollout_id}")
     wait(manager.save.remote(str(staged), rollout_id), 600, f"the rollout manager to save checkpoint {rollout_id}")
@@ -151,6 +154,8 @@ def save(args, rollout_id: int, trainer: TrainGroup | None, manager) -> None:
         export_start, out = time.monotonic(), args.save_hf.format(rollout_id=rollout_id)
         trainer.call("export_hf", out, what=f"training ranks to export {out}")
         print(f"exported the policy to {out} in {time.monotonic() - export_start:.1f}s")
+    if offloaded:
+        trainer.call("offload", what="training ranks to move to CPU")
     folder = checkpoint.commit(args.save, rollout_id, staged)
     print(f"saved {folder} in {time.monotonic() - start:.1f}s")
 
