@@ -209,7 +209,8 @@ def test_release_and_resume_memory_for_a_colocated_trainer(tiny_model_path, tmp_
         greedy = {"input_ids": [1, 2, 3, 4], "sampling_params": {"max_new_tokens": 8, "temperature": 0}}
         before = call(srv, "/generate", greedy)[1]["output_ids"]
         assert call(srv, "/server_info", method="GET")[1]["weight_bytes"] > 0
-        assert call(srv, "/release_memory_occupation", {"tags": ["weights", "kv_cache"]}) == (200, None)
+        cpu_memory = {"gpu_memory_allocated_before": 0, "gpu_memory_allocated_after": 0}  # GPU bytes; none on CPU
+        assert call(srv, "/release_memory_occupation", {"tags": ["weights", "kv_cache"]}) == (200, cpu_memory)
         info = call(srv, "/server_info", method="GET")[1]
         assert info["weights_released"] and info["weight_bytes"] == 0
         assert call(srv, "/health_generate", method="GET")[0] == 200  # held on purpose, not unhealthy
@@ -219,7 +220,7 @@ def test_release_and_resume_memory_for_a_colocated_trainer(tiny_model_path, tmp_
         thread.start()
         time.sleep(1.0)
         assert thread.is_alive()  # no weights: the request waits
-        assert call(srv, "/resume_memory_occupation", {"tags": ["weights"]}) == (200, None)
+        assert call(srv, "/resume_memory_occupation", {"tags": ["weights"]}) == (200, cpu_memory)
         time.sleep(1.0)
         assert thread.is_alive()  # weights allocated but not synced: still waiting
         assert call(srv, "/update_weights_from_disk", {"model_path": tiny_model_path, "weight_version": "2"})[0] == 200

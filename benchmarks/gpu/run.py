@@ -110,7 +110,7 @@ def rollout_throughput(url: str, vocab: int) -> dict:
 
     run(16, 16)  # warm-up: CUDA context, kernels, allocator
     _, seconds = run(PROMPTS, 16)  # a full batch for 16 steps: how long would the whole workload take?
-    new = NEW_TOKENS if seconds * NEW_TOKENS / 16 < 240 else max(16, int(240 * 16 / seconds))  # one call's budget
+    new = NEW_TOKENS if seconds * NEW_TOKENS / 16 < 100 else max(16, int(100 * 16 / seconds))  # one call's budget
     tokens, seconds = run(PROMPTS, new)
     return {"prompts": PROMPTS, "new_tokens": new, "tokens": tokens, "seconds": seconds,
             "tokens_per_s": tokens / seconds}  # fmt: skip
@@ -120,7 +120,7 @@ def train_args(path: str, out: str, mode: str = "tensor") -> object:
     return parse_args([
         "--hf-checkpoint", path, "--prompt-data", "builtin:arithmetic", "--rm-type", "math", "--output-dir", out,
         "--rollout-batch-size", str(TRAIN_SAMPLES // 8), "--n-samples-per-prompt", "8", "--use-dynamic-batch-size",
-        "--max-tokens-per-gpu", "8192", "--lr", "2e-3", "--rollout-temperature", "0.8", "--update-weight-mode", mode,
+        "--max-tokens-per-gpu", "4096", "--lr", "2e-3", "--rollout-temperature", "0.8", "--update-weight-mode", mode,
         "--rollout-engine-dtype", "bfloat16",
     ])  # fmt: skip
 
@@ -180,7 +180,7 @@ def grpo_steps(name: str, path: str, out: str, colocate: bool) -> dict:
         "--hf-checkpoint", path, "--prompt-data", "builtin:arithmetic:train:512:0", "--input-key", "prompt",
         "--rm-type", "math", "--rollout-batch-size", "32", "--n-samples-per-prompt", "8",
         "--rollout-max-response-len", "128", "--rollout-temperature", "1.0", "--num-rollout", "2",
-        "--global-batch-size", "128", "--use-dynamic-batch-size", "--max-tokens-per-gpu", "8192", "--lr", "1e-5",
+        "--global-batch-size", "128", "--use-dynamic-batch-size", "--max-tokens-per-gpu", "4096", "--lr", "1e-5",
         "--output-dir", run_dir, *(["--colocate"] if colocate else []),
     ])  # fmt: skip
     start = time.perf_counter()

@@ -67,6 +67,8 @@ class EmbeddedEngine:
         self.max_running_requests = max_running_requests
         self.max_prefill_tokens = max_prefill_tokens
         self.generator = torch.Generator().manual_seed(seed)
+        # unseeded rows sample where the logits are; a request's own seed (a CPU generator) brings its batch to CPU
+        self.device_generator = torch.Generator(self.device).manual_seed(seed)
         self.weight_version = "default"
 
         self._waiting: deque[Request] = deque()
@@ -353,12 +355,15 @@ class EmbeddedEngine:
 
     def _sample_and_check(self, reqs: list[Request], logits: torch.Tensor, next_pos: torch.Tensor) -> list[int]:
         """Sample one token per request, append it, finish the ones that stop. Returns indices still running.
-        Sampling runs on CPU (per-request seeded generators); on GPU the logits come over once per step."""
-        logits, next_pos = logits.float().cpu(), next_pos.cpu()
+        Sampling runs on the model's device, or on CPU when a request brings its own seeded generator (those are
+        CPU generators, so a seeded sample does not depend on the device or the batch)."""
+        seeded = any(r.generator is not None for r in reqs)
+        generator = self.generator if seeded or self.device.type == "cpu" else self.device_generator
+        logits, next_pos = logits.float().to(generator.device), next_pos.cpu()
         for i, r in enumerate(reqs):
             if len(r.output_ids) < r.params.min_new_tokens:
                 logits[i, self._stop_ids(r)] = float("-inf")
-        toks, lps = sample_next(logits, [r.params for r in reqs], [r.generator for r in reqs], self.generator)
+        toks, lps = sample_next(logits, [r.params for r in reqs], [r.generator for r in reqs], generator)
         keep = []
         for i, (r, tok, lp) in enumerate(zip(reqs, toks.tolist(), lps.tolist(), strict=True)):
             r.output_ids.append(tok)
@@ -431,6 +436,8 @@ class EmbeddedEngine:
             return
         if not keep:
             self._rows, self._cache, self._mask, self._next_input, self._positions = [], None, None, None, None
+            if self.device.type == "cuda":  # idle: give the cache's memory back, a trainer may share this GPU
+                torch.cuda.empty_cache()
             return
         sel = torch.tensor(keep, device=self.device)
         self._rows = [self._rows[i] for i in keep]

@@ -107,10 +107,11 @@ def sample_next(
     Returns (tokens [B] int64, logprobs [B] float32), logprobs by the convention in the module docstring.
     """
     logits = logits.float()
-    temps = torch.tensor([1.0 if p.greedy else float(p.temperature) for p in params], dtype=torch.float32)
+    dev = logits.device
+    temps = torch.tensor([1.0 if p.greedy else float(p.temperature) for p in params], dtype=torch.float32, device=dev)
     scaled = logits / temps[:, None]
     logprobs_full = torch.log_softmax(scaled, dim=-1)
-    tokens = torch.empty(len(params), dtype=torch.long)
+    tokens = torch.empty(len(params), dtype=torch.long, device=dev)
     greedy = [i for i, p in enumerate(params) if p.greedy]
     if greedy:
         tokens[greedy] = scaled[greedy].argmax(dim=-1)
@@ -130,14 +131,15 @@ def sample_next(
 def _truncate(scaled: torch.Tensor, logprobs: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
     """Apply top-k, top-p and min-p to temperature-scaled logits [b, V]; removed entries become -inf."""
     vocab = scaled.shape[-1]
-    top_k = torch.tensor([p.top_k if 0 < p.top_k < vocab else vocab for p in params])
-    top_p = torch.tensor([float(p.top_p) for p in params])
-    min_p = torch.tensor([float(p.min_p) for p in params])
+    dev = scaled.device
+    top_k = torch.tensor([p.top_k if 0 < p.top_k < vocab else vocab for p in params], device=dev)
+    top_p = torch.tensor([float(p.top_p) for p in params], device=dev)
+    min_p = torch.tensor([float(p.min_p) for p in params], device=dev)
     if bool((top_k >= vocab).all() and (top_p >= 1).all() and (min_p <= 0).all()):
         return scaled
     sorted_lp, order = logprobs.sort(dim=-1, descending=True)
     sorted_probs = sorted_lp.exp()
-    rank = torch.arange(vocab)[None, :]
+    rank = torch.arange(vocab, device=dev)[None, :]
     cum_before = sorted_probs.cumsum(dim=-1) - sorted_probs
     drop = (rank >= top_k[:, None]) | (cum_before >= top_p[:, None])
     drop |= sorted_probs < min_p[:, None] * sorted_probs[:, :1]
