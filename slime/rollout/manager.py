@@ -154,7 +154,7 @@ class RolloutManager:
             if status != 200:
                 raise RuntimeError(f"{e.name} at {e.url} answered {endpoint} with {status}: {body[:300]}; log "
                                    f"{e.log_path}:\n{e.log_tail(1500)}")  # fmt: skip
-            out = json.loads(body or "{}")
+            out = json.loads(body or "null") or {}  # an engine may answer with no body or null
             before += out.get("gpu_memory_allocated_before", 0) / 1e9
             after += out.get("gpu_memory_allocated_after", 0) / 1e9
         return {f"perf/engine_{what}_gpu_gb_before": before, f"perf/engine_{what}_gpu_gb_after": after,
