@@ -34,7 +34,7 @@ from slime.config.arguments import parse_args
 from slime.engine.launch import launch_engine
 from slime.ray.train_group import TrainGroup
 from slime.utils.http_utils import request_sync
-from tests.test_training import _generate, _max_diff
+from tests.test_training import _generate
 
 MODELS = {
     "qwen3-0.6b": dict(
@@ -137,6 +137,12 @@ def synthetic_rollout(vocab: int) -> dict:
     }
 
 
+def logprob_gaps(data: dict, trainer_log_probs: list[list[float]]) -> list[float]:
+    """|trainer - engine| log-prob of every sampled token."""
+    return [abs(a - b) for got, want in zip(trainer_log_probs, data["rollout_log_probs"], strict=True)
+            for a, b in zip(got, want, strict=True)]  # fmt: skip
+
+
 def trainer_and_sync(name: str, path: str, url: str, out: str, peak: float) -> dict:
     """Trainer throughput and MFU, then each sync mode into the engine at `url` (log-probs checked for tensor)."""
     vocab = MODELS[name]["vocab_size"]
@@ -156,15 +162,13 @@ def trainer_and_sync(name: str, path: str, url: str, out: str, peak: float) -> d
                 result["trainer"] = {"tokens": tokens, "seconds": seconds, "tokens_per_s": m["train/tokens_per_s"],
                                      "tflops": flops / seconds / 1e12, "mfu": flops / seconds / peak}  # fmt: skip
                 stale = _generate(url, 16, seed=2)
-                before = _max_diff(stale, group.call("log_probs", stale)[0])
+                before = max(logprob_gaps(stale, group.call("log_probs", stale)[0]))
             sync = group.update_weights(f"{mode}-1")
             entry = {"seconds": sync["sync/seconds"], "gb": sync["sync/bytes"] / 1e9,
                      "gb_per_s": sync["sync/bytes"] / 1e9 / sync["sync/seconds"]}  # fmt: skip
             if mode == "tensor":
                 fresh = _generate(url, 16, seed=2)
-                trainer_lp = group.call("log_probs", fresh)[0]
-                diffs = [abs(a - b) for got, want in zip(trainer_lp, fresh["rollout_log_probs"], strict=True)
-                         for a, b in zip(got, want, strict=True)]  # fmt: skip
+                diffs = logprob_gaps(fresh, group.call("log_probs", fresh)[0])
                 entry |= {"logprob_max_diff_before_sync": before, "logprob_max_diff_after_sync": max(diffs),
                           "logprob_mean_diff_after_sync": sum(diffs) / len(diffs),
                           "engine_version": fresh["weight_version"]}  # fmt: skip

@@ -29,8 +29,8 @@ def place_engines(args: Any, cluster_gpus: int) -> str:
     if cluster_gpus == 0:
         args.rollout_device, args.engines_share_trainer_gpus = "cpu", False
         args.update_weight_mode = args.update_weight_mode or "tensor"
-        how = "colocated with the trainer (memory released during training)" if args.colocate else "on CPU"
-        return f"engines: {args.rollout_num_engines} on CPU, {how}; weight sync by {args.update_weight_mode}"
+        how = ", memory released during training" if args.offload_rollout else ""  # --colocate implies it
+        return f"engines: {args.rollout_num_engines} on CPU{how}; weight sync by {args.update_weight_mode}"
     if args.rollout_num_gpus_per_engine != 1:
         raise PlacementError(
             f"--rollout-num-gpus-per-engine {args.rollout_num_gpus_per_engine}: the embedded engine runs on one GPU "
