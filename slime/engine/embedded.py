@@ -1,9 +1,14 @@
 """The embedded engine: iteration-level (continuous) batching over a Hugging Face causal LM.
 
-One background thread owns the model. Each iteration it admits waiting requests (a left-padded prefill, merged into
-the running batch by padding the KV cache), runs one decode step for every running request, samples, and retires
-finished or aborted rows. Requests join and leave between steps, so concurrent requests share forward passes
-instead of queueing behind each other. Weight updates take the same lock as a step, so they land between steps.
+One background thread owns the model. Each iteration it admits waiting requests, runs one decode step for every
+running request, samples, and retires finished or aborted rows. Requests join and leave between steps, so concurrent
+requests share forward passes instead of queueing behind each other. Weight updates take the same lock as a step, so
+they land between steps.
+
+This module holds what every backend shares: the request lifecycle (submit, abort, pause, memory release, weight
+updates, stop conditions, completion callbacks). A backend supplies the KV cache and the forward passes:
+`slime.engine.paged` (the default: a paged KV cache, prefix sharing, CUDA graphs on GPU) and `slime.engine.padded`
+(a padded transformers DynamicCache; the fallback for models the paged attention cannot serve).
 """
 
 from __future__ import annotations
@@ -17,7 +22,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from slime.engine.sampling import SamplingParams, sample_next
 
@@ -37,11 +42,15 @@ class Request:
     version_spans: list[dict] = field(default_factory=list)  # [{version, start, end}] when weights changed mid-way
     abort_message: str | None = None
     generator: torch.Generator | None = None
+    blocks: list[int] = field(default_factory=list)  # paged backend: KV cache blocks, in sequence order
+    num_cached: int = 0  # paged backend: tokens of input_ids + output_ids whose keys and values are in the cache
     created: float = field(default_factory=time.monotonic)
     finished: float = 0.0
 
 
 class EmbeddedEngine:
+    """Base of the backends; subclasses implement the hooks at the end of the class."""
+
     def __init__(
         self,
         model_path: str,
@@ -73,10 +82,6 @@ class EmbeddedEngine:
 
         self._waiting: deque[Request] = deque()
         self._rows: list[Request] = []  # running requests, one per batch row
-        self._cache: DynamicCache | None = None
-        self._mask: torch.Tensor | None = None  # [B, T] 1 for real cache entries
-        self._next_input: torch.Tensor | None = None  # [B] last sampled token, not yet in the cache
-        self._positions: torch.Tensor | None = None  # [B] position id of that token
         self._paused = False
         self._released: list[tuple[torch.nn.Parameter, torch.Size]] = []  # weights freed for a colocated trainer
         self._stopped = False
@@ -91,6 +96,7 @@ class EmbeddedEngine:
             "weight_updates": 0,
             "max_batch_rows": 0,  # the most requests ever decoded in one step
         }
+        self._setup()
         self._thread = threading.Thread(target=self._loop, name="embedded-engine", daemon=True)
         self._thread.start()
 
@@ -152,18 +158,24 @@ class EmbeddedEngine:
         """Free the memory named by `tags` ("weights", "kv_cache", "cuda_graph"; None or [] means all) so a trainer
         on the same device can use it. The engine must be idle (pause or abort first); requests that arrive while
         the weights are released wait for `resume_memory`. The KV cache lives only while requests run, so an idle
-        engine holds none; there are no CUDA graphs yet. Returns the GPU memory allocated before and after."""
+        engine may still hold its cache pool. CUDA graphs refer to the weights' and the cache's storage, so releasing
+        either drops them too (they are captured again when needed). Returns the GPU memory allocated before and
+        after."""
         tags, before = _memory_tags(tags), self._gpu_bytes()
         with self._step_lock:
             if self._rows:
                 raise RuntimeError(f"release_memory_occupation needs an idle engine; {len(self._rows)} requests are "
                                    "running (pause_generation or abort_request first)")  # fmt: skip
             if "weights" in tags and not self._released:
+                self._free_graphs()
                 for p in self.model.parameters():
                     self._released.append((p, p.shape))
                     p.data = torch.empty(0, dtype=p.dtype, device=p.device)
             if "kv_cache" in tags:
-                self._cache, self._mask, self._next_input = None, None, None
+                self._free_graphs()
+                self._free_kv()
+            if "cuda_graph" in tags:
+                self._free_graphs()
             if self.device.type == "cuda":
                 torch.cuda.empty_cache()
         return self._memory_report("release", tags, before)
@@ -189,6 +201,8 @@ class EmbeddedEngine:
                     p.data = torch.empty(shape, dtype=p.dtype, device=p.device)
                 self._released = []
                 self._paused = True
+            if "kv_cache" in tags:
+                self._alloc_kv()
             self._cv.notify_all()
         return self._memory_report("resume", tags, before)
 
@@ -273,9 +287,7 @@ class EmbeddedEngine:
                 with self._step_lock, torch.inference_mode():
                     self._retire_aborted()
                     if not (self._paused or self._released) or self._stopped:
-                        self._admit()
-                        if self._rows:
-                            self._decode_step()
+                        self._iteration()
             except Exception as exc:  # a broken step must not hang its callers: fail what is running
                 logger.exception("engine step failed")
                 self._fail_all(f"engine error: {type(exc).__name__}: {exc}")
@@ -301,74 +313,27 @@ class EmbeddedEngine:
                 keep.append(i)
         self._select_rows(keep)
 
-    def _admit(self) -> None:
-        batch: list[Request] = []
-        tokens = 0
-        with self._cv:
-            while self._waiting and len(self._rows) + len(batch) < self.max_running_requests:
-                nxt = len(self._waiting[0].input_ids)
-                if batch and tokens + nxt > self.max_prefill_tokens:
-                    break
-                batch.append(self._waiting.popleft())
-                tokens += nxt
-        if not batch:
-            return
-        width = max(len(r.input_ids) for r in batch)
-        pad = self.eos_ids[0] if self.eos_ids else 0
-        ids = torch.tensor([[pad] * (width - len(r.input_ids)) + r.input_ids for r in batch], device=self.device)
-        mask = torch.tensor([[0] * (width - len(r.input_ids)) + [1] * len(r.input_ids) for r in batch],
-                            device=self.device)  # fmt: skip
-        positions = (mask.cumsum(-1) - 1).clamp(min=0)
-        cache = DynamicCache(config=self.config)
-        out = self.model(
-            input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=cache, logits_to_keep=1
-        )
-        new_pos = mask.sum(-1)
-        keep = self._sample_and_check(batch, out.logits[:, -1], new_pos)
-        if not keep:
-            return
-        sel = torch.tensor(keep, device=self.device)
-        _select_cache(cache, sel)
-        self._merge(
-            [batch[i] for i in keep],
-            cache,
-            mask[sel],
-            torch.tensor([batch[i].output_ids[-1] for i in keep], device=self.device),
-            new_pos[sel],
-        )
-
-    def _decode_step(self) -> None:
-        ones = torch.ones(len(self._rows), 1, dtype=self._mask.dtype, device=self.device)
-        self._mask = torch.cat([self._mask, ones], dim=1)
-        out = self.model(
-            input_ids=self._next_input[:, None],
-            attention_mask=self._mask,
-            position_ids=self._positions[:, None],
-            past_key_values=self._cache,
-        )
-        self._positions = self._positions + 1
-        rows = self._rows
-        self.stats["max_batch_rows"] = max(self.stats["max_batch_rows"], len(rows))
-        keep = self._sample_and_check(rows, out.logits[:, -1], self._positions)
-        self._next_input = torch.tensor([r.output_ids[-1] for r in rows], device=self.device)
-        self._select_rows(keep)
-
-    def _sample_and_check(self, reqs: list[Request], logits: torch.Tensor, next_pos: torch.Tensor) -> list[int]:
+    def _sample_and_check(self, reqs: list[Request], logits: torch.Tensor, next_pos: list[int]) -> list[int]:
         """Sample one token per request, append it, finish the ones that stop. Returns indices still running.
         Sampling runs on the model's device, or on CPU when a request brings its own seeded generator (those are
         CPU generators, so a seeded sample does not depend on the device or the batch)."""
         seeded = any(r.generator is not None for r in reqs)
         generator = self.generator if seeded or self.device.type == "cpu" else self.device_generator
-        logits, next_pos = logits.float().to(generator.device), next_pos.cpu()
+        logits = logits.float().to(generator.device)
         for i, r in enumerate(reqs):
             if len(r.output_ids) < r.params.min_new_tokens:
                 logits[i, self._stop_ids(r)] = float("-inf")
         toks, lps = sample_next(logits, [r.params for r in reqs], [r.generator for r in reqs], generator)
+        return self._accept(reqs, toks.tolist(), lps.tolist(), next_pos)
+
+    def _accept(self, reqs: list[Request], toks: list[int], lps: list[float], next_pos: list[int]) -> list[int]:
+        """Append one sampled token per request (next_pos: the position the token will take) and finish the ones
+        that stop. Returns the indices still running."""
         keep = []
-        for i, (r, tok, lp) in enumerate(zip(reqs, toks.tolist(), lps.tolist(), strict=True)):
+        for i, (r, tok, lp) in enumerate(zip(reqs, toks, lps, strict=True)):
             r.output_ids.append(tok)
             r.logprobs.append(lp)
-            reason = self._finish_reason(r, tok, int(next_pos[i]))
+            reason = self._finish_reason(r, tok, next_pos[i])
             if reason is None:
                 keep.append(i)
             else:
@@ -413,42 +378,35 @@ class EmbeddedEngine:
         with self._cv:
             reqs = list(self._rows) + list(self._waiting)
             self._waiting.clear()
-        self._rows, self._cache, self._mask = [], None, None
+        self._drop_all()
+        self._rows = []
         for r in reqs:
             self._finish(r, {"type": "abort", "message": message, "status_code": 500, "err_type": "InternalError"})
 
-    def _merge(self, reqs, cache, mask, next_input, positions) -> None:
-        if not self._rows:
-            self._rows, self._cache, self._mask = reqs, cache, mask
-            self._next_input, self._positions = next_input, positions
-            return
-        width = max(self._mask.shape[1], mask.shape[1])
-        for old, new in zip(self._cache.layers, cache.layers, strict=True):
-            old.keys = torch.cat([_left_pad(old.keys, width, 2), _left_pad(new.keys, width, 2)])
-            old.values = torch.cat([_left_pad(old.values, width, 2), _left_pad(new.values, width, 2)])
-        self._mask = torch.cat([_left_pad(self._mask, width, 1), _left_pad(mask, width, 1)])
-        self._rows = self._rows + reqs
-        self._next_input = torch.cat([self._next_input, next_input])
-        self._positions = torch.cat([self._positions, positions])
+    # ------------------------------------------------------------------ backend hooks (engine thread)
+    def _setup(self) -> None:
+        """Build the backend's state (KV cache, buffers); runs once, before the engine thread starts."""
+
+    def _iteration(self) -> None:
+        """Admit waiting requests and run one decode step for the running ones (under the step lock)."""
+        raise NotImplementedError
 
     def _select_rows(self, keep: list[int]) -> None:
-        if len(keep) == len(self._rows):
-            return
-        if not keep:
-            self._rows, self._cache, self._mask, self._next_input, self._positions = [], None, None, None, None
-            if self.device.type == "cuda":  # idle: give the cache's memory back, a trainer may share this GPU
-                torch.cuda.empty_cache()
-            return
-        sel = torch.tensor(keep, device=self.device)
-        self._rows = [self._rows[i] for i in keep]
-        _select_cache(self._cache, sel)
-        self._mask, self._next_input, self._positions = self._mask[sel], self._next_input[sel], self._positions[sel]
-        # drop cache columns that are padding for every remaining row
-        lead = int((self._mask.sum(0) == 0).long().cumprod(0).sum())
-        if lead:
-            self._mask = self._mask[:, lead:]
-            for layer in self._cache.layers:
-                layer.keys, layer.values = layer.keys[:, :, lead:], layer.values[:, :, lead:]
+        """Keep only the running rows at these indices, freeing the others' cache."""
+        raise NotImplementedError
+
+    def _drop_all(self) -> None:
+        """Forget every running row's cache after a failed step."""
+        raise NotImplementedError
+
+    def _free_kv(self) -> None:
+        """Give back the KV cache's memory (the engine is idle)."""
+
+    def _alloc_kv(self) -> None:
+        """Allocate what `_free_kv` gave back."""
+
+    def _free_graphs(self) -> None:
+        """Drop captured CUDA graphs (their buffers refer to storage about to be freed)."""
 
 
 MEMORY_TAGS = ("weights", "kv_cache", "cuda_graph")
@@ -459,20 +417,6 @@ def _memory_tags(tags: list[str] | None) -> set[str]:
     if unknown:
         raise ValueError(f"unknown memory tags {sorted(unknown)}; known: {list(MEMORY_TAGS)}")
     return set(tags or MEMORY_TAGS)
-
-
-def _left_pad(t: torch.Tensor, width: int, dim: int) -> torch.Tensor:
-    missing = width - t.shape[dim]
-    if missing == 0:
-        return t
-    shape = list(t.shape)
-    shape[dim] = missing
-    return torch.cat([t.new_zeros(shape), t], dim=dim)
-
-
-def _select_cache(cache: DynamicCache, sel: torch.Tensor) -> None:
-    for layer in cache.layers:
-        layer.keys, layer.values = layer.keys[sel], layer.values[sel]
 
 
 def _eos_ids(model, tokenizer) -> list[int]:

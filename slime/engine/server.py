@@ -425,7 +425,30 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--port", type=int, default=30000, help="TCP port to bind")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"], help="weights dtype")
     p.add_argument("--max-running-requests", type=int, default=64, help="requests decoded together (batch rows)")
-    p.add_argument("--max-prefill-tokens", type=int, default=4096, help="prompt tokens admitted per prefill pass")
+    p.add_argument(
+        "--max-prefill-tokens", type=int, default=0,
+        help="prompt tokens computed per prefill pass; longer prompts are prefilled in chunks (0: 4096 on CPU, 8192 "
+        "on GPU)",
+    )  # fmt: skip
+    p.add_argument(
+        "--backend", default="paged", choices=["paged", "padded"],
+        help="paged: block-paged KV cache, prefix sharing, CUDA-graph decode; padded: one padded transformers "
+        "DynamicCache (for models with sliding-window or other non-full attention layers)",
+    )  # fmt: skip
+    p.add_argument("--page-size", type=int, default=16, help="paged backend: tokens per KV cache block")
+    p.add_argument(
+        "--kv-cache-tokens", type=int, default=0,
+        help="paged backend: KV cache size in tokens (0: from --mem-fraction-static on GPU, 2048 per request row on "
+        "CPU)",
+    )  # fmt: skip
+    p.add_argument(
+        "--mem-fraction-static", type=float, default=0.85,
+        help="paged backend on GPU: fraction of the GPU's memory the engine holds for weights and KV cache",
+    )  # fmt: skip
+    p.add_argument("--disable-cuda-graph", action="store_true", help="paged backend: run decode steps eagerly")
+    p.add_argument(
+        "--cuda-graph-max-bs", type=int, default=512, help="paged backend: largest batch a decode graph is captured for"
+    )
     p.add_argument("--seed", type=int, default=0, help="seed of the sampling generator")
     p.add_argument("--num-threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     p.add_argument("--device", default="cpu", help="where the model runs: cpu, cuda or cuda:N")
@@ -453,15 +476,26 @@ def main(argv: list[str] | None = None) -> None:
         _exit_with_parent(args.parent_pid)
     from slime.models.provision import resolve_checkpoint
 
-    engine = EmbeddedEngine(
-        resolve_checkpoint(args.model_path),
+    common = dict(
         dtype=args.dtype,
         max_running_requests=args.max_running_requests,
-        max_prefill_tokens=args.max_prefill_tokens,
+        max_prefill_tokens=args.max_prefill_tokens or (4096 if args.device == "cpu" else 8192),
         seed=args.seed,
         num_threads=args.num_threads or None,
         device=args.device,
     )
+    if args.backend == "padded":
+        from slime.engine.padded import PaddedEngine
+
+        engine = PaddedEngine(resolve_checkpoint(args.model_path), **common)
+    else:
+        from slime.engine.paged import PagedEngine
+
+        engine = PagedEngine(
+            resolve_checkpoint(args.model_path), block_size=args.page_size, kv_cache_tokens=args.kv_cache_tokens,
+            mem_fraction_static=args.mem_fraction_static, cuda_graph=not args.disable_cuda_graph,
+            cuda_graph_max_bs=args.cuda_graph_max_bs, **common,
+        )  # fmt: skip
     logger.info("serving %s on http://%s:%d", args.model_path, args.host, args.port)
     web.run_app(build_app(engine, args), host=args.host, port=args.port, print=None, access_log=None)
 

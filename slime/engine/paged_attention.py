@@ -1,0 +1,106 @@
+"""Attention over the paged KV cache, registered with transformers as the attention implementation "slime_paged".
+
+The model runs unchanged (its own projections, norms and rotary embeddings); only the attention call is ours. Every
+forward is one packed row: input_ids [1, T] holds the new tokens of all sequences back to back, with their true
+positions. The attention function writes the new keys and values into the cache slots named by `slot_mapping`, then
+attends each query to its own sequence's cached tokens up to and including its position:
+- decode on CUDA: a Triton kernel reads the cache through the block tables (`slime.engine.triton_decode`);
+- everything else (prefill, chunked prefill over a cached prefix, decode on CPU): the sequences' keys and values are
+  gathered into a padded batch and run through torch's scaled_dot_product_attention with a per-query length mask.
+`PagedForward` carries the per-forward metadata; the model passes it through to here as the `paged` keyword.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from transformers import AttentionInterface
+
+ATTN_NAME = "slime_paged"
+
+
+@dataclass
+class PagedForward:
+    """Metadata of one forward over T new tokens of n sequences.
+
+    k_cache, v_cache: per layer [num_slots, kv_heads, head_dim].
+    slot_mapping: [T] int64 cache slot of each new token.
+    Torch path: q_index [n, max_q] int64 index of each sequence's queries into the T tokens (padding repeats a valid
+    index), q_valid [n, max_q] bool, kv_index [n, max_k] int64 cache slots of each sequence's keys (padding: slot 0),
+    mask [n, 1, max_q, max_k] bool (key visible to query).
+    Kernel path (decode, one query per sequence, so n == T): block_tables [n, max_blocks] int32, seq_lens [n] int32
+    (cached tokens including the new one), block_size.
+    """
+
+    k_cache: list[torch.Tensor]
+    v_cache: list[torch.Tensor]
+    slot_mapping: torch.Tensor
+    q_index: torch.Tensor | None = None
+    q_valid: torch.Tensor | None = None
+    kv_index: torch.Tensor | None = None
+    mask: torch.Tensor | None = None
+    block_tables: torch.Tensor | None = None
+    seq_lens: torch.Tensor | None = None
+    block_size: int = 16
+
+
+def gather_plan(
+    block_tables: torch.Tensor, q_start: torch.Tensor, q_len: torch.Tensor, block_size: int, max_q: int, max_k: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The torch path's index tensors for n sequences whose new tokens are packed back to back.
+
+    block_tables [n, max_blocks] int; q_start [n] position of each sequence's first new token; q_len [n] new tokens.
+    Returns q_index [n, max_q], q_valid [n, max_q], kv_index [n, max_k], mask [n, 1, max_q, max_k].
+    """
+    dev = block_tables.device
+    offsets = torch.cumsum(q_len, 0) - q_len  # where each sequence's tokens start in the packed row
+    steps = torch.arange(max_q, device=dev)
+    q_valid = steps[None, :] < q_len[:, None]
+    q_index = offsets[:, None] + torch.where(q_valid, steps[None, :], 0)
+    q_pos = q_start[:, None] + torch.where(q_valid, steps[None, :], 0)  # [n, max_q] absolute positions
+    keys = torch.arange(max_k, device=dev)
+    pages = block_tables.long().gather(1, (keys // block_size)[None, :].expand(len(q_len), -1).clamp(
+        max=block_tables.shape[1] - 1))  # fmt: skip
+    # keys past a sequence's end read the scratch slot 0: masked out, but their values must be finite (0 * NaN)
+    kv_index = torch.where(
+        keys[None, :] < (q_start + q_len)[:, None], pages * block_size + keys[None, :] % block_size, 0
+    )
+    mask = keys[None, None, :] <= q_pos[:, :, None]
+    return q_index, q_valid, kv_index, mask[:, None]
+
+
+def paged_attention(
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    scaling: float | None = None,
+    paged: PagedForward | None = None,
+    **_: object,
+) -> tuple[torch.Tensor, None]:
+    """query [1, H, T, D], key/value [1, Hkv, T, D] (after rotary embeddings). Returns ([1, T, H, D], None)."""
+    if paged is None:
+        raise RuntimeError(f"attention {ATTN_NAME!r} needs the `paged` metadata of the slime paged engine")
+    layer = module.layer_idx
+    kc, vc = paged.k_cache[layer], paged.v_cache[layer]
+    kc.index_copy_(0, paged.slot_mapping, key[0].transpose(0, 1).to(kc.dtype))
+    vc.index_copy_(0, paged.slot_mapping, value[0].transpose(0, 1).to(vc.dtype))
+    q = query[0].transpose(0, 1)  # [T, H, D]
+    if paged.block_tables is not None:
+        from slime.engine.triton_decode import paged_decode
+
+        return paged_decode(q, kc, vc, paged.block_tables, paged.seq_lens, scaling, paged.block_size)[None], None
+    qp = q[paged.q_index].transpose(1, 2)  # [n, H, max_q, D]
+    k = kc[paged.kv_index].transpose(1, 2)  # [n, Hkv, max_k, D]
+    v = vc[paged.kv_index].transpose(1, 2)
+    out = F.scaled_dot_product_attention(qp, k, v, attn_mask=paged.mask, scale=scaling, enable_gqa=True)
+    return out.transpose(1, 2)[paged.q_valid][None], None  # [1, T, H, D]
+
+
+def register() -> str:
+    """Make "slime_paged" a transformers attention implementation; returns its name."""
+    AttentionInterface.register(ATTN_NAME, paged_attention)
+    return ATTN_NAME
