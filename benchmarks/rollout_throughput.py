@@ -1,4 +1,4 @@
-"""Rollout throughput: the embedded engine (through its HTTP server) vs plain transformers `generate`.
+"""Rollout throughput: the embedded engine's backends (through its HTTP server) vs plain transformers `generate`.
 
 Same work for both: 64 prompts x 4 samples x 128 new tokens (EOS ignored, so every response is 128 tokens), sampling
 at temperature 1, SmolLM2-135M-Instruct, at most 64 sequences decoded together.
@@ -28,11 +28,15 @@ def prompts(tokenizer, n: int) -> list[list[int]]:
     ]  # fmt: skip
 
 
-def bench_engine(model: str, ids: list[list[int]], samples: int, new: int, dtype: str, rows: int) -> dict:
+def bench_engine(
+    model: str, ids: list[list[int]], samples: int, new: int, dtype: str, rows: int, backend: str = "paged"
+) -> dict:
     from slime.engine.launch import launch_engine
     from slime.utils.http_utils import close_sessions, post
 
-    server = launch_engine(model, "outputs/bench_logs", dtype=dtype, max_running_requests=rows)
+    server = launch_engine(
+        model, "outputs/bench_logs", dtype=dtype, max_running_requests=rows, extra_args=["--backend", backend]
+    )
     params = {"max_new_tokens": new, "ignore_eos": True, "temperature": 1.0}
 
     async def run() -> list:
@@ -92,7 +96,8 @@ def main() -> None:
         "date": time.strftime("%Y-%m-%d"), "machine": f"{platform.machine()} {torch.get_num_threads()} threads",
         "torch": torch.__version__,
         **{k: getattr(args, k) for k in ("dtype", "prompts", "samples", "new_tokens", "rows")},
-        "embedded_engine": bench_engine(*common), "transformers_generate": bench_generate(*common),
+        **{f"embedded_engine_{b}": bench_engine(*common, backend=b) for b in ("paged", "padded")},
+        "transformers_generate": bench_generate(*common),
     }  # fmt: skip
     print(json.dumps(result, indent=1))
 

@@ -47,6 +47,26 @@ def build_parser() -> argparse.ArgumentParser:
         "--sglang-max-running-requests", type=int, default=None,
         help="requests one engine decodes together (batch rows; default 256 on GPU, 64 on CPU)",
     )  # fmt: skip
+    g.add_argument(
+        "--rollout-engine-backend", default="paged", choices=["paged", "padded"],
+        help="embedded engine backend: paged (block-paged KV cache, prefix sharing, CUDA-graph decode) or padded (one "
+        "padded transformers cache; for models with sliding-window or other non-full attention layers)",
+    )  # fmt: skip
+    g.add_argument(
+        "--sglang-mem-fraction-static", type=float, default=None,
+        help="fraction of an engine GPU's memory the engine holds for weights and KV cache (default: 0.85 on GPUs of "
+        "its own, 0.6 colocated, 0.35 beside a resident trainer)",
+    )  # fmt: skip
+    g.add_argument(
+        "--sglang-chunked-prefill-size", type=int, default=None,
+        help="prompt tokens an engine computes per prefill pass; longer prompts go in chunks (default 8192 GPU, "
+        "4096 CPU)",
+    )  # fmt: skip
+    g.add_argument("--sglang-page-size", type=int, default=16, help="tokens per KV cache block of the paged backend")
+    g.add_argument("--sglang-disable-cuda-graph", action="store_true", help="engines run decode steps eagerly")
+    g.add_argument(
+        "--sglang-cuda-graph-max-bs", type=int, default=512, help="largest batch an engine captures a decode graph for"
+    )
     g.add_argument("--rollout-engine-threads", type=int, default=0, help="torch threads per engine (0: cores/engines)")
     g.add_argument("--sglang-server-concurrency", type=int, default=512, help="in-flight requests per engine, at most")
     g.add_argument("--router-policy", default="cache_aware", help="sglang-router policy (cache_aware, round_robin, …)")

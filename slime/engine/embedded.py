@@ -29,7 +29,7 @@ from slime.engine.sampling import SamplingParams, sample_next
 logger = logging.getLogger(__name__)
 
 
-@dataclass
+@dataclass(eq=False)  # requests compare by identity: rows are looked up in lists every step
 class Request:
     rid: str
     input_ids: list[int]

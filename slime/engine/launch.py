@@ -108,15 +108,17 @@ def launch_engine(
     restart: int = 0,
     device: str = "cpu",
     gpu: str | None = None,
+    extra_args: list[str] | None = None,
 ) -> ServerProcess:
     """Start one embedded engine server (`python -m slime.engine.server`) on a free port. `restart` > 0 names the
     log of a replacement for engine `index` (engine-<index>-restart<n>.log), so the dead one's log is kept. `gpu`:
-    the physical GPU id it may see (CUDA_VISIBLE_DEVICES; it runs on cuda:0 then)."""
+    the physical GPU id it may see (CUDA_VISIBLE_DEVICES; it runs on cuda:0 then). `extra_args`: more server flags
+    (`python -m slime.engine.server --help`)."""
     port = free_port(host)
     cmd = [
         sys.executable, "-m", "slime.engine.server", "--model-path", model_path, "--host", host, "--port", str(port),
         "--dtype", dtype, "--num-threads", str(num_threads), "--max-running-requests", str(max_running_requests),
-        "--seed", str(seed + index), "--parent-pid", str(os.getpid()), "--device", device,
+        "--seed", str(seed + index), "--parent-pid", str(os.getpid()), "--device", device, *(extra_args or []),
     ]  # fmt: skip
     env = {"OMP_NUM_THREADS": str(num_threads)} if num_threads else {}
     if gpu is not None:

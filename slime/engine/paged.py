@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import logging
 import math
+import time
 
 import torch
 
@@ -72,11 +73,15 @@ class PagedEngine(EmbeddedEngine):
                 logger.warning("triton is not importable: decode attention runs through torch")
         self.use_graphs = self.use_graphs and self.on_cuda and self.triton
         self.max_blocks = math.ceil(self.max_context / self.block_size)
+        self._kv: torch.Tensor | None = None  # [layers, 2 (keys, values), slots, kv_heads, head_dim]
         self._k: list[torch.Tensor] | None = None
         self._v: list[torch.Tensor] | None = None
         self.pool: BlockPool | None = None
         self._graphs: dict[int, tuple] = {}
         self._graph_pool = None
+        # seconds spent: prefill passes; decode steps; of those, the model forward until its tokens reached the host
+        self.stats.update(prefill_tokens=0, prefill_seconds=0.0, decode_steps=0, decode_seconds=0.0,
+                          decode_forward_seconds=0.0, preemptions=0, prefix_shared_tokens=0)  # fmt: skip
         self._alloc_kv()
         if self.on_cuda:
             torch.cuda.manual_seed(int(self.generator.initial_seed()))
@@ -100,21 +105,22 @@ class PagedEngine(EmbeddedEngine):
         return tokens // self.block_size + 1
 
     def _alloc_kv(self) -> None:
-        if self._k is not None:
+        if self._kv is not None:
             return
         blocks = self._kv_blocks()
-        shape = (blocks * self.block_size, self.kv_heads, self.head_dim)
-        dtype, dev = self.model.dtype, self.device
-        self._k = [torch.empty(shape, dtype=dtype, device=dev) for _ in range(self.num_layers)]
-        self._v = [torch.empty(shape, dtype=dtype, device=dev) for _ in range(self.num_layers)]
-        for t in self._k + self._v:  # block 0 is read through padding: keep it finite
-            t[: self.block_size].zero_()
+        shape = (self.num_layers, 2, blocks * self.block_size, self.kv_heads, self.head_dim)
+        # one tensor, so zeroing fresh blocks is one kernel; per layer [slots, kv_heads, head_dim] views of it
+        self._kv = torch.empty(shape, dtype=self.model.dtype, device=self.device)
+        self._k = [self._kv[i, 0] for i in range(self.num_layers)]
+        self._v = [self._kv[i, 1] for i in range(self.num_layers)]
+        self._kv[:, :, : self.block_size].zero_()  # block 0 is read through padding: keep it finite
+        self._fresh: list[int] = []  # blocks handed out and not yet zeroed
         self.pool = BlockPool(blocks, self.block_size)
         logger.info("KV cache: %d blocks of %d tokens (%d tokens, %.2f GB)", blocks, self.block_size,
-                    self.pool.capacity_tokens, 2 * sum(t.nbytes for t in self._k) / 1e9)  # fmt: skip
+                    self.pool.capacity_tokens, self._kv.nbytes / 1e9)  # fmt: skip
 
     def _free_kv(self) -> None:
-        self._k = self._v = self.pool = None
+        self._kv = self._k = self._v = self.pool = None
 
     def _free_graphs(self) -> None:
         if self._graphs:
@@ -170,19 +176,22 @@ class PagedEngine(EmbeddedEngine):
         """Give r blocks for positions < upto; raises CacheFull (keeping what it got)."""
         while len(r.blocks) * self.block_size < upto:
             r.blocks.append(self.pool.allocate())
+            self._fresh.append(r.blocks[-1])
 
-    def _preempt(self, keep: Request) -> bool:
-        """Free the latest admitted row other than `keep` and queue it first again. False if there is none."""
+    def _preempt(self, keep: list[Request]) -> Request | None:
+        """Free the latest admitted row not in `keep` and queue it first again. Returns it (None: there is none)."""
+        kept = {id(r) for r in keep}
         for r in reversed(self._rows):
-            if r is not keep:
+            if id(r) not in kept:
                 self._free_row(r)
                 self._rows.remove(r)
                 with self._cv:
                     self._waiting.appendleft(r)
+                self.stats["preemptions"] += 1
                 logger.info("KV cache full: %s preempted (%d tokens, recomputed later)", r.rid,
                             len(r.input_ids) + len(r.output_ids))  # fmt: skip
-                return True
-        return False
+                return r
+        return None
 
     # ------------------------------------------------------------------ one iteration
     def _iteration(self) -> None:
@@ -190,25 +199,35 @@ class PagedEngine(EmbeddedEngine):
             self._alloc_kv()
         chunks = self._schedule_prefill()
         if chunks:
+            start = time.perf_counter()
             self._prefill(chunks)
+            self.stats["prefill_tokens"] += sum(n for _, n in chunks)
+            self.stats["prefill_seconds"] += time.perf_counter() - start
         rows = [r for r in self._rows if self._uncached(r) == 0]
         if rows:
+            start = time.perf_counter()
             self._decode(rows)
+            self.stats["decode_steps"] += 1
+            self.stats["decode_seconds"] += time.perf_counter() - start
 
     def _schedule_prefill(self) -> list[tuple[Request, int]]:
         """Pick (request, tokens) for this pass's prefill, admitting waiting requests while budget and cache last."""
         budget, chunks = self.max_prefill_tokens, []
-        for r in self._rows:
+        decoding = sum(1 for r in self._rows if self._uncached(r) == 0)
+        for r in list(self._rows):
             n = min(self._uncached(r), budget)
-            if n <= 0:
+            if n <= 0 or all(r is not x for x in self._rows):
                 continue
-            try:
-                self._grow(r, r.num_cached + n)
-            except CacheFull:
-                return chunks
+            while True:
+                try:
+                    self._grow(r, r.num_cached + n)
+                    break
+                except CacheFull:
+                    # decoding rows finish and free blocks; with none, only preempting frees any
+                    if decoding or self._preempt(keep=[r] + [c for c, _ in chunks]) is None:
+                        return chunks
             chunks.append((r, n))
             budget -= n
-        decoding = sum(1 for r in self._rows if self._uncached(r) == 0)
         pending: set[tuple] = set()  # first uncomputed block of each request admitted in this pass
         with self._cv:
             waiting = list(self._waiting)
@@ -240,6 +259,7 @@ class PagedEngine(EmbeddedEngine):
                 pending.add(key)
             self._rows.append(r)
             admitted.append(r)
+            self.stats["prefix_shared_tokens"] += r.num_cached
             decoding += n == 0
             if n > 0:
                 chunks.append((r, n))
@@ -276,27 +296,38 @@ class PagedEngine(EmbeddedEngine):
 
     def _gather_forward(self, tables: list[list[int]], q_start: torch.Tensor, q_len: torch.Tensor,
                         slots: list[int]) -> PagedForward:  # fmt: skip
+        self._zero_fresh()
         width = max(len(t) for t in tables)
         table = torch.tensor([t + [0] * (width - len(t)) for t in tables])
-        q_index, q_valid, kv_index, mask = gather_plan(
-            table, q_start, q_len, self.block_size, int(q_len.max()), int((q_start + q_len).max())
-        )
+        q_index, q_valid, mask = gather_plan(q_start, q_len, int(q_len.max()), width * self.block_size)
         dev = self.device
         return PagedForward(self._k, self._v, torch.tensor(slots, device=dev), q_index.to(dev), q_valid.to(dev),
-                            kv_index.to(dev), mask.to(dev), block_size=self.block_size)  # fmt: skip
+                            table.to(dev), mask.to(dev), block_size=self.block_size)  # fmt: skip
+
+    def _zero_fresh(self) -> None:
+        """Zero the blocks handed out since the last forward: the torch path reads whole blocks, and the unwritten
+        tail of one must not be NaN (masked attention weights are 0, and 0 * NaN is NaN)."""
+        if self._fresh:
+            fresh = torch.tensor(self._fresh, device=self.device)
+            self._kv.view(2 * self.num_layers, self.pool.num_blocks, -1).index_fill_(1, fresh, 0)
+            self._fresh = []
 
     def _decode(self, rows: list[Request]) -> None:
         bs = self.block_size
-        for r in list(rows):  # every row needs a slot for its last token
-            while True:
+        preempted: set[int] = set()
+        for r in rows:  # every row needs a slot for its last token
+            while id(r) not in preempted:
                 try:
                     self._grow(r, r.num_cached + 1)
                     break
                 except CacheFull:
-                    if not self._preempt(keep=r):
+                    victim = self._preempt(keep=[r])
+                    if victim is None:
                         r.abort_message = f"KV cache full ({self.pool.capacity_tokens} tokens) for one sequence"
                         break
-        rows = [r for r in rows if r in self._rows and not r.abort_message]
+                    preempted.add(id(victim))
+        running = {id(r) for r in self._rows}
+        rows = [r for r in rows if id(r) in running and not r.abort_message]
         if not rows:
             return
         self.stats["max_batch_rows"] = max(self.stats["max_batch_rows"], len(rows))
@@ -304,6 +335,7 @@ class PagedEngine(EmbeddedEngine):
         pos = [r.num_cached for r in rows]
         slots = [r.blocks[p // bs] * bs + p % bs for r, p in zip(rows, pos, strict=True)]
         fast = self.on_cuda and all(self._plain(r) for r in rows)
+        start = time.perf_counter()
         if self.on_cuda and self.triton:
             logits, toks, lps = self._decode_cuda(rows, last, pos, slots)
         else:
@@ -317,7 +349,9 @@ class PagedEngine(EmbeddedEngine):
             r.num_cached += 1
         next_pos = [p + 1 for p in pos]
         if fast:
-            keep = self._accept(rows, toks.tolist(), lps.tolist(), next_pos)
+            toks, lps = toks.tolist(), lps.tolist()
+            self.stats["decode_forward_seconds"] += time.perf_counter() - start
+            keep = self._accept(rows, toks, lps, next_pos)
         else:
             keep = self._sample_and_check(rows, logits, next_pos)
         done = set(range(len(rows))) - set(keep)
@@ -333,6 +367,7 @@ class PagedEngine(EmbeddedEngine):
 
     # ------------------------------------------------------------------ CUDA decode
     def _decode_cuda(self, rows: list[Request], last: list[int], pos: list[int], slots: list[int]):
+        self._zero_fresh()
         n = len(rows)
         bucket = next((b for b in GRAPH_BUCKETS if n <= b <= self.max_running_requests), n)
         graphed = self.use_graphs and bucket <= self.cuda_graph_max_bs

@@ -28,8 +28,10 @@ class PagedForward:
     k_cache, v_cache: per layer [num_slots, kv_heads, head_dim].
     slot_mapping: [T] int64 cache slot of each new token.
     Torch path: q_index [n, max_q] int64 index of each sequence's queries into the T tokens (padding repeats a valid
-    index), q_valid [n, max_q] bool, kv_index [n, max_k] int64 cache slots of each sequence's keys (padding: slot 0),
-    mask [n, 1, max_q, max_k] bool (key visible to query).
+    index), q_valid [n, max_q] bool, kv_blocks [n, max_blocks] int64 each sequence's block table (padding: block 0),
+    mask [n, 1, max_q, max_blocks * block_size] bool (key visible to query). Whole blocks are gathered (contiguous
+    copies, as fast as a padded cache on CPU); the masked-out tail of a block must hold finite values, which is why
+    the engine zeroes blocks when it hands them out.
     Kernel path (decode, one query per sequence, so n == T): block_tables [n, max_blocks] int32, seq_lens [n] int32
     (cached tokens including the new one), block_size.
     """
@@ -39,7 +41,7 @@ class PagedForward:
     slot_mapping: torch.Tensor
     q_index: torch.Tensor | None = None
     q_valid: torch.Tensor | None = None
-    kv_index: torch.Tensor | None = None
+    kv_blocks: torch.Tensor | None = None
     mask: torch.Tensor | None = None
     block_tables: torch.Tensor | None = None
     seq_lens: torch.Tensor | None = None
@@ -47,28 +49,21 @@ class PagedForward:
 
 
 def gather_plan(
-    block_tables: torch.Tensor, q_start: torch.Tensor, q_len: torch.Tensor, block_size: int, max_q: int, max_k: int
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The torch path's index tensors for n sequences whose new tokens are packed back to back.
+    q_start: torch.Tensor, q_len: torch.Tensor, max_q: int, max_k: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The torch path's query indices and mask for n sequences whose new tokens are packed back to back.
 
-    block_tables [n, max_blocks] int; q_start [n] position of each sequence's first new token; q_len [n] new tokens.
-    Returns q_index [n, max_q], q_valid [n, max_q], kv_index [n, max_k], mask [n, 1, max_q, max_k].
+    q_start [n] position of each sequence's first new token; q_len [n] its new tokens; max_k: keys gathered per
+    sequence (its block table's width in tokens). Returns q_index [n, max_q], q_valid [n, max_q] and the mask
+    [n, 1, max_q, max_k]: key j is visible to a query at position p when j <= p.
     """
-    dev = block_tables.device
     offsets = torch.cumsum(q_len, 0) - q_len  # where each sequence's tokens start in the packed row
-    steps = torch.arange(max_q, device=dev)
+    steps = torch.arange(max_q, device=q_len.device)
     q_valid = steps[None, :] < q_len[:, None]
     q_index = offsets[:, None] + torch.where(q_valid, steps[None, :], 0)
     q_pos = q_start[:, None] + torch.where(q_valid, steps[None, :], 0)  # [n, max_q] absolute positions
-    keys = torch.arange(max_k, device=dev)
-    pages = block_tables.long().gather(1, (keys // block_size)[None, :].expand(len(q_len), -1).clamp(
-        max=block_tables.shape[1] - 1))  # fmt: skip
-    # keys past a sequence's end read the scratch slot 0: masked out, but their values must be finite (0 * NaN)
-    kv_index = torch.where(
-        keys[None, :] < (q_start + q_len)[:, None], pages * block_size + keys[None, :] % block_size, 0
-    )
-    mask = keys[None, None, :] <= q_pos[:, :, None]
-    return q_index, q_valid, kv_index, mask[:, None]
+    mask = torch.arange(max_k, device=q_len.device)[None, None, :] <= q_pos[:, :, None]
+    return q_index, q_valid, mask[:, None]
 
 
 def paged_attention(
@@ -94,8 +89,20 @@ def paged_attention(
 
         return paged_decode(q, kc, vc, paged.block_tables, paged.seq_lens, scaling, paged.block_size)[None], None
     qp = q[paged.q_index].transpose(1, 2)  # [n, H, max_q, D]
-    k = kc[paged.kv_index].transpose(1, 2)  # [n, Hkv, max_k, D]
-    v = vc[paged.kv_index].transpose(1, 2)
+    n, width = paged.kv_blocks.shape
+    blocks = paged.kv_blocks.flatten()
+    k = (
+        kc.view(-1, paged.block_size, *kc.shape[1:])
+        .index_select(0, blocks)
+        .view(n, width * paged.block_size, *kc.shape[1:])
+        .transpose(1, 2)
+    )
+    v = (
+        vc.view(-1, paged.block_size, *vc.shape[1:])
+        .index_select(0, blocks)
+        .view(n, width * paged.block_size, *vc.shape[1:])
+        .transpose(1, 2)
+    )
     out = F.scaled_dot_product_attention(qp, k, v, attn_mask=paged.mask, scale=scaling, enable_gqa=True)
     return out.transpose(1, 2)[paged.q_valid][None], None  # [1, T, H, D]
 

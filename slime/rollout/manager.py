@@ -118,6 +118,7 @@ class RolloutManager:
             a.hf_checkpoint, self.log_dir, index=index, dtype=engine_dtype(a), num_threads=a.rollout_engine_threads,
             seed=a.seed, wait=wait, restart=restart, startup_timeout=600, device=a.rollout_device,
             gpu=self.engine_gpus[index], max_running_requests=1 if a.sglang_enable_deterministic_inference else batch,
+            extra_args=engine_flags(a),
         )  # fmt: skip
 
     def attach_trainer(self, actors: list) -> None:
@@ -316,3 +317,20 @@ class RolloutManager:
             server.terminate()
         for server in servers:
             server.stop()
+
+
+def engine_flags(args: Any) -> list[str]:
+    """The embedded engine server's flags that follow from the run's --sglang-* and --rollout-engine-* flags."""
+    flags = ["--backend", args.rollout_engine_backend]
+    if args.sglang_chunked_prefill_size:
+        flags += ["--max-prefill-tokens", str(args.sglang_chunked_prefill_size)]
+    if args.rollout_engine_backend == "padded":
+        return flags
+    fraction = args.sglang_mem_fraction_static
+    if fraction is None:
+        fraction = 0.6 if args.colocate else 0.35 if args.engines_share_trainer_gpus else 0.85
+    flags += ["--mem-fraction-static", str(fraction), "--page-size", str(args.sglang_page_size),
+              "--cuda-graph-max-bs", str(args.sglang_cuda_graph_max_bs)]  # fmt: skip
+    if args.sglang_disable_cuda_graph:
+        flags.append("--disable-cuda-graph")
+    return flags

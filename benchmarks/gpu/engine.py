@@ -1,0 +1,274 @@
+"""The engine benchmark on one GPU: the paged embedded engine beside transformers' `generate_batch` and `generate`.
+
+Usage (repo root, on the GPU machine): python benchmarks/gpu/engine.py TOKENIZER_DIR OUT_DIR [--skip-baselines]
+Writes OUT_DIR/engine_benchmark.json after every section and prints a table; exits 1 when a check fails.
+Random-weight models shaped like Qwen3-0.6B and SmolLM2-135M (see run.py), bf16.
+
+Sections:
+- kernel: the Triton paged decode kernel against a float64 torch reference (random cache, shuffled block tables);
+- greedy: 16 prompts x 48 greedy tokens from the engine (in-process, batched) against transformers `generate` one
+  prompt at a time. A difference is allowed only at a near-tie: where the two tokens' bf16 logits (of transformers'
+  own forward over the common prefix) differ by at most two bf16 units in the last place at their magnitude (0.125
+  for logits in [8, 16)): the engine's bf16 kernels round differently from transformers' own;
+- logprobs: the engine's sampled log-probs against a transformers bf16 forward over prompt + response (what the
+  trainer computes): mean |diff| < 0.05, max < 0.25 nats;
+- throughput: the workload 256 prompts x 128 tokens, 256 new tokens each (ignore_eos, temperature 1) through the HTTP
+  server; for the SmolLM2 shape also 128 and 512 prompts (its best batch);
+- baselines: the same workload with transformers `generate_batch` (continuous batching) and padded `generate`.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import sys
+import tempfile
+import threading
+import time
+import traceback
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from run import MODELS, build_model  # noqa: E402
+
+from slime.engine.launch import launch_engine  # noqa: E402
+from slime.utils.http_utils import request_sync  # noqa: E402
+
+PROMPT_LEN, NEW_TOKENS = 128, 256
+
+
+def workload(n: int, vocab: int, seed: int = 0) -> list[list[int]]:
+    rng = random.Random(seed)
+    return [[rng.randrange(100, min(vocab, 49152)) for _ in range(PROMPT_LEN)] for _ in range(n)]
+
+
+def kernel_check() -> dict:
+    from slime.engine.triton_decode import paged_decode
+
+    out = {}
+    for dtype, heads, kv_heads, dim in [(torch.bfloat16, 16, 8, 128), (torch.bfloat16, 9, 3, 64),
+                                        (torch.float32, 16, 8, 128)]:  # fmt: skip
+        g = torch.Generator("cuda").manual_seed(0)
+        bs, blocks, batch = 16, 600, 24
+        k = torch.randn(blocks * bs, kv_heads, dim, device="cuda", generator=g).to(dtype)
+        v = torch.randn(blocks * bs, kv_heads, dim, device="cuda", generator=g).to(dtype)
+        q = torch.randn(batch, heads, dim, device="cuda", generator=g).to(dtype)
+        lens = torch.randint(1, 300, (batch,), generator=g, device="cuda").int()
+        perm = torch.randperm(blocks - 1, generator=g, device="cuda") + 1
+        tables = perm[: batch * 20].view(batch, 20).int()
+        got = paged_decode(q, k, v, tables, lens, dim**-0.5, bs)
+        worst = 0.0
+        for i in range(batch):
+            n = int(lens[i])
+            slots = tables[i].long()[torch.arange(n, device="cuda") // bs] * bs + torch.arange(n, device="cuda") % bs
+            kk = k[slots].double().repeat_interleave(heads // kv_heads, 1)  # [n, H, D]
+            vv = v[slots].double().repeat_interleave(heads // kv_heads, 1)
+            p = torch.softmax(torch.einsum("hd,nhd->hn", q[i].double(), kk) * dim**-0.5, -1)
+            ref = torch.einsum("hn,nhd->hd", p, vv)
+            worst = max(worst, float((got[i].double() - ref).abs().max()))
+        out[f"{str(dtype)[6:]}_h{heads}_kv{kv_heads}_d{dim}_max_abs_err"] = worst
+    return out
+
+
+def in_process_engine(path: str, **kw):
+    from slime.engine.paged import PagedEngine
+
+    return PagedEngine(path, dtype="bfloat16", device="cuda", **kw)
+
+
+def run_requests(engine, prompts: list[list[int]], params) -> list:
+    done, out = threading.Event(), {}
+
+    def cb(r):
+        out[r.rid] = r
+        if len(out) == len(prompts):
+            done.set()
+
+    for i, p in enumerate(prompts):
+        engine.submit(p, params, cb, rid=str(i))
+    assert done.wait(600), "engine did not answer within 600 s"
+    return [out[str(i)] for i in range(len(prompts))]
+
+
+def greedy_and_logprobs(path: str, vocab: int) -> dict:
+    from transformers import AutoModelForCausalLM
+
+    from slime.engine.sampling import SamplingParams
+
+    prompts = [p[: 8 + 7 * i] for i, p in enumerate(workload(16, vocab, seed=1))]
+    engine = in_process_engine(path, max_running_requests=64)
+    try:
+        greedy = run_requests(engine, prompts, SamplingParams(max_new_tokens=48, temperature=0.0, ignore_eos=True))
+        sampled = run_requests(engine, prompts, SamplingParams(max_new_tokens=48, temperature=1.0, ignore_eos=True))
+    finally:
+        engine.shutdown()
+        del engine
+        torch.cuda.empty_cache()
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16, attn_implementation="sdpa").cuda().eval()
+    exact, near_ties, bad = 0, [], []
+    gaps = []
+    with torch.inference_mode():
+        for p, r in zip(prompts, greedy, strict=True):
+            ref = model.generate(torch.tensor([p], device="cuda"), max_new_tokens=48, min_new_tokens=48,
+                                 do_sample=False)[0, len(p):].tolist()  # fmt: skip
+            if ref == r.output_ids:
+                exact += 1
+                continue
+            i = next(j for j, (a, b) in enumerate(zip(ref, r.output_ids, strict=True)) if a != b)
+            logits = model(torch.tensor([p + ref[:i]], device="cuda")).logits[0, -1].float()
+            gap = float(logits[ref[i]] - logits[r.output_ids[i]])
+            ulp = 2.0 ** (math.floor(math.log2(abs(float(logits[ref[i]])) + 1e-30)) - 7)  # bf16 spacing there
+            entry = {"prompt": len(p), "position": i, "logit_gap": gap, "bf16_ulp": ulp}
+            (near_ties if abs(gap) <= 2 * ulp else bad).append(entry)
+        for p, r in zip(prompts, sampled, strict=True):
+            ids = torch.tensor([p + r.output_ids], device="cuda")
+            lp = torch.log_softmax(model(ids).logits[0, len(p) - 1 : -1].float(), -1)
+            ref = lp.gather(1, ids[0, len(p) :, None])[:, 0]
+            gaps += (ref - torch.tensor(r.logprobs, device="cuda")).abs().tolist()
+    return {"prompts": len(prompts), "greedy_exact": exact, "greedy_near_ties": near_ties, "greedy_mismatches": bad,
+            "logprob_mean_diff": sum(gaps) / len(gaps), "logprob_max_diff": max(gaps)}  # fmt: skip
+
+
+def engine_throughput(path: str, vocab: int, batches: list[int], work: str) -> dict:
+    server = launch_engine(path, os.path.join(work, "logs"), dtype="bfloat16", device="cuda",
+                           max_running_requests=max(batches), num_threads=4)  # fmt: skip
+    params = {"max_new_tokens": NEW_TOKENS, "temperature": 1.0, "ignore_eos": True}
+    try:
+
+        def run(prompts: list[list[int]], sp: dict) -> tuple[int, float]:
+            start = time.perf_counter()
+            status, text = request_sync("POST", f"{server.url}/generate", {"input_ids": prompts, "sampling_params": sp},
+                                        timeout=600)  # fmt: skip
+            assert status == 200, text[:500]
+            return sum(len(o["output_ids"]) for o in json.loads(text)), time.perf_counter() - start
+
+        # warm-up: captures the decode graphs for every batch size the runs pass through
+        run(workload(max(batches), vocab, seed=2), dict(params, max_new_tokens=8))
+        run(workload(max(batches), vocab, seed=2)[:1], dict(params, max_new_tokens=8))
+        for b in (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 160, 192, 224):
+            if b < max(batches):
+                run(workload(b, vocab, seed=3), dict(params, max_new_tokens=2))
+        out = {}
+        for b in batches:
+            before = _engine_stats(server.url)
+            tokens, seconds = run(workload(b, vocab), params)
+            after = _engine_stats(server.url)
+            phases = {
+                k: after[k] - before[k]
+                for k in ("prefill_seconds", "decode_seconds", "decode_forward_seconds", "decode_steps")
+            }
+            out[f"prompts_{b}"] = {"tokens": tokens, "seconds": seconds, "tokens_per_s": tokens / seconds, **phases}
+        return out
+    finally:
+        server.stop()
+
+
+def _engine_stats(url: str) -> dict:
+    status, text = request_sync("GET", f"{url}/server_info", None, timeout=30)
+    return json.loads(text)["internal_states"][0]
+
+
+def baselines(path: str, vocab: int, prompts: int) -> dict:
+    from transformers import AutoModelForCausalLM, GenerationConfig
+
+    ids = workload(prompts, vocab)
+    out = {}
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16, attn_implementation="sdpa").cuda().eval()
+    cfg = GenerationConfig(max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS, do_sample=True, temperature=1.0,
+                           top_k=0, top_p=1.0, eos_token_id=None, pad_token_id=0)  # fmt: skip
+    try:
+        with torch.inference_mode():
+            model.generate(torch.tensor(ids[:8], device="cuda"), generation_config=cfg.__class__(**{**cfg.to_dict(),
+                           "max_new_tokens": 4, "min_new_tokens": 4}))  # fmt: skip
+            torch.cuda.synchronize()
+            start = time.perf_counter()
+            gen = model.generate(torch.tensor(ids, device="cuda"), generation_config=cfg)
+            torch.cuda.synchronize()
+            seconds = time.perf_counter() - start
+        tokens = (gen.shape[1] - PROMPT_LEN) * gen.shape[0]
+        out["generate"] = {"tokens": tokens, "seconds": seconds, "tokens_per_s": tokens / seconds}
+    except Exception as exc:  # noqa: BLE001
+        out["generate"] = {"error": f"{type(exc).__name__}: {exc}"[:500]}
+    try:
+        model.set_attn_implementation("paged|sdpa") if hasattr(model, "set_attn_implementation") else None
+        with torch.inference_mode():
+            start = time.perf_counter()
+            res = model.generate_batch(inputs=ids, generation_config=cfg)
+            seconds = time.perf_counter() - start
+        tokens = sum(len(r.generated_tokens) for r in res.values())
+        out["generate_batch"] = {"tokens": tokens, "seconds": seconds, "tokens_per_s": tokens / seconds}
+    except Exception as exc:  # noqa: BLE001
+        out["generate_batch"] = {"error": f"{type(exc).__name__}: {exc}"[:500], "tb": traceback.format_exc()[-1500:]}
+    del model
+    torch.cuda.empty_cache()
+    return out
+
+
+def failed_checks(r: dict) -> list[str]:
+    bad = [f"{k}: {v['error'][:300]}" for k, v in r.items() if isinstance(v, dict) and "error" in v]
+    for key, err in r.get("kernel", {}).items():
+        if isinstance(err, str) or err > (0.02 if "bfloat16" in key else 1e-4):
+            bad.append(f"kernel {key} = {err}")
+    for name in MODELS:
+        g = r.get(f"{name}/greedy", {})
+        if g.get("greedy_mismatches"):
+            bad.append(f"{name}: greedy differs from transformers beyond a near-tie {g['greedy_mismatches']}")
+        if g and not (g["logprob_mean_diff"] < 0.05 and g["logprob_max_diff"] < 0.25):
+            bad.append(f"{name}: engine log-probs vs transformers {g['logprob_mean_diff']} / {g['logprob_max_diff']}")
+    q = r.get("qwen3-0.6b/throughput", {}).get("prompts_256", {}).get("tokens_per_s", 0)
+    if q < 20000:
+        bad.append(f"qwen3-0.6b: {q:.0f} tok/s < 20,000")
+    return bad
+
+
+def main() -> None:
+    tokenizer_dir, out = sys.argv[1], sys.argv[2]
+    skip_baselines = "--skip-baselines" in sys.argv
+    os.makedirs(out, exist_ok=True)
+    results: dict = {"device": torch.cuda.get_device_name(0), "date": time.strftime("%Y-%m-%d"),
+                     "torch": torch.__version__}  # fmt: skip
+    path_out = Path(out) / "engine_benchmark.json"
+
+    def section(key: str, fn, *a):
+        start = time.perf_counter()
+        try:
+            results[key] = fn(*a)
+        except Exception as exc:  # noqa: BLE001 - record it and measure the rest
+            results[key] = {"error": f"{type(exc).__name__}: {exc}"[:3000], "traceback": traceback.format_exc()[-3000:]}
+        results[key + "_seconds"] = time.perf_counter() - start
+        print(f"[{time.perf_counter() - start:6.1f}s] {key}: {json.dumps(results[key])[:800]}", flush=True)
+        path_out.write_text(json.dumps(results, indent=1))
+
+    import transformers
+
+    results["transformers"] = transformers.__version__
+    section("kernel", kernel_check)
+    work = tempfile.mkdtemp(prefix="engine-bench-")
+    for name in MODELS:
+        path = build_model(name, tokenizer_dir, os.path.join(work, name))
+        vocab = MODELS[name]["vocab_size"]
+        section(f"{name}/greedy", greedy_and_logprobs, path, vocab)
+        batches = [256] if name == "qwen3-0.6b" else [128, 256, 512]
+        section(f"{name}/throughput", engine_throughput, path, vocab, batches, work)
+        if not skip_baselines:
+            section(f"{name}/baselines", baselines, path, vocab, 256)
+    results["failed_checks"] = failed_checks(results)
+    path_out.write_text(json.dumps(results, indent=1))
+    print(f"\n{results['device']}  {results['date']}  torch {results['torch']}  transformers {results['transformers']}")
+    for name in MODELS:
+        row = {k: round(v["tokens_per_s"]) for k, v in results.get(f"{name}/throughput", {}).items()
+               if isinstance(v, dict) and "tokens_per_s" in v}  # fmt: skip
+        base = {k: round(v["tokens_per_s"]) if "tokens_per_s" in v else v.get("error", "")[:80]
+                for k, v in results.get(f"{name}/baselines", {}).items()}  # fmt: skip
+        print(f"{name}: engine {row} | transformers {base}")
+    failed = results["failed_checks"]
+    print("checks:", "all passed" if not failed else "\n  ".join(["FAILED", *failed]))
+    sys.exit(1 if results["failed_checks"] else 0)
+
+
+if __name__ == "__main__":
+    main()
