@@ -19,6 +19,7 @@ Sections:
 
 from __future__ import annotations
 
+import gc
 import json
 import math
 import os
@@ -74,6 +75,75 @@ def kernel_check() -> dict:
     return out
 
 
+def kernel_speed() -> dict:
+    """The decode kernel alone at the 0.6B workload's mid-point (256 sequences x 256 cached tokens, 16 query and 8
+    key-value heads of 128), per launch shape; bandwidth counts the keys and values read."""
+    from slime.engine import triton_decode
+
+    batch, ctx, heads, kv_heads, dim, bs = 256, 256, 16, 8, 128, 16
+    blocks = batch * ctx // bs + 1
+    k = torch.randn(blocks * bs, kv_heads, dim, device="cuda", dtype=torch.bfloat16)
+    v = torch.randn_like(k)
+    q = torch.randn(batch, heads, dim, device="cuda", dtype=torch.bfloat16)
+    tables = (torch.randperm(blocks - 1, device="cuda") + 1).view(batch, -1).int()
+    lens = torch.full((batch,), ctx, device="cuda", dtype=torch.int32)
+    default, out = dict(triton_decode.CONFIG), {}
+    try:
+        for block_n in (32, 64, 128):
+            for warps in (2, 4, 8):
+                for stages in (1, 2, 3):
+                    triton_decode.CONFIG.update(BLOCK_N=block_n, num_warps=warps, num_stages=stages)
+                    for _ in range(3):
+                        triton_decode.paged_decode(q, k, v, tables, lens, dim**-0.5, bs)
+                    torch.cuda.synchronize()
+                    start = time.perf_counter()
+                    for _ in range(20):
+                        triton_decode.paged_decode(q, k, v, tables, lens, dim**-0.5, bs)
+                    torch.cuda.synchronize()
+                    us = (time.perf_counter() - start) / 20 * 1e6
+                    out[f"n{block_n}_w{warps}_s{stages}"] = {"us": us, "gb_per_s": 2 * k.nbytes / us / 1e3}
+    finally:
+        triton_decode.CONFIG.clear()
+        triton_decode.CONFIG.update(default)
+    best = min(out, key=lambda c: out[c]["us"])
+    return {"best": best, **out}
+
+
+def profile_step(path: str) -> dict:
+    """Where one decode step's GPU time goes: the eager decode body (what the graph replays) for 256 sequences of
+    256 cached tokens, under the torch profiler; the top kernels by total CUDA time."""
+    engine = in_process_engine(path, max_running_requests=256, kv_cache_tokens=256 * 300)
+    try:
+        b, ctx, bs = 256, 256, engine.block_size
+        per = ctx // bs
+        with engine._step_lock, torch.inference_mode():
+            tables = [list(range(1 + i * per, 1 + (i + 1) * per)) for i in range(b)]
+            slots = [t[-1] * bs + (ctx - 1) % bs for t in tables]
+            engine._fill(b, [5] * b, [ctx - 1] * b, slots, tables, [1.0] * b, [False] * b)
+            for _ in range(3):
+                engine._decode_body(b)
+            torch.cuda.synchronize()
+            start = time.perf_counter()
+            for _ in range(10):
+                engine._decode_body(b)
+            torch.cuda.synchronize()
+            eager_ms = (time.perf_counter() - start) / 10 * 1e3
+            from torch.profiler import ProfilerActivity, profile
+
+            with profile(activities=[ProfilerActivity.CUDA]) as prof:
+                engine._decode_body(b)
+                torch.cuda.synchronize()
+        rows = sorted(prof.key_averages(), key=lambda e: -e.device_time_total)[:15]
+        total = sum(e.device_time_total for e in prof.key_averages())
+        return {"eager_step_ms": eager_ms, "gpu_us_total": total,
+                "top": [{"kernel": e.key[:90], "us": e.device_time_total, "calls": e.count} for e in rows]}  # fmt: skip
+    finally:
+        engine.shutdown()
+        del engine
+        gc.collect()
+        torch.cuda.empty_cache()
+
+
 def in_process_engine(path: str, **kw):
     from slime.engine.paged import PagedEngine
 
@@ -100,13 +170,14 @@ def greedy_and_logprobs(path: str, vocab: int) -> dict:
     from slime.engine.sampling import SamplingParams
 
     prompts = [p[: 8 + 7 * i] for i, p in enumerate(workload(16, vocab, seed=1))]
-    engine = in_process_engine(path, max_running_requests=64)
+    engine = in_process_engine(path, max_running_requests=64, kv_cache_tokens=1 << 16)
     try:
         greedy = run_requests(engine, prompts, SamplingParams(max_new_tokens=48, temperature=0.0, ignore_eos=True))
         sampled = run_requests(engine, prompts, SamplingParams(max_new_tokens=48, temperature=1.0, ignore_eos=True))
     finally:
         engine.shutdown()
         del engine
+        gc.collect()
         torch.cuda.empty_cache()
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16, attn_implementation="sdpa").cuda().eval()
     exact, near_ties, bad = 0, [], []
@@ -193,24 +264,28 @@ def baselines(path: str, vocab: int, prompts: int) -> dict:
         out["generate"] = {"tokens": tokens, "seconds": seconds, "tokens_per_s": tokens / seconds}
     except Exception as exc:  # noqa: BLE001
         out["generate"] = {"error": f"{type(exc).__name__}: {exc}"[:500]}
-    try:
-        model.set_attn_implementation("paged|sdpa") if hasattr(model, "set_attn_implementation") else None
-        with torch.inference_mode():
-            start = time.perf_counter()
-            res = model.generate_batch(inputs=ids, generation_config=cfg)
-            seconds = time.perf_counter() - start
+    del model
+    gc.collect()
+    torch.cuda.empty_cache()
+    try:  # transformers' continuous batching: its paged cache and scheduler run in a thread of their own
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16, attn_implementation="paged|sdpa")
+        model = model.cuda().eval()
+        start = time.perf_counter()
+        res = model.generate_batch(inputs=ids, generation_config=cfg)
+        seconds = time.perf_counter() - start
         tokens = sum(len(r.generated_tokens) for r in res.values())
         out["generate_batch"] = {"tokens": tokens, "seconds": seconds, "tokens_per_s": tokens / seconds}
     except Exception as exc:  # noqa: BLE001
         out["generate_batch"] = {"error": f"{type(exc).__name__}: {exc}"[:500], "tb": traceback.format_exc()[-1500:]}
     del model
+    gc.collect()
     torch.cuda.empty_cache()
     return out
 
 
 def failed_checks(r: dict) -> list[str]:
     bad = [f"{k}: {v['error'][:300]}" for k, v in r.items() if isinstance(v, dict) and "error" in v]
-    for key, err in r.get("kernel", {}).items():
+    for key, err in r.get("kernel", {}).items():  # max |error| vs float64 of outputs of size ~1
         if isinstance(err, str) or err > (0.02 if "bfloat16" in key else 1e-4):
             bad.append(f"kernel {key} = {err}")
     for name in MODELS:
@@ -247,11 +322,14 @@ def main() -> None:
 
     results["transformers"] = transformers.__version__
     section("kernel", kernel_check)
+    section("kernel_speed", kernel_speed)
     work = tempfile.mkdtemp(prefix="engine-bench-")
     for name in MODELS:
         path = build_model(name, tokenizer_dir, os.path.join(work, name))
         vocab = MODELS[name]["vocab_size"]
         section(f"{name}/greedy", greedy_and_logprobs, path, vocab)
+        if name == "qwen3-0.6b":
+            section(f"{name}/profile", profile_step, path)
         batches = [256] if name == "qwen3-0.6b" else [128, 256, 512]
         section(f"{name}/throughput", engine_throughput, path, vocab, batches, work)
         if not skip_baselines:

@@ -221,8 +221,10 @@ def main() -> None:
     work = tempfile.mkdtemp(prefix="gpu-bench-")
     paths = {name: build_model(name, tokenizer_dir, os.path.join(work, name)) for name in MODELS}
     for name, path in paths.items():
+        # the trainer shares this GPU in train_sync: the engine keeps to the share slime's placement gives it then
         engine = launch_engine(path, os.path.join(work, "logs"), index=0, dtype="bfloat16", device="cuda",
-                               max_running_requests=PROMPTS, num_threads=4)  # fmt: skip
+                               max_running_requests=PROMPTS, num_threads=4,
+                               extra_args=["--mem-fraction-static", "0.35"])  # fmt: skip
         try:
             section(f"{name}/rollout", rollout_throughput, engine.url, MODELS[name]["vocab_size"])
             peak = results["bf16_peak_tflops"] * 1e12

@@ -65,6 +65,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--sglang-page-size", type=int, default=16, help="tokens per KV cache block of the paged backend")
     g.add_argument("--sglang-disable-cuda-graph", action="store_true", help="engines run decode steps eagerly")
     g.add_argument(
+        "--sglang-disable-torch-compile", action="store_true",
+        help="GPU engines skip torch.compile of the decode step's norms and sampler (starts faster, decodes slower)",
+    )  # fmt: skip
+    g.add_argument(
         "--sglang-cuda-graph-max-bs", type=int, default=512, help="largest batch an engine captures a decode graph for"
     )
     g.add_argument("--rollout-engine-threads", type=int, default=0, help="torch threads per engine (0: cores/engines)")

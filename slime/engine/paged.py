@@ -42,8 +42,10 @@ class PagedEngine(EmbeddedEngine):
         mem_fraction_static: float = 0.85,
         cuda_graph: bool = True,
         cuda_graph_max_bs: int = 512,
+        torch_compile: bool = True,
         **kwargs,
     ):
+        self.torch_compile = torch_compile
         self.block_size = block_size
         self.kv_cache_tokens = kv_cache_tokens
         self.mem_fraction_static = mem_fraction_static
@@ -83,23 +85,27 @@ class PagedEngine(EmbeddedEngine):
         self.stats.update(prefill_tokens=0, prefill_seconds=0.0, decode_steps=0, decode_seconds=0.0,
                           decode_forward_seconds=0.0, preemptions=0, prefix_shared_tokens=0)  # fmt: skip
         self._alloc_kv()
+        self._sample = sample_rows
         if self.on_cuda:
             torch.cuda.manual_seed(int(self.generator.initial_seed()))
             self._alloc_static()
+            if self.torch_compile and self.triton:
+                self._fuse()
 
     def _kv_blocks(self) -> int:
         per_token = 2 * self.num_layers * self.kv_heads * self.head_dim * self.model.dtype.itemsize
         if self.kv_cache_tokens:
             tokens = self.kv_cache_tokens
         elif self.on_cuda:
-            total = torch.cuda.get_device_properties(self.device).total_memory
+            free, total = torch.cuda.mem_get_info(self.device)
             # what the step itself needs beside the cache: fp32 logits and their softmax temporaries per batch row
             workspace = self.max_running_requests * self.config.vocab_size * 4 * 6 + (1 << 30)
             budget = total * self.mem_fraction_static - torch.cuda.memory_allocated(self.device) - workspace
+            budget = min(budget, free - workspace)  # others on this GPU (a trainer) keep what they hold
             tokens = min(int(budget // per_token), self.max_running_requests * self.max_context)
             if tokens < 4 * self.block_size:
-                raise RuntimeError(f"--mem-fraction-static {self.mem_fraction_static} of {total / 1e9:.1f} GB leaves "
-                                   "no room for the KV cache beside the weights: raise it")  # fmt: skip
+                raise RuntimeError(f"--mem-fraction-static {self.mem_fraction_static} of {total / 1e9:.1f} GB "
+                                   f"({free / 1e9:.1f} GB free) leaves no room for the KV cache")  # fmt: skip
         else:  # CPU pages are committed only when written, so a generous pool costs nothing until used
             tokens = self.max_running_requests * min(self.max_context, 2048)
         return tokens // self.block_size + 1
@@ -401,13 +407,30 @@ class PagedEngine(EmbeddedEngine):
         fwd = PagedForward(self._k, self._v, self._s_slots[:b], block_tables=self._s_tables[:b],
                            seq_lens=self._s_lens[:b], block_size=self.block_size)  # fmt: skip
         logits = self.model(input_ids=self._s_ids[None, :b], position_ids=self._s_pos[None, :b], use_cache=False,
-                            paged=fwd).logits[0].float()  # fmt: skip
-        scaled = logits / self._s_temp[:b, None]
-        logprobs = torch.log_softmax(scaled, dim=-1)
-        # exponential race: argmax(p / E), E ~ Exp(1), draws from p; in log space argmax(logp - log E)
-        race = logprobs - torch.empty_like(logprobs).exponential_().log()
-        toks = torch.where(self._s_greedy[:b], scaled.argmax(-1), race.argmax(-1))
-        return logits, toks, logprobs.gather(1, toks[:, None])[:, 0]
+                            paged=fwd).logits[0]  # fmt: skip
+        noise = torch.empty(logits.shape, device=logits.device).exponential_()  # graph-safe RNG: outside compile
+        return self._sample(logits, self._s_temp[:b], self._s_greedy[:b], noise)
+
+    def _fuse(self) -> None:
+        """torch.compile the small pieces of a decode step: the RMSNorms (several elementwise kernels and a reduction
+        each, four per layer) and the sampler's arithmetic, each becoming one or two kernels. The model's code is
+        unchanged. If compilation fails here (no working compiler), the step stays eager."""
+        norms = [m for m in self.model.modules() if type(m).__name__.endswith("RMSNorm")]
+        for m in norms:
+            m.compile(dynamic=True)
+        self._sample = torch.compile(sample_rows, dynamic=True)
+        try:
+            with torch.inference_mode():
+                for b in (1, 2):  # batch 1 is specialised apart from the others
+                    self._fill(b, [0] * b, [0] * b, [0] * b, [[0]] * b, [1.0] * b, [False] * b)
+                    self._decode_body(b)
+                torch.cuda.synchronize(self.device)
+        except Exception as exc:  # noqa: BLE001 - an eager step is slower, not wrong
+            logger.warning("torch.compile of the decode step's norms and sampler failed (%s: %s); running eager",
+                           type(exc).__name__, str(exc)[:300])  # fmt: skip
+            for m in norms:
+                m._compiled_call_impl = None
+            self._sample = sample_rows
 
     def _capture(self, b: int) -> tuple:
         """Capture the decode step for batch size b, on padding rows (they write only the scratch block 0)."""
@@ -429,3 +452,16 @@ class PagedEngine(EmbeddedEngine):
         started[1].synchronize()
         logger.info("captured the decode step for batch size %d in %.0f ms", b, started[0].elapsed_time(started[1]))
         return graph, out
+
+
+def sample_rows(
+    logits: torch.Tensor, temperature: torch.Tensor, greedy: torch.Tensor, noise: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The in-graph sampler. logits [b, V] (model dtype), temperature [b], greedy [b] bool, noise [b, V] ~ Exp(1).
+    Returns (logits [b, V] float32, tokens [b], logprobs [b] of log_softmax(logits / temperature))."""
+    logits = logits.float()
+    scaled = logits / temperature[:, None]
+    logprobs = torch.log_softmax(scaled, dim=-1)
+    # exponential race: argmax(p / E) with E ~ Exp(1) draws from p; in log space argmax(logp - log E)
+    toks = torch.where(greedy, scaled.argmax(-1), (logprobs - noise.log()).argmax(-1))
+    return logits, toks, logprobs.gather(1, toks[:, None])[:, 0]

@@ -447,6 +447,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )  # fmt: skip
     p.add_argument("--disable-cuda-graph", action="store_true", help="paged backend: run decode steps eagerly")
     p.add_argument(
+        "--disable-torch-compile", action="store_true",
+        help="paged backend on GPU: do not torch.compile the decode step's norms and sampler (faster start)",
+    )  # fmt: skip
+    p.add_argument(
         "--cuda-graph-max-bs", type=int, default=512, help="paged backend: largest batch a decode graph is captured for"
     )
     p.add_argument("--seed", type=int, default=0, help="seed of the sampling generator")
@@ -494,7 +498,7 @@ def main(argv: list[str] | None = None) -> None:
         engine = PagedEngine(
             resolve_checkpoint(args.model_path), block_size=args.page_size, kv_cache_tokens=args.kv_cache_tokens,
             mem_fraction_static=args.mem_fraction_static, cuda_graph=not args.disable_cuda_graph,
-            cuda_graph_max_bs=args.cuda_graph_max_bs, **common,
+            cuda_graph_max_bs=args.cuda_graph_max_bs, torch_compile=not args.disable_torch_compile, **common,
         )  # fmt: skip
     logger.info("serving %s on http://%s:%d", args.model_path, args.host, args.port)
     web.run_app(build_app(engine, args), host=args.host, port=args.port, print=None, access_log=None)

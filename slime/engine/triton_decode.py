@@ -11,6 +11,9 @@ import torch
 import triton
 import triton.language as tl
 
+# launch shape, measured on an H100 (benchmarks/gpu/engine.py, section kernel_speed)
+CONFIG = {"BLOCK_N": 64, "num_warps": 4, "num_stages": 2}
+
 
 @triton.jit
 def _decode_kernel(
@@ -76,7 +79,7 @@ def paged_decode(
         q, k_cache, v_cache, out, block_tables, seq_lens, scale,
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), v_cache.stride(0), v_cache.stride(1),
         block_tables.stride(0), out.stride(0), out.stride(1),
-        BLOCK_SIZE=block_size, GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)), D=dim, BLOCK_N=64,
-        IEEE=q.dtype == torch.float32, num_warps=4,
+        BLOCK_SIZE=block_size, GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)), D=dim,
+        IEEE=q.dtype == torch.float32, **CONFIG,
     )  # fmt: skip
     return out

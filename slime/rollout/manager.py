@@ -333,4 +333,6 @@ def engine_flags(args: Any) -> list[str]:
               "--cuda-graph-max-bs", str(args.sglang_cuda_graph_max_bs)]  # fmt: skip
     if args.sglang_disable_cuda_graph:
         flags.append("--disable-cuda-graph")
+    if args.sglang_disable_torch_compile:
+        flags.append("--disable-torch-compile")
     return flags
