@@ -347,9 +347,9 @@ class PagedEngine(EmbeddedEngine):
         else:
             ones = torch.ones(len(rows), dtype=torch.long)
             fwd = self._gather_forward([r.blocks for r in rows], torch.tensor(pos), ones, slots)
-            logits = self.model(input_ids=torch.tensor([last], device=self.device),
-                                position_ids=torch.tensor([pos], device=self.device), use_cache=False,
-                                paged=fwd).logits[0]  # fmt: skip
+            logits = self.model(input_ids=torch.tensor(last, device=self.device)[:, None],
+                                position_ids=torch.tensor(pos, device=self.device)[:, None], use_cache=False,
+                                paged=fwd).logits[:, 0]  # fmt: skip
             fast = False
         for r in rows:
             r.num_cached += 1
@@ -406,8 +406,8 @@ class PagedEngine(EmbeddedEngine):
         """One decode step over the first b static rows: logits [b, V] float32, sampled tokens [b], logprobs [b]."""
         fwd = PagedForward(self._k, self._v, self._s_slots[:b], block_tables=self._s_tables[:b],
                            seq_lens=self._s_lens[:b], block_size=self.block_size)  # fmt: skip
-        logits = self.model(input_ids=self._s_ids[None, :b], position_ids=self._s_pos[None, :b], use_cache=False,
-                            paged=fwd).logits[0]  # fmt: skip
+        logits = self.model(input_ids=self._s_ids[:b, None], position_ids=self._s_pos[:b, None], use_cache=False,
+                            paged=fwd).logits[:, 0]  # fmt: skip
         noise = torch.empty(logits.shape, device=logits.device).exponential_()  # graph-safe RNG: outside compile
         return self._sample(logits, self._s_temp[:b], self._s_greedy[:b], noise)
 
@@ -419,12 +419,14 @@ class PagedEngine(EmbeddedEngine):
         for m in norms:
             m.compile(dynamic=True)
         self._sample = torch.compile(sample_rows, dynamic=True)
+        start = time.perf_counter()
         try:
             with torch.inference_mode():
                 for b in (1, 2):  # batch 1 is specialised apart from the others
                     self._fill(b, [0] * b, [0] * b, [0] * b, [[0]] * b, [1.0] * b, [False] * b)
                     self._decode_body(b)
                 torch.cuda.synchronize(self.device)
+            logger.info("compiled the decode step's norms and sampler in %.1f s", time.perf_counter() - start)
         except Exception as exc:  # noqa: BLE001 - an eager step is slower, not wrong
             logger.warning("torch.compile of the decode step's norms and sampler failed (%s: %s); running eager",
                            type(exc).__name__, str(exc)[:300])  # fmt: skip
