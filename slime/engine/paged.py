@@ -220,9 +220,10 @@ class PagedEngine(EmbeddedEngine):
         """Pick (request, tokens) for this pass's prefill, admitting waiting requests while budget and cache last."""
         budget, chunks = self.max_prefill_tokens, []
         decoding = sum(1 for r in self._rows if self._uncached(r) == 0)
+        preempted: set[int] = set()
         for r in list(self._rows):
             n = min(self._uncached(r), budget)
-            if n <= 0 or all(r is not x for x in self._rows):
+            if n <= 0 or id(r) in preempted:
                 continue
             while True:
                 try:
@@ -230,8 +231,10 @@ class PagedEngine(EmbeddedEngine):
                     break
                 except CacheFull:
                     # decoding rows finish and free blocks; with none, only preempting frees any
-                    if decoding or self._preempt(keep=[r] + [c for c, _ in chunks]) is None:
+                    victim = None if decoding else self._preempt(keep=[r] + [c for c, _ in chunks])
+                    if victim is None:
                         return chunks
+                    preempted.add(id(victim))
             chunks.append((r, n))
             budget -= n
         pending: set[tuple] = set()  # first uncomputed block of each request admitted in this pass
