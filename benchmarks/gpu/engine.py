@@ -26,7 +26,6 @@ import os
 import random
 import sys
 import tempfile
-import threading
 import time
 import traceback
 from pathlib import Path
@@ -34,10 +33,11 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from run import MODELS, build_model  # noqa: E402
+from run import MODELS, build_model, run_section  # noqa: E402
 
 from slime.engine.launch import launch_engine  # noqa: E402
 from slime.utils.http_utils import request_sync  # noqa: E402
+from tests.test_paged_engine import _run  # noqa: E402
 
 PROMPT_LEN, NEW_TOKENS = 128, 256
 
@@ -150,20 +150,6 @@ def in_process_engine(path: str, **kw):
     return PagedEngine(path, dtype="bfloat16", device="cuda", **kw)
 
 
-def run_requests(engine, prompts: list[list[int]], params) -> list:
-    done, out = threading.Event(), {}
-
-    def cb(r):
-        out[r.rid] = r
-        if len(out) == len(prompts):
-            done.set()
-
-    for i, p in enumerate(prompts):
-        engine.submit(p, params, cb, rid=str(i))
-    assert done.wait(600), "engine did not answer within 600 s"
-    return [out[str(i)] for i in range(len(prompts))]
-
-
 def greedy_and_logprobs(path: str, vocab: int) -> dict:
     from transformers import AutoModelForCausalLM
 
@@ -172,8 +158,8 @@ def greedy_and_logprobs(path: str, vocab: int) -> dict:
     prompts = [p[: 8 + 7 * i] for i, p in enumerate(workload(16, vocab, seed=1))]
     engine = in_process_engine(path, max_running_requests=64, kv_cache_tokens=1 << 16)
     try:
-        greedy = run_requests(engine, prompts, SamplingParams(max_new_tokens=48, temperature=0.0, ignore_eos=True))
-        sampled = run_requests(engine, prompts, SamplingParams(max_new_tokens=48, temperature=1.0, ignore_eos=True))
+        greedy = _run(engine, prompts, SamplingParams(max_new_tokens=48, temperature=0.0, ignore_eos=True))
+        sampled = _run(engine, prompts, SamplingParams(max_new_tokens=48, temperature=1.0, ignore_eos=True))
     finally:
         engine.shutdown()
         del engine
@@ -309,14 +295,7 @@ def main() -> None:
     path_out = Path(out) / "engine_benchmark.json"
 
     def section(key: str, fn, *a):
-        start = time.perf_counter()
-        try:
-            results[key] = fn(*a)
-        except Exception as exc:  # noqa: BLE001 - record it and measure the rest
-            results[key] = {"error": f"{type(exc).__name__}: {exc}"[:3000], "traceback": traceback.format_exc()[-3000:]}
-        results[key + "_seconds"] = time.perf_counter() - start
-        print(f"[{time.perf_counter() - start:6.1f}s] {key}: {json.dumps(results[key])[:800]}", flush=True)
-        path_out.write_text(json.dumps(results, indent=1))
+        run_section(results, path_out, key, fn, *a)
 
     import transformers
 

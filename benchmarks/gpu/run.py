@@ -200,6 +200,19 @@ def grpo_steps(name: str, path: str, out: str, colocate: bool) -> dict:
             "steps": [{k: v for k, v in s.items() if k.startswith(keep)} for s in steps]}  # fmt: skip
 
 
+def run_section(results: dict, path: Path, key: str, fn, *args) -> None:
+    """results[key] = fn(*args), or the error it raised (the rest still runs); its seconds as key + "_seconds";
+    print a line and rewrite the results file, so a run cut short still leaves what it measured."""
+    start = time.perf_counter()
+    try:
+        results[key] = fn(*args)
+    except Exception as exc:  # noqa: BLE001 - record it and measure the rest
+        results[key] = {"error": f"{type(exc).__name__}: {exc}"[:3000], "traceback": traceback.format_exc()[-3000:]}
+    results[key + "_seconds"] = time.perf_counter() - start
+    print(f"[{results[key + '_seconds']:6.1f}s] {key}: {json.dumps(results[key])[:800]}", flush=True)
+    path.write_text(json.dumps(results, indent=1))
+
+
 def main() -> None:
     tokenizer_dir, out = sys.argv[1], sys.argv[2]
     os.makedirs(out, exist_ok=True)
@@ -208,13 +221,7 @@ def main() -> None:
     results_path = Path(out) / "gpu_benchmark.json"
 
     def section(key: str, fn, *a):
-        start = time.perf_counter()
-        try:
-            results[key] = fn(*a)
-        except Exception as exc:  # noqa: BLE001 - record it and measure the rest
-            results[key] = {"error": f"{type(exc).__name__}: {exc}"[:3000], "traceback": traceback.format_exc()[-3000:]}
-        print(f"[{time.perf_counter() - start:6.1f}s] {key}: {json.dumps(results[key])[:600]}", flush=True)
-        results_path.write_text(json.dumps(results, indent=1))
+        run_section(results, results_path, key, fn, *a)
 
     results["bf16_peak_tflops"] = bf16_peak() / 1e12
     ray.init(num_gpus=torch.cuda.device_count(), num_cpus=os.cpu_count(), include_dashboard=False)

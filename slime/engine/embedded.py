@@ -166,16 +166,13 @@ class EmbeddedEngine:
             if self._rows:
                 raise RuntimeError(f"release_memory_occupation needs an idle engine; {len(self._rows)} requests are "
                                    "running (pause_generation or abort_request first)")  # fmt: skip
+            self._free_graphs()  # every tag frees something a captured graph refers to (or the graphs themselves)
             if "weights" in tags and not self._released:
-                self._free_graphs()
                 for p in self.model.parameters():
                     self._released.append((p, p.shape))
                     p.data = torch.empty(0, dtype=p.dtype, device=p.device)
             if "kv_cache" in tags:
-                self._free_graphs()
                 self._free_kv()
-            if "cuda_graph" in tags:
-                self._free_graphs()
             if self.device.type == "cuda":
                 torch.cuda.empty_cache()
         return self._memory_report("release", tags, before)

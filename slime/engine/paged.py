@@ -178,6 +178,10 @@ class PagedEngine(EmbeddedEngine):
         for r in self._rows:
             self._free_row(r)
 
+    def _slot(self, r: Request, pos: int) -> int:
+        """The cache slot of r's token at position `pos`."""
+        return r.blocks[pos // self.block_size] * self.block_size + pos % self.block_size
+
     def _grow(self, r: Request, upto: int) -> None:
         """Give r blocks for positions < upto; raises CacheFull (keeping what it got)."""
         while len(r.blocks) * self.block_size < upto:
@@ -286,13 +290,12 @@ class PagedEngine(EmbeddedEngine):
         return (r.blocks[-1] if r.blocks else -1, tuple(tokens[i * bs : (i + 1) * bs]))
 
     def _prefill(self, chunks: list[tuple[Request, int]]) -> None:
-        bs, ids, pos, slots = self.block_size, [], [], []
+        ids, pos, slots = [], [], []
         for r, n in chunks:
-            tokens = self._tokens(r)
-            ids += tokens[r.num_cached : r.num_cached + n]
+            ids += self._tokens(r)[r.num_cached : r.num_cached + n]
             for p in range(r.num_cached, r.num_cached + n):
                 pos.append(p)
-                slots.append(r.blocks[p // bs] * bs + p % bs)
+                slots.append(self._slot(r, p))
         q_start = torch.tensor([r.num_cached for r, _ in chunks])
         q_len = torch.tensor([n for _, n in chunks])
         fwd = self._gather_forward([r.blocks for r, _ in chunks], q_start, q_len, slots)
@@ -322,7 +325,6 @@ class PagedEngine(EmbeddedEngine):
             self._fresh = []
 
     def _decode(self, rows: list[Request]) -> None:
-        bs = self.block_size
         preempted: set[int] = set()
         for r in rows:  # every row needs a slot for its last token
             while id(r) not in preempted:
@@ -342,11 +344,11 @@ class PagedEngine(EmbeddedEngine):
         self.stats["max_batch_rows"] = max(self.stats["max_batch_rows"], len(rows))
         last = [r.output_ids[-1] if r.output_ids else r.input_ids[-1] for r in rows]
         pos = [r.num_cached for r in rows]
-        slots = [r.blocks[p // bs] * bs + p % bs for r, p in zip(rows, pos, strict=True)]
-        fast = self.on_cuda and all(self._plain(r) for r in rows)
+        slots = [self._slot(r, p) for r, p in zip(rows, pos, strict=True)]
         start = time.perf_counter()
-        if self.on_cuda and self.triton:
+        if self.on_cuda and self.triton:  # the graph's sampler serves the batch when every row is plain
             logits, toks, lps = self._decode_cuda(rows, last, pos, slots)
+            fast = all(self._plain(r) for r in rows)
         else:
             ones = torch.ones(len(rows), dtype=torch.long)
             fwd = self._gather_forward([r.blocks for r in rows], torch.tensor(pos), ones, slots)
@@ -405,6 +407,10 @@ class PagedEngine(EmbeddedEngine):
         self._s_temp[:b].copy_(host(temps, dtype=torch.float32), non_blocking=True)
         self._s_greedy[:b].copy_(host(greedy), non_blocking=True)
 
+    def _fill_padding(self, b: int) -> None:
+        """Static rows that only touch the scratch block 0: what warm-up, compilation and capture run on."""
+        self._fill(b, [0] * b, [0] * b, [0] * b, [[0]] * b, [1.0] * b, [False] * b)
+
     def _decode_body(self, b: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """One decode step over the first b static rows: logits [b, V] float32, sampled tokens [b], logprobs [b]."""
         fwd = PagedForward(self._k, self._v, self._s_slots[:b], block_tables=self._s_tables[:b],
@@ -426,7 +432,7 @@ class PagedEngine(EmbeddedEngine):
         try:
             with torch.inference_mode():
                 for b in (1, 2):  # batch 1 is specialised apart from the others
-                    self._fill(b, [0] * b, [0] * b, [0] * b, [[0]] * b, [1.0] * b, [False] * b)
+                    self._fill_padding(b)
                     self._decode_body(b)
                 torch.cuda.synchronize(self.device)
             logger.info("compiled the decode step's norms and sampler in %.1f s", time.perf_counter() - start)
@@ -441,7 +447,7 @@ class PagedEngine(EmbeddedEngine):
         """Capture the decode step for batch size b, on padding rows (they write only the scratch block 0)."""
         started = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         started[0].record()
-        self._fill(b, [0] * b, [0] * b, [0] * b, [[0]] * b, [1.0] * b, [True] * b)
+        self._fill_padding(b)
         stream = torch.cuda.Stream(self.device)
         stream.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(stream):
