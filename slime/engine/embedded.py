@@ -1,9 +1,14 @@
 """The embedded engine: iteration-level (continuous) batching over a Hugging Face causal LM.
 
-One background thread owns the model. Each iteration it admits waiting requests, runs one decode step for every
-running request, samples, and retires finished or aborted rows. Requests join and leave between steps, so concurrent
-requests share forward passes instead of queueing behind each other. Weight updates take the same lock as a step, so
-they land between steps.
+One background thread owns the model: it loads it, runs every step, and runs weight updates and memory release between
+steps (callers on other threads hand them over and wait). Each iteration it admits waiting requests, runs one decode
+step for every running request, samples, and retires finished or aborted rows. Requests join and leave between steps,
+so concurrent requests share forward passes instead of queueing behind each other.
+
+Why one thread does all torch work: OpenMP gives each thread that runs a parallel op its own team of workers, and once
+a process has more such threads than cores, libgomp stops spin-waiting between parallel regions. Every small op then
+pays for putting its workers to sleep and waking them (measured on 2 cores: ~1,000 context switches per decode step and
+a fifth of the throughput gone, from a single cache allocation on the constructing thread).
 
 This module holds what every backend shares: the request lifecycle (submit, abort, pause, memory release, weight
 updates, stop conditions, completion callbacks). A backend supplies the KV cache and the forward passes:
@@ -19,7 +24,10 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterable
+from concurrent.futures import Future
+from concurrent.futures import wait as wait_futures
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -62,22 +70,15 @@ class EmbeddedEngine:
         device: str = "cpu",
     ):
         if num_threads:
-            torch.set_num_threads(num_threads)
+            torch.set_num_threads(num_threads)  # read by every thread's first parallel op, the engine thread's too
         self.model_path = model_path
         self.tokenizer = AutoTokenizer.from_pretrained(model_path)
-        torch_dtype = getattr(torch, dtype)
-        self.model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch_dtype, attn_implementation="sdpa")
         self.device = torch.device(device)
-        self.model.to(self.device).eval().requires_grad_(False)
-        self.config = self.model.config
         self.dtype = dtype
-        self.max_context = int(getattr(self.config, "max_position_embeddings", 1 << 30))
-        self.eos_ids = _eos_ids(self.model, self.tokenizer)
         self.max_running_requests = max_running_requests
         self.max_prefill_tokens = max_prefill_tokens
+        self.seed = seed
         self.generator = torch.Generator().manual_seed(seed)
-        # unseeded rows sample where the logits are; a request's own seed (a CPU generator) brings its batch to CPU
-        self.device_generator = torch.Generator(self.device).manual_seed(seed)
         self.weight_version = "default"
 
         self._waiting: deque[Request] = deque()
@@ -86,7 +87,7 @@ class EmbeddedEngine:
         self._released: list[tuple[torch.nn.Parameter, torch.Size]] = []  # weights freed for a colocated trainer
         self._stopped = False
         self._cv = threading.Condition()
-        self._step_lock = threading.RLock()
+        self._calls: deque[tuple[Future, Callable, tuple]] = deque()  # work handed to the engine thread
         self._rid_counter = itertools.count()
         self._done: list[Request] = []  # finished this iteration, callbacks not yet run
         self.stats = {
@@ -96,9 +97,22 @@ class EmbeddedEngine:
             "weight_updates": 0,
             "max_batch_rows": 0,  # the most requests ever decoded in one step
         }
-        self._setup()
-        self._thread = threading.Thread(target=self._loop, name="embedded-engine", daemon=True)
+        ready: Future = Future()
+        self._thread = threading.Thread(target=self._main, args=(ready,), name="embedded-engine", daemon=True)
         self._thread.start()
+        ready.result()  # the model loaded, or the reason it did not
+
+    def _load(self) -> None:
+        """Load the model and build the backend's state (engine thread, before the first step)."""
+        dtype = getattr(torch, self.dtype)
+        self.model = AutoModelForCausalLM.from_pretrained(self.model_path, dtype=dtype, attn_implementation="sdpa")
+        self.model.to(self.device).eval().requires_grad_(False)
+        self.config = self.model.config
+        self.max_context = int(getattr(self.config, "max_position_embeddings", 1 << 30))
+        self.eos_ids = _eos_ids(self.model, self.tokenizer)
+        # unseeded rows sample where the logits are; a request's own seed (a CPU generator) brings its batch to CPU
+        self.device_generator = torch.Generator(self.device).manual_seed(self.seed)
+        self._setup()
 
     # ------------------------------------------------------------------ public API (any thread)
     def submit(
@@ -161,20 +175,22 @@ class EmbeddedEngine:
         engine may still hold its cache pool. CUDA graphs refer to the weights' and the cache's storage, so releasing
         either drops them too (they are captured again when needed). Returns the GPU memory allocated before and
         after."""
-        tags, before = _memory_tags(tags), self._gpu_bytes()
-        with self._step_lock:
-            if self._rows:
-                raise RuntimeError(f"release_memory_occupation needs an idle engine; {len(self._rows)} requests are "
-                                   "running (pause_generation or abort_request first)")  # fmt: skip
-            self._free_graphs()  # every tag frees something a captured graph refers to (or the graphs themselves)
-            if "weights" in tags and not self._released:
-                for p in self.model.parameters():
-                    self._released.append((p, p.shape))
-                    p.data = torch.empty(0, dtype=p.dtype, device=p.device)
-            if "kv_cache" in tags:
-                self._free_kv()
-            if self.device.type == "cuda":
-                torch.cuda.empty_cache()
+        return self._on_engine_thread(self._release_memory, _memory_tags(tags))
+
+    def _release_memory(self, tags: set[str]) -> dict[str, int]:
+        before = self._gpu_bytes()
+        if self._rows:
+            raise RuntimeError(f"release_memory_occupation needs an idle engine; {len(self._rows)} requests are "
+                               "running (pause_generation or abort_request first)")  # fmt: skip
+        self._free_graphs()  # every tag frees something a captured graph refers to (or the graphs themselves)
+        if "weights" in tags and not self._released:
+            for p in self.model.parameters():
+                self._released.append((p, p.shape))
+                p.data = torch.empty(0, dtype=p.dtype, device=p.device)
+        if "kv_cache" in tags:
+            self._free_kv()
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
         return self._memory_report("release", tags, before)
 
     def _gpu_bytes(self) -> int:
@@ -191,8 +207,11 @@ class EmbeddedEngine:
         """Allocate what `release_memory` freed. Resumed weights hold no values until the next weight update (as
         in SGLang), so the engine stays paused: the weight sync's final /continue_generation lets requests run.
         Returns the GPU memory allocated before and after."""
-        tags, before = _memory_tags(tags), self._gpu_bytes()
-        with self._step_lock, self._cv:
+        return self._on_engine_thread(self._resume_memory, _memory_tags(tags))
+
+    def _resume_memory(self, tags: set[str]) -> dict[str, int]:
+        before = self._gpu_bytes()
+        with self._cv:
             if "weights" in tags and self._released:
                 for p, shape in self._released:
                     p.data = torch.empty(shape, dtype=p.dtype, device=p.device)
@@ -223,35 +242,39 @@ class EmbeddedEngine:
 
     def update_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]], weight_version: str | None) -> int:
         """Copy tensors into the model's parameters in place, between decode steps. Returns how many were loaded."""
-        with self._step_lock:
-            params = dict(self.model.named_parameters(remove_duplicate=False))  # tied weights answer to both names
-            params.update(dict(self.model.named_buffers()))
-            count = 0
-            with torch.no_grad():
-                for name, tensor in named_tensors:
-                    target = params.get(name)
-                    if target is None:
-                        raise KeyError(f"weight {name!r} is not a parameter of the served model")
-                    if tuple(target.shape) != tuple(tensor.shape):
-                        raise ValueError(f"weight {name!r}: shape {tuple(tensor.shape)} != {tuple(target.shape)}")
-                    target.copy_(tensor)
-                    count += 1
-            if weight_version is not None:
-                self._set_version(str(weight_version))
-            self.stats["weight_updates"] += 1
-            return count
+        return self._on_engine_thread(self._load_weights, named_tensors, weight_version)
+
+    def _load_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]], weight_version: str | None) -> int:
+        params = dict(self.model.named_parameters(remove_duplicate=False))  # tied weights answer to both names
+        params.update(dict(self.model.named_buffers()))
+        count = 0
+        with torch.no_grad():
+            for name, tensor in named_tensors:
+                target = params.get(name)
+                if target is None:
+                    raise KeyError(f"weight {name!r} is not a parameter of the served model")
+                if tuple(target.shape) != tuple(tensor.shape):
+                    raise ValueError(f"weight {name!r}: shape {tuple(tensor.shape)} != {tuple(target.shape)}")
+                target.copy_(tensor)
+                count += 1
+        if weight_version is not None:
+            self._set_version(str(weight_version))
+        self.stats["weight_updates"] += 1
+        return count
 
     def update_weights_from_disk(self, model_path: str, weight_version: str | None) -> int:
+        return self._on_engine_thread(self._load_weights_from_disk, model_path, weight_version)
+
+    def _load_weights_from_disk(self, model_path: str, weight_version: str | None) -> int:
         from safetensors.torch import load_file
 
         from slime.models.provision import safetensors_files
 
         count = 0
         for path in safetensors_files(model_path):
-            count += self.update_weights(load_file(path).items(), None)
+            count += self._load_weights(load_file(path).items(), None)
         if weight_version is not None:
-            with self._step_lock:
-                self._set_version(str(weight_version))
+            self._set_version(str(weight_version))
         return count
 
     def shutdown(self) -> None:
@@ -273,15 +296,32 @@ class EmbeddedEngine:
                 r.weight_version = version
             self.weight_version = version
 
+    def _main(self, ready: Future) -> None:
+        try:
+            self._load()
+        except BaseException as exc:
+            ready.set_exception(exc)
+            return
+        ready.set_result(None)
+        self._loop()
+
     def _loop(self) -> None:
         while True:
             with self._cv:
-                while not self._stopped and not self._has_work():
+                while not self._stopped and not self._calls and not self._has_work():
                     self._cv.wait(timeout=1.0)
-                if self._stopped and not self._rows and not self._waiting:
-                    return
+                calls, self._calls = self._calls, deque()
+                last = self._stopped and not self._rows and not self._waiting
+            for call, fn, args in calls:
+                if call.set_running_or_notify_cancel():
+                    try:
+                        call.set_result(fn(*args))
+                    except BaseException as exc:
+                        call.set_exception(exc)
+            if last:
+                return
             try:
-                with self._step_lock, torch.inference_mode():
+                with torch.inference_mode():
                     self._retire_aborted()
                     if not (self._paused or self._released) or self._stopped:
                         self._iteration()
@@ -289,6 +329,21 @@ class EmbeddedEngine:
                 logger.exception("engine step failed")
                 self._fail_all(f"engine error: {type(exc).__name__}: {exc}")
             self._deliver()
+
+    def _on_engine_thread(self, fn: Callable[..., Any], *args: Any) -> Any:
+        """fn(*args) run on the engine thread between steps (see the module docstring); its result or exception."""
+        if threading.current_thread() is self._thread:
+            return fn(*args)
+        call: Future = Future()
+        with self._cv:
+            if self._stopped:
+                raise RuntimeError(f"engine is shut down ({fn.__name__.lstrip('_')} not run)")
+            self._calls.append((call, fn, args))
+            self._cv.notify_all()
+        while not wait_futures([call], timeout=5.0).done:
+            if not self._thread.is_alive():
+                raise RuntimeError(f"the engine thread exited before running {fn.__name__.lstrip('_')}")
+        return call.result()
 
     def _has_work(self) -> bool:
         if any(r.abort_message for r in itertools.chain(self._waiting, self._rows)):
@@ -382,10 +437,10 @@ class EmbeddedEngine:
 
     # ------------------------------------------------------------------ backend hooks (engine thread)
     def _setup(self) -> None:
-        """Build the backend's state (KV cache, buffers); runs once, before the engine thread starts."""
+        """Build the backend's state (KV cache, buffers); runs once on the engine thread, before the first step."""
 
     def _iteration(self) -> None:
-        """Admit waiting requests and run one decode step for the running ones (under the step lock)."""
+        """Admit waiting requests and run one decode step for the running ones."""
         raise NotImplementedError
 
     def _select_rows(self, keep: list[int]) -> None:

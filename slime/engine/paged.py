@@ -145,12 +145,11 @@ class PagedEngine(EmbeddedEngine):
         self._s_temp = torch.ones(n, dtype=torch.float32, device=dev)
         self._s_greedy = torch.zeros(n, dtype=torch.bool, device=dev)
 
-    def update_weights(self, named_tensors, weight_version: str | None) -> int:
-        with self._step_lock:
-            count = super().update_weights(named_tensors, weight_version)
-            if self.pool is not None:
-                self.pool.forget_prefixes()
-            return count
+    def _load_weights(self, named_tensors, weight_version: str | None) -> int:
+        count = super()._load_weights(named_tensors, weight_version)
+        if self.pool is not None:
+            self.pool.forget_prefixes()
+        return count
 
     # ------------------------------------------------------------------ row bookkeeping
     def _tokens(self, r: Request) -> list[int]:
