@@ -60,3 +60,28 @@ def test_greedy_and_seeded_rows():
     a = sample_next(logits[:1], seeded, [torch.Generator().manual_seed(7)])[0]
     b = sample_next(logits[:1], seeded, [torch.Generator().manual_seed(7)])[0]
     assert a.tolist() == b.tolist()
+
+
+def test_sampled_frequencies_match_float64_probabilities_across_buckets():
+    """The two-level inverse-CDF sampler draws each token with its softmax probability (float64 reference), including
+    tokens at bucket edges and in the short last bucket (2,500 = 2 x 1,024 + 452), and never a zero-probability one."""
+    vocab, rows = 2500, 40000
+    picks = {0: 0.5, 1023: 2.0, 1024: 1.0, 2047: -1.0, 2048: 0.0, 2499: 1.5, 1500: -3.0}
+    logits = torch.full((vocab,), float("-inf"), dtype=torch.float64)
+    for t, x in picks.items():
+        logits[t] = x
+    expected = torch.softmax(logits, -1)  # float64
+    g = torch.Generator().manual_seed(5)
+    toks, _ = sample_next(logits.float().expand(rows, vocab), [SamplingParams()] * rows, [None] * rows, g)
+    assert set(toks.tolist()) <= set(picks)
+    freq = torch.bincount(toks, minlength=vocab).double() / rows
+    sigma = (expected * (1 - expected) / rows).sqrt()
+    assert ((freq - expected).abs() <= 5 * sigma + 1e-12).all(), (freq[list(picks)], expected[list(picks)])
+
+
+@pytest.mark.parametrize("only", [0, 1023, 1024, 2499])
+def test_a_single_possible_token_is_always_drawn(only):
+    logits = torch.full((64, 2500), float("-inf"))
+    logits[:, only] = 0.0
+    toks, lps = sample_next(logits, [SamplingParams(temperature=0.9)] * 64, [None] * 64, torch.Generator())
+    assert toks.tolist() == [only] * 64 and torch.all(lps == 0)

@@ -108,8 +108,8 @@ def sample_next(
     """
     logits = logits.float()
     dev = logits.device
-    temps = torch.tensor([1.0 if p.greedy else float(p.temperature) for p in params], dtype=torch.float32, device=dev)
-    scaled = logits / temps[:, None]
+    temps = [1.0 if p.greedy else float(p.temperature) for p in params]
+    scaled = logits if all(t == 1.0 for t in temps) else logits / torch.tensor(temps, device=dev)[:, None]
     logprobs_full = torch.log_softmax(scaled, dim=-1)
     tokens = torch.empty(len(params), dtype=torch.long, device=dev)
     greedy = [i for i, p in enumerate(params) if p.greedy]
@@ -117,26 +117,62 @@ def sample_next(
         tokens[greedy] = scaled[greedy].argmax(dim=-1)
     sampled = [i for i, p in enumerate(params) if not p.greedy]
     if sampled:
-        filtered = _truncate(scaled[sampled], logprobs_full[sampled], [params[i] for i in sampled])
-        probs = torch.softmax(filtered, dim=-1)
-        # argmax(p / E) with E ~ Exp(1) draws from p exactly, and is far cheaper than torch.multinomial on CPU
-        noise = torch.empty_like(probs).exponential_(generator=generator)
-        for j, i in enumerate(sampled):
-            if row_generators[i] is not None:
-                noise[j].exponential_(generator=row_generators[i])
-        tokens[sampled] = (probs / noise).argmax(dim=-1)
+        rows = slice(None) if len(sampled) == len(params) else sampled  # all rows: no copy
+        lp = logprobs_full[rows]
+        weights = lp.exp()  # unnormalised is fine for the inverse CDF; truncated entries become 0
+        dropped = _truncated(lp, [params[i] for i in sampled])
+        if dropped is not None:
+            weights.masked_fill_(dropped, 0.0)
+        tokens[rows] = _inverse_cdf(weights, [row_generators[i] for i in sampled], generator)
     return tokens, logprobs_full.gather(1, tokens[:, None])[:, 0]
 
 
-def _truncate(scaled: torch.Tensor, logprobs: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
-    """Apply top-k, top-p and min-p to temperature-scaled logits [b, V]; removed entries become -inf."""
-    vocab = scaled.shape[-1]
-    dev = scaled.device
+def _inverse_cdf(
+    weights: torch.Tensor, row_generators: list[torch.Generator | None], generator: torch.Generator | None
+) -> torch.Tensor:
+    """One token per row of non-negative weights [b, V] (zeros allowed, at least one positive per row), drawn with
+    probability proportional to its weight: the first index whose cumulative weight exceeds a uniform draw over the
+    row's total. Returns [b] int64.
+
+    One random number per row: an exponential per vocabulary entry cost 90 ms of a 450 ms CPU decode step at
+    64 x 49k; this takes 5 ms. Two levels keep the cumulative sums small and float64: pick a bucket of 1,024 entries
+    from the buckets' totals, then the entry inside it. Zero-weight entries are never picked."""
+    b, vocab = weights.shape
+    width = min(1024, vocab)
+    full = vocab // width * width
+    buckets = weights[:, :full].unflatten(-1, (full // width, width)).sum(-1)  # float32: relative error ~1e-7
+    if full < vocab:
+        buckets = torch.cat([buckets, weights[:, full:].sum(-1, keepdim=True)], dim=1)
+    u = torch.rand(b, 1, dtype=torch.float64, generator=generator, device=weights.device)
+    for j, g in enumerate(row_generators):
+        if g is not None:
+            u[j] = torch.rand((), dtype=torch.float64, generator=g)
+    bucket, u = _search(buckets.double().cumsum(-1), u)
+    index = bucket * width + torch.arange(width, device=weights.device)
+    inside = weights.gather(1, index.clamp(max=vocab - 1)).double().masked_fill(index >= vocab, 0.0)
+    return (bucket * width + _search(inside.cumsum(-1), u)[0])[:, 0]
+
+
+def _search(cdf: torch.Tensor, u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """cdf [b, n] cumulative float64 weights, u [b, 1] in [0, 1): the entry k [b, 1] in which u * total falls (never
+    a zero-weight one) and where inside it, as a fraction [b, 1] in [0, 1) of its weight (uniform again, so it can
+    pick inside entry k when k is a bucket)."""
+    total = cdf[:, -1:]
+    target = torch.minimum(u * total, torch.nextafter(total, torch.zeros_like(total)))  # strictly below the top
+    k = torch.searchsorted(cdf, target, right=True)
+    before = torch.where(k > 0, cdf.gather(1, (k - 1).clamp(min=0)), 0.0)
+    return k, (target - before) / (cdf.gather(1, k) - before)
+
+
+def _truncated(logprobs: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor | None:
+    """Entries of log-probs [b, V] that top-k, top-p or min-p remove (bool [b, V]); None when no row truncates."""
+    vocab = logprobs.shape[-1]
+    dev = logprobs.device
     top_k = torch.tensor([p.top_k if 0 < p.top_k < vocab else vocab for p in params], device=dev)
     top_p = torch.tensor([float(p.top_p) for p in params], device=dev)
     min_p = torch.tensor([float(p.min_p) for p in params], device=dev)
     if bool((top_k >= vocab).all() and (top_p >= 1).all() and (min_p <= 0).all()):
-        return scaled
+        return None
     sorted_lp, order = logprobs.sort(dim=-1, descending=True)
     sorted_probs = sorted_lp.exp()
     rank = torch.arange(vocab, device=dev)[None, :]
@@ -144,5 +180,4 @@ def _truncate(scaled: torch.Tensor, logprobs: torch.Tensor, params: list[Samplin
     drop = (rank >= top_k[:, None]) | (cum_before >= top_p[:, None])
     drop |= sorted_probs < min_p[:, None] * sorted_probs[:, :1]
     drop[:, 0] = False  # the most likely token always survives
-    mask = torch.zeros_like(drop).scatter(1, order, drop)
-    return scaled.masked_fill(mask, float("-inf"))
+    return torch.zeros_like(drop).scatter(1, order, drop)
