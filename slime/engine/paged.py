@@ -78,6 +78,7 @@ class PagedEngine(EmbeddedEngine):
         self._kv: torch.Tensor | None = None  # [layers, 2 (keys, values), slots, kv_heads, head_dim]
         self._k: list[torch.Tensor] | None = None
         self._v: list[torch.Tensor] | None = None
+        self._scratch: torch.Tensor | None = None  # torch attention path: keys and values gathered per layer
         self.pool: BlockPool | None = None
         self._graphs: dict[int, tuple] = {}
         self._graph_pool = None
@@ -126,7 +127,7 @@ class PagedEngine(EmbeddedEngine):
                     self.pool.capacity_tokens, self._kv.nbytes / 1e9)  # fmt: skip
 
     def _free_kv(self) -> None:
-        self._kv = self._k = self._v = self.pool = None
+        self._kv = self._k = self._v = self.pool = self._scratch = None
 
     def _free_graphs(self) -> None:
         if self._graphs:
@@ -312,8 +313,18 @@ class PagedEngine(EmbeddedEngine):
         table = torch.tensor([t + [0] * (width - len(t)) for t in tables])
         q_index, q_valid, mask = gather_plan(q_start, q_len, int(q_len.max()), width * self.block_size)
         dev = self.device
+        scratch = None if self.on_cuda else self._gather_scratch(len(tables) * width)
         return PagedForward(self._k, self._v, torch.tensor(slots, device=dev), q_index.to(dev), q_valid.to(dev),
-                            table.to(dev), mask.to(dev), block_size=self.block_size)  # fmt: skip
+                            table.to(dev), mask.to(dev), gathered=scratch, block_size=self.block_size)  # fmt: skip
+
+    def _gather_scratch(self, rows: int) -> torch.Tensor:
+        """[2, rows, block] scratch for the torch path's gathered keys and values; on CPU only (fresh pages are
+        costly there, and CUDA's caching allocator already reuses memory). Grown, never shrunk."""
+        if self._scratch is None or self._scratch.shape[1] < rows:
+            have = 0 if self._scratch is None else self._scratch.shape[1]
+            row = self.block_size * self.kv_heads * self.head_dim
+            self._scratch = torch.empty(2, max(rows, 2 * have), row, dtype=self._kv.dtype, device=self.device)
+        return self._scratch[:, :rows]
 
     def _zero_fresh(self) -> None:
         """Zero the blocks handed out since the last forward: the torch path reads whole blocks, and the unwritten
