@@ -116,23 +116,28 @@ def profile_step(path: str) -> dict:
     try:
         b, ctx, bs = 256, 256, engine.block_size
         per = ctx // bs
-        with engine._step_lock, torch.inference_mode():
-            tables = [list(range(1 + i * per, 1 + (i + 1) * per)) for i in range(b)]
-            slots = [t[-1] * bs + (ctx - 1) % bs for t in tables]
-            engine._fill(b, [5] * b, [ctx - 1] * b, slots, tables, [1.0] * b, [False] * b)
-            for _ in range(3):
-                engine._decode_body(b)
-            torch.cuda.synchronize()
-            start = time.perf_counter()
-            for _ in range(10):
-                engine._decode_body(b)
-            torch.cuda.synchronize()
-            eager_ms = (time.perf_counter() - start) / 10 * 1e3
-            from torch.profiler import ProfilerActivity, profile
 
-            with profile(activities=[ProfilerActivity.CUDA]) as prof:
-                engine._decode_body(b)
+        def measure(engine):  # on the engine thread, between steps, like everything that touches the model
+            with torch.inference_mode():
+                tables = [list(range(1 + i * per, 1 + (i + 1) * per)) for i in range(b)]
+                slots = [t[-1] * bs + (ctx - 1) % bs for t in tables]
+                engine._fill(b, [5] * b, [ctx - 1] * b, slots, tables, [1.0] * b, [False] * b)
+                for _ in range(3):
+                    engine._decode_body(b)
                 torch.cuda.synchronize()
+                start = time.perf_counter()
+                for _ in range(10):
+                    engine._decode_body(b)
+                torch.cuda.synchronize()
+                eager_ms = (time.perf_counter() - start) / 10 * 1e3
+                from torch.profiler import ProfilerActivity, profile
+
+                with profile(activities=[ProfilerActivity.CUDA]) as prof:
+                    engine._decode_body(b)
+                    torch.cuda.synchronize()
+            return eager_ms, prof
+
+        eager_ms, prof = engine._on_engine_thread(measure, engine)
         rows = sorted(prof.key_averages(), key=lambda e: -e.device_time_total)[:15]
         total = sum(e.device_time_total for e in prof.key_averages())
         return {"eager_step_ms": eager_ms, "gpu_us_total": total,
