@@ -4,6 +4,10 @@ Same work for both: 64 prompts x 4 samples x 128 new tokens (EOS ignored, so eve
 at temperature 1, SmolLM2-135M-Instruct, at most 64 sequences decoded together.
 
     .venv/bin/python benchmarks/rollout_throughput.py [--dtype float32|bfloat16] [--prompts 64] [--samples 4]
+                                                      [--repeat 1]
+
+`--repeat N` alternates the backends N times (paged, padded, paged, ...) and reports every run and the median: on a
+shared VM one run of either can be 10% off.
 """
 
 from __future__ import annotations
@@ -12,6 +16,7 @@ import argparse
 import asyncio
 import json
 import platform
+import statistics
 import time
 
 import torch
@@ -85,6 +90,7 @@ def main() -> None:
     ap.add_argument("--samples", type=int, default=4)
     ap.add_argument("--new-tokens", type=int, default=128)
     ap.add_argument("--rows", type=int, default=64, help="sequences decoded together, both systems")
+    ap.add_argument("--repeat", type=int, default=1, help="runs of each engine backend, alternated")
     args = ap.parse_args()
     from slime.models.provision import resolve_checkpoint
     from slime.utils.processing_utils import load_tokenizer
@@ -92,11 +98,19 @@ def main() -> None:
     model = resolve_checkpoint(args.model)
     ids = prompts(load_tokenizer(model), args.prompts)
     common = (model, ids, args.samples, args.new_tokens, args.dtype, args.rows)
+    runs: dict[str, list[dict]] = {"paged": [], "padded": []}
+    for _ in range(args.repeat):
+        for backend, out in runs.items():
+            out.append(bench_engine(*common, backend=backend))
+    engines = {}
+    for backend, out in runs.items():
+        median = statistics.median(r["tok_per_s"] for r in out)
+        engines[f"embedded_engine_{backend}"] = out[0] if len(out) == 1 else {"runs": out, "median_tok_per_s": median}
     result = {
         "date": time.strftime("%Y-%m-%d"), "machine": f"{platform.machine()} {torch.get_num_threads()} threads",
         "torch": torch.__version__,
         **{k: getattr(args, k) for k in ("dtype", "prompts", "samples", "new_tokens", "rows")},
-        **{f"embedded_engine_{b}": bench_engine(*common, backend=b) for b in ("paged", "padded")},
+        **engines,
         "transformers_generate": bench_generate(*common),
     }  # fmt: skip
     print(json.dumps(result, indent=1))
