@@ -258,3 +258,83 @@ def test_load_errors_reach_the_constructor(tiny_model_path, tmp_path):
     (path / "config.json").write_text(json.dumps(config))
     with pytest.raises(ValueError, match="--backend padded"):
         PagedEngine(str(path))
+
+
+def _tiny_model(smollm2_path: str, out, model_type: str, **overrides) -> str:
+    """A random 2-layer model of `model_type` with SmolLM2's tokenizer, saved to `out`."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(smollm2_path)
+    config = AutoConfig.for_model(model_type, vocab_size=len(tok), hidden_size=64, intermediate_size=128,
+                                  num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=512,
+                                  **overrides)  # fmt: skip
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(config).save_pretrained(out)
+    tok.save_pretrained(out)
+    return str(out)
+
+
+def _greedy_matches_generate(engine, path: str) -> None:
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(1)
+    prompts = [torch.randint(10, 2000, (n,)).tolist() for n in (1, 6, 19, 19)]
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    with torch.inference_mode():
+        ref = [model.generate(torch.tensor([p]), max_new_tokens=10, min_new_tokens=10, do_sample=False)[0, len(p) :]
+               .tolist() for p in prompts]  # fmt: skip
+    out = _run(engine, prompts, SamplingParams(max_new_tokens=10, temperature=0.0, ignore_eos=True))
+    assert [r.output_ids for r in out] == ref
+
+
+@pytest.mark.parametrize(
+    "model_type,overrides,cache_shape",
+    [
+        ("gpt_neox", {"num_key_value_heads": 2, "rotary_pct": 0.25}, (4, 16)),  # a stale key the model ignores
+        ("qwen3", {"num_key_value_heads": 2, "head_dim": 32}, (2, 32)),  # head dim != hidden / heads; q/k norms
+        ("phi3", {"num_key_value_heads": 2}, (2, 16)),  # fused qkv projection
+    ],
+)
+def test_paged_engine_serves_other_architectures(smollm2_path, tmp_path, model_type, overrides, cache_shape):
+    """The cache's (kv heads, head dim) come from what the attention receives, not from config keys; greedy decoding
+    equals transformers `generate`."""
+    from slime.engine.paged import PagedEngine
+
+    path = _tiny_model(smollm2_path, tmp_path / model_type, model_type, **overrides)
+    engine = PagedEngine(path, block_size=4)
+    try:
+        assert (engine.kv_heads, engine.head_dim) == cache_shape
+        _greedy_matches_generate(engine, path)
+    finally:
+        engine.shutdown()
+
+
+@pytest.mark.parametrize(
+    "model_type,overrides,reason",
+    [
+        ("stablelm", {"num_key_value_heads": 2}, "do not receive the forward's keyword arguments"),
+        ("deepseek_v3", {"num_key_value_heads": 4, "q_lora_rank": None, "kv_lora_rank": 16, "qk_rope_head_dim": 8,
+                         "qk_nope_head_dim": 16, "v_head_dim": 16, "first_k_dense_replace": 2},
+         "keys have head dim 24, values 16"),
+        ("mistral", {"num_key_value_heads": 2, "sliding_window": 64}, "sliding_window"),
+    ],
+)  # fmt: skip
+def test_auto_backend_falls_back_to_padded(smollm2_path, tmp_path, model_type, overrides, reason):
+    """A model whose attention the paged engine does not implement: --backend paged refuses it naming why and the way
+    out; auto (the default) serves it with the padded backend, which decodes it exactly."""
+    from slime.engine.paged import PagedEngine
+    from slime.engine.paged_attention import PagedUnsupported
+    from slime.engine.server import build_engine, parse_args
+
+    path = _tiny_model(smollm2_path, tmp_path / model_type, model_type, **overrides)
+    with pytest.raises(PagedUnsupported, match=reason) as refused:
+        PagedEngine(path)
+    assert "--rollout-engine-backend padded" in str(refused.value)
+    args = parse_args(["--model-path", path])
+    assert args.backend == "auto"
+    engine = build_engine(args, path, {})
+    try:
+        assert engine.backend == "padded" and reason in engine.backend_note
+        _greedy_matches_generate(engine, path)
+    finally:
+        engine.shutdown()

@@ -48,9 +48,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="requests one engine decodes together (batch rows; default 256 on GPU, 64 on CPU)",
     )  # fmt: skip
     g.add_argument(
-        "--rollout-engine-backend", default="paged", choices=["paged", "padded"],
-        help="embedded engine backend: paged (block-paged KV cache, prefix sharing, CUDA-graph decode) or padded (one "
-        "padded transformers cache; for models with sliding-window or other non-full attention layers)",
+        "--rollout-engine-backend", default="auto", choices=["auto", "paged", "padded"],
+        help="embedded engine backend: paged (block-paged KV cache, prefix sharing, CUDA-graph decode), padded (one "
+        "padded transformers cache; any model, including sliding-window or soft-capped attention) or auto (paged "
+        "where it can serve the model, else padded with a warning)",
     )  # fmt: skip
     g.add_argument(
         "--sglang-mem-fraction-static", type=float, default=None,

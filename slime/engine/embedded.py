@@ -59,6 +59,9 @@ class Request:
 class EmbeddedEngine:
     """Base of the backends; subclasses implement the hooks at the end of the class."""
 
+    backend = ""  # the backend's --backend name
+    backend_note: str | None = None  # why --backend auto did not pick the paged backend
+
     def __init__(
         self,
         model_path: str,
@@ -105,7 +108,8 @@ class EmbeddedEngine:
     def _load(self) -> None:
         """Load the model and build the backend's state (engine thread, before the first step)."""
         dtype = getattr(torch, self.dtype)
-        self.model = AutoModelForCausalLM.from_pretrained(self.model_path, dtype=dtype, attn_implementation="sdpa")
+        # transformers' default: SDPA where the model supports it, eager otherwise (e.g. logit soft-capping)
+        self.model = AutoModelForCausalLM.from_pretrained(self.model_path, dtype=dtype)
         self.model.to(self.device).eval().requires_grad_(False)
         self.config = self.model.config
         self.max_context = int(getattr(self.config, "max_position_embeddings", 1 << 30))
@@ -300,6 +304,9 @@ class EmbeddedEngine:
         try:
             self._load()
         except BaseException as exc:
+            self.model = None  # the caller may start another backend on the same device: free the weights now
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
             ready.set_exception(exc)
             return
         ready.set_result(None)

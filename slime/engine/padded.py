@@ -15,6 +15,8 @@ from slime.engine.embedded import EmbeddedEngine, Request
 
 
 class PaddedEngine(EmbeddedEngine):
+    backend = "padded"
+
     def _setup(self) -> None:
         self._cache: DynamicCache | None = None
         self._mask: torch.Tensor | None = None  # [B, T] 1 for real cache entries

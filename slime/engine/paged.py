@@ -26,7 +26,13 @@ import torch
 
 from slime.engine.embedded import EmbeddedEngine, Request
 from slime.engine.kv_cache import BlockPool, CacheFull
-from slime.engine.paged_attention import PagedForward, gather_plan, register
+from slime.engine.paged_attention import (
+    PagedForward,
+    PagedUnsupported,
+    gather_plan,
+    probe_model,
+    register,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -34,6 +40,8 @@ GRAPH_BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 160, 192, 224, 256, 32
 
 
 class PagedEngine(EmbeddedEngine):
+    backend = "paged"
+
     def __init__(
         self,
         *args,
@@ -58,12 +66,10 @@ class PagedEngine(EmbeddedEngine):
         cfg = self.config
         unsupported = [t for t in getattr(cfg, "layer_types", None) or [] if t != "full_attention"]
         if unsupported:
-            raise ValueError(f"the paged engine serves full-attention layers only; {self.model_path} has "
-                             f"{sorted(set(unsupported))} layers: start the engine with --backend padded")  # fmt: skip
-        self.model.config._attn_implementation = register()
+            raise PagedUnsupported(f"it serves full-attention layers only; this model has {sorted(set(unsupported))}")
         self.num_layers = cfg.num_hidden_layers
-        self.kv_heads = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
-        self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+        self.kv_heads, self.head_dim = probe_model(self.model, self.num_layers, self.max_context)
+        self.model.config._attn_implementation = register()
         self.on_cuda = self.device.type == "cuda"
         self.triton = False
         if self.on_cuda:

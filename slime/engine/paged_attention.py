@@ -20,6 +20,16 @@ import torch.nn.functional as F
 from transformers import AttentionInterface
 
 ATTN_NAME = "slime_paged"
+PROBE_NAME = "slime_probe"
+PADDED_HINT = "use --backend padded (slime-train: --rollout-engine-backend padded)"
+
+
+class PagedUnsupported(ValueError):
+    """The model has attention the paged engine does not implement; the padded backend serves it."""
+
+    def __init__(self, reason: str):
+        super().__init__(f"the paged engine cannot serve this model ({reason}): {PADDED_HINT}")
+        self.reason = reason
 
 
 @dataclass
@@ -107,6 +117,55 @@ def paged_attention(
     out = F.scaled_dot_product_attention(qp, k, v, attn_mask=paged.mask, scale=scaling, enable_gqa=True)
     out = out[:, :, 0] if decode else out.transpose(1, 2)[paged.q_valid]  # [T, H, D]
     return out.view(b, s, heads, dim), None
+
+
+# keywords a model passes to its attention function that change the result; the paged attention implements none
+_UNSUPPORTED_KWARGS = ("sliding_window", "softcap", "s_aux")
+
+
+def probe_model(model: torch.nn.Module, num_layers: int, max_context: int) -> tuple[int, int]:
+    """The (key-value heads, head dim) the paged cache needs, read from what the model's attention really receives in
+    a two-token forward: configs spell these differently, or carry stale values the model code ignores. Raises
+    PagedUnsupported saying why the paged engine cannot serve the model: a layer that does not call the attention
+    interface, one whose code drops the keyword arguments (the `paged` metadata could not reach the attention),
+    keys and values of different head dims, layers of different shapes, a sliding window, logit soft-capping or
+    attention sinks."""
+    marker, seen = object(), {}
+
+    def record(module, query, key, value, attention_mask, paged=None, **kwargs):
+        active = {k: kwargs[k] for k in _UNSUPPORTED_KWARGS if kwargs.get(k) is not None}
+        if "sliding_window" in active and active["sliding_window"] >= max_context:
+            active.pop("sliding_window")  # a window no sequence can exceed is full attention
+        seen[getattr(module, "layer_idx", None)] = (key.shape[1], key.shape[-1], value.shape[-1], paged is marker,
+                                                    active)  # fmt: skip
+        b, heads, s, _ = query.shape
+        return query.new_zeros(b, s, heads, value.shape[-1]), None
+
+    AttentionInterface.register(PROBE_NAME, record)
+    saved = model.config._attn_implementation
+    model.config._attn_implementation = PROBE_NAME
+    try:
+        with torch.inference_mode():
+            dev = next(model.parameters()).device
+            ids = torch.ones(1, 2, dtype=torch.long, device=dev)
+            model(input_ids=ids, position_ids=torch.arange(2, device=dev)[None], use_cache=False, paged=marker)
+    finally:
+        model.config._attn_implementation = saved
+    missing = [i for i in range(num_layers) if i not in seen]
+    if missing:
+        raise PagedUnsupported(f"layers {missing} do not call transformers' attention interface")
+    if not all(passed for _, _, _, passed, _ in seen.values()):
+        raise PagedUnsupported("its attention layers do not receive the forward's keyword arguments")
+    shapes = {(heads, kd, vd) for heads, kd, vd, _, _ in seen.values()}
+    if len(shapes) > 1:
+        raise PagedUnsupported(f"layers differ in (kv heads, key dim, value dim): {sorted(shapes)}")
+    ((heads, key_dim, value_dim),) = shapes
+    if key_dim != value_dim:
+        raise PagedUnsupported(f"keys have head dim {key_dim}, values {value_dim}")
+    active = {k for *_, kw in seen.values() for k in kw}
+    if active:
+        raise PagedUnsupported(f"its attention uses {sorted(active)}")
+    return heads, key_dim
 
 
 def register() -> str:

@@ -192,6 +192,8 @@ async def server_info(request: web.Request) -> web.Response:
             "dp_size": 1,
             "dtype": engine.dtype,
             "device": engine.device.type,
+            "backend": engine.backend,
+            "backend_fallback": engine.backend_note,
             "weight_version": engine.weight_version,
             "weights_released": engine.weights_released,
             "weight_bytes": engine.weight_bytes(),
@@ -431,9 +433,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "on GPU)",
     )  # fmt: skip
     p.add_argument(
-        "--backend", default="paged", choices=["paged", "padded"],
+        "--backend", default="auto", choices=["auto", "paged", "padded"],
         help="paged: block-paged KV cache, prefix sharing, CUDA-graph decode; padded: one padded transformers "
-        "DynamicCache (for models with sliding-window or other non-full attention layers)",
+        "DynamicCache (any model, including sliding-window, soft-capped or other non-full attention); auto: paged "
+        "where it can serve the model (checked at start), else padded with a warning saying why",
     )  # fmt: skip
     p.add_argument("--page-size", type=int, default=16, help="paged backend: tokens per KV cache block")
     p.add_argument(
@@ -473,6 +476,30 @@ def _exit_with_parent(parent_pid: int) -> None:
     threading.Thread(target=watch, name="parent-watch", daemon=True).start()
 
 
+def build_engine(args: argparse.Namespace, model_path: str, common: dict):
+    """The engine of `--backend`; `auto` tries the paged one and falls back to padded when the model's attention is
+    one the paged engine does not implement (a wasted model load, once, at start)."""
+    from slime.engine.padded import PaddedEngine
+    from slime.engine.paged import PagedEngine
+    from slime.engine.paged_attention import PagedUnsupported
+
+    if args.backend == "padded":
+        return PaddedEngine(model_path, **common)
+    try:
+        return PagedEngine(
+            model_path, block_size=args.page_size, kv_cache_tokens=args.kv_cache_tokens,
+            mem_fraction_static=args.mem_fraction_static, cuda_graph=not args.disable_cuda_graph,
+            cuda_graph_max_bs=args.cuda_graph_max_bs, torch_compile=not args.disable_torch_compile, **common,
+        )  # fmt: skip
+    except PagedUnsupported as exc:
+        if args.backend == "paged":
+            raise
+        logger.warning("%s; --backend auto: serving with the padded backend instead", exc)
+        engine = PaddedEngine(model_path, **common)
+        engine.backend_note = exc.reason
+        return engine
+
+
 def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=os.environ.get("SLIME_LOG_LEVEL", "INFO"), format="%(asctime)s %(name)s %(message)s")
     args = parse_args(argv)
@@ -488,18 +515,7 @@ def main(argv: list[str] | None = None) -> None:
         num_threads=args.num_threads or None,
         device=args.device,
     )
-    if args.backend == "padded":
-        from slime.engine.padded import PaddedEngine
-
-        engine = PaddedEngine(resolve_checkpoint(args.model_path), **common)
-    else:
-        from slime.engine.paged import PagedEngine
-
-        engine = PagedEngine(
-            resolve_checkpoint(args.model_path), block_size=args.page_size, kv_cache_tokens=args.kv_cache_tokens,
-            mem_fraction_static=args.mem_fraction_static, cuda_graph=not args.disable_cuda_graph,
-            cuda_graph_max_bs=args.cuda_graph_max_bs, torch_compile=not args.disable_torch_compile, **common,
-        )  # fmt: skip
+    engine = build_engine(args, resolve_checkpoint(args.model_path), common)
     logger.info("serving %s on http://%s:%d", args.model_path, args.host, args.port)
     web.run_app(build_app(engine, args), host=args.host, port=args.port, print=None, access_log=None)
 

@@ -97,6 +97,8 @@ class RolloutManager:
             for e in self.engines:
                 e.wait_ready("/health", timeout=600)
                 register_worker(self.router.url, e.url)
+            if self.engines:
+                _warn_backend_fallback(self.engines[0].url)
         except BaseException:
             self.shutdown()
             raise
@@ -317,6 +319,15 @@ class RolloutManager:
             server.terminate()
         for server in servers:
             server.stop()
+
+
+def _warn_backend_fallback(url: str) -> None:
+    """Say it in the run's own output when --rollout-engine-backend auto fell back to the padded backend (the
+    engine's log says it too, but nobody reads that when the run works)."""
+    status, body = request_sync("GET", url + "/server_info", timeout=30)
+    note = json.loads(body).get("backend_fallback") if status == 200 else None
+    if note:
+        logger.warning("rollout engines run the padded backend: the paged one cannot serve this model (%s)", note)
 
 
 def engine_flags(args: Any) -> list[str]:
