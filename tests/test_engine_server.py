@@ -95,6 +95,7 @@ def test_concurrent_requests_are_batched(server):
     assert all(len(o["output_ids"]) == 40 for o in outs)
     _, info = call(server, "/server_info", method="GET")
     assert info["internal_states"][0]["max_batch_rows"] >= 6
+    assert (info["backend"], info["backend_fallback"]) == ("paged", None)  # --backend auto on a Llama
 
 
 def _long_request(server, rid, result):

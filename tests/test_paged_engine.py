@@ -114,18 +114,22 @@ def _run(engine, prompts, params):
 
 @pytest.fixture(scope="module")
 def greedy_reference(tiny_model_path):
-    from transformers import AutoModelForCausalLM
-
     torch.manual_seed(1)
     lengths = [1, 3, 16, 17, 33, 40, 9]
     prompts = [torch.randint(10, 2000, (n,)).tolist() for n in lengths]
     prompts += [prompts[4]] * 3  # n samples of one prompt: prefilled once, shared
     prompts += [prompts[4][:20] + [5, 6, 7]]  # shares the first block(s) only
-    model = AutoModelForCausalLM.from_pretrained(tiny_model_path, dtype=torch.float32).eval()
+    return prompts, _generate_greedy(tiny_model_path, prompts, 20)
+
+
+def _generate_greedy(path: str, prompts: list[list[int]], new: int) -> list[list[int]]:
+    """transformers `generate`, greedy, fp32, one prompt at a time: the reference token ids."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
     with torch.inference_mode():
-        ref = [model.generate(torch.tensor([p]), max_new_tokens=20, min_new_tokens=20, do_sample=False)[0, len(p) :]
-               .tolist() for p in prompts]  # fmt: skip
-    return prompts, ref
+        return [model.generate(torch.tensor([p]), max_new_tokens=new, min_new_tokens=new, do_sample=False)[0, len(p) :]
+                .tolist() for p in prompts]  # fmt: skip
 
 
 @pytest.mark.parametrize(
@@ -275,16 +279,10 @@ def _tiny_model(smollm2_path: str, out, model_type: str, **overrides) -> str:
 
 
 def _greedy_matches_generate(engine, path: str) -> None:
-    from transformers import AutoModelForCausalLM
-
     torch.manual_seed(1)
     prompts = [torch.randint(10, 2000, (n,)).tolist() for n in (1, 6, 19, 19)]
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
-    with torch.inference_mode():
-        ref = [model.generate(torch.tensor([p]), max_new_tokens=10, min_new_tokens=10, do_sample=False)[0, len(p) :]
-               .tolist() for p in prompts]  # fmt: skip
     out = _run(engine, prompts, SamplingParams(max_new_tokens=10, temperature=0.0, ignore_eos=True))
-    assert [r.output_ids for r in out] == ref
+    assert [r.output_ids for r in out] == _generate_greedy(path, prompts, 10)
 
 
 @pytest.mark.parametrize(

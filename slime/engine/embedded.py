@@ -305,7 +305,7 @@ class EmbeddedEngine:
             self._load()
         except BaseException as exc:
             self.model = None  # the caller may start another backend on the same device: free the weights now
-            if torch.cuda.is_available():
+            if self.device.type == "cuda":
                 torch.cuda.empty_cache()
             ready.set_exception(exc)
             return

@@ -21,14 +21,16 @@ from transformers import AttentionInterface
 
 ATTN_NAME = "slime_paged"
 PROBE_NAME = "slime_probe"
-PADDED_HINT = "use --backend padded (slime-train: --rollout-engine-backend padded)"
 
 
 class PagedUnsupported(ValueError):
     """The model has attention the paged engine does not implement; the padded backend serves it."""
 
     def __init__(self, reason: str):
-        super().__init__(f"the paged engine cannot serve this model ({reason}): {PADDED_HINT}")
+        super().__init__(
+            f"the paged engine cannot serve this model ({reason}): use --backend padded (slime-train: "
+            "--rollout-engine-backend padded)"
+        )
         self.reason = reason
 
 
