@@ -61,8 +61,19 @@ def seconds(pattern: str, text: str) -> list[float]:
 def resume_run(out: Path) -> dict:
     ckpt = out / "ckpt"
     out.mkdir(parents=True)
-    cmd = command(out, "--num-rollout", "3", "--save-interval", "1", "--save", str(ckpt), "--load", str(ckpt),
-                  "--save-hf", str(out / "hf" / "{rollout_id}"))  # fmt: skip
+    cmd = command(
+        out,
+        "--num-rollout",
+        "3",
+        "--save-interval",
+        "1",
+        "--save",
+        str(ckpt),
+        "--load",
+        str(ckpt),
+        "--save-hf",
+        str(out / "hf" / "{rollout_id}"),
+    )
     start = time.monotonic()
     with open(out / "first.log", "w") as log:
         proc = subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
@@ -94,9 +105,20 @@ def resume_run(out: Path) -> dict:
 
 
 def fault_run(out: Path) -> dict:
-    cmd = command(out, "--num-rollout", "2", "--rollout-num-engines", "2", "--use-fault-tolerance",
-                  "--rollout-health-check-interval", "2", "--rollout-health-check-timeout", "10",
-                  "--custom-generate-function-path", "tests.custom_hooks.sabotage_engines_generate")  # fmt: skip
+    cmd = command(
+        out,
+        "--num-rollout",
+        "2",
+        "--rollout-num-engines",
+        "2",
+        "--use-fault-tolerance",
+        "--rollout-health-check-interval",
+        "2",
+        "--rollout-health-check-timeout",
+        "10",
+        "--custom-generate-function-path",
+        "tests.custom_hooks.sabotage_engines_generate",
+    )
     out.mkdir(parents=True)
     result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
     (out / "run.log").write_text(result.stdout + result.stderr)
@@ -130,8 +152,11 @@ def main() -> None:
     out = Path(p.parse_args().out).resolve()
     shutil.rmtree(out, ignore_errors=True)
     out.mkdir(parents=True)
-    result = {"resume": resume_run(out / "resume"), "faults": fault_run(out / "faults"),
-              "determinism": determinism_cost(out / "determinism")}  # fmt: skip
+    result = {
+        "resume": resume_run(out / "resume"),
+        "faults": fault_run(out / "faults"),
+        "determinism": determinism_cost(out / "determinism"),
+    }
     (out / "summary.json").write_text(json.dumps(result, indent=1))
     print(json.dumps(result, indent=1))
 

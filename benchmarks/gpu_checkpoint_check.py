@@ -48,11 +48,27 @@ def main() -> None:
     tokenizer_dir, out_dir = sys.argv[1], Path(sys.argv[2])
     model = build_tiny_llama(tokenizer_dir, tempfile.mkdtemp(prefix="tiny-"), hidden_size=256, layers=4)
     ray.init(num_gpus=torch.cuda.device_count(), num_cpus=8, include_dashboard=False)
-    args = parse_args([
-        "--hf-checkpoint", model, "--prompt-data", "builtin:arithmetic", "--rm-type", "math", "--output-dir",
-        str(out_dir), "--rollout-batch-size", "4", "--n-samples-per-prompt", "4", "--global-batch-size", "8",
-        "--lr", "0.01",
-    ])  # fmt: skip
+    args = parse_args(
+        [
+            "--hf-checkpoint",
+            model,
+            "--prompt-data",
+            "builtin:arithmetic",
+            "--rm-type",
+            "math",
+            "--output-dir",
+            str(out_dir),
+            "--rollout-batch-size",
+            "4",
+            "--n-samples-per-prompt",
+            "4",
+            "--global-batch-size",
+            "8",
+            "--lr",
+            "0.01",
+        ],
+        cluster_gpus=torch.cuda.device_count(),
+    )
     data, later = _synthetic_batch(16, seed=1), _synthetic_batch(16, seed=2)
     work = Path(tempfile.mkdtemp(prefix="ckpt-"))
     save, hf = work / "ckpt", work / "hf"

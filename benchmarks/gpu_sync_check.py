@@ -32,11 +32,29 @@ def main() -> None:
     try:
         results["greedy_equals_transformers"] = _greedy_matches(model, engine.url, engine_device)
         for mode in ("tensor", "distributed", "disk"):
-            args = parse_args([
-                "--hf-checkpoint", model, "--prompt-data", "builtin:arithmetic", "--rm-type", "math",
-                "--rollout-temperature", "0.8", "--output-dir", out_dir, "--update-weight-mode", mode,
-                "--lr", "0.05", "--rollout-batch-size", "4", "--n-samples-per-prompt", "2",
-            ])  # fmt: skip
+            args = parse_args(
+                [
+                    "--hf-checkpoint",
+                    model,
+                    "--prompt-data",
+                    "builtin:arithmetic",
+                    "--rm-type",
+                    "math",
+                    "--rollout-temperature",
+                    "0.8",
+                    "--output-dir",
+                    out_dir,
+                    "--update-weight-mode",
+                    mode,
+                    "--lr",
+                    "0.05",
+                    "--rollout-batch-size",
+                    "4",
+                    "--n-samples-per-prompt",
+                    "2",
+                ],
+                cluster_gpus=torch.cuda.device_count(),
+            )
             group = TrainGroup(args)
             try:
                 group.call("connect_engines", [engine.url])
@@ -46,9 +64,13 @@ def main() -> None:
                 sync = group.update_weights(f"{mode}-1")
                 fresh = _generate(engine.url, 8, seed=2)
                 after = _max_diff(fresh, group.call("log_probs", fresh)[0])
-                results[mode] = {"grad_norm": train["train/grad_norm"], "max_diff_before_sync": before,
-                                 "max_diff_after_sync": after, "engine_version": fresh["weight_version"],
-                                 "sync_seconds": sync["sync/seconds"]}  # fmt: skip
+                results[mode] = {
+                    "grad_norm": train["train/grad_norm"],
+                    "max_diff_before_sync": before,
+                    "max_diff_after_sync": after,
+                    "engine_version": fresh["weight_version"],
+                    "sync_seconds": sync["sync/seconds"],
+                }
             except Exception as exc:  # noqa: BLE001 - report every mode
                 results[mode] = {"error": f"{type(exc).__name__}: {exc}"[:2000]}
             finally:
@@ -74,8 +96,9 @@ def _greedy_matches(model_path: str, url: str, device: str) -> bool:
         status, text = request_sync("POST", f"{url}/generate", body, timeout=120)
         engine_ids = json.loads(text)["output_ids"]
         with torch.no_grad():
-            ref = hf.generate(torch.tensor([ids], device=device), max_new_tokens=16, do_sample=False,
-                              min_new_tokens=16)[0, len(ids):].tolist()  # fmt: skip
+            ref = hf.generate(
+                torch.tensor([ids], device=device), max_new_tokens=16, do_sample=False, min_new_tokens=16
+            )[0, len(ids) :].tolist()
         if engine_ids != ref:
             print("greedy mismatch", ids, engine_ids, ref, flush=True)
             return False

@@ -15,7 +15,6 @@ import time
 
 from slime.config.arguments import parse_args
 from slime.demo import DEMO_FLAGS
-from slime.models.provision import resolve_checkpoint
 from slime.train import train
 
 ALGORITHM_FLAGS = {
@@ -29,10 +28,17 @@ EVAL_KEY = "eval/arithmetic_test/reward_mean"
 
 
 def run(name: str, num_rollout: int, out_dir: str) -> dict:
-    flags = [*DEMO_FLAGS, "--num-rollout", str(num_rollout), "--eval-interval", str(num_rollout),
-             "--output-dir", os.path.join(out_dir, name), *ALGORITHM_FLAGS[name]]  # fmt: skip
-    args = parse_args(flags)
-    args.hf_checkpoint = resolve_checkpoint(args.hf_checkpoint)
+    flags = [
+        *DEMO_FLAGS,
+        "--num-rollout",
+        str(num_rollout),
+        "--eval-interval",
+        str(num_rollout),
+        "--output-dir",
+        os.path.join(out_dir, name),
+        *ALGORITHM_FLAGS[name],
+    ]
+    args = parse_args(flags, resolve_model=True)
     start = time.monotonic()
     result = train(args)
     seconds = time.monotonic() - start
@@ -56,15 +62,22 @@ def table(rows: list[dict]) -> str:
     for r in rows:
         rw, steps = r["train_reward_per_rollout"], r["seconds_per_step"]
         first, last = sum(rw[:2]) / len(rw[:2]), sum(rw[-2:]) / len(rw[-2:])
-        lines.append(f"| {r['estimator']} | {r['eval_before']:.1%} | {r['eval_after']:.1%} | {first:.3f} → "
-                     f"{last:.3f} | {sum(steps) / len(steps):.0f} | {r['seconds']:.0f} |")  # fmt: skip
+        lines.append(
+            f"| {r['estimator']} | {r['eval_before']:.1%} | {r['eval_after']:.1%} | {first:.3f} → "
+            f"{last:.3f} | {sum(steps) / len(steps):.0f} | {r['seconds']:.0f} |"
+        )
     return "\n".join(lines)
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--estimators", nargs="+", default=["grpo", "gspo", "reinforce_plus_plus", "ppo"],
-                   choices=sorted(ALGORITHM_FLAGS), help="which algorithms to run, in order")  # fmt: skip
+    p.add_argument(
+        "--estimators",
+        nargs="+",
+        default=["grpo", "gspo", "reinforce_plus_plus", "ppo"],
+        choices=sorted(ALGORITHM_FLAGS),
+        help="which algorithms to run, in order",
+    )
     p.add_argument("--num-rollout", type=int, default=8, help="rollout steps per estimator")
     p.add_argument("--out", default="outputs/learning_curves", help="output folder")
     opts = p.parse_args()

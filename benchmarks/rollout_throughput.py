@@ -27,10 +27,11 @@ def prompts(tokenizer, n: int) -> list[list[int]]:
 
     rows = arithmetic_rows("test", n, seed=0)
     return [
-        tokenizer.apply_chat_template([{"role": "user", "content": r["prompt"]}], add_generation_prompt=True,
-                                      tokenize=True, return_dict=False)
+        tokenizer.apply_chat_template(
+            [{"role": "user", "content": r["prompt"]}], add_generation_prompt=True, tokenize=True, return_dict=False
+        )
         for r in rows
-    ]  # fmt: skip
+    ]
 
 
 def bench_engine(
@@ -39,14 +40,15 @@ def bench_engine(
     from slime.engine.launch import launch_engine
     from slime.utils.http_utils import close_sessions, post
 
-    server = launch_engine(
-        model, "outputs/bench_logs", dtype=dtype, max_running_requests=rows, extra_args=["--backend", backend]
-    )
+    server = launch_engine(model, "outputs/bench_logs", dtype=dtype, max_running_requests=rows, backend=backend)
     params = {"max_new_tokens": new, "ignore_eos": True, "temperature": 1.0}
 
     async def run() -> list:
-        reqs = [post(server.url + "/generate", {"input_ids": p, "sampling_params": params, "return_logprob": True})
-                for p in ids for _ in range(samples)]  # fmt: skip
+        reqs = [
+            post(server.url + "/generate", {"input_ids": p, "sampling_params": params, "return_logprob": True})
+            for p in ids
+            for _ in range(samples)
+        ]
         out = await asyncio.gather(*reqs)
         await close_sessions()
         return out
@@ -75,8 +77,16 @@ def bench_generate(model: str, ids: list[list[int]], samples: int, new: int, dty
         input_ids = torch.tensor([[pad] * (width - len(s)) + s for s in batch])
         mask = torch.tensor([[0] * (width - len(s)) + [1] * len(s) for s in batch])
         with torch.inference_mode():
-            out = m.generate(input_ids=input_ids, attention_mask=mask, max_new_tokens=new, min_new_tokens=new,
-                             do_sample=True, temperature=1.0, top_k=0, output_scores=False)  # fmt: skip
+            out = m.generate(
+                input_ids=input_ids,
+                attention_mask=mask,
+                max_new_tokens=new,
+                min_new_tokens=new,
+                do_sample=True,
+                temperature=1.0,
+                top_k=0,
+                output_scores=False,
+            )
         tokens += (out.shape[1] - width) * len(batch)
     seconds = time.perf_counter() - start
     return {"tokens": tokens, "seconds": seconds, "tok_per_s": tokens / seconds}
@@ -107,12 +117,13 @@ def main() -> None:
         median = statistics.median(r["tok_per_s"] for r in out)
         engines[f"embedded_engine_{backend}"] = out[0] if len(out) == 1 else {"runs": out, "median_tok_per_s": median}
     result = {
-        "date": time.strftime("%Y-%m-%d"), "machine": f"{platform.machine()} {torch.get_num_threads()} threads",
+        "date": time.strftime("%Y-%m-%d"),
+        "machine": f"{platform.machine()} {torch.get_num_threads()} threads",
         "torch": torch.__version__,
         **{k: getattr(args, k) for k in ("dtype", "prompts", "samples", "new_tokens", "rows")},
         **engines,
         "transformers_generate": bench_generate(*common),
-    }  # fmt: skip
+    }
     print(json.dumps(result, indent=1))
 
 

@@ -28,8 +28,20 @@ def main() -> None:
     engine = launch_engine(model, out, num_threads=2)
     try:
         for mode in ("tensor", "distributed", "disk"):
-            args = parse_args(["--hf-checkpoint", model, "--prompt-data", "builtin:arithmetic", "--rm-type", "math",
-                               "--update-weight-mode", mode, "--output-dir", out])  # fmt: skip
+            args = parse_args(
+                [
+                    "--hf-checkpoint",
+                    model,
+                    "--prompt-data",
+                    "builtin:arithmetic",
+                    "--rm-type",
+                    "math",
+                    "--update-weight-mode",
+                    mode,
+                    "--output-dir",
+                    out,
+                ]
+            )
             group = TrainGroup(args)
             try:
                 group.call("connect_engines", [engine.url])

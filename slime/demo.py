@@ -11,42 +11,78 @@ import os
 import sys
 import time
 
-from slime.config.arguments import parse_args
-from slime.models.provision import resolve_checkpoint
-from slime.train import train
+import ray
+
+from slime.train import settled_args, train
 
 DEMO_FLAGS = [
-    "--hf-checkpoint", "SmolLM2-135M-Instruct",
-    "--prompt-data", "builtin:arithmetic:train:1000:0",
-    "--input-key", "prompt", "--label-key", "label", "--apply-chat-template", "--rollout-shuffle",
-    "--rm-type", "math",
-    "--rollout-batch-size", "8", "--n-samples-per-prompt", "4", "--rollout-max-response-len", "48",
-    "--rollout-temperature", "0.8", "--num-rollout", "10", "--eval-interval", "10",
-    "--lr", "3e-5", "--use-rollout-logprobs", "--use-dynamic-batch-size", "--max-tokens-per-gpu", "512",
-    "--eval-prompt-data", "arithmetic_test", "builtin:arithmetic:test:64:0", "--eval-temperature", "0",
-    "--output-dir", "outputs/demo",
-]  # fmt: skip
+    "--hf-checkpoint",
+    "SmolLM2-135M-Instruct",
+    "--prompt-data",
+    "builtin:arithmetic:train:1000:0",
+    "--input-key",
+    "prompt",
+    "--label-key",
+    "label",
+    "--apply-chat-template",
+    "--rollout-shuffle",
+    "--rm-type",
+    "math",
+    "--rollout-batch-size",
+    "8",
+    "--n-samples-per-prompt",
+    "4",
+    "--rollout-max-response-len",
+    "48",
+    "--rollout-temperature",
+    "0.8",
+    "--num-rollout",
+    "10",
+    "--eval-interval",
+    "10",
+    "--lr",
+    "3e-5",
+    "--use-rollout-logprobs",
+    "--use-dynamic-batch-size",
+    "--max-tokens-per-gpu",
+    "512",
+    "--eval-prompt-data",
+    "arithmetic_test",
+    "builtin:arithmetic:test:64:0",
+    "--eval-temperature",
+    "0",
+    "--output-dir",
+    "outputs/demo",
+]
 
 
 def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=os.environ.get("SLIME_LOG_LEVEL", "WARNING"), format="%(asctime)s %(name)s %(message)s")
     start = time.monotonic()
-    args = parse_args(DEMO_FLAGS + list(sys.argv[1:] if argv is None else argv))
     print("preparing the embedded model (converted once, then cached) …", flush=True)
-    args.hf_checkpoint = resolve_checkpoint(args.hf_checkpoint)
-    result = train(args)
+    args = settled_args(DEMO_FLAGS + list(sys.argv[1:] if argv is None else argv))
+    try:
+        result = train(args)
+    finally:
+        ray.shutdown()
     key = "eval/arithmetic_test/reward_mean"
     before, after = result.get("eval_before", {}).get(key), result.get("eval", {}).get(key)
     print("\n=== demo summary ===")
     if before is not None and after is not None:
-        print(f"held-out accuracy (64 built-in test problems, greedy): {before:.1%} before -> {after:.1%} after "
-              f"{args.num_rollout} GRPO steps")  # fmt: skip
+        print(
+            f"held-out accuracy (64 built-in test problems, greedy): {before:.1%} before -> {after:.1%} after "
+            f"{args.num_rollout} GRPO steps"
+        )
     if "rollout" in result:
         r = result["rollout"]
-        print(f"last rollout: reward mean {r['rollout/reward_mean']:.3f}, response length "
-              f"{r['rollout/response_len_mean']:.0f} tokens")  # fmt: skip
-    print(f"wall time {time.monotonic() - start:.0f}s (seed {args.seed}); metrics in {args.output_dir}/metrics.jsonl, "
-          f"TensorBoard in {args.output_dir}/tensorboard")  # fmt: skip
+        print(
+            f"last rollout: reward mean {r['rollout/reward_mean']:.3f}, response length "
+            f"{r['rollout/response_len_mean']:.0f} tokens"
+        )
+    print(
+        f"wall time {time.monotonic() - start:.0f}s (seed {args.seed}); metrics in {args.output_dir}/metrics.jsonl, "
+        f"TensorBoard in {args.output_dir}/tensorboard"
+    )
 
 
 if __name__ == "__main__":

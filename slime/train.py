@@ -10,24 +10,27 @@ import time
 import ray
 from tqdm import tqdm
 
-from slime.config.arguments import batch_plan, parse_args
-from slime.models.provision import resolve_checkpoint
+from slime.config.arguments import Settings, batch_plan, parse_flags, settle
+from slime.config.cluster import placement_line
 from slime.observe.metrics import MetricsLogger
-from slime.ray.placement import place_engines
 from slime.ray.train_group import TrainGroup
 from slime.rollout.manager import RolloutManager
 from slime.trainer import checkpoint
 
 
-def train(args) -> dict:
-    """Run rollouts `start..--num-rollout-1` (start > 0 when --load holds a checkpoint); returns the last rollout,
-    train, sync and eval metrics."""
-    own_ray = not ray.is_initialized()  # a cluster the caller started is left running
-    ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=True, ignore_reinit_error=True)
+def train(args: Settings) -> dict:
+    """Run rollouts `start..--num-rollout-1` (start > 0 when --load holds a checkpoint) with settled `args`; returns
+    the last rollout, train, sync and eval metrics."""
+    own_ray = start_ray()  # a cluster the caller started is left running
     trainer, manager, metrics_log = None, None, None
     last: dict = {}
     try:
-        print(place_engines(args, int(ray.cluster_resources().get("GPU", 0))))
+        if cluster_gpus() != args.cluster_gpus:
+            raise RuntimeError(
+                f"the configuration was settled for {args.cluster_gpus} GPUs, but the Ray cluster has "
+                f"{cluster_gpus()}: settle it with parse_args(..., cluster_gpus=cluster_gpus())"
+            )
+        print(placement_line(args))
         if not args.debug_rollout_only:
             print(batch_plan(args))
             trainer = TrainGroup(args, wait=False)  # loads while the manager starts engines
@@ -36,12 +39,11 @@ def train(args) -> dict:
         manager = RolloutManager.options(num_cpus=0, num_gpus=own_gpus).remote(args, shared)
         if trainer is not None:
             trainer.wait_ready()
-        info = wait(manager.info.remote(), 1800, "the rollout manager to start its engines and router")
-        print(
-            f"rollout: {info['num_train_prompts']} prompts, engines {info['engine_urls']} behind {info['router_url']}"
-        )
+        endpoints = wait(manager.endpoints.remote(), 1800, "the rollout manager to start its engines and router")
+        prompts = wait(manager.num_train_prompts.remote(), 60, "the rollout manager")
+        print(f"rollout: {prompts} prompts, engines {endpoints.engine_urls} behind {endpoints.router_url}")
         if trainer is not None:
-            trainer.call("connect_engines", info["engine_urls"])
+            trainer.call("connect_engines", endpoints.engine_urls)
             wait(manager.attach_trainer.remote(trainer.actors), 60, "the rollout manager")
         start, saved_at = resume(args, trainer, manager)
         if trainer is not None and args.offload_train:  # engines generate first: the GPU is theirs
@@ -165,11 +167,37 @@ def log(metrics_log: MetricsLogger, step: int, metrics: dict) -> dict:
     return metrics
 
 
+def start_ray() -> bool:
+    """Join the Ray cluster this process was started in (`ray job submit`, RAY_ADDRESS), else start a private one
+    on this machine. Returns whether this call started it (and so should shut it down)."""
+    if ray.is_initialized():
+        return False
+    if os.environ.get("RAY_ADDRESS"):
+        ray.init(include_dashboard=False, log_to_driver=True)
+    else:
+        ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=True)
+    return True
+
+
+def cluster_gpus() -> int:
+    return int(ray.cluster_resources().get("GPU", 0))
+
+
+def settled_args(argv: list[str] | None) -> Settings:
+    """Flags -> settled configuration: argparse errors and --help before Ray starts, the rest once the cluster's
+    GPUs are known."""
+    args, parser = parse_flags(argv)
+    start_ray()
+    return settle(args, parser, cluster_gpus(), resolve_model=True)
+
+
 def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=os.environ.get("SLIME_LOG_LEVEL", "INFO"), format="%(asctime)s %(name)s %(message)s")
-    args = parse_args(argv)
-    args.hf_checkpoint = resolve_checkpoint(args.hf_checkpoint)
-    train(args)
+    args = settled_args(argv)
+    try:
+        train(args)
+    finally:
+        ray.shutdown()
 
 
 if __name__ == "__main__":

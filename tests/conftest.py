@@ -26,10 +26,18 @@ def build_tiny_llama(tokenizer_dir: str, out: str, hidden_size: int = 64, layers
 
     tok = AutoTokenizer.from_pretrained(tokenizer_dir)
     config = LlamaConfig(
-        vocab_size=len(tok), hidden_size=hidden_size, intermediate_size=2 * hidden_size, num_hidden_layers=layers,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048, tie_word_embeddings=True,
-        bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
-    )  # fmt: skip
+        vocab_size=len(tok),
+        hidden_size=hidden_size,
+        intermediate_size=2 * hidden_size,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=2048,
+        tie_word_embeddings=True,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+    )
     torch.manual_seed(seed)
     model = LlamaForCausalLM(config)
     with torch.no_grad():
@@ -96,3 +104,9 @@ def engines_behind_router(model_path: str, logs, count: int = 1, num_threads: in
     finally:
         for s in [*engines, router]:
             s.stop()
+
+
+def router_flags(router_url: str) -> list[str]:
+    """slime's flags that point a run at an already running router."""
+    host, port = router_url.rsplit("//", 1)[1].split(":")
+    return ["--sglang-router-ip", host, "--sglang-router-port", port]

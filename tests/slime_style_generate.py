@@ -25,8 +25,9 @@ async def generate(args, sample: Sample, sampling_params) -> Sample:
 
     async def model_turn(max_new):
         params = dict(sampling_params, max_new_tokens=max_new)
-        out = await post(url, {"input_ids": prompt_ids + response_ids, "sampling_params": params,
-                               "return_logprob": True})  # fmt: skip
+        out = await post(
+            url, {"input_ids": prompt_ids + response_ids, "sampling_params": params, "return_logprob": True}
+        )
         pairs = out["meta_info"]["output_token_logprobs"]
         response_ids.extend(p[1] for p in pairs)
         log_probs.extend(p[0] for p in pairs)

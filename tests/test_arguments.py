@@ -19,7 +19,7 @@ def test_defaults_follow_slime():
         (["--n-samples-per-prompt", "0"], "--n-samples-per-prompt must be at least 1"),
         (["--apply-chat-template-kwargs", "[1]"], "expected a JSON object"),
         (["--use-kl-loss", "--kl-coef", "0.1"], "--use-kl-loss and --kl-coef both penalise"),
-        (["--advantage-estimator", "dpo"], "choose one of ['grpo', 'gspo', 'on_policy_distillation', 'ppo'"),
+        (["--advantage-estimator", "dpo"], "invalid choice: 'dpo' (choose from 'grpo', 'gspo'"),
         (["--loss-type", "custom_loss"], "--loss-type custom_loss and --custom-loss-function-path go together"),
         (["--use-tis", "--use-rollout-logprobs"], "with --use-rollout-logprobs the two are the same"),
         (["--use-tis", "--tis-clip", "0.5", "--tis-clip-low", "0.5"], "--tis-clip-low 0.5 must be >= 0 and below"),
@@ -52,10 +52,22 @@ def test_reward_is_required(capsys):
         (["--rollout-batch-size", "8", "--n-samples-per-prompt", "4"], 32, 1),
         (["--rollout-batch-size", "8", "--n-samples-per-prompt", "4", "--num-steps-per-rollout", "4"], 8, 4),
         (["--rollout-batch-size", "8", "--n-samples-per-prompt", "4", "--global-batch-size", "16"], 16, 2),
-        (["--rollout-batch-size", "4", "--n-samples-per-prompt", "2", "--global-batch-size", "4",
-          "--num-steps-per-rollout", "2"], 4, 2),
+        (
+            [
+                "--rollout-batch-size",
+                "4",
+                "--n-samples-per-prompt",
+                "2",
+                "--global-batch-size",
+                "4",
+                "--num-steps-per-rollout",
+                "2",
+            ],
+            4,
+            2,
+        ),
     ],
-)  # fmt: skip
+)
 def test_batch_plan_fills_in_the_missing_side(extra, gbs, steps):
     from slime.config.arguments import batch_plan
 
@@ -67,21 +79,40 @@ def test_batch_plan_fills_in_the_missing_side(extra, gbs, steps):
 @pytest.mark.parametrize(
     "extra, message",
     [
-        (["--rollout-batch-size", "8", "--n-samples-per-prompt", "4", "--global-batch-size", "12"],
-         "32 samples is not a multiple of --global-batch-size 12"),
-        (["--rollout-batch-size", "8", "--n-samples-per-prompt", "4", "--global-batch-size", "8",
-          "--num-steps-per-rollout", "2"], "--global-batch-size 8 x --num-steps-per-rollout 2 = 16"),
-        (["--rollout-batch-size", "3", "--n-samples-per-prompt", "2", "--num-steps-per-rollout", "4"],
-         "do not split into --num-steps-per-rollout 4"),
-        (["--rollout-batch-size", "3", "--n-samples-per-prompt", "1", "--actor-num-gpus-per-node", "2"],
-         "does not split evenly over 2 training ranks"),
-        (["--rollout-batch-size", "4", "--n-samples-per-prompt", "1", "--micro-batch-size", "3"],
-         "not a multiple of --micro-batch-size 3"),
+        (
+            ["--rollout-batch-size", "8", "--n-samples-per-prompt", "4", "--global-batch-size", "12"],
+            "32 samples is not a multiple of --global-batch-size 12",
+        ),
+        (
+            [
+                "--rollout-batch-size",
+                "8",
+                "--n-samples-per-prompt",
+                "4",
+                "--global-batch-size",
+                "8",
+                "--num-steps-per-rollout",
+                "2",
+            ],
+            "--global-batch-size 8 x --num-steps-per-rollout 2 = 16",
+        ),
+        (
+            ["--rollout-batch-size", "3", "--n-samples-per-prompt", "2", "--num-steps-per-rollout", "4"],
+            "do not split into --num-steps-per-rollout 4",
+        ),
+        (
+            ["--rollout-batch-size", "3", "--n-samples-per-prompt", "1", "--actor-num-gpus-per-node", "2"],
+            "does not split evenly over 2 training ranks",
+        ),
+        (
+            ["--rollout-batch-size", "4", "--n-samples-per-prompt", "1", "--micro-batch-size", "3"],
+            "not a multiple of --micro-batch-size 3",
+        ),
         (["--use-dynamic-batch-size"], "--use-dynamic-batch-size needs --max-tokens-per-gpu"),
-        (["--advantage-estimator", "nope"], "--advantage-estimator 'nope'"),
+        (["--advantage-estimator", "nope"], "argument --advantage-estimator: invalid choice: 'nope'"),
         (["--eps-clip-c", "0.5"], "--eps-clip-c must be greater than 1"),
     ],
-)  # fmt: skip
+)
 def test_inconsistent_batch_settings_are_refused_naming_the_flags(capsys, extra, message):
     with pytest.raises(SystemExit):
         parse_args(BASE + extra)
@@ -94,3 +125,61 @@ def test_algorithm_defaults_and_implications():
     assert a.critic_lr == 3e-6 and a.eps_clip_high == a.eps_clip == 0.2 and a.loss_type == "policy_loss"
     b = parse_args(BASE + ["--use-opd", "--opd-teacher-load", "teacher"])
     assert b.opd_type == "model"
+
+
+def test_settled_args_are_read_only_and_survive_pickling():
+    import pickle
+
+    a = parse_args(BASE)
+    with pytest.raises(AttributeError, match="read-only once settled"):
+        a.lr = 1.0
+    with pytest.raises(AttributeError, match="read-only once settled"):
+        del a.lr
+    b = pickle.loads(pickle.dumps(a))  # as every Ray actor receives it
+    assert vars(b) == vars(a)
+    with pytest.raises(AttributeError):
+        b.seed = 1
+    c = a.replace(lr=0.5)
+    assert c.lr == 0.5 and a.lr == 1e-6
+    with pytest.raises(AttributeError):
+        c.lr = 1.0
+
+
+def test_help_lists_the_registered_names(capsys):
+    """--help is built from the registries: a new estimator, KL estimator or reward type shows without an edit."""
+    from slime.algorithms.advantages import ADVANTAGE_ESTIMATORS
+    from slime.algorithms.losses import KL_ESTIMATORS
+    from slime.rollout.rm_hub import BUILTIN_RM
+
+    with pytest.raises(SystemExit):
+        parse_args(["--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    for name in [*ADVANTAGE_ESTIMATORS, *KL_ESTIMATORS, *BUILTIN_RM, "--sglang-mem-fraction-static"]:
+        assert name in text
+
+
+def test_no_module_assigns_to_args_outside_the_settle_step():
+    """The configuration is derived in slime/config only; everywhere else it is read (the frozen object enforces it
+    at run time, this finds it in code no test runs)."""
+    import ast
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    offenders = []
+    for path in [*(root / "slime").rglob("*.py"), *(root / "examples").rglob("*.py"), root / "train.py"]:
+        if "config" in path.relative_to(root).parts:
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            targets = []
+            if isinstance(node, ast.Assign):
+                targets = node.targets
+            elif isinstance(node, ast.AugAssign | ast.AnnAssign):
+                targets = [node.target]
+            for t in targets:
+                for sub in ast.walk(t):
+                    if isinstance(sub, ast.Attribute) and isinstance(sub.value, ast.Name) and sub.value.id == "args":
+                        offenders.append(f"{path.relative_to(root)}:{node.lineno} args.{sub.attr}")
+            if isinstance(node, ast.Call) and getattr(node.func, "id", None) == "setattr" and node.args:
+                if isinstance(node.args[0], ast.Name) and node.args[0].id == "args":
+                    offenders.append(f"{path.relative_to(root)}:{node.lineno} setattr(args, ...)")
+    assert offenders == []

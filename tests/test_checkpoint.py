@@ -28,11 +28,28 @@ TIMING = ("seconds", "per_s", "time")  # wall-clock metrics: the only ones allow
 
 def _loop_args(model: str, out: Path, *extra: str) -> list[str]:
     return [
-        "--hf-checkpoint", model, "--prompt-data", "builtin:arithmetic:train:64:0", "--input-key", "prompt",
-        "--custom-rm-path", "tests.custom_hooks.token_reward", "--rollout-batch-size", "4",
-        "--n-samples-per-prompt", "4", "--global-batch-size", "8", "--rollout-max-response-len", "12",
-        "--lr", "0.01", "--output-dir", str(out), *extra,
-    ]  # fmt: skip
+        "--hf-checkpoint",
+        model,
+        "--prompt-data",
+        "builtin:arithmetic:train:64:0",
+        "--input-key",
+        "prompt",
+        "--custom-rm-path",
+        "tests.custom_hooks.token_reward",
+        "--rollout-batch-size",
+        "4",
+        "--n-samples-per-prompt",
+        "4",
+        "--global-batch-size",
+        "8",
+        "--rollout-max-response-len",
+        "12",
+        "--lr",
+        "0.01",
+        "--output-dir",
+        str(out),
+        *extra,
+    ]
 
 
 def _metrics(out: Path) -> list[dict]:
@@ -41,8 +58,18 @@ def _metrics(out: Path) -> list[dict]:
 
 def _train_cmd(model: str, out: Path) -> list[str]:
     ckpt = str(out / "ckpt")
-    extra = ["--rollout-shuffle", "--sglang-enable-deterministic-inference", "--num-rollout", "4",
-             "--save-interval", "2", "--save", ckpt, "--load", ckpt]  # fmt: skip
+    extra = [
+        "--rollout-shuffle",
+        "--sglang-enable-deterministic-inference",
+        "--num-rollout",
+        "4",
+        "--save-interval",
+        "2",
+        "--save",
+        ckpt,
+        "--load",
+        ckpt,
+    ]
     return [sys.executable, "-m", "slime.train", *_loop_args(model, out, *extra)]
 
 
@@ -104,8 +131,12 @@ def test_kill_during_a_checkpoint_write_leaves_the_previous_one_loadable(tiny_mo
 
     save = tmp_path / "ckpt"
     save.mkdir()
-    proc = subprocess.Popen([sys.executable, "-c", KILL_DURING_SAVE, tiny_model_path, str(save), str(free_port())],
-                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)  # fmt: skip
+    proc = subprocess.Popen(
+        [sys.executable, "-c", KILL_DURING_SAVE, tiny_model_path, str(save), str(free_port())],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+    )
     deadline = time.monotonic() + 120
     while not (save / "writing").exists():
         assert proc.poll() is None and time.monotonic() < deadline, proc.stdout.read().decode()[-3000:]
@@ -139,8 +170,12 @@ def test_latest_names_a_broken_pointer(tmp_path):
     (tmp_path / checkpoint.POINTER).write_text("seven")
     with pytest.raises(ValueError, match=checkpoint.POINTER):
         checkpoint.latest(tmp_path)
-    result = subprocess.run([sys.executable, "-m", "slime.cli", "convert", str(tmp_path / "nothing"), "out"],
-                            cwd=ROOT, capture_output=True, text=True)  # fmt: skip
+    result = subprocess.run(
+        [sys.executable, "-m", "slime.cli", "convert", str(tmp_path / "nothing"), "out"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+    )
     assert result.returncode == 1 and "not a slime checkpoint" in result.stderr
 
 
@@ -153,11 +188,33 @@ def save_trainer_checkpoint(group: TrainGroup, save: Path, rollout_id: int) -> N
 
 
 def _trainer_args(model: str, tmp_path: Path, *extra: str):
-    return parse_args([
-        "--hf-checkpoint", model, "--prompt-data", "builtin:arithmetic", "--rm-type", "math", "--output-dir",
-        str(tmp_path), "--rollout-batch-size", "4", "--n-samples-per-prompt", "4", "--global-batch-size", "8",
-        "--lr", "0.01", "--train-threads", "1", "--advantage-estimator", "ppo", "--critic-lr", "0.02", *extra,
-    ])  # fmt: skip
+    return parse_args(
+        [
+            "--hf-checkpoint",
+            model,
+            "--prompt-data",
+            "builtin:arithmetic",
+            "--rm-type",
+            "math",
+            "--output-dir",
+            str(tmp_path),
+            "--rollout-batch-size",
+            "4",
+            "--n-samples-per-prompt",
+            "4",
+            "--global-batch-size",
+            "8",
+            "--lr",
+            "0.01",
+            "--train-threads",
+            "1",
+            "--advantage-estimator",
+            "ppo",
+            "--critic-lr",
+            "0.02",
+            *extra,
+        ]
+    )
 
 
 def test_two_rank_checkpoint_loads_on_one_rank_and_exports_to_hugging_face(ray_cluster, tiny_model_path, tmp_path):
@@ -187,8 +244,12 @@ def test_two_rank_checkpoint_loads_on_one_rank_and_exports_to_hugging_face(ray_c
     for key in ("train/loss", "train/grad_norm", "train/param_norm", "critic/value_loss", "critic/grad_norm"):
         assert m_one[key] == pytest.approx(m_two[key], rel=1e-5), key
     converted = tmp_path / "converted"
-    result = subprocess.run([sys.executable, "-m", "slime.cli", "convert", str(save), str(converted)], cwd=ROOT,
-                            capture_output=True, text=True)  # fmt: skip
+    result = subprocess.run(
+        [sys.executable, "-m", "slime.cli", "convert", str(save), str(converted)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+    )
     assert result.returncode == 0, result.stderr[-2000:]
     from transformers import AutoModelForCausalLM
 
@@ -196,7 +257,7 @@ def test_two_rank_checkpoint_loads_on_one_rank_and_exports_to_hugging_face(ray_c
         model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
         lps = []
         with torch.no_grad():
-            for tokens, n in zip(later["tokens"], later["response_lengths"], strict=True):
+            for tokens, n in zip(later.tokens, later.response_lengths, strict=True):
                 logits = model(input_ids=torch.tensor([tokens])).logits[0, :-1] / 1.0
                 lp = torch.log_softmax(logits, -1).gather(-1, torch.tensor(tokens[1:])[:, None])[:, 0]
                 lps.append(lp[-n:])
@@ -205,8 +266,19 @@ def test_two_rank_checkpoint_loads_on_one_rank_and_exports_to_hugging_face(ray_c
 
 def test_buffer_and_position_survive_a_checkpoint(write_jsonl, tiny_model_path):
     data = write_jsonl([{"input": f"q{i}"} for i in range(5)])
-    args = parse_args(["--hf-checkpoint", tiny_model_path, "--prompt-data", data, "--rm-type", "math",
-                       "--n-samples-per-prompt", "2", "--rollout-shuffle"])  # fmt: skip
+    args = parse_args(
+        [
+            "--hf-checkpoint",
+            tiny_model_path,
+            "--prompt-data",
+            data,
+            "--rm-type",
+            "math",
+            "--n-samples-per-prompt",
+            "2",
+            "--rollout-shuffle",
+        ]
+    )
     source = RolloutDataSourceWithBuffer(args)
     first = source.get_samples(3)
     partial = first[1]
@@ -271,8 +343,11 @@ def test_nan_updates_are_skipped_then_stop_the_run_naming_rank_and_rollout(ray_c
             "tests.custom_hooks.nan_loss",
         )
     )
-    with pytest.raises(TrainerError, match=r"training rank 0 failed during training on rollout 1: FloatingPointError: "
-                       r"rank 0, rollout 1, optimizer step 3: 4 updates .* --max-nan-steps 3"):  # fmt: skip
+    with pytest.raises(
+        TrainerError,
+        match=r"training rank 0 failed during training on rollout 1: FloatingPointError: "
+        r"rank 0, rollout 1, optimizer step 3: 4 updates .* --max-nan-steps 3",
+    ):
         train(args)
     (step0,) = _metrics(out)
     assert step0["train/skipped_steps"] == 2 and step0["train/optimizer_steps"] == 2
@@ -290,12 +365,25 @@ def test_engines_killed_or_hung_mid_rollout_are_restarted_and_lose_no_sample(ray
     from slime.train import train
 
     out = tmp_path / "run"
-    args = parse_args(_loop_args(
-        tiny_model_path, out, "--num-rollout", "3", "--rollout-num-engines", "2", "--use-fault-tolerance",
-        "--rollout-health-check-interval", "0.5", "--rollout-health-check-timeout", "3",
-        "--custom-generate-function-path", "tests.custom_hooks.sabotage_engines_generate",
-        "--rollout-max-response-len", "24",
-    ))  # fmt: skip
+    args = parse_args(
+        _loop_args(
+            tiny_model_path,
+            out,
+            "--num-rollout",
+            "3",
+            "--rollout-num-engines",
+            "2",
+            "--use-fault-tolerance",
+            "--rollout-health-check-interval",
+            "0.5",
+            "--rollout-health-check-timeout",
+            "3",
+            "--custom-generate-function-path",
+            "tests.custom_hooks.sabotage_engines_generate",
+            "--rollout-max-response-len",
+            "24",
+        )
+    )
     train(args)
     steps = _metrics(out)
     assert [s["rollout/engine_restarts"] for s in steps] == [0, 1, 1]
@@ -310,13 +398,25 @@ def test_engines_killed_or_hung_mid_rollout_are_restarted_and_lose_no_sample(ray
 def test_one_failing_rank_stops_the_group_at_once_naming_the_rank(ray_cluster, tiny_model_path, tmp_path):
     """Rank 1 raises while rank 0 waits for it in a gradient collective: the error names rank 1 and the rollout
     without waiting for the collective's timeout, and shutdown does not hang on the stuck rank."""
-    group = TrainGroup(_trainer_args(
-        tiny_model_path, tmp_path, "--actor-num-gpus-per-node", "2", "--advantage-estimator", "grpo",
-        "--loss-type", "custom_loss", "--custom-loss-function-path", "tests.custom_hooks.rank1_raises_loss",
-    ))  # fmt: skip
+    group = TrainGroup(
+        _trainer_args(
+            tiny_model_path,
+            tmp_path,
+            "--actor-num-gpus-per-node",
+            "2",
+            "--advantage-estimator",
+            "grpo",
+            "--loss-type",
+            "custom_loss",
+            "--custom-loss-function-path",
+            "tests.custom_hooks.rank1_raises_loss",
+        )
+    )
     start = time.monotonic()
-    with pytest.raises(TrainerError, match="training rank 1 failed during training on rollout 5: RuntimeError: "
-                       "custom loss exploded on purpose"):  # fmt: skip
+    with pytest.raises(
+        TrainerError,
+        match="training rank 1 failed during training on rollout 5: RuntimeError: custom loss exploded on purpose",
+    ):
         group.train(5, _synthetic_batch(16))
     group.shutdown()
     assert time.monotonic() - start < 120  # the collective timeout is 10 minutes
@@ -348,8 +448,13 @@ NO_OPTIM = textwrap.dedent("""
 def test_a_checkpoint_without_optimizer_state_loads_the_weights_only(tiny_model_path, tmp_path):
     from slime.utils.http_utils import free_port
 
-    result = subprocess.run([sys.executable, "-c", NO_OPTIM, tiny_model_path, str(tmp_path / "policy"),
-                             str(free_port())], cwd=ROOT, capture_output=True, text=True, timeout=300)  # fmt: skip
+    result = subprocess.run(
+        [sys.executable, "-c", NO_OPTIM, tiny_model_path, str(tmp_path / "policy"), str(free_port())],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert result.returncode == 0 and result.stdout.strip().endswith("ok"), result.stderr[-3000:]
 
 
@@ -360,10 +465,26 @@ def test_resume_restores_the_partial_rollout_buffer_and_the_critic(ray_cluster, 
 
     out, ckpt = tmp_path / "run", tmp_path / "ckpt"
     flags = _loop_args(
-        tiny_model_path, out, "--rollout-batch-size", "2", "--over-sampling-batch-size", "8", "--partial-rollout",
-        "--custom-generate-function-path", "tests.custom_hooks:first_groups_short", "--rollout-max-response-len",
-        "48", "--advantage-estimator", "ppo", "--critic-lr", "0.01", "--save", str(ckpt), "--load", str(ckpt),
-    )  # fmt: skip
+        tiny_model_path,
+        out,
+        "--rollout-batch-size",
+        "2",
+        "--over-sampling-batch-size",
+        "8",
+        "--partial-rollout",
+        "--custom-generate-function-path",
+        "tests.custom_hooks:first_groups_short",
+        "--rollout-max-response-len",
+        "48",
+        "--advantage-estimator",
+        "ppo",
+        "--critic-lr",
+        "0.01",
+        "--save",
+        str(ckpt),
+        "--load",
+        str(ckpt),
+    )
     train(parse_args([*flags, "--num-rollout", "1"]))
     with open(ckpt / "iter_0000000" / "data_source.pkl", "rb") as f:
         parked = [Sample.from_dict(s) for g in pickle.load(f)["buffer"] for s in g]

@@ -65,8 +65,9 @@ def test_parquet(tok, tmp_path):
 def test_shared_gsm8k_loads(tok):
     from tests.conftest import SHARED_DATA
 
-    ds = load_prompt_data(str(SHARED_DATA / "gsm8k/train.jsonl"), tok, input_key="prompt", label_key="label",
-                          apply_chat_template=True)  # fmt: skip
+    ds = load_prompt_data(
+        str(SHARED_DATA / "gsm8k/train.jsonl"), tok, input_key="prompt", label_key="label", apply_chat_template=True
+    )
     assert len(ds) > 7000 and all(s.label for s in ds.samples)
 
 
@@ -83,8 +84,16 @@ def test_builtin_splits_are_seeded_and_disjoint():
 def _source_args(**kw):
     from types import SimpleNamespace
 
-    return SimpleNamespace(**{"n_samples_per_prompt": 3, "rollout_shuffle": True, "rollout_seed": 1,
-                              "rollout_global_dataset": True, "buffer_filter_path": None, **kw})  # fmt: skip
+    return SimpleNamespace(
+        **{
+            "n_samples_per_prompt": 3,
+            "rollout_shuffle": True,
+            "rollout_seed": 1,
+            "rollout_global_dataset": True,
+            "buffer_filter_path": None,
+            **kw,
+        }
+    )
 
 
 def test_data_source_epochs_groups_and_state(tok, write_jsonl):
@@ -133,9 +142,11 @@ def test_tools_and_template_kwargs_reach_the_chat_template(tok, write_jsonl):
     import copy
 
     t = copy.deepcopy(tok)
-    t.chat_template = ("{% for x in tools or [] %}TOOL:{{ x.name }};{% endfor %}"
-                       "{% if enable_thinking is defined %}THINK={{ enable_thinking }};{% endif %}"
-                       "{{ messages[0].content }}")  # fmt: skip
+    t.chat_template = (
+        "{% for x in tools or [] %}TOOL:{{ x.name }};{% endfor %}"
+        "{% if enable_thinking is defined %}THINK={{ enable_thinking }};{% endif %}"
+        "{{ messages[0].content }}"
+    )
     calc = {"name": "calculator", "description": "evaluates arithmetic"}
     rows = [{"input": "a", "metadata": {"tools": [calc]}}, {"input": "b", "tools": [{"name": "search"}]}]
     path = write_jsonl(rows)

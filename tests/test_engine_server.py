@@ -29,10 +29,16 @@ def call(server, path, payload=None, method="POST", timeout=120):
 
 def test_generate_fields_and_shapes(server):
     status, out = call(
-        server, "/generate",
-        {"input_ids": [1, 2, 3, 4], "sampling_params": {"max_new_tokens": 5, "ignore_eos": True},
-         "return_logprob": True, "rid": "abc", "model": "router-adds-this"},
-    )  # fmt: skip
+        server,
+        "/generate",
+        {
+            "input_ids": [1, 2, 3, 4],
+            "sampling_params": {"max_new_tokens": 5, "ignore_eos": True},
+            "return_logprob": True,
+            "rid": "abc",
+            "model": "router-adds-this",
+        },
+    )
     assert status == 200
     assert set(out) == {"text", "output_ids", "meta_info"} and isinstance(out["text"], str)
     meta = out["meta_info"]
@@ -52,9 +58,10 @@ def test_text_input_batch_and_stop_conditions(server):
     )
     stop_tok = free["output_ids"][2]
     _, out = call(
-        server, "/generate",
+        server,
+        "/generate",
         {"input_ids": [5, 6], "sampling_params": {"max_new_tokens": 6, "temperature": 0, "stop_token_ids": [stop_tok]}},
-    )  # fmt: skip
+    )
     assert out["meta_info"]["finish_reason"] == {"type": "stop", "matched": stop_tok}
     assert out["output_ids"] == free["output_ids"][: free["output_ids"].index(stop_tok) + 1]  # stop token kept
 
@@ -72,10 +79,14 @@ def test_logprobs_equal_transformers_recomputation(server, tiny_model_path):
 
     prompt, temperature = [1, 9690, 198, 2683, 359, 253], 0.7
     _, out = call(
-        server, "/generate",
-        {"input_ids": prompt, "return_logprob": True,
-         "sampling_params": {"max_new_tokens": 24, "temperature": temperature, "ignore_eos": True}},
-    )  # fmt: skip
+        server,
+        "/generate",
+        {
+            "input_ids": prompt,
+            "return_logprob": True,
+            "sampling_params": {"max_new_tokens": 24, "temperature": temperature, "ignore_eos": True},
+        },
+    )
     ids = out["output_ids"]
     model = AutoModelForCausalLM.from_pretrained(tiny_model_path, dtype=torch.float32).eval()
     with torch.no_grad():

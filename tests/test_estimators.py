@@ -12,6 +12,7 @@ import torch
 from slime.algorithms.advantages import compute_advantages
 from slime.algorithms.corrections import importance_weights
 from slime.algorithms.losses import POLICY_RATIOS, clipped_surrogate, dr_grpo_pg_loss_reducer, value_loss
+from slime.utils.types import TokenColumns
 
 N = 4  # samples per group
 
@@ -34,22 +35,40 @@ def ragged_batch(seed: int, groups: int = 3) -> dict:
         return [[rng.gauss(shift, scale) for _ in range(n)] for n in lengths]
 
     return {
-        "rewards": rewards, "lengths": lengths, "masks": masks, "kl": tok(0.3), "values": tok(0.5),
-        "old": tok(0.5, -1.0), "teacher": tok(0.5, -1.0), "rollout": None,
-    }  # fmt: skip
+        "rewards": rewards,
+        "lengths": lengths,
+        "masks": masks,
+        "kl": tok(0.3),
+        "values": tok(0.5),
+        "old": tok(0.5, -1.0),
+        "teacher": tok(0.5, -1.0),
+        "rollout": None,
+    }
 
 
-def as_columns(d: dict) -> dict:
+def as_columns(d: dict) -> TokenColumns:
     t = lambda rows: [torch.tensor(r, dtype=torch.float64) for r in rows]  # noqa: E731
-    return {"loss_masks": t(d["masks"]), "kl": t(d["kl"]), "values": t(d["values"]),
-            "old_log_probs": t(d["old"]), "teacher_log_probs": t(d["teacher"])}  # fmt: skip
+    return TokenColumns(
+        loss_masks=t(d["masks"]),
+        kl=t(d["kl"]),
+        values=t(d["values"]),
+        old_log_probs=t(d["old"]),
+        teacher_log_probs=t(d["teacher"]),
+    )
 
 
 def make_args(**kw) -> SimpleNamespace:
     base = dict(
-        advantage_estimator="grpo", n_samples_per_prompt=N, disable_grpo_std_normalization=False, kl_coef=0.0,
-        gamma=1.0, lambd=1.0, normalize_advantages=False, use_opd=False, opd_kl_coef=1.0,
-    )  # fmt: skip
+        advantage_estimator="grpo",
+        n_samples_per_prompt=N,
+        disable_grpo_std_normalization=False,
+        kl_coef=0.0,
+        gamma=1.0,
+        lambd=1.0,
+        normalize_advantages=False,
+        use_opd=False,
+        opd_kl_coef=1.0,
+    )
     return SimpleNamespace(**(base | kw))
 
 
@@ -321,8 +340,17 @@ def test_value_loss_matches_reference_and_finite_differences(clip):
 
 # ---------------------------------------------------------------- corrections
 def corr_args(**kw):
-    base = dict(use_tis=False, tis_clip=2.0, tis_clip_low=0.0, tis_level="token", use_mis=False, mis_level="token",
-                mis_lower_bound=0.5, mis_upper_bound=2.0, mis_veto_threshold=None)  # fmt: skip
+    base = dict(
+        use_tis=False,
+        tis_clip=2.0,
+        tis_clip_low=0.0,
+        tis_level="token",
+        use_mis=False,
+        mis_level="token",
+        mis_lower_bound=0.5,
+        mis_upper_bound=2.0,
+        mis_veto_threshold=None,
+    )
     return SimpleNamespace(**(base | kw))
 
 
@@ -385,9 +413,18 @@ def test_dr_grpo_reducer_divides_by_a_constant():
 
 # ---------------------------------------------------------------- the assembled micro-batch loss
 def loss_args(**kw):
-    base = dict(loss_type="policy_loss", advantage_estimator="grpo", eps_clip=0.2, eps_clip_high=0.28,
-                eps_clip_c=None, entropy_coef=0.01, use_kl_loss=True, kl_loss_coef=0.1, kl_loss_type="k3",
-                calculate_per_token_loss=False)  # fmt: skip
+    base = dict(
+        loss_type="policy_loss",
+        advantage_estimator="grpo",
+        eps_clip=0.2,
+        eps_clip_high=0.28,
+        eps_clip_c=None,
+        entropy_coef=0.01,
+        use_kl_loss=True,
+        kl_loss_coef=0.1,
+        kl_loss_type="k3",
+        calculate_per_token_loss=False,
+    )
     return SimpleNamespace(**(base | kw))
 
 
@@ -396,27 +433,45 @@ def loss_args(**kw):
 def test_micro_batch_loss_matches_reference(per_token, reducer):
     """pg (TIS-weighted, MIS-masked) - entropy_coef * entropy + kl_loss_coef * k3, per-sample token mean (or the
     per-token mean, or Dr. GRPO's constant), against a loop over samples and tokens."""
-    from slime.trainer.loss import micro_batch_loss
+    from slime.trainer.loss import MicroBatch, micro_batch_loss
 
     d = ragged_batch(13)
     rng = random.Random(14)
     lengths, masks = d["lengths"], d["masks"]
-    cols = {name: [[rng.gauss(mu, sd) for _ in range(n)] for n in lengths]
-            for name, mu, sd in [("lp", -1, 0.5), ("adv", 0, 1), ("ent", 2, 0.5), ("ref", -1, 0.5),
-                                 ("w", 1, 0.2), ("keep", 0, 1)]}  # fmt: skip
+    cols = {
+        name: [[rng.gauss(mu, sd) for _ in range(n)] for n in lengths]
+        for name, mu, sd in [
+            ("lp", -1, 0.5),
+            ("adv", 0, 1),
+            ("ent", 2, 0.5),
+            ("ref", -1, 0.5),
+            ("w", 1, 0.2),
+            ("keep", 0, 1),
+        ]
+    }
     cols["keep"] = [[float(x > -1.0) for x in row] for row in cols["keep"]]
     args = loss_args(calculate_per_token_loss=per_token)
     normalizer = float(sum(map(sum, masks))) if per_token else float(len(lengths))
-    batch = {"mask": flat(masks), "lengths": lengths, "advantages": flat(cols["adv"]),
-             "old_log_probs": flat(d["old"]), "ref_log_probs": flat(cols["ref"]), "is_weights": flat(cols["w"]),
-             "is_masks": flat(cols["keep"])}  # fmt: skip
+    batch = MicroBatch(
+        mask=flat(masks),
+        lengths=lengths,
+        normalizer=normalizer,
+        advantages=flat(cols["adv"]),
+        old_log_probs=flat(d["old"]),
+        ref_log_probs=flat(cols["ref"]),
+        is_weights=flat(cols["w"]),
+        is_masks=flat(cols["keep"]),
+    )
     if reducer:
-        modified = [torch.tensor([k * m for k, m in zip(kr, mr, strict=True)], dtype=torch.float64)
-                    for kr, mr in zip(cols["keep"], masks, strict=True)]  # fmt: skip
-        batch["pg_reducer"] = dr_grpo_pg_loss_reducer([], lengths, modified, per_token,
-                                                       args=SimpleNamespace(rollout_max_response_len=16))  # fmt: skip
+        modified = [
+            torch.tensor([k * m for k, m in zip(kr, mr, strict=True)], dtype=torch.float64)
+            for kr, mr in zip(cols["keep"], masks, strict=True)
+        ]
+        batch.pg_reducer = dr_grpo_pg_loss_reducer(
+            [], lengths, modified, per_token, args=SimpleNamespace(rollout_max_response_len=16)
+        )
     out = {"log_probs": flat(cols["lp"]), "entropy": flat(cols["ent"])}
-    loss, shares = micro_batch_loss(args, batch, out, normalizer)
+    loss, shares = micro_batch_loss(args, batch, out)
 
     pg_sum = ent_sum = kl_sum = 0.0
     for i, n in enumerate(lengths):
@@ -442,12 +497,12 @@ def test_micro_batch_loss_matches_reference(per_token, reducer):
 
 
 def test_sft_loss_is_the_masked_nll():
-    from slime.trainer.loss import micro_batch_loss
+    from slime.trainer.loss import MicroBatch, micro_batch_loss
 
     d = ragged_batch(15)
-    batch = {"mask": flat(d["masks"]), "lengths": d["lengths"]}
+    batch = MicroBatch(mask=flat(d["masks"]), lengths=d["lengths"], normalizer=float(len(d["lengths"])))
     out = {"log_probs": flat(d["old"]), "entropy": flat(d["old"])}
-    loss, _ = micro_batch_loss(loss_args(loss_type="sft_loss"), batch, out, float(len(d["lengths"])))
+    loss, _ = micro_batch_loss(loss_args(loss_type="sft_loss"), batch, out)
     want = 0.0
     for row, m in zip(d["old"], d["masks"], strict=True):
         want += -sum(x * k for x, k in zip(row, m, strict=True)) / max(sum(m), 1)

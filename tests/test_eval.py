@@ -34,8 +34,9 @@ def test_ks_for():
 def test_dataset_metrics():
     # 2 prompts x 4 samples: prompt 0 has 1 correct, prompt 1 has none; a dict reward's `acc` decides correctness
     rewards = [1.0, 0.0, 0.0, 0.0, 0.0, 0.5, 0.0, -1.0]
-    samples = [Sample(response_length=10 * (i + 1), status=Sample.Status.COMPLETED, reward=r) for i, r in
-               enumerate(rewards)]  # fmt: skip
+    samples = [
+        Sample(response_length=10 * (i + 1), status=Sample.Status.COMPLETED, reward=r) for i, r in enumerate(rewards)
+    ]
     samples[5].reward, samples[5].status = {"score": 0.5, "acc": False}, Sample.Status.TRUNCATED
     m = dataset_metrics("toy", {"rewards": rewards, "samples": samples}, 4)
     assert m["eval/toy/reward_mean"] == pytest.approx(0.5 / 8)
@@ -71,24 +72,47 @@ eval:
       n_samples_per_eval_prompt: 1
       metadata_overrides: {split: test}
 """)
-    args = parse_args([*BASE, "--eval-config", str(cfg), "--eval-prompt-data", "extra", "e.jsonl",
-                       "--eval-max-response-len", "64", "--eval-top-p", "0.9"])  # fmt: skip
+    args = parse_args(
+        [
+            *BASE,
+            "--eval-config",
+            str(cfg),
+            "--eval-prompt-data",
+            "extra",
+            "e.jsonl",
+            "--eval-max-response-len",
+            "64",
+            "--eval-top-p",
+            "0.9",
+        ]
+    )
     by = {c.name: c for c in args.eval_datasets}
     assert list(by) == ["gsm8k", "gpqa", "extra"] and by == {c.name: c for c in eval_dataset_configs(args)}
     g, q, e = by["gsm8k"], by["gpqa"], by["extra"]
     assert (g.input_key, g.label_key, g.n_samples_per_eval_prompt, g.temperature, g.max_prompts) == (
-        "question", "answer", 4, 0.6, 50)  # fmt: skip
+        "question",
+        "answer",
+        4,
+        0.6,
+        50,
+    )
     assert (q.temperature, q.n_samples_per_eval_prompt, q.top_p, q.max_response_len) == (0.0, 1, 0.9, 64)
     assert q.inject_metadata({"a": 1}) == {"a": 1, "rm_type": "gpqa", "split": "test"}
     assert (e.input_key, e.n_samples_per_eval_prompt, e.temperature, e.rm_type) == ("input", 1, 1.0, None)
 
 
-@pytest.mark.parametrize("text, message", [
-    ("eval:\n  datasets:\n    - name: a\n      path: p\n      temprature: 0.5\n", "unknown field(s) ['temprature']"),
-    ("eval:\n  datasets:\n    - path: p\n", "eval.datasets[0] has no 'name'"),
-    ("eval:\n  nothing: 1\n", "expected `eval: {datasets: [...]}`"),
-    ("eval: [unclosed\n", "invalid YAML"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        (
+            "eval:\n  datasets:\n    - name: a\n      path: p\n      temprature: 0.5\n",
+            "unknown field(s) ['temprature']",
+        ),
+        ("eval:\n  datasets:\n    - path: p\n", "eval.datasets[0] has no 'name'"),
+        ("eval:\n  nothing: 1\n", "expected `eval: {datasets: [...]}`"),
+        ("eval: [unclosed\n", "invalid YAML"),
+    ],
+)
 def test_bad_eval_config_names_the_file_and_entry(tmp_path, text, message):
     cfg = tmp_path / "bad.yaml"
     cfg.write_text(text)
@@ -103,13 +127,16 @@ def test_eval_config_mapping_form(tmp_path):
     assert read_eval_config(str(cfg)) == [{"name": "aime", "path": "a.jsonl", "n_samples_per_eval_prompt": 8}]
 
 
-@pytest.mark.parametrize("extra, message", [
-    (["--eval-interval", "5"], "--eval-interval needs a positive value and eval datasets"),
-    (["--eval-prompt-data", "a", "x", "a", "y"], "eval dataset name(s) ['a'] used twice"),
-    (["--eval-prompt-data", "a", "x", "--eval-top-p", "0"], "eval dataset 'a': sampling_params.top_p"),
-    (["--eval-prompt-data", "a", "x", "--eval-max-prompts", "0"], "max_prompts must be at least 1"),
-    (["--disable-rollout-global-dataset"], "needs a --rollout-function-path that brings its own prompts"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--eval-interval", "5"], "--eval-interval needs a positive value and eval datasets"),
+        (["--eval-prompt-data", "a", "x", "a", "y"], "eval dataset name(s) ['a'] used twice"),
+        (["--eval-prompt-data", "a", "x", "--eval-top-p", "0"], "eval dataset 'a': sampling_params.top_p"),
+        (["--eval-prompt-data", "a", "x", "--eval-max-prompts", "0"], "max_prompts must be at least 1"),
+        (["--disable-rollout-global-dataset"], "needs a --rollout-function-path that brings its own prompts"),
+    ],
+)
 def test_bad_eval_flags_are_refused(capsys, extra, message):
     with pytest.raises(SystemExit):
         parse_args(BASE + extra)
@@ -119,8 +146,21 @@ def test_bad_eval_flags_are_refused(capsys, extra, message):
 def test_sampling_params_for_training_and_for_evaluation_without_a_dataset_config():
     from slime.rollout.sglang_rollout import sampling_params
 
-    args = parse_args([*BASE, "--rollout-temperature", "0.8", "--eval-temperature", "0", "--eval-top-p", "0.9",
-                       "--rollout-max-response-len", "48", "--rollout-stop", "END"])  # fmt: skip
+    args = parse_args(
+        [
+            *BASE,
+            "--rollout-temperature",
+            "0.8",
+            "--eval-temperature",
+            "0",
+            "--eval-top-p",
+            "0.9",
+            "--rollout-max-response-len",
+            "48",
+            "--rollout-stop",
+            "END",
+        ]
+    )
     train, ev = sampling_params(args), sampling_params(args, evaluation=True)
     assert (train["temperature"], train["top_p"], train["max_new_tokens"], train["stop"]) == (0.8, 1.0, 48, ["END"])
     assert (ev["temperature"], ev["top_p"], ev["max_new_tokens"], ev["stop"]) == (0.0, 0.9, 48, ["END"])

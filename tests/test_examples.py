@@ -3,7 +3,7 @@ are really called, their turns are loss-masked, and the samples are ready to tra
 
 import pytest
 
-from tests.conftest import engines_behind_router
+from tests.conftest import engines_behind_router, router_flags
 
 
 @pytest.fixture(scope="module")
@@ -19,22 +19,41 @@ def _rollout(router, smollm2_path, tmp_path, prompt_data, agent, max_len):
     from slime.rollout.manager import to_train_data
     from slime.rollout.sglang_rollout import generate_rollout
 
-    args = parse_args([
-        "--hf-checkpoint", smollm2_path, "--prompt-data", prompt_data, "--input-key", "prompt",
-        "--label-key", "label", "--rollout-batch-size", "3", "--n-samples-per-prompt", "3",
-        "--rollout-max-response-len", str(max_len), "--rollout-temperature", "0.7",
-        "--custom-generate-function-path", f"{agent}:generate", "--custom-rm-path", f"{agent}:reward",
-        "--output-dir", str(tmp_path / "run"), "--sglang-enable-deterministic-inference",  # seeded: not flaky
-    ])  # fmt: skip
-    host, port = router.url.rsplit("//", 1)[1].split(":")
-    args.sglang_router_ip, args.sglang_router_port = host, int(port)
+    args = parse_args(
+        [
+            "--hf-checkpoint",
+            smollm2_path,
+            "--prompt-data",
+            prompt_data,
+            "--input-key",
+            "prompt",
+            "--label-key",
+            "label",
+            "--rollout-batch-size",
+            "3",
+            "--n-samples-per-prompt",
+            "3",
+            "--rollout-max-response-len",
+            str(max_len),
+            "--rollout-temperature",
+            "0.7",
+            "--custom-generate-function-path",
+            f"{agent}:generate",
+            "--custom-rm-path",
+            f"{agent}:reward",
+            "--output-dir",
+            str(tmp_path / "run"),
+            "--sglang-enable-deterministic-inference",  # seeded: not flaky
+            *router_flags(router.url),
+        ]
+    )
     out = generate_rollout(args, 0, RolloutDataSourceWithBuffer(args))
     samples = [s for g in out.samples for s in g]
     for s in samples:
         s.check_alignment()
         assert s.response_length <= max_len and 0.0 <= s.reward <= 1.0 and "generate_error" not in s.metadata
     data = to_train_data(out.samples, args)
-    assert [len(m) for m in data["loss_masks"]] == data["response_lengths"]
+    assert [len(m) for m in data.loss_masks] == data.response_lengths
     return samples, out.metrics
 
 
@@ -51,8 +70,9 @@ def test_search_agent_searches_the_local_index(smollm2_behind_router, smollm2_pa
     from slime.utils.processing_utils import load_tokenizer
 
     rows = questions(build_corpus()[1])[:3]
-    samples, metrics = _rollout(smollm2_behind_router, smollm2_path, tmp_path, write_jsonl(rows),
-                                "examples.search_r1.agent", 96)  # fmt: skip
+    samples, metrics = _rollout(
+        smollm2_behind_router, smollm2_path, tmp_path, write_jsonl(rows), "examples.search_r1.agent", 96
+    )
     searched = [s for s in samples if s.metadata["searches"]]
     assert len(searched) >= 3, [s.response for s in samples]
     tok = load_tokenizer(smollm2_path)
@@ -66,8 +86,9 @@ def test_search_agent_searches_the_local_index(smollm2_behind_router, smollm2_pa
 def test_python_tool_agent_runs_code_in_the_sandbox(smollm2_behind_router, smollm2_path, tmp_path):
     from slime.utils.processing_utils import load_tokenizer
 
-    samples, metrics = _rollout(smollm2_behind_router, smollm2_path, tmp_path, "builtin:arithmetic:train:3:0",
-                                "examples.retool.agent", 128)  # fmt: skip
+    samples, metrics = _rollout(
+        smollm2_behind_router, smollm2_path, tmp_path, "builtin:arithmetic:train:3:0", "examples.retool.agent", 128
+    )
     ran = [s for s in samples if s.metadata["tool_calls"]]
     assert len(ran) >= 3, [s.response for s in samples]
     tok = load_tokenizer(smollm2_path)

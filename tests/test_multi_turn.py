@@ -9,8 +9,34 @@ import pytest
 from slime.rollout.multi_turn import ChatTrajectory
 from slime.utils.types import Sample
 
-WORDS = ["the", "answer", "is", "42", "x", "=", "(3+4)*5", "print(x)", "Paris", "naïve", "日本", "—", "ok.", "<b>",
-         "def", "f(a):", "return", "a", "+", "1", "{'k':", "[1,", "2]}", "search", "\\boxed{7}", "#"]  # fmt: skip
+WORDS = [
+    "the",
+    "answer",
+    "is",
+    "42",
+    "x",
+    "=",
+    "(3+4)*5",
+    "print(x)",
+    "Paris",
+    "naïve",
+    "日本",
+    "—",
+    "ok.",
+    "<b>",
+    "def",
+    "f(a):",
+    "return",
+    "a",
+    "+",
+    "1",
+    "{'k':",
+    "[1,",
+    "2]}",
+    "search",
+    "\\boxed{7}",
+    "#",
+]
 END = "<|im_end|>"
 
 
@@ -103,8 +129,10 @@ def test_a_template_that_rewrites_the_assistant_turn_is_named(smollm2_path):
     from slime.utils.processing_utils import load_tokenizer
 
     tok = copy.deepcopy(load_tokenizer(smollm2_path))
-    tok.chat_template = ("{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content | trim }}<|im_end|>\n"
-                         "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")  # fmt: skip
+    tok.chat_template = (
+        "{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content | trim }}<|im_end|>\n"
+        "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+    )
     traj = ChatTrajectory(Sample(prompt=[{"role": "user", "content": "hi"}]), tok)
     traj.add_model_tokens(tok.encode("  padded answer  ", add_special_tokens=False))
     with pytest.raises(ValueError, match="does not render the conversation as a continuation.*add_text"):

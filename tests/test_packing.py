@@ -112,7 +112,7 @@ def test_loss_and_gradients_do_not_depend_on_the_micro_batch_split(tiny_model_pa
 
     from transformers import AutoModel, AutoModelForCausalLM
 
-    from slime.trainer.loss import critic_loss, micro_batch_loss
+    from slime.trainer.loss import MicroBatch, critic_loss, micro_batch_loss
     from slime.trainer.models import ValueModel
 
     torch.manual_seed(0)
@@ -130,9 +130,19 @@ def test_loss_and_gradients_do_not_depend_on_the_micro_batch_split(tiny_model_pa
     with torch.no_grad():
         lp = forward_log_probs(model, seqs, resp, 1.0)["log_probs"].split(resp)
     old = [x + 0.05 * e for x, e in zip(lp, noise, strict=True)]
-    args = SimpleNamespace(loss_type="policy_loss", advantage_estimator=estimator, eps_clip=0.2, eps_clip_high=0.2,
-                           eps_clip_c=3.0, entropy_coef=0.01, use_kl_loss=True, kl_loss_coef=0.1, kl_loss_type="k2",
-                           calculate_per_token_loss=per_token, value_clip=0.2)  # fmt: skip
+    args = SimpleNamespace(
+        loss_type="policy_loss",
+        advantage_estimator=estimator,
+        eps_clip=0.2,
+        eps_clip_high=0.2,
+        eps_clip_c=3.0,
+        entropy_coef=0.01,
+        use_kl_loss=True,
+        kl_loss_coef=0.1,
+        kl_loss_type="k2",
+        calculate_per_token_loss=per_token,
+        value_clip=0.2,
+    )
     normalizer = sum(map(sum, masks)) if per_token else float(len(resp))
 
     def run(splits):
@@ -141,12 +151,19 @@ def test_loss_and_gradients_do_not_depend_on_the_micro_batch_split(tiny_model_pa
         total = 0.0
         for mb in splits:
             cat = lambda col: torch.cat([torch.as_tensor(col[i]) for i in mb])  # noqa: E731,B023
-            batch = {"mask": cat(masks), "lengths": [resp[i] for i in mb], "advantages": cat(advantages),
-                     "old_log_probs": cat(old), "ref_log_probs": cat(lp), "returns": cat(returns),
-                     "old_values": cat(old_values)}  # fmt: skip
+            batch = MicroBatch(
+                mask=cat(masks),
+                lengths=[resp[i] for i in mb],
+                normalizer=normalizer,
+                advantages=cat(advantages),
+                old_log_probs=cat(old),
+                ref_log_probs=cat(lp),
+                returns=cat(returns),
+                old_values=cat(old_values),
+            )
             tokens, rlens = [seqs[i] for i in mb], [resp[i] for i in mb]
-            loss, _ = micro_batch_loss(args, batch, forward_log_probs(model, tokens, rlens, 1.0, True), normalizer)
-            closs, _ = critic_loss(args, batch, forward_values(critic, tokens, rlens), normalizer)
+            loss, _ = micro_batch_loss(args, batch, forward_log_probs(model, tokens, rlens, 1.0, True))
+            closs, _ = critic_loss(args, batch, forward_values(critic, tokens, rlens))
             (loss + closs).backward()
             total += loss.item() + closs.item()
         grads = [p.grad.clone() for p in [*model.parameters(), *critic.parameters()] if p.grad is not None]

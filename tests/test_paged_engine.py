@@ -128,8 +128,12 @@ def _generate_greedy(path: str, prompts: list[list[int]], new: int) -> list[list
 
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
     with torch.inference_mode():
-        return [model.generate(torch.tensor([p]), max_new_tokens=new, min_new_tokens=new, do_sample=False)[0, len(p) :]
-                .tolist() for p in prompts]  # fmt: skip
+        return [
+            model.generate(torch.tensor([p]), max_new_tokens=new, min_new_tokens=new, do_sample=False)[
+                0, len(p) :
+            ].tolist()
+            for p in prompts
+        ]
 
 
 @pytest.mark.parametrize(
@@ -269,9 +273,16 @@ def _tiny_model(smollm2_path: str, out, model_type: str, **overrides) -> str:
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(smollm2_path)
-    config = AutoConfig.for_model(model_type, vocab_size=len(tok), hidden_size=64, intermediate_size=128,
-                                  num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=512,
-                                  **overrides)  # fmt: skip
+    config = AutoConfig.for_model(
+        model_type,
+        vocab_size=len(tok),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        max_position_embeddings=512,
+        **overrides,
+    )
     torch.manual_seed(0)
     AutoModelForCausalLM.from_config(config).save_pretrained(out)
     tok.save_pretrained(out)
@@ -311,12 +322,22 @@ def test_paged_engine_serves_other_architectures(smollm2_path, tmp_path, model_t
     "model_type,overrides,reason",
     [
         ("stablelm", {"num_key_value_heads": 2}, "do not receive the forward's keyword arguments"),
-        ("deepseek_v3", {"num_key_value_heads": 4, "q_lora_rank": None, "kv_lora_rank": 16, "qk_rope_head_dim": 8,
-                         "qk_nope_head_dim": 16, "v_head_dim": 16, "first_k_dense_replace": 2},
-         "keys have head dim 24, values 16"),
+        (
+            "deepseek_v3",
+            {
+                "num_key_value_heads": 4,
+                "q_lora_rank": None,
+                "kv_lora_rank": 16,
+                "qk_rope_head_dim": 8,
+                "qk_nope_head_dim": 16,
+                "v_head_dim": 16,
+                "first_k_dense_replace": 2,
+            },
+            "keys have head dim 24, values 16",
+        ),
         ("mistral", {"num_key_value_heads": 2, "sliding_window": 64}, "sliding_window"),
     ],
-)  # fmt: skip
+)
 def test_auto_backend_falls_back_to_padded(smollm2_path, tmp_path, model_type, overrides, reason):
     """A model whose attention the paged engine does not implement: --backend paged refuses it naming why and the way
     out; auto (the default) serves it with the padded backend, which decodes it exactly."""

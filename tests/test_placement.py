@@ -1,46 +1,69 @@
-"""Where engines run for each cluster shape and flag set (slime.ray.placement), without starting anything."""
+"""Where engines run for each cluster shape and flag set (slime.config.cluster), without starting anything."""
 
 from __future__ import annotations
 
 import pytest
 
 from slime.config.arguments import parse_args
-from slime.ray.placement import PlacementError, engine_dtype, place_engines
+from slime.config.cluster import placement_line
 
 
-def _args(*extra: str):
-    return parse_args(["--hf-checkpoint", "m", "--prompt-data", "builtin:arithmetic", "--rm-type", "math", *extra])
+def _args(*extra: str, gpus: int = 0):
+    flags = ["--hf-checkpoint", "m", "--prompt-data", "builtin:arithmetic", "--rm-type", "math", *extra]
+    return parse_args(flags, cluster_gpus=gpus)
 
 
 def test_cpu_cluster_keeps_engines_on_cpu():
     args = _args("--rollout-num-engines", "2")
-    assert "2 on CPU" in place_engines(args, cluster_gpus=0)
+    assert "2 on CPU" in placement_line(args)
     assert (args.rollout_device, args.rollout_num_engines, args.update_weight_mode) == ("cpu", 2, "tensor")
-    assert engine_dtype(args) == "float32" and not args.offload_rollout
+    assert args.rollout_engine_dtype == "float32" and not args.offload_rollout
+    assert args.sglang_max_running_requests == 64 and args.sglang_chunked_prefill_size == 4096
 
 
 def test_colocate_shares_every_training_gpu_and_implies_both_offloads():
-    args = _args("--colocate", "--actor-num-gpus-per-node", "4", "--global-batch-size", "4")
-    assert args.offload_train and args.offload_rollout  # set at parse time, so CPU runs release memory too
-    assert "4 on the 4 training GPU(s), colocated" in place_engines(args, cluster_gpus=8)
+    args = _args("--colocate", "--actor-num-gpus-per-node", "4", "--global-batch-size", "4", gpus=8)
+    assert args.offload_train and args.offload_rollout
+    assert "4 on the 4 training GPU(s), colocated" in placement_line(args)
     assert (args.rollout_device, args.rollout_num_engines, args.engines_share_trainer_gpus) == ("cuda", 4, True)
-    assert args.update_weight_mode == "tensor" and engine_dtype(args) == "bfloat16"
+    assert args.update_weight_mode == "tensor" and args.rollout_engine_dtype == "bfloat16"
+    assert args.sglang_mem_fraction_static == 0.6 and args.sglang_max_running_requests == 256
+
+
+def test_colocate_on_cpu_still_releases_engine_memory():
+    args = _args("--colocate")
+    assert args.offload_train and args.offload_rollout and "memory released" in placement_line(args)
 
 
 def test_without_flags_on_one_gpu_engine_and_trainer_share_it_without_releasing():
-    args = _args()
-    assert "shared as separate processes" in place_engines(args, cluster_gpus=1)
+    args = _args(gpus=1)
+    assert "shared as separate processes" in placement_line(args)
     assert args.engines_share_trainer_gpus and args.rollout_num_engines == 1
     assert not (args.offload_rollout or args.offload_train)
+    assert args.sglang_mem_fraction_static == 0.35
 
 
-def test_own_gpus_default_to_nccl_and_refuse_cuda_ipc():
-    args = _args("--rollout-num-gpus", "2", "--rollout-engine-dtype", "float32")
-    assert "2 on GPUs of their own" in place_engines(args, cluster_gpus=3)
-    assert (args.rollout_num_engines, args.update_weight_mode, engine_dtype(args)) == (2, "distributed", "float32")
-    assert not args.engines_share_trainer_gpus
-    with pytest.raises(PlacementError, match="CUDA IPC"):
-        place_engines(_args("--rollout-num-gpus", "1", "--update-weight-mode", "tensor"), cluster_gpus=2)
+def test_own_gpus_default_to_nccl_and_refuse_cuda_ipc(capsys):
+    args = _args("--rollout-num-gpus", "2", "--rollout-engine-dtype", "float32", gpus=3)
+    assert "2 on GPUs of their own" in placement_line(args)
+    assert (args.rollout_num_engines, args.update_weight_mode, args.rollout_engine_dtype) == (
+        2,
+        "distributed",
+        "float32",
+    )
+    assert not args.engines_share_trainer_gpus and args.sglang_mem_fraction_static == 0.85
+    with pytest.raises(SystemExit):
+        _args("--rollout-num-gpus", "1", "--update-weight-mode", "tensor", gpus=2)
+    assert "CUDA IPC" in capsys.readouterr().err
+
+
+def test_engine_threads_follow_the_placed_engine_count():
+    """Threads per engine are settled after placement: 4 GPUs give 4 engines, whatever --rollout-num-engines said."""
+    import os
+
+    args = _args("--actor-num-gpus-per-node", "4", "--global-batch-size", "4", gpus=4)
+    assert args.rollout_num_engines == 4
+    assert args.rollout_engine_threads == max(1, (os.cpu_count() or 1) // 4)
 
 
 @pytest.mark.parametrize(
@@ -52,9 +75,10 @@ def test_own_gpus_default_to_nccl_and_refuse_cuda_ipc():
         (["--debug-rollout-only"], 1, "needs --rollout-num-gpus"),
     ],
 )
-def test_layouts_the_cluster_cannot_hold_name_the_flags(flags, gpus, message):
-    with pytest.raises(PlacementError, match=message):
-        place_engines(_args(*flags), cluster_gpus=gpus)
+def test_layouts_the_cluster_cannot_hold_name_the_flags(capsys, flags, gpus, message):
+    with pytest.raises(SystemExit):
+        _args(*flags, gpus=gpus)
+    assert message in capsys.readouterr().err
 
 
 def test_colocate_with_own_engine_gpus_is_refused_at_parse_time(capsys):

@@ -105,12 +105,15 @@ def test_dapo_on_the_math_table(answer, label, expected):
     assert out["score"] == (1.0 if expected else -1.0) and out["pred"] == answer.strip()
 
 
-@pytest.mark.parametrize("response, expected", [
-    ("<think>maybe 3</think> The answer is \\boxed{4}", 1.0),
-    ("<think>the answer is \\boxed{4}, no wait", 0.0),  # thinking never closed
-    ("###Response\n#### 4", 1.0),
-    ("<think>\\boxed{4}</think> so 5", 0.0),  # only what follows the thinking counts
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "response, expected",
+    [
+        ("<think>maybe 3</think> The answer is \\boxed{4}", 1.0),
+        ("<think>the answer is \\boxed{4}, no wait", 0.0),  # thinking never closed
+        ("###Response\n#### 4", 1.0),
+        ("<think>\\boxed{4}</think> so 5", 0.0),  # only what follows the thinking counts
+    ],
+)
 def test_deepscaler(response, expected):
     assert asyncio.run(async_rm(args(rm_type="deepscaler"), Sample(response=response, label="4"))) == expected
 
@@ -193,40 +196,49 @@ def test_slow_reward_times_out_and_run_goes_on():
     assert s.reward == 0.0 and "--rm-timeout 0.5" in s.metadata["reward_error"]
 
 
-@pytest.mark.parametrize("response, label, score", [
-    ("work...\nAnswer: 42", "42", 1.0),
-    ("Answer: 41\nno wait\nAnswer: 42", "42", 1.0),  # the last one counts
-    ("Answer: 3/4", "0.75", 1.0),  # non-integer labels grade correctly
-    ("Answer: \\frac{3}{4}", "\\frac{3}{4}", 1.0),
-    ("Answer: 2.5", "5/2", 1.0),
-    ("Answer: 0.7", "0.75", -1.0),
-    ("the answer is 42", "42", -1.0),  # DAPO needs the `Answer:` line
-    ("Answer: 42" + " filler" * 100, "42", -1.0),  # only the final 300 characters are read
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "response, label, score",
+    [
+        ("work...\nAnswer: 42", "42", 1.0),
+        ("Answer: 41\nno wait\nAnswer: 42", "42", 1.0),  # the last one counts
+        ("Answer: 3/4", "0.75", 1.0),  # non-integer labels grade correctly
+        ("Answer: \\frac{3}{4}", "\\frac{3}{4}", 1.0),
+        ("Answer: 2.5", "5/2", 1.0),
+        ("Answer: 0.7", "0.75", -1.0),
+        ("the answer is 42", "42", -1.0),  # DAPO needs the `Answer:` line
+        ("Answer: 42" + " filler" * 100, "42", -1.0),  # only the final 300 characters are read
+    ],
+)
 def test_dapo(response, label, score):
     out = asyncio.run(async_rm(args(rm_type="dapo"), Sample(response=response, label=label)))
     assert out["score"] == score and out["acc"] == (score == 1.0)
     assert Sample(reward=out).get_reward_value(SimpleNamespace(reward_key="score")) == score
 
 
-@pytest.mark.parametrize("response, label, f1", [
-    ("Paris", "paris", 1.0),
-    ("The capital is Paris.", "Paris", 0.5),  # 'capital is paris' vs 'paris': P 1/3, R 1
-    ("Answer: the Eiffel Tower", "Eiffel Tower", 1.0),
-    ("London", "Paris", 0.0),
-    ("New York City", "New York|NYC", 0.8),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "response, label, f1",
+    [
+        ("Paris", "paris", 1.0),
+        ("The capital is Paris.", "Paris", 0.5),  # 'capital is paris' vs 'paris': P 1/3, R 1
+        ("Answer: the Eiffel Tower", "Eiffel Tower", 1.0),
+        ("London", "Paris", 0.0),
+        ("New York City", "New York|NYC", 0.8),
+    ],
+)
 def test_f1(response, label, f1):
     assert asyncio.run(async_rm(args(rm_type="f1"), Sample(response=response, label=label))) == pytest.approx(f1)
 
 
-@pytest.mark.parametrize("response, label, score", [
-    ("Reasoning... Answer: (C)", "C", 1.0),
-    ("The answer is B", "(B)", 1.0),
-    ("\\boxed{D}", "D) 42 kelvin", 1.0),
-    ("Answer: A\nActually, answer: B", "A", 0.0),
-    ("I think it could be anything", "A", 0.0),
-    ("C", "C", 1.0),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "response, label, score",
+    [
+        ("Reasoning... Answer: (C)", "C", 1.0),
+        ("The answer is B", "(B)", 1.0),
+        ("\\boxed{D}", "D) 42 kelvin", 1.0),
+        ("Answer: A\nActually, answer: B", "A", 0.0),
+        ("I think it could be anything", "A", 0.0),
+        ("C", "C", 1.0),
+    ],
+)
 def test_gpqa(response, label, score):
     assert asyncio.run(async_rm(args(rm_type="gpqa"), Sample(response=response, label=label))) == score

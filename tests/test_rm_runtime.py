@@ -15,8 +15,17 @@ from slime.utils.types import Sample
 
 
 def args(**kw):
-    base = dict(rm_type="math", custom_rm_path=None, reward_on_error=0.0, rm_timeout=5.0, reward_key=None,
-                eval_reward_key=None, group_rm=False, rm_url=None, rm_max_retries=3)  # fmt: skip
+    base = dict(
+        rm_type="math",
+        custom_rm_path=None,
+        reward_on_error=0.0,
+        rm_timeout=5.0,
+        reward_key=None,
+        eval_reward_key=None,
+        group_rm=False,
+        rm_url=None,
+        rm_max_retries=3,
+    )
     return SimpleNamespace(**{**base, **kw})
 
 
@@ -66,8 +75,9 @@ def test_group_rm_calls_the_custom_function_once_per_group():
     # one reward for the whole group instead of one per sample is refused, not broadcast
     scalar = args(custom_rm_path="tests.custom_hooks:group_size_reward", group_rm=True)
     asyncio.run(score_group(scalar, group))
-    assert all("returned float; with --group-rm it must return one reward per" in s.metadata["reward_error"]
-               for s in group)  # fmt: skip
+    assert all(
+        "returned float; with --group-rm it must return one reward per" in s.metadata["reward_error"] for s in group
+    )
 
 
 def test_batched_async_rm_without_custom_function_grades_each_sample():
@@ -113,10 +123,13 @@ def test_remote_rm_posts_prompt_response_label_and_retries_5xx():
     assert s.reward == {"score": 1.0, "judge": "exact"} and "reward_error" not in s.metadata
 
 
-@pytest.mark.parametrize("status, body, expect", [
-    (400, "bad request: no label", "HTTP 400: bad request: no label"),
-    (200, "not a number", "answered 'not a number', not a number or JSON"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "status, body, expect",
+    [
+        (400, "bad request: no label", "HTTP 400: bad request: no label"),
+        (200, "not a number", "answered 'not a number', not a number or JSON"),
+    ],
+)
 def test_remote_rm_errors_are_clear(status, body, expect):
     async def handler(request):
         return web.Response(status=status, text=body)

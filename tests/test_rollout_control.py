@@ -7,8 +7,8 @@ import json
 import pytest
 
 from slime.utils.http_utils import request_sync
-from slime.utils.types import Sample
-from tests.conftest import engines_behind_router
+from slime.utils.types import Sample, TokenColumns
+from tests.conftest import engines_behind_router, router_flags
 
 
 @pytest.fixture(scope="module")
@@ -26,14 +26,31 @@ def _setup(engine_behind_router, tiny_model_path, tmp_path, *extra):
     from slime.rollout.data_source import RolloutDataSourceWithBuffer
 
     router, _ = engine_behind_router
-    args = parse_args([
-        "--hf-checkpoint", tiny_model_path, "--prompt-data", "builtin:arithmetic:train:200:0",
-        "--input-key", "prompt", "--label-key", "label", "--apply-chat-template", "--rm-type", "math",
-        "--n-samples-per-prompt", "2", "--rollout-max-response-len", "48", "--sglang-server-concurrency", "4",
-        "--output-dir", str(tmp_path / "run"), *extra,
-    ])  # fmt: skip
-    host, port = router.url.rsplit("//", 1)[1].split(":")
-    args.sglang_router_ip, args.sglang_router_port = host, int(port)
+    args = parse_args(
+        [
+            "--hf-checkpoint",
+            tiny_model_path,
+            "--prompt-data",
+            "builtin:arithmetic:train:200:0",
+            "--input-key",
+            "prompt",
+            "--label-key",
+            "label",
+            "--apply-chat-template",
+            "--rm-type",
+            "math",
+            "--n-samples-per-prompt",
+            "2",
+            "--rollout-max-response-len",
+            "48",
+            "--sglang-server-concurrency",
+            "4",
+            "--output-dir",
+            str(tmp_path / "run"),
+            *router_flags(router.url),
+            *extra,
+        ]
+    )
     return args, RolloutDataSourceWithBuffer(args)
 
 
@@ -43,9 +60,17 @@ def test_filter_rejecting_half_still_fills_the_step_and_aborts_the_rest(
     from slime.rollout.sglang_rollout import generate_rollout
 
     _, engine = engine_behind_router
-    args, source = _setup(engine_behind_router, tiny_model_path, tmp_path, "--rollout-batch-size", "4",
-                          "--over-sampling-batch-size", "16", "--dynamic-sampling-filter-path",
-                          "tests.custom_hooks:keep_even_groups")  # fmt: skip
+    args, source = _setup(
+        engine_behind_router,
+        tiny_model_path,
+        tmp_path,
+        "--rollout-batch-size",
+        "4",
+        "--over-sampling-batch-size",
+        "16",
+        "--dynamic-sampling-filter-path",
+        "tests.custom_hooks:keep_even_groups",
+    )
     before = _aborted_requests(engine)
     out = generate_rollout(args, 0, source)
     assert len(out.samples) == 4 and all(len(g) == 2 for g in out.samples)
@@ -73,10 +98,21 @@ def test_partial_rollout_resumes_aborted_samples_with_older_tokens_masked(
     from slime.rollout.sglang_rollout import generate_rollout
 
     _, engine = engine_behind_router
-    args, source = _setup(engine_behind_router, tiny_model_path, tmp_path, "--rollout-batch-size", "2",
-                          "--over-sampling-batch-size", "8", "--partial-rollout", "--mask-offpolicy-in-partial-rollout",
-                          "--sglang-server-concurrency", "16", "--custom-generate-function-path",
-                          "tests.custom_hooks:first_groups_short")  # fmt: skip
+    args, source = _setup(
+        engine_behind_router,
+        tiny_model_path,
+        tmp_path,
+        "--rollout-batch-size",
+        "2",
+        "--over-sampling-batch-size",
+        "8",
+        "--partial-rollout",
+        "--mask-offpolicy-in-partial-rollout",
+        "--sglang-server-concurrency",
+        "16",
+        "--custom-generate-function-path",
+        "tests.custom_hooks:first_groups_short",
+    )
     first = generate_rollout(args, 0, source)
     assert len(first.samples) == 2 and first.metrics["rollout/aborted_groups"] >= 1
     parked = {s.index: copy.deepcopy(s) for g in source.buffer for s in g}
@@ -105,16 +141,24 @@ def test_partial_rollout_resumes_aborted_samples_with_older_tokens_masked(
             assert s.weight_versions == ["default", "7"]
     assert grew >= 1
     data = to_train_data(second.samples, args)
-    assert [len(m) for m in data["loss_masks"]] == data["response_lengths"]
+    assert [len(m) for m in data.loss_masks] == data.response_lengths
 
 
 def test_slime_style_custom_generate_runs_unchanged(engine_behind_router, tiny_model_path, tmp_path):
     from slime.rollout.manager import to_train_data
     from slime.rollout.sglang_rollout import generate_rollout
 
-    args, source = _setup(engine_behind_router, tiny_model_path, tmp_path, "--rollout-batch-size", "3",
-                          "--custom-generate-function-path", "tests.slime_style_generate.generate",
-                          "--custom-reward-post-process-path", "tests.custom_hooks:rank_post_process")  # fmt: skip
+    args, source = _setup(
+        engine_behind_router,
+        tiny_model_path,
+        tmp_path,
+        "--rollout-batch-size",
+        "3",
+        "--custom-generate-function-path",
+        "tests.slime_style_generate.generate",
+        "--custom-reward-post-process-path",
+        "tests.custom_hooks:rank_post_process",
+    )
     out = generate_rollout(args, 0, source)
     samples = [s for g in out.samples for s in g]
     assert len(samples) == 6
@@ -127,7 +171,7 @@ def test_slime_style_custom_generate_runs_unchanged(engine_behind_router, tiny_m
         assert s.rollout_log_probs[tool[0] : tool[1]] == [0.0] * (tool[1] - tool[0])
         assert s.response_length <= args.rollout_max_response_len
     data = to_train_data(out.samples, args, post_process=_load("tests.custom_hooks:rank_post_process"))
-    assert data["rewards"] == [s.reward - 1.0 for s in samples]
+    assert data.rewards == [s.reward - 1.0 for s in samples]
 
 
 def _load(path):
@@ -166,14 +210,19 @@ def test_reward_post_process_replaces_group_normalisation():
     from slime.algorithms.advantages import compute_advantages
 
     masks = [torch.ones(3), torch.ones(2), torch.ones(4), torch.ones(1)]
-    base = dict(advantage_estimator="grpo", n_samples_per_prompt=2, kl_coef=0.0, disable_grpo_std_normalization=False,
-                use_opd=False, normalize_advantages=False)  # fmt: skip
-    rewards = torch.tensor([3.0, -1.0, 0.5, 0.25], dtype=torch.float64)
-    normalised, _ = compute_advantages(rewards, {"loss_masks": masks}, SimpleNamespace(**base))
-    assert [float(a[0]) for a in normalised] == pytest.approx([0.7071, -0.7071, 0.7071, -0.7071], abs=1e-3)
-    given, _ = compute_advantages(
-        rewards, {"loss_masks": masks}, SimpleNamespace(**base, custom_reward_post_process_path="m:f")
+    base = dict(
+        advantage_estimator="grpo",
+        n_samples_per_prompt=2,
+        kl_coef=0.0,
+        disable_grpo_std_normalization=False,
+        use_opd=False,
+        normalize_advantages=False,
     )
+    rewards = torch.tensor([3.0, -1.0, 0.5, 0.25], dtype=torch.float64)
+    cols = TokenColumns(loss_masks=masks, old_log_probs=masks)
+    normalised, _ = compute_advantages(rewards, cols, SimpleNamespace(**base))
+    assert [float(a[0]) for a in normalised] == pytest.approx([0.7071, -0.7071, 0.7071, -0.7071], abs=1e-3)
+    given, _ = compute_advantages(rewards, cols, SimpleNamespace(**base, custom_reward_post_process_path="m:f"))
     assert [a.tolist() for a in given] == [[3.0] * 3, [-1.0] * 2, [0.5] * 4, [0.25]]
 
 

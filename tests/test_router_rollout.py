@@ -7,7 +7,7 @@ import pytest
 
 from slime.router.router import list_workers
 from slime.utils.http_utils import post, request_sync
-from tests.conftest import engines_behind_router
+from tests.conftest import engines_behind_router, router_flags
 
 
 @pytest.fixture(scope="module")
@@ -23,10 +23,12 @@ def test_router_lists_both_engines_and_spreads_load(two_engines_behind_router):
     async def many():
         params = {"max_new_tokens": 16, "ignore_eos": True}
         reqs = [
-            post(router.url + "/generate", {"input_ids": [1, 100 + i, 200 + 3 * i, 7], "sampling_params": params,
-                                             "return_logprob": True})
+            post(
+                router.url + "/generate",
+                {"input_ids": [1, 100 + i, 200 + 3 * i, 7], "sampling_params": params, "return_logprob": True},
+            )
             for i in range(32)
-        ]  # fmt: skip
+        ]
         return await asyncio.gather(*reqs)
 
     outs = asyncio.run(many())
@@ -41,12 +43,32 @@ def test_router_lists_both_engines_and_spreads_load(two_engines_behind_router):
 def _args(tiny_model_path, tmp_path, *extra):
     from slime.config.arguments import parse_args
 
-    return parse_args([
-        "--hf-checkpoint", tiny_model_path, "--prompt-data", "builtin:arithmetic:train:50:0",
-        "--input-key", "prompt", "--label-key", "label", "--apply-chat-template", "--rm-type", "math",
-        "--rollout-batch-size", "4", "--n-samples-per-prompt", "3", "--rollout-max-response-len", "12",
-        "--rollout-num-engines", "2", "--output-dir", str(tmp_path / "run"), *extra,
-    ])  # fmt: skip
+    return parse_args(
+        [
+            "--hf-checkpoint",
+            tiny_model_path,
+            "--prompt-data",
+            "builtin:arithmetic:train:50:0",
+            "--input-key",
+            "prompt",
+            "--label-key",
+            "label",
+            "--apply-chat-template",
+            "--rm-type",
+            "math",
+            "--rollout-batch-size",
+            "4",
+            "--n-samples-per-prompt",
+            "3",
+            "--rollout-max-response-len",
+            "12",
+            "--rollout-num-engines",
+            "2",
+            "--output-dir",
+            str(tmp_path / "run"),
+            *extra,
+        ]
+    )
 
 
 def test_rollout_pipeline_through_ray(tiny_model_path, tmp_path):
@@ -56,10 +78,21 @@ def test_rollout_pipeline_through_ray(tiny_model_path, tmp_path):
     from slime.utils.types import Sample
 
     cfg = tmp_path / "eval.yaml"
-    cfg.write_text("eval:\n  datasets:\n    - {name: short, path: 'builtin:arithmetic:test:9:1', max_prompts: 3,\n"
-                   "       n_samples_per_eval_prompt: 2, max_response_len: 4}\n")  # fmt: skip
-    args = _args(tiny_model_path, tmp_path, "--custom-rm-path", "tests.custom_hooks:length_reward", "--eval-config",
-                 str(cfg), "--eval-prompt-data", "held_out", "builtin:arithmetic:test:5:0")  # fmt: skip
+    cfg.write_text(
+        "eval:\n  datasets:\n    - {name: short, path: 'builtin:arithmetic:test:9:1', max_prompts: 3,\n"
+        "       n_samples_per_eval_prompt: 2, max_response_len: 4}\n"
+    )
+    args = _args(
+        tiny_model_path,
+        tmp_path,
+        "--custom-rm-path",
+        "tests.custom_hooks:length_reward",
+        "--eval-config",
+        str(cfg),
+        "--eval-prompt-data",
+        "held_out",
+        "builtin:arithmetic:test:5:0",
+    )
     ray.init(num_cpus=2, include_dashboard=False, ignore_reinit_error=True)
     manager = RolloutManager.options(num_cpus=0).remote(args)
     try:
@@ -107,11 +140,9 @@ def test_generate_rollout_group_rm_and_a_step_of_failed_rewards(two_engines_behi
     from slime.rollout.sglang_rollout import generate_rollout
 
     router, _ = two_engines_behind_router
-    host, port = router.url.rsplit("//", 1)[1].split(":")
 
     def rollout(*extra):
-        args = _args(tiny_model_path, tmp_path, *extra)
-        args.sglang_router_ip, args.sglang_router_port = host, int(port)
+        args = _args(tiny_model_path, tmp_path, *router_flags(router.url), *extra)
         source = RolloutDataSourceWithBuffer(args)
         return generate_rollout(args, 0, source)
 

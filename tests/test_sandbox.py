@@ -56,8 +56,10 @@ def test_namespace_alone_keeps_the_host_unreachable(local_http_server):
     import sys
 
     port, hits = local_http_server
-    code = (f"import socket\ntry:\n    socket.create_connection(('127.0.0.1', {port}), timeout=2)\n"
-            "    print('reached')\nexcept OSError as e:\n    print('refused', e)")  # fmt: skip
+    code = (
+        f"import socket\ntry:\n    socket.create_connection(('127.0.0.1', {port}), timeout=2)\n"
+        "    print('reached')\nexcept OSError as e:\n    print('refused', e)"
+    )
     out = subprocess.run([*_netns_prefix(), sys.executable, "-c", code], capture_output=True, text=True, timeout=20)
     assert out.stdout.startswith("refused" if _netns_prefix() else "reached"), out
     assert hits == [] or not _netns_prefix()

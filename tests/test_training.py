@@ -11,15 +11,29 @@ from slime.config.arguments import parse_args
 from slime.engine.launch import launch_engine
 from slime.ray.train_group import TrainGroup
 from slime.utils.http_utils import request_sync
+from slime.utils.types import TrainBatch
 
 TEMPERATURE = 0.8
 
 
 def _args(model, tmp_path, *extra):
-    return parse_args([
-        "--hf-checkpoint", model, "--prompt-data", "builtin:arithmetic", "--rm-type", "math",
-        "--rollout-temperature", str(TEMPERATURE), "--output-dir", str(tmp_path), "--seed", "3", *extra,
-    ])  # fmt: skip
+    return parse_args(
+        [
+            "--hf-checkpoint",
+            model,
+            "--prompt-data",
+            "builtin:arithmetic",
+            "--rm-type",
+            "math",
+            "--rollout-temperature",
+            str(TEMPERATURE),
+            "--output-dir",
+            str(tmp_path),
+            "--seed",
+            "3",
+            *extra,
+        ]
+    )
 
 
 @pytest.fixture(scope="module")
@@ -29,12 +43,16 @@ def engine(tiny_model_path, tmp_path_factory):
     server.stop()
 
 
-def _generate(url: str, n: int, seed: int) -> dict:
-    """Sample n responses from the engine; returns trainer columns with the engine's log-probs."""
+def _generate(url: str, n: int, seed: int) -> tuple[TrainBatch, str]:
+    """Sample n responses from the engine; returns the trainer's batch with the engine's log-probs, and the
+    engine's weight version."""
     rng = random.Random(seed)
     prompts = [[rng.randrange(100, 40000) for _ in range(rng.randint(4, 9))] for _ in range(n)]
-    body = {"input_ids": prompts, "return_logprob": True,
-            "sampling_params": {"temperature": TEMPERATURE, "max_new_tokens": 10, "ignore_eos": True}}  # fmt: skip
+    body = {
+        "input_ids": prompts,
+        "return_logprob": True,
+        "sampling_params": {"temperature": TEMPERATURE, "max_new_tokens": 10, "ignore_eos": True},
+    }
     status, text = request_sync("POST", f"{url}/generate", body, timeout=120)
     assert status == 200, text
     outs = json.loads(text)
@@ -46,37 +64,50 @@ def _generate(url: str, n: int, seed: int) -> dict:
         data["loss_masks"].append([1] * len(ids))
         data["rewards"].append(float(i % 2))
         data["rollout_log_probs"].append([lp for lp, *_ in o["meta_info"]["output_token_logprobs"]])
-    data["weight_version"] = outs[0]["meta_info"]["weight_version"]
-    return data
+    return TrainBatch(**data), outs[0]["meta_info"]["weight_version"]
 
 
-def _max_diff(data: dict, log_probs: list[list[float]]) -> float:
-    return max(abs(a - b) for got, want in zip(log_probs, data["rollout_log_probs"], strict=True)
-               for a, b in zip(got, want, strict=True))  # fmt: skip
+def _max_diff(data: TrainBatch, log_probs: list[list[float]]) -> float:
+    return max(
+        abs(a - b)
+        for got, want in zip(log_probs, data.rollout_log_probs, strict=True)
+        for a, b in zip(got, want, strict=True)
+    )
 
 
 @pytest.mark.parametrize("mode", ["tensor", "distributed", "disk"])
 def test_engine_logprobs_equal_trainer_logprobs_after_sync(mode, ray_cluster, engine, tiny_model_path, tmp_path):
-    args = _args(tiny_model_path, tmp_path, "--update-weight-mode", mode, "--lr", "0.05",
-                 "--rollout-batch-size", "4", "--n-samples-per-prompt", "2",
-                 "--update-weight-buffer-size", str(200_000))  # several buckets  # fmt: skip
+    args = _args(
+        tiny_model_path,
+        tmp_path,
+        "--update-weight-mode",
+        mode,
+        "--lr",
+        "0.05",
+        "--rollout-batch-size",
+        "4",
+        "--n-samples-per-prompt",
+        "2",
+        "--update-weight-buffer-size",
+        str(200_000),
+    )  # several buckets
     group = TrainGroup(args)
     try:
         group.call("connect_engines", [engine.url])
-        metrics = group.train(0, _generate(engine.url, 8, seed=1))
+        metrics = group.train(0, _generate(engine.url, 8, seed=1)[0])
         assert metrics["train/grad_norm"] > 0
-        stale = _generate(engine.url, 8, seed=2)
+        stale, _ = _generate(engine.url, 8, seed=2)
         assert _max_diff(stale, group.call("log_probs", stale)[0]) > 1e-2  # trained weights not yet on the engine
         sync = group.update_weights(f"{mode}-1")
         assert sync["sync/tensors"] > 0 and sync["sync/bytes"] > 0
-        fresh = _generate(engine.url, 8, seed=2)
-        assert fresh["weight_version"] == f"{mode}-1"
+        fresh, version = _generate(engine.url, 8, seed=2)
+        assert version == f"{mode}-1"
         assert _max_diff(fresh, group.call("log_probs", fresh)[0]) < 1e-4  # fp32, same tokens, same temperature
     finally:
         group.shutdown()
 
 
-def _synthetic_batch(n: int, seed: int = 0, rollout_log_probs: bool = False) -> dict:
+def _synthetic_batch(n: int, seed: int = 0, rollout_log_probs: bool = False) -> TrainBatch:
     rng = random.Random(seed)
     data = {"tokens": [], "response_lengths": [], "loss_masks": [], "rewards": [], "rollout_log_probs": []}
     for _ in range(n):
@@ -86,16 +117,32 @@ def _synthetic_batch(n: int, seed: int = 0, rollout_log_probs: bool = False) -> 
         data["loss_masks"].append([int(rng.random() > 0.2) for _ in range(resp_len)])
         data["rewards"].append(float(rng.random() > 0.5))
         data["rollout_log_probs"].append([rng.gauss(-10, 1) for _ in range(resp_len)] if rollout_log_probs else [])
-    return data
+    return TrainBatch(**data)
 
 
 ALGORITHMS = {
     "grpo, KL loss": ["--use-kl-loss", "--kl-loss-coef", "0.1", "--entropy-coef", "0.01"],
     "grpo, KL loss, per token": ["--use-kl-loss", "--kl-loss-coef", "0.1", "--calculate-per-token-loss"],
-    "ppo, KL reward, TIS + MIS": ["--advantage-estimator", "ppo", "--kl-coef", "0.1", "--normalize-advantages",
-                                  "--use-tis", "--tis-clip-low", "0.5", "--use-mis", "--mis-level", "geometric",
-                                  "--mis-upper-bound", "1e6", "--mis-lower-bound", "1e-6", "--critic-lr", "0.02"],
-}  # fmt: skip
+    "ppo, KL reward, TIS + MIS": [
+        "--advantage-estimator",
+        "ppo",
+        "--kl-coef",
+        "0.1",
+        "--normalize-advantages",
+        "--use-tis",
+        "--tis-clip-low",
+        "0.5",
+        "--use-mis",
+        "--mis-level",
+        "geometric",
+        "--mis-upper-bound",
+        "1e6",
+        "--mis-lower-bound",
+        "1e-6",
+        "--critic-lr",
+        "0.02",
+    ],
+}
 
 
 @pytest.mark.parametrize("algorithm", list(ALGORITHMS))
@@ -104,15 +151,33 @@ def test_world_size_two_matches_world_size_one(algorithm, ray_cluster, tiny_mode
     no-grad passes): equal metrics and equal weights after two optimizer steps, with every per-token input gathered
     across ranks (ppo: the critic too)."""
     data = _synthetic_batch(16, rollout_log_probs="TIS" in algorithm)
-    common = ["--rollout-batch-size", "4", "--n-samples-per-prompt", "4", "--global-batch-size", "8",
-              "--lr", "0.01", "--train-threads", "1", *ALGORITHMS[algorithm]]  # fmt: skip
+    common = [
+        "--rollout-batch-size",
+        "4",
+        "--n-samples-per-prompt",
+        "4",
+        "--global-batch-size",
+        "8",
+        "--lr",
+        "0.01",
+        "--train-threads",
+        "1",
+        *ALGORITHMS[algorithm],
+    ]
     runs = {}
     for name, extra in {
         "ws1 micro-batch 2": ["--micro-batch-size", "2"],
-        "ws2 packed <= 40 tokens, balanced": ["--actor-num-gpus-per-node", "2", "--use-dynamic-batch-size",
-                                              "--max-tokens-per-gpu", "40", "--balance-data",
-                                              "--log-probs-max-tokens-per-gpu", "64"],
-    }.items():  # fmt: skip
+        "ws2 packed <= 40 tokens, balanced": [
+            "--actor-num-gpus-per-node",
+            "2",
+            "--use-dynamic-batch-size",
+            "--max-tokens-per-gpu",
+            "40",
+            "--balance-data",
+            "--log-probs-max-tokens-per-gpu",
+            "64",
+        ],
+    }.items():
         group = TrainGroup(_args(tiny_model_path, tmp_path, *common, *extra))
         try:
             metrics = group.train(0, data)
@@ -138,12 +203,33 @@ def test_rl_loop_trains_and_engines_serve_new_weights(ray_cluster, tiny_model_pa
     from slime.train import train
 
     out = tmp_path / "run"
-    args = parse_args([
-        "--hf-checkpoint", tiny_model_path, "--prompt-data", "builtin:arithmetic:train:64:0", "--input-key", "prompt",
-        "--custom-rm-path", "tests.custom_hooks.token_reward", "--rollout-batch-size", "4",
-        "--n-samples-per-prompt", "4", "--global-batch-size", "8", "--rollout-max-response-len", "12",
-        "--num-rollout", "3", "--lr", "0.01", "--output-dir", str(out), "--colocate",
-    ])  # fmt: skip
+    args = parse_args(
+        [
+            "--hf-checkpoint",
+            tiny_model_path,
+            "--prompt-data",
+            "builtin:arithmetic:train:64:0",
+            "--input-key",
+            "prompt",
+            "--custom-rm-path",
+            "tests.custom_hooks.token_reward",
+            "--rollout-batch-size",
+            "4",
+            "--n-samples-per-prompt",
+            "4",
+            "--global-batch-size",
+            "8",
+            "--rollout-max-response-len",
+            "12",
+            "--num-rollout",
+            "3",
+            "--lr",
+            "0.01",
+            "--output-dir",
+            str(out),
+            "--colocate",
+        ]
+    )
     train(args)
     steps = [json.loads(x) for x in open(out / "metrics.jsonl")]
     assert [s["step"] for s in steps] == [0, 1, 2]
@@ -163,16 +249,24 @@ ESTIMATOR_RUNS = {
     "gspo": ["--advantage-estimator", "gspo", "--eps-clip", "3e-3", "--eps-clip-high", "4e-3", "--offload-train"],
     "reinforce_plus_plus": ["--advantage-estimator", "reinforce_plus_plus", "--kl-coef", "0.01", "--gamma", "0.99"],
     "reinforce_plus_plus_baseline, custom loss": [
-        "--advantage-estimator", "reinforce_plus_plus_baseline", "--loss-type", "custom_loss",
-        "--custom-loss-function-path", "tests.custom_hooks.reinforce_loss",
+        "--advantage-estimator",
+        "reinforce_plus_plus_baseline",
+        "--loss-type",
+        "custom_loss",
+        "--custom-loss-function-path",
+        "tests.custom_hooks.reinforce_loss",
     ],
     "ppo": ["--advantage-estimator", "ppo", "--lambd", "0.95", "--critic-lr", "0.01", "--use-tis"],
     "on_policy_distillation": ["--advantage-estimator", "on_policy_distillation"],
     "grpo + opd, Dr. GRPO reducer": [
-        "--use-opd", "--opd-kl-coef", "0.5", "--custom-pg-loss-reducer-function-path",
-        "slime.algorithms.losses:dr_grpo_pg_loss_reducer", "--disable-grpo-std-normalization",
+        "--use-opd",
+        "--opd-kl-coef",
+        "0.5",
+        "--custom-pg-loss-reducer-function-path",
+        "slime.algorithms.losses:dr_grpo_pg_loss_reducer",
+        "--disable-grpo-std-normalization",
     ],
-}  # fmt: skip
+}
 
 
 @pytest.mark.parametrize("name", list(ESTIMATOR_RUNS))
@@ -184,12 +278,33 @@ def test_every_estimator_runs_the_loop(name, ray_cluster, tiny_model_path, tiny_
     extra = list(ESTIMATOR_RUNS[name])
     if "opd" in name or "distillation" in name:
         extra += ["--opd-teacher-load", tiny_teacher_path]
-    args = parse_args([
-        "--hf-checkpoint", tiny_model_path, "--prompt-data", "builtin:arithmetic:train:64:0", "--input-key", "prompt",
-        "--custom-rm-path", "tests.custom_hooks.token_reward", "--rollout-batch-size", "4",
-        "--n-samples-per-prompt", "4", "--global-batch-size", "8", "--rollout-max-response-len", "10",
-        "--num-rollout", "2", "--lr", "0.01", "--output-dir", str(out), *extra,
-    ])  # fmt: skip
+    args = parse_args(
+        [
+            "--hf-checkpoint",
+            tiny_model_path,
+            "--prompt-data",
+            "builtin:arithmetic:train:64:0",
+            "--input-key",
+            "prompt",
+            "--custom-rm-path",
+            "tests.custom_hooks.token_reward",
+            "--rollout-batch-size",
+            "4",
+            "--n-samples-per-prompt",
+            "4",
+            "--global-batch-size",
+            "8",
+            "--rollout-max-response-len",
+            "10",
+            "--num-rollout",
+            "2",
+            "--lr",
+            "0.01",
+            "--output-dir",
+            str(out),
+            *extra,
+        ]
+    )
     train(args)
     steps = [json.loads(x) for x in open(out / "metrics.jsonl")]
     assert [s["train/optimizer_steps"] for s in steps] == [2, 4]

@@ -31,9 +31,16 @@ def time_pass(model: torch.nn.Module, inputs: dict, repeats: int = 5) -> float:
 
 def main() -> None:
     config = AutoConfig.for_model(
-        "qwen3", vocab_size=151936, hidden_size=1024, intermediate_size=3072, num_hidden_layers=28,
-        num_attention_heads=16, num_key_value_heads=8, head_dim=128, tie_word_embeddings=True,
-    )  # fmt: skip
+        "qwen3",
+        vocab_size=151936,
+        hidden_size=1024,
+        intermediate_size=3072,
+        num_hidden_layers=28,
+        num_attention_heads=16,
+        num_key_value_heads=8,
+        head_dim=128,
+        tie_word_embeddings=True,
+    )
     ids = torch.randint(100, 40000, (N, LENGTH), device="cuda")
     packed = {"input_ids": ids.reshape(1, -1), "position_ids": torch.arange(LENGTH, device="cuda").repeat(N)[None]}
     flops = 6 * 0.6e9 * N * LENGTH

@@ -51,8 +51,11 @@ def kernel_check() -> dict:
     from slime.engine.triton_decode import paged_decode
 
     out = {}
-    for dtype, heads, kv_heads, dim in [(torch.bfloat16, 16, 8, 128), (torch.bfloat16, 9, 3, 64),
-                                        (torch.float32, 16, 8, 128)]:  # fmt: skip
+    for dtype, heads, kv_heads, dim in [
+        (torch.bfloat16, 16, 8, 128),
+        (torch.bfloat16, 9, 3, 64),
+        (torch.float32, 16, 8, 128),
+    ]:
         g = torch.Generator("cuda").manual_seed(0)
         bs, blocks, batch = 16, 600, 24
         k = torch.randn(blocks * bs, kv_heads, dim, device="cuda", generator=g).to(dtype)
@@ -140,8 +143,11 @@ def profile_step(path: str) -> dict:
         eager_ms, prof = engine._on_engine_thread(measure, engine)
         rows = sorted(prof.key_averages(), key=lambda e: -e.device_time_total)[:15]
         total = sum(e.device_time_total for e in prof.key_averages())
-        return {"eager_step_ms": eager_ms, "gpu_us_total": total,
-                "top": [{"kernel": e.key[:90], "us": e.device_time_total, "calls": e.count} for e in rows]}  # fmt: skip
+        return {
+            "eager_step_ms": eager_ms,
+            "gpu_us_total": total,
+            "top": [{"kernel": e.key[:90], "us": e.device_time_total, "calls": e.count} for e in rows],
+        }
     finally:
         engine.shutdown()
         del engine
@@ -175,8 +181,9 @@ def greedy_and_logprobs(path: str, vocab: int) -> dict:
     gaps = []
     with torch.inference_mode():
         for p, r in zip(prompts, greedy, strict=True):
-            ref = model.generate(torch.tensor([p], device="cuda"), max_new_tokens=48, min_new_tokens=48,
-                                 do_sample=False)[0, len(p):].tolist()  # fmt: skip
+            ref = model.generate(
+                torch.tensor([p], device="cuda"), max_new_tokens=48, min_new_tokens=48, do_sample=False
+            )[0, len(p) :].tolist()
             if ref == r.output_ids:
                 exact += 1
                 continue
@@ -191,20 +198,33 @@ def greedy_and_logprobs(path: str, vocab: int) -> dict:
             lp = torch.log_softmax(model(ids).logits[0, len(p) - 1 : -1].float(), -1)
             ref = lp.gather(1, ids[0, len(p) :, None])[:, 0]
             gaps += (ref - torch.tensor(r.logprobs, device="cuda")).abs().tolist()
-    return {"prompts": len(prompts), "greedy_exact": exact, "greedy_near_ties": near_ties, "greedy_mismatches": bad,
-            "logprob_mean_diff": sum(gaps) / len(gaps), "logprob_max_diff": max(gaps)}  # fmt: skip
+    return {
+        "prompts": len(prompts),
+        "greedy_exact": exact,
+        "greedy_near_ties": near_ties,
+        "greedy_mismatches": bad,
+        "logprob_mean_diff": sum(gaps) / len(gaps),
+        "logprob_max_diff": max(gaps),
+    }
 
 
 def engine_throughput(path: str, vocab: int, batches: list[int], work: str) -> dict:
-    server = launch_engine(path, os.path.join(work, "logs"), dtype="bfloat16", device="cuda",
-                           max_running_requests=max(batches), num_threads=4)  # fmt: skip
+    server = launch_engine(
+        path,
+        os.path.join(work, "logs"),
+        dtype="bfloat16",
+        device="cuda",
+        max_running_requests=max(batches),
+        num_threads=4,
+    )
     params = {"max_new_tokens": NEW_TOKENS, "temperature": 1.0, "ignore_eos": True}
     try:
 
         def run(prompts: list[list[int]], sp: dict) -> tuple[int, float]:
             start = time.perf_counter()
-            status, text = request_sync("POST", f"{server.url}/generate", {"input_ids": prompts, "sampling_params": sp},
-                                        timeout=600)  # fmt: skip
+            status, text = request_sync(
+                "POST", f"{server.url}/generate", {"input_ids": prompts, "sampling_params": sp}, timeout=600
+            )
             assert status == 200, text[:500]
             return sum(len(o["output_ids"]) for o in json.loads(text)), time.perf_counter() - start
 
@@ -240,12 +260,22 @@ def baselines(path: str, vocab: int, prompts: int) -> dict:
     ids = workload(prompts, vocab)
     out = {}
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16, attn_implementation="sdpa").cuda().eval()
-    cfg = GenerationConfig(max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS, do_sample=True, temperature=1.0,
-                           top_k=0, top_p=1.0, eos_token_id=None, pad_token_id=0)  # fmt: skip
+    cfg = GenerationConfig(
+        max_new_tokens=NEW_TOKENS,
+        min_new_tokens=NEW_TOKENS,
+        do_sample=True,
+        temperature=1.0,
+        top_k=0,
+        top_p=1.0,
+        eos_token_id=None,
+        pad_token_id=0,
+    )
     try:
         with torch.inference_mode():
-            model.generate(torch.tensor(ids[:8], device="cuda"), generation_config=cfg.__class__(**{**cfg.to_dict(),
-                           "max_new_tokens": 4, "min_new_tokens": 4}))  # fmt: skip
+            model.generate(
+                torch.tensor(ids[:8], device="cuda"),
+                generation_config=cfg.__class__(**{**cfg.to_dict(), "max_new_tokens": 4, "min_new_tokens": 4}),
+            )
             torch.cuda.synchronize()
             start = time.perf_counter()
             gen = model.generate(torch.tensor(ids, device="cuda"), generation_config=cfg)
@@ -295,8 +325,11 @@ def main() -> None:
     tokenizer_dir, out = sys.argv[1], sys.argv[2]
     skip_baselines = "--skip-baselines" in sys.argv
     os.makedirs(out, exist_ok=True)
-    results: dict = {"device": torch.cuda.get_device_name(0), "date": time.strftime("%Y-%m-%d"),
-                     "torch": torch.__version__}  # fmt: skip
+    results: dict = {
+        "device": torch.cuda.get_device_name(0),
+        "date": time.strftime("%Y-%m-%d"),
+        "torch": torch.__version__,
+    }
     path_out = Path(out) / "engine_benchmark.json"
 
     def section(key: str, fn, *a):
@@ -322,10 +355,15 @@ def main() -> None:
     path_out.write_text(json.dumps(results, indent=1))
     print(f"\n{results['device']}  {results['date']}  torch {results['torch']}  transformers {results['transformers']}")
     for name in MODELS:
-        row = {k: round(v["tokens_per_s"]) for k, v in results.get(f"{name}/throughput", {}).items()
-               if isinstance(v, dict) and "tokens_per_s" in v}  # fmt: skip
-        base = {k: round(v["tokens_per_s"]) if "tokens_per_s" in v else v.get("error", "")[:80]
-                for k, v in results.get(f"{name}/baselines", {}).items()}  # fmt: skip
+        row = {
+            k: round(v["tokens_per_s"])
+            for k, v in results.get(f"{name}/throughput", {}).items()
+            if isinstance(v, dict) and "tokens_per_s" in v
+        }
+        base = {
+            k: round(v["tokens_per_s"]) if "tokens_per_s" in v else v.get("error", "")[:80]
+            for k, v in results.get(f"{name}/baselines", {}).items()
+        }
         print(f"{name}: engine {row} | transformers {base}")
     failed = results["failed_checks"]
     print("checks:", "all passed" if not failed else "\n  ".join(["FAILED", *failed]))

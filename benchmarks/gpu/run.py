@@ -38,16 +38,31 @@ from tests.test_training import _generate
 
 MODELS = {
     "qwen3-0.6b": dict(
-        model_type="qwen3", vocab_size=151936, hidden_size=1024, intermediate_size=3072, num_hidden_layers=28,
-        num_attention_heads=16, num_key_value_heads=8, head_dim=128, max_position_embeddings=40960,
-        rope_theta=1e6, tie_word_embeddings=True,
-    ),
-    "smollm2-135m": dict(
-        model_type="llama", vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
-        num_attention_heads=9, num_key_value_heads=3, max_position_embeddings=8192, rope_theta=1e5,
+        model_type="qwen3",
+        vocab_size=151936,
+        hidden_size=1024,
+        intermediate_size=3072,
+        num_hidden_layers=28,
+        num_attention_heads=16,
+        num_key_value_heads=8,
+        head_dim=128,
+        max_position_embeddings=40960,
+        rope_theta=1e6,
         tie_word_embeddings=True,
     ),
-}  # fmt: skip
+    "smollm2-135m": dict(
+        model_type="llama",
+        vocab_size=49152,
+        hidden_size=576,
+        intermediate_size=1536,
+        num_hidden_layers=30,
+        num_attention_heads=9,
+        num_key_value_heads=3,
+        max_position_embeddings=8192,
+        rope_theta=1e5,
+        tie_word_embeddings=True,
+    ),
+}
 PROMPTS, PROMPT_LEN, NEW_TOKENS = 256, 128, 256
 TRAIN_SAMPLES, TRAIN_RESPONSE = 64, 256
 
@@ -57,8 +72,13 @@ def build_model(name: str, tokenizer_dir: str, out: str) -> str:
 
     tok = AutoTokenizer.from_pretrained(tokenizer_dir)
     spec = dict(MODELS[name])
-    config = AutoConfig.for_model(spec.pop("model_type"), **spec, bos_token_id=tok.bos_token_id,
-                                  eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)  # fmt: skip
+    config = AutoConfig.for_model(
+        spec.pop("model_type"),
+        **spec,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+    )
     torch.manual_seed(0)
     with torch.device("cuda"):
         model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
@@ -101,8 +121,10 @@ def rollout_throughput(url: str, vocab: int) -> dict:
 
     def run(n: int, new: int) -> tuple[int, float]:
         prompts = [[rng.randrange(100, min(vocab, 49152)) for _ in range(PROMPT_LEN)] for _ in range(n)]
-        body = {"input_ids": prompts, "sampling_params": {"max_new_tokens": new, "temperature": 1.0,
-                                                          "ignore_eos": True}}  # fmt: skip
+        body = {
+            "input_ids": prompts,
+            "sampling_params": {"max_new_tokens": new, "temperature": 1.0, "ignore_eos": True},
+        }
         start = time.perf_counter()
         status, text = request_sync("POST", f"{url}/generate", body, timeout=900)
         assert status == 200, text[:500]
@@ -112,17 +134,44 @@ def rollout_throughput(url: str, vocab: int) -> dict:
     _, seconds = run(PROMPTS, 16)  # a full batch for 16 steps: how long would the whole workload take?
     new = NEW_TOKENS if seconds * NEW_TOKENS / 16 < 100 else max(16, int(100 * 16 / seconds))  # one call's budget
     tokens, seconds = run(PROMPTS, new)
-    return {"prompts": PROMPTS, "new_tokens": new, "tokens": tokens, "seconds": seconds,
-            "tokens_per_s": tokens / seconds}  # fmt: skip
+    return {
+        "prompts": PROMPTS,
+        "new_tokens": new,
+        "tokens": tokens,
+        "seconds": seconds,
+        "tokens_per_s": tokens / seconds,
+    }
 
 
 def train_args(path: str, out: str, mode: str = "tensor") -> object:
-    return parse_args([
-        "--hf-checkpoint", path, "--prompt-data", "builtin:arithmetic", "--rm-type", "math", "--output-dir", out,
-        "--rollout-batch-size", str(TRAIN_SAMPLES // 8), "--n-samples-per-prompt", "8", "--use-dynamic-batch-size",
-        "--max-tokens-per-gpu", "4096", "--lr", "2e-3", "--rollout-temperature", "0.8", "--update-weight-mode", mode,
-        "--rollout-engine-dtype", "bfloat16",
-    ])  # fmt: skip
+    return parse_args(
+        [
+            "--hf-checkpoint",
+            path,
+            "--prompt-data",
+            "builtin:arithmetic",
+            "--rm-type",
+            "math",
+            "--output-dir",
+            out,
+            "--rollout-batch-size",
+            str(TRAIN_SAMPLES // 8),
+            "--n-samples-per-prompt",
+            "8",
+            "--use-dynamic-batch-size",
+            "--max-tokens-per-gpu",
+            "4096",
+            "--lr",
+            "2e-3",
+            "--rollout-temperature",
+            "0.8",
+            "--update-weight-mode",
+            mode,
+            "--rollout-engine-dtype",
+            "bfloat16",
+        ],
+        cluster_gpus=torch.cuda.device_count(),
+    )
 
 
 def synthetic_rollout(vocab: int) -> dict:
@@ -139,8 +188,11 @@ def synthetic_rollout(vocab: int) -> dict:
 
 def logprob_gaps(data: dict, trainer_log_probs: list[list[float]]) -> list[float]:
     """|trainer - engine| log-prob of every sampled token."""
-    return [abs(a - b) for got, want in zip(trainer_log_probs, data["rollout_log_probs"], strict=True)
-            for a, b in zip(got, want, strict=True)]  # fmt: skip
+    return [
+        abs(a - b)
+        for got, want in zip(trainer_log_probs, data["rollout_log_probs"], strict=True)
+        for a, b in zip(got, want, strict=True)
+    ]
 
 
 def trainer_and_sync(name: str, path: str, url: str, out: str, peak: float) -> dict:
@@ -159,19 +211,30 @@ def trainer_and_sync(name: str, path: str, url: str, out: str, peak: float) -> d
                 tokens = TRAIN_SAMPLES * (PROMPT_LEN + TRAIN_RESPONSE)
                 flops = tokens * per_token_fwd * 4  # no-grad log-prob pass (1x) + forward/backward (3x)
                 seconds = m["train/seconds"]
-                result["trainer"] = {"tokens": tokens, "seconds": seconds, "tokens_per_s": m["train/tokens_per_s"],
-                                     "tflops": flops / seconds / 1e12, "mfu": flops / seconds / peak}  # fmt: skip
+                result["trainer"] = {
+                    "tokens": tokens,
+                    "seconds": seconds,
+                    "tokens_per_s": m["train/tokens_per_s"],
+                    "tflops": flops / seconds / 1e12,
+                    "mfu": flops / seconds / peak,
+                }
                 stale = _generate(url, 16, seed=2)
                 before = max(logprob_gaps(stale, group.call("log_probs", stale)[0]))
             sync = group.update_weights(f"{mode}-1")
-            entry = {"seconds": sync["sync/seconds"], "gb": sync["sync/bytes"] / 1e9,
-                     "gb_per_s": sync["sync/bytes"] / 1e9 / sync["sync/seconds"]}  # fmt: skip
+            entry = {
+                "seconds": sync["sync/seconds"],
+                "gb": sync["sync/bytes"] / 1e9,
+                "gb_per_s": sync["sync/bytes"] / 1e9 / sync["sync/seconds"],
+            }
             if mode == "tensor":
                 fresh = _generate(url, 16, seed=2)
                 diffs = logprob_gaps(fresh, group.call("log_probs", fresh)[0])
-                entry |= {"logprob_max_diff_before_sync": before, "logprob_max_diff_after_sync": max(diffs),
-                          "logprob_mean_diff_after_sync": sum(diffs) / len(diffs),
-                          "engine_version": fresh["weight_version"]}  # fmt: skip
+                entry |= {
+                    "logprob_max_diff_before_sync": before,
+                    "logprob_max_diff_after_sync": max(diffs),
+                    "logprob_mean_diff_after_sync": sum(diffs) / len(diffs),
+                    "engine_version": fresh["weight_version"],
+                }
             result[f"sync_{mode}"] = entry
         finally:
             group.shutdown()
@@ -183,21 +246,60 @@ def grpo_steps(name: str, path: str, out: str, colocate: bool) -> dict:
     from slime.train import train
 
     run_dir = os.path.join(out, f"grpo-{name}")
-    args = parse_args([
-        "--hf-checkpoint", path, "--prompt-data", "builtin:arithmetic:train:512:0", "--input-key", "prompt",
-        "--label-key", "label", "--rm-type", "math", "--rollout-batch-size", "32", "--n-samples-per-prompt", "8",
-        "--rollout-max-response-len", "128", "--rollout-temperature", "1.0", "--num-rollout", "2",
-        "--global-batch-size", "128", "--use-dynamic-batch-size", "--max-tokens-per-gpu", "4096", "--lr", "1e-5",
-        "--output-dir", run_dir, *(["--colocate"] if colocate else []),
-    ])  # fmt: skip
+    args = parse_args(
+        [
+            "--hf-checkpoint",
+            path,
+            "--prompt-data",
+            "builtin:arithmetic:train:512:0",
+            "--input-key",
+            "prompt",
+            "--label-key",
+            "label",
+            "--rm-type",
+            "math",
+            "--rollout-batch-size",
+            "32",
+            "--n-samples-per-prompt",
+            "8",
+            "--rollout-max-response-len",
+            "128",
+            "--rollout-temperature",
+            "1.0",
+            "--num-rollout",
+            "2",
+            "--global-batch-size",
+            "128",
+            "--use-dynamic-batch-size",
+            "--max-tokens-per-gpu",
+            "4096",
+            "--lr",
+            "1e-5",
+            "--output-dir",
+            run_dir,
+            *(["--colocate"] if colocate else []),
+        ],
+        cluster_gpus=torch.cuda.device_count(),
+    )
     start = time.perf_counter()
     train(args)
     steps = [json.loads(x) for x in open(os.path.join(run_dir, "metrics.jsonl"))]
-    keep = ("perf/", "sync/", "train/seconds", "train/tokens_per_s", "train/logprob_abs_diff_vs_rollout",
-            "rollout/response_len", "rollout/tokens_per_s", "rollout/weight_version")  # fmt: skip
+    keep = (
+        "perf/",
+        "sync/",
+        "train/seconds",
+        "train/tokens_per_s",
+        "train/logprob_abs_diff_vs_rollout",
+        "rollout/response_len",
+        "rollout/tokens_per_s",
+        "rollout/weight_version",
+    )
     mode = "colocated" if colocate else "shared, separate processes"
-    return {"mode": mode, "wall_seconds": time.perf_counter() - start,
-            "steps": [{k: v for k, v in s.items() if k.startswith(keep)} for s in steps]}  # fmt: skip
+    return {
+        "mode": mode,
+        "wall_seconds": time.perf_counter() - start,
+        "steps": [{k: v for k, v in s.items() if k.startswith(keep)} for s in steps],
+    }
 
 
 def run_section(results: dict, path: Path, key: str, fn, *args) -> None:
@@ -216,8 +318,11 @@ def run_section(results: dict, path: Path, key: str, fn, *args) -> None:
 def main() -> None:
     tokenizer_dir, out = sys.argv[1], sys.argv[2]
     os.makedirs(out, exist_ok=True)
-    results: dict = {"device": torch.cuda.get_device_name(0), "date": time.strftime("%Y-%m-%d"),
-                     "torch": torch.__version__}  # fmt: skip
+    results: dict = {
+        "device": torch.cuda.get_device_name(0),
+        "date": time.strftime("%Y-%m-%d"),
+        "torch": torch.__version__,
+    }
     results_path = Path(out) / "gpu_benchmark.json"
 
     def section(key: str, fn, *a):
@@ -229,9 +334,16 @@ def main() -> None:
     paths = {name: build_model(name, tokenizer_dir, os.path.join(work, name)) for name in MODELS}
     for name, path in paths.items():
         # the trainer shares this GPU in train_sync: the engine keeps to the share slime's placement gives it then
-        engine = launch_engine(path, os.path.join(work, "logs"), index=0, dtype="bfloat16", device="cuda",
-                               max_running_requests=PROMPTS, num_threads=4,
-                               extra_args=["--mem-fraction-static", "0.35"])  # fmt: skip
+        engine = launch_engine(
+            path,
+            os.path.join(work, "logs"),
+            index=0,
+            dtype="bfloat16",
+            device="cuda",
+            max_running_requests=PROMPTS,
+            num_threads=4,
+            mem_fraction_static=0.35,
+        )
         try:
             section(f"{name}/rollout", rollout_throughput, engine.url, MODELS[name]["vocab_size"])
             peak = results["bf16_peak_tflops"] * 1e12
@@ -276,13 +388,17 @@ def print_table(r: dict) -> None:
     for name in MODELS:
         ro, ts = r.get(f"{name}/rollout", {}), r.get(f"{name}/train_sync", {})
         tr = ts.get("trainer", {})
-        print(f"{name}: rollout {ro.get('tokens_per_s', float('nan')):,.0f} tok/s | trainer "
-              f"{tr.get('tokens_per_s', float('nan')):,.0f} tok/s, MFU {tr.get('mfu', float('nan')):.1%}")  # fmt: skip
+        print(
+            f"{name}: rollout {ro.get('tokens_per_s', float('nan')):,.0f} tok/s | trainer "
+            f"{tr.get('tokens_per_s', float('nan')):,.0f} tok/s, MFU {tr.get('mfu', float('nan')):.1%}"
+        )
         for mode in ("tensor", "disk"):
             s = ts.get(f"sync_{mode}", {})
-            print(f"  sync {mode}: {s.get('seconds', float('nan')):.3f} s, {s.get('gb_per_s', float('nan')):.1f} GB/s "
-                  f"log-prob |diff| after: max {s.get('logprob_max_diff_after_sync', '-')} mean "
-                  f"{s.get('logprob_mean_diff_after_sync', '-')}")  # fmt: skip
+            print(
+                f"  sync {mode}: {s.get('seconds', float('nan')):.3f} s, {s.get('gb_per_s', float('nan')):.1f} GB/s "
+                f"log-prob |diff| after: max {s.get('logprob_max_diff_after_sync', '-')} mean "
+                f"{s.get('logprob_mean_diff_after_sync', '-')}"
+            )
         g = r.get(f"{name}/grpo", {})
         if g.get("steps"):
             last = g["steps"][-1]

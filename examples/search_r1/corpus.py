@@ -11,8 +11,38 @@ import random
 import re
 from collections import Counter
 
-SYLLABLES = ["zor", "bi", "quel", "lin", "dra", "mo", "vek", "tha", "lu", "sar", "ni", "kor", "ven", "pa", "tris",
-             "al", "gon", "ri", "mu", "bel", "xa", "do", "fen", "ka", "os", "tu", "wel", "ry", "ish", "em"]  # fmt: skip
+SYLLABLES = [
+    "zor",
+    "bi",
+    "quel",
+    "lin",
+    "dra",
+    "mo",
+    "vek",
+    "tha",
+    "lu",
+    "sar",
+    "ni",
+    "kor",
+    "ven",
+    "pa",
+    "tris",
+    "al",
+    "gon",
+    "ri",
+    "mu",
+    "bel",
+    "xa",
+    "do",
+    "fen",
+    "ka",
+    "os",
+    "tu",
+    "wel",
+    "ry",
+    "ish",
+    "em",
+]
 TEMPLATES = [
     "{c} is a country whose capital is {capital}. Its currency is the {currency}, the {river} river crosses it, "
     "and it was founded in {year}.",
@@ -39,8 +69,13 @@ def build_corpus(n: int = 300, seed: int = 0) -> tuple[list[str], list[dict]]:
         if c in seen:
             continue
         seen.add(c)
-        f = {"country": c, "capital": _name(rng, 2), "currency": _name(rng, 2).lower(), "river": _name(rng, 2),
-             "year": str(rng.randint(1100, 1990))}  # fmt: skip
+        f = {
+            "country": c,
+            "capital": _name(rng, 2),
+            "currency": _name(rng, 2).lower(),
+            "river": _name(rng, 2),
+            "year": str(rng.randint(1100, 1990)),
+        }
         passages.append(rng.choice(TEMPLATES).format(c=c, **{k: v for k, v in f.items() if k != "country"}))
         facts.append(f)
     return passages, facts

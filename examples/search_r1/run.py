@@ -28,12 +28,35 @@ def write_data() -> str:
 
 
 if __name__ == "__main__":
-    main([
-        "--hf-checkpoint", "SmolLM2-135M-Instruct", "--prompt-data", write_data(), "--input-key", "prompt",
-        "--label-key", "label", "--rollout-shuffle",
-        "--custom-generate-function-path", "examples.search_r1.agent:generate",
-        "--custom-rm-path", "examples.search_r1.agent:reward",
-        "--num-rollout", "3", "--rollout-batch-size", "4", "--n-samples-per-prompt", "4",
-        "--rollout-max-response-len", "160", "--rollout-temperature", "0.8", "--lr", "2e-6",
-        "--output-dir", OUT, *sys.argv[1:],
-    ])  # fmt: skip
+    main(
+        [
+            "--hf-checkpoint",
+            "SmolLM2-135M-Instruct",
+            "--prompt-data",
+            write_data(),
+            "--input-key",
+            "prompt",
+            "--label-key",
+            "label",
+            "--rollout-shuffle",
+            "--custom-generate-function-path",
+            "examples.search_r1.agent:generate",
+            "--custom-rm-path",
+            "examples.search_r1.agent:reward",
+            "--num-rollout",
+            "3",
+            "--rollout-batch-size",
+            "4",
+            "--n-samples-per-prompt",
+            "4",
+            "--rollout-max-response-len",
+            "160",
+            "--rollout-temperature",
+            "0.8",
+            "--lr",
+            "2e-6",
+            "--output-dir",
+            OUT,
+            *sys.argv[1:],
+        ]
+    )

@@ -2,13 +2,8 @@
 
 Every estimator maps one rollout to per-token advantages (and, for a critic, returns). Samples arrive in rollout
 order: the `n_samples_per_prompt` responses of one prompt are consecutive (a group). All per-token inputs are lists
-of B tensors, one per sample, of shape [r_i] (r_i = that sample's response length):
-
-- rewards: [B] outcome rewards
-- loss_masks: 1 where the token is the model's own (counts in the loss), 0 for tool output or failed samples
-- kl: estimated KL(old policy || reference) per token (zeros when no KL penalty is configured)
-- values: the critic's V(s_t) before token t (ppo only)
-- old_log_probs, teacher_log_probs: the behaviour policy's and the distillation teacher's log-prob of each token
+of B tensors, one per sample, of shape [r_i] (r_i = that sample's response length), in a `TokenColumns`
+(slime.utils.types); rewards are [B] outcome rewards.
 
 An estimator returns (advantages, returns); returns is None unless a critic needs value targets.
 """
@@ -16,17 +11,39 @@ An estimator returns (advantages, returns); returns is None unless a critic need
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 
-ADVANTAGE_ESTIMATORS: dict[str, Callable] = {}
+from slime.utils.types import TokenColumns
+
 Tokens = list[torch.Tensor]
 
 
-def register_advantage(name: str) -> Callable:
+@dataclass(frozen=True)
+class AdvantageEstimator:
+    """A registered estimator and what it needs from the trainer, so the trainer asks the registration instead of
+    checking names."""
+
+    fn: Callable[[torch.Tensor, TokenColumns, Any], tuple[Tokens, Tokens | None]]
+    needs_critic: bool = False  # the trainer loads and trains a value model; `values` is filled
+    needs_teacher: bool = False  # teacher log-probs are required (--opd-teacher-load or --opd-type sglang)
+    whiten: bool = False  # defined with batch whitening: implies --normalize-advantages
+    policy_ratio: str = "ppo"  # the importance ratio of its policy loss (slime.algorithms.losses.POLICY_RATIOS)
+
+    def __call__(self, rewards: torch.Tensor, data: TokenColumns, args: Any) -> tuple[Tokens, Tokens | None]:
+        return self.fn(rewards, data, args)
+
+
+ADVANTAGE_ESTIMATORS: dict[str, AdvantageEstimator] = {}
+
+
+def register_advantage(name: str, **needs: Any) -> Callable:
+    """Register `fn` as `--advantage-estimator name`; `needs` are AdvantageEstimator's fields."""
+
     def wrap(fn: Callable) -> Callable:
-        ADVANTAGE_ESTIMATORS[name] = fn
+        ADVANTAGE_ESTIMATORS[name] = AdvantageEstimator(fn, **needs)
         return fn
 
     return wrap
@@ -116,65 +133,66 @@ def token_rewards(reward: float, kl: torch.Tensor, mask: torch.Tensor, kl_coef: 
 
 
 @register_advantage("grpo")
-@register_advantage("gspo")
-def grpo(rewards: torch.Tensor, data: dict[str, Tokens], args: Any) -> tuple[Tokens, None]:
+@register_advantage("gspo", policy_ratio="gspo")
+def grpo(rewards: torch.Tensor, data: TokenColumns, args: Any) -> tuple[Tokens, None]:
     """GRPO (and GSPO, which differs only in its loss): the group-normalised outcome reward on every token.
 
     With `--kl-coef` the sequence's KL estimate (sum over counted tokens) is subtracted from its reward first.
     `--disable-grpo-std-normalization` keeps only the mean-centring (Dr. GRPO's advantage).
     """
     if args.kl_coef:
-        kl = [(k * m).sum() for k, m in zip(data["kl"], data["loss_masks"], strict=True)]
+        kl = [(k * m).sum() for k, m in zip(data.kl, data.loss_masks, strict=True)]
         rewards = rewards - args.kl_coef * torch.stack(kl).to(rewards.dtype)
     scores = group_scores(rewards, args, not args.disable_grpo_std_normalization)
     return [
-        torch.full_like(m, float(s), dtype=rewards.dtype) for s, m in zip(scores, data["loss_masks"], strict=True)
+        torch.full_like(m, float(s), dtype=rewards.dtype) for s, m in zip(scores, data.loss_masks, strict=True)
     ], None
 
 
-@register_advantage("reinforce_plus_plus")
-def reinforce_plus_plus(rewards: torch.Tensor, data: dict[str, Tokens], args: Any) -> tuple[Tokens, None]:
+@register_advantage("reinforce_plus_plus", whiten=True)
+def reinforce_plus_plus(rewards: torch.Tensor, data: TokenColumns, args: Any) -> tuple[Tokens, None]:
     """REINFORCE++: discounted (`--gamma`) token returns of the KL-penalised token rewards (see `token_rewards`).
     Whitened over the whole batch afterwards (`--normalize-advantages` is implied)."""
     return [
         discounted_returns(token_rewards(float(r), k, m, args.kl_coef), args.gamma)
-        for r, k, m in zip(rewards, data["kl"], data["loss_masks"], strict=True)
+        for r, k, m in zip(rewards, data.kl, data.loss_masks, strict=True)
     ], None
 
 
-@register_advantage("reinforce_plus_plus_baseline")
-def reinforce_plus_plus_baseline(rewards: torch.Tensor, data: dict[str, Tokens], args: Any) -> tuple[Tokens, None]:
+@register_advantage("reinforce_plus_plus_baseline", whiten=True)
+def reinforce_plus_plus_baseline(rewards: torch.Tensor, data: TokenColumns, args: Any) -> tuple[Tokens, None]:
     """REINFORCE++ with the group-mean reward as baseline: as `reinforce_plus_plus` on group-centred rewards."""
     return reinforce_plus_plus(group_scores(rewards, args, False), data, args)
 
 
-@register_advantage("ppo")
-def ppo(rewards: torch.Tensor, data: dict[str, Tokens], args: Any) -> tuple[Tokens, Tokens]:
+@register_advantage("ppo", needs_critic=True)
+def ppo(rewards: torch.Tensor, data: TokenColumns, args: Any) -> tuple[Tokens, Tokens]:
     """PPO with a critic: GAE (`--gamma`, `--lambd`) over the KL-penalised token rewards and the critic's values.
     Returns advantages and the critic's targets."""
     out = [
         gae(token_rewards(float(r), k, m, args.kl_coef), v, args.gamma, args.lambd)
-        for r, k, m, v in zip(rewards, data["kl"], data["loss_masks"], data["values"], strict=True)
+        for r, k, m, v in zip(rewards, data.kl, data.loss_masks, data.values, strict=True)
     ]
     return [a for a, _ in out], [g for _, g in out]
 
 
-@register_advantage("on_policy_distillation")
-def on_policy_distillation(rewards: torch.Tensor, data: dict[str, Tokens], args: Any) -> tuple[Tokens, None]:
+@register_advantage("on_policy_distillation", needs_teacher=True)
+def on_policy_distillation(rewards: torch.Tensor, data: TokenColumns, args: Any) -> tuple[Tokens, None]:
     """On-policy distillation: A_t = log p_teacher(y_t) - log p_old(y_t), the negative per-token reverse KL to
     the teacher on the student's own samples. Rewards are not used."""
-    return [t - o for t, o in zip(data["teacher_log_probs"], data["old_log_probs"], strict=True)], None
+    return [t - o for t, o in zip(data.teacher_log_probs, data.old_log_probs, strict=True)], None
 
 
-def compute_advantages(rewards: torch.Tensor, data: dict[str, Tokens], args: Any) -> tuple[Tokens, Tokens | None]:
+def compute_advantages(rewards: torch.Tensor, data: TokenColumns, args: Any) -> tuple[Tokens, Tokens | None]:
     """The configured estimator, then the on-policy-distillation penalty (`--use-opd`, added to any estimator
     but `on_policy_distillation` itself) and whitening (`--normalize-advantages`)."""
-    advantages, returns = ADVANTAGE_ESTIMATORS[args.advantage_estimator](rewards, data, args)
-    if args.use_opd and args.advantage_estimator != "on_policy_distillation":
+    estimator = ADVANTAGE_ESTIMATORS[args.advantage_estimator]
+    advantages, returns = estimator(rewards, data, args)
+    if args.use_opd and not estimator.needs_teacher:
         advantages = [
             a - args.opd_kl_coef * (o - t)
-            for a, o, t in zip(advantages, data["old_log_probs"], data["teacher_log_probs"], strict=True)
+            for a, o, t in zip(advantages, data.old_log_probs, data.teacher_log_probs, strict=True)
         ]
     if args.normalize_advantages:
-        advantages = masked_whiten(advantages, data["loss_masks"])
+        advantages = masked_whiten(advantages, data.loss_masks)
     return advantages, returns

@@ -161,6 +161,10 @@ class EmbeddedEngine:
             self._paused = False
             self._cv.notify_all()
 
+    def alive(self) -> bool:
+        """Whether the engine thread still runs (it stops on shutdown or an error outside a request)."""
+        return self._thread.is_alive()
+
     @property
     def paused(self) -> bool:
         return self._paused
@@ -184,8 +188,10 @@ class EmbeddedEngine:
     def _release_memory(self, tags: set[str]) -> dict[str, int]:
         before = self._gpu_bytes()
         if self._rows:
-            raise RuntimeError(f"release_memory_occupation needs an idle engine; {len(self._rows)} requests are "
-                               "running (pause_generation or abort_request first)")  # fmt: skip
+            raise RuntimeError(
+                f"release_memory_occupation needs an idle engine; {len(self._rows)} requests are "
+                "running (pause_generation or abort_request first)"
+            )
         self._free_graphs()  # every tag frees something a captured graph refers to (or the graphs themselves)
         if "weights" in tags and not self._released:
             for p in self.model.parameters():
@@ -203,8 +209,13 @@ class EmbeddedEngine:
     def _memory_report(self, what: str, tags: list[str], before: int) -> dict[str, int]:
         after = self._gpu_bytes()
         if self.device.type == "cuda":
-            logger.info("%s_memory_occupation %s: torch.cuda.memory_allocated %.2f GB -> %.2f GB", what,
-                        ",".join(tags), before / 1e9, after / 1e9)  # fmt: skip
+            logger.info(
+                "%s_memory_occupation %s: torch.cuda.memory_allocated %.2f GB -> %.2f GB",
+                what,
+                ",".join(tags),
+                before / 1e9,
+                after / 1e9,
+            )
         return {"gpu_memory_allocated_before": before, "gpu_memory_allocated_after": after}
 
     def resume_memory(self, tags: list[str] | None = None) -> dict[str, int]:

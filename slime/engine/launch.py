@@ -8,7 +8,9 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
+from slime.engine.options import command_flags
 from slime.utils.http_utils import free_port, request_sync
 
 
@@ -88,9 +90,13 @@ def spawn(
     log_path = log_dir / f"{name}.log"
     log = open(log_path, "w")  # noqa: SIM115 - owned by the child for its lifetime
     proc = subprocess.Popen(
-        cmd, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})}, start_new_session=True,
+        cmd,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        env={**os.environ, **(env or {})},
+        start_new_session=True,
         preexec_fn=_die_with_parent if die_with_parent and sys.platform == "linux" else None,
-    )  # fmt: skip
+    )
     return ServerProcess(name, url, proc, log_path)
 
 
@@ -99,28 +105,23 @@ def launch_engine(
     log_dir: str | Path,
     index: int = 0,
     host: str = "127.0.0.1",
-    dtype: str = "float32",
-    num_threads: int = 0,
-    max_running_requests: int = 64,
     seed: int = 0,
     startup_timeout: float = 300.0,
     wait: bool = True,
     restart: int = 0,
     device: str = "cpu",
     gpu: str | None = None,
-    extra_args: list[str] | None = None,
+    **options: Any,
 ) -> ServerProcess:
     """Start one embedded engine server (`python -m slime.engine.server`) on a free port. `restart` > 0 names the
     log of a replacement for engine `index` (engine-<index>-restart<n>.log), so the dead one's log is kept. `gpu`:
-    the physical GPU id it may see (CUDA_VISIBLE_DEVICES; it runs on cuda:0 then). `extra_args`: more server flags
-    (`python -m slime.engine.server --help`)."""
+    the physical GPU id it may see (CUDA_VISIBLE_DEVICES; it runs on cuda:0 then). `options`: engine options by
+    name (slime.engine.options, e.g. dtype="bfloat16", num_threads=2, max_running_requests=32)."""
     port = free_port(host)
-    cmd = [
-        sys.executable, "-m", "slime.engine.server", "--model-path", model_path, "--host", host, "--port", str(port),
-        "--dtype", dtype, "--num-threads", str(num_threads), "--max-running-requests", str(max_running_requests),
-        "--seed", str(seed + index), "--parent-pid", str(os.getpid()), "--device", device, *(extra_args or []),
-    ]  # fmt: skip
-    env = {"OMP_NUM_THREADS": str(num_threads)} if num_threads else {}
+    cmd = [sys.executable, "-m", "slime.engine.server", "--model-path", model_path, "--host", host, "--port", str(port)]
+    cmd += ["--seed", str(seed + index), "--parent-pid", str(os.getpid()), "--device", device, *command_flags(options)]
+    threads = options.get("num_threads")
+    env = {"OMP_NUM_THREADS": str(threads)} if threads else {}
     if gpu is not None:
         env["CUDA_VISIBLE_DEVICES"] = gpu
     name = f"engine-{index}" + (f"-restart{restart}" if restart else "")

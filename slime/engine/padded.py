@@ -49,8 +49,9 @@ class PaddedEngine(EmbeddedEngine):
         width = max(len(r.input_ids) for r in batch)
         pad = self.eos_ids[0] if self.eos_ids else 0
         ids = torch.tensor([[pad] * (width - len(r.input_ids)) + r.input_ids for r in batch], device=self.device)
-        mask = torch.tensor([[0] * (width - len(r.input_ids)) + [1] * len(r.input_ids) for r in batch],
-                            device=self.device)  # fmt: skip
+        mask = torch.tensor(
+            [[0] * (width - len(r.input_ids)) + [1] * len(r.input_ids) for r in batch], device=self.device
+        )
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
         cache = DynamicCache(config=self.config)
         out = self.model(
@@ -86,8 +87,14 @@ class PaddedEngine(EmbeddedEngine):
         self._next_input = torch.tensor([r.output_ids[-1] for r in rows], device=self.device)
         self._select_rows(keep)
 
-    def _merge(self, reqs: list[Request], cache: DynamicCache, mask: torch.Tensor, next_input: torch.Tensor,
-               positions: torch.Tensor) -> None:  # fmt: skip
+    def _merge(
+        self,
+        reqs: list[Request],
+        cache: DynamicCache,
+        mask: torch.Tensor,
+        next_input: torch.Tensor,
+        positions: torch.Tensor,
+    ) -> None:
         if not self._rows:
             self._rows, self._cache, self._mask = reqs, cache, mask
             self._next_input, self._positions = next_input, positions

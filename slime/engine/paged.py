@@ -89,8 +89,15 @@ class PagedEngine(EmbeddedEngine):
         self._graphs: dict[int, tuple] = {}
         self._graph_pool = None
         # seconds spent: prefill passes; decode steps; of those, the model forward until its tokens reached the host
-        self.stats.update(prefill_tokens=0, prefill_seconds=0.0, decode_steps=0, decode_seconds=0.0,
-                          decode_forward_seconds=0.0, preemptions=0, prefix_shared_tokens=0)  # fmt: skip
+        self.stats.update(
+            prefill_tokens=0,
+            prefill_seconds=0.0,
+            decode_steps=0,
+            decode_seconds=0.0,
+            decode_forward_seconds=0.0,
+            preemptions=0,
+            prefix_shared_tokens=0,
+        )
         self._alloc_kv()
         self._sample = sample_rows
         if self.on_cuda:
@@ -111,8 +118,10 @@ class PagedEngine(EmbeddedEngine):
             budget = min(budget, free - workspace)  # others on this GPU (a trainer) keep what they hold
             tokens = min(int(budget // per_token), self.max_running_requests * self.max_context)
             if tokens < 4 * self.block_size:
-                raise RuntimeError(f"--mem-fraction-static {self.mem_fraction_static} of {total / 1e9:.1f} GB "
-                                   f"({free / 1e9:.1f} GB free) leaves no room for the KV cache")  # fmt: skip
+                raise RuntimeError(
+                    f"--mem-fraction-static {self.mem_fraction_static} of {total / 1e9:.1f} GB "
+                    f"({free / 1e9:.1f} GB free) leaves no room for the KV cache"
+                )
         else:  # CPU pages are committed only when written, so a generous pool costs nothing until used
             tokens = self.max_running_requests * min(self.max_context, 2048)
         return tokens // self.block_size + 1
@@ -129,8 +138,13 @@ class PagedEngine(EmbeddedEngine):
         self._kv[:, :, : self.block_size].zero_()  # block 0 is read through padding: keep it finite
         self._fresh: list[int] = []  # blocks handed out and not yet zeroed
         self.pool = BlockPool(blocks, self.block_size)
-        logger.info("KV cache: %d blocks of %d tokens (%d tokens, %.2f GB)", blocks, self.block_size,
-                    self.pool.capacity_tokens, self._kv.nbytes / 1e9)  # fmt: skip
+        logger.info(
+            "KV cache: %d blocks of %d tokens (%d tokens, %.2f GB)",
+            blocks,
+            self.block_size,
+            self.pool.capacity_tokens,
+            self._kv.nbytes / 1e9,
+        )
 
     def _free_kv(self) -> None:
         self._kv = self._k = self._v = self.pool = self._scratch = None
@@ -204,8 +218,11 @@ class PagedEngine(EmbeddedEngine):
                 with self._cv:
                     self._waiting.appendleft(r)
                 self.stats["preemptions"] += 1
-                logger.info("KV cache full: %s preempted (%d tokens, recomputed later)", r.rid,
-                            len(r.input_ids) + len(r.output_ids))  # fmt: skip
+                logger.info(
+                    "KV cache full: %s preempted (%d tokens, recomputed later)",
+                    r.rid,
+                    len(r.input_ids) + len(r.output_ids),
+                )
                 return r
         return None
 
@@ -258,8 +275,9 @@ class PagedEngine(EmbeddedEngine):
                 continue
             tokens = self._tokens(r)
             if len(tokens) + 1 > self.pool.capacity_tokens:
-                r.abort_message = (f"prompt of {len(tokens)} tokens does not fit the KV cache "
-                                   f"({self.pool.capacity_tokens} tokens)")  # fmt: skip
+                r.abort_message = (
+                    f"prompt of {len(tokens)} tokens does not fit the KV cache ({self.pool.capacity_tokens} tokens)"
+                )
                 continue
             target = len(tokens) - 1
             r.blocks = self.pool.share_prefix(tokens, target)
@@ -306,22 +324,37 @@ class PagedEngine(EmbeddedEngine):
         q_len = torch.tensor([n for _, n in chunks])
         fwd = self._gather_forward([r.blocks for r, _ in chunks], q_start, q_len, slots)
         dev = self.device
-        self.model(input_ids=torch.tensor([ids], device=dev), position_ids=torch.tensor([pos], device=dev),
-                   use_cache=False, paged=fwd, logits_to_keep=1)  # fmt: skip
+        self.model(
+            input_ids=torch.tensor([ids], device=dev),
+            position_ids=torch.tensor([pos], device=dev),
+            use_cache=False,
+            paged=fwd,
+            logits_to_keep=1,
+        )
         for r, n in chunks:
             r.num_cached += n
             self.pool.publish(self._tokens(r), r.blocks, r.num_cached)
 
-    def _gather_forward(self, tables: list[list[int]], q_start: torch.Tensor, q_len: torch.Tensor,
-                        slots: list[int]) -> PagedForward:  # fmt: skip
+    def _gather_forward(
+        self, tables: list[list[int]], q_start: torch.Tensor, q_len: torch.Tensor, slots: list[int]
+    ) -> PagedForward:
         self._zero_fresh()
         width = max(len(t) for t in tables)
         table = torch.tensor([t + [0] * (width - len(t)) for t in tables])
         q_index, q_valid, mask = gather_plan(q_start, q_len, int(q_len.max()), width * self.block_size)
         dev = self.device
         scratch = None if self.on_cuda else self._gather_scratch(len(tables) * width)
-        return PagedForward(self._k, self._v, torch.tensor(slots, device=dev), q_index.to(dev), q_valid.to(dev),
-                            table.to(dev), mask.to(dev), gathered=scratch, block_size=self.block_size)  # fmt: skip
+        return PagedForward(
+            self._k,
+            self._v,
+            torch.tensor(slots, device=dev),
+            q_index.to(dev),
+            q_valid.to(dev),
+            table.to(dev),
+            mask.to(dev),
+            gathered=scratch,
+            block_size=self.block_size,
+        )
 
     def _gather_scratch(self, rows: int) -> torch.Tensor:
         """[2, rows, block] scratch for the torch path's gathered keys and values; on CPU only (fresh pages are
@@ -368,9 +401,12 @@ class PagedEngine(EmbeddedEngine):
         else:
             ones = torch.ones(len(rows), dtype=torch.long)
             fwd = self._gather_forward([r.blocks for r in rows], torch.tensor(pos), ones, slots)
-            logits = self.model(input_ids=torch.tensor(last, device=self.device)[:, None],
-                                position_ids=torch.tensor(pos, device=self.device)[:, None], use_cache=False,
-                                paged=fwd).logits[:, 0]  # fmt: skip
+            logits = self.model(
+                input_ids=torch.tensor(last, device=self.device)[:, None],
+                position_ids=torch.tensor(pos, device=self.device)[:, None],
+                use_cache=False,
+                paged=fwd,
+            ).logits[:, 0]
             fast = False
         for r in rows:
             r.num_cached += 1
@@ -389,8 +425,13 @@ class PagedEngine(EmbeddedEngine):
     def _plain(self, r: Request) -> bool:
         """Whether the in-graph sampler (temperature only) serves this request."""
         p = r.params
-        return (r.generator is None and len(r.output_ids) >= p.min_new_tokens and p.min_p <= 0 and p.top_p >= 1
-                and (p.top_k < 1 or p.top_k >= self.config.vocab_size))  # fmt: skip
+        return (
+            r.generator is None
+            and len(r.output_ids) >= p.min_new_tokens
+            and p.min_p <= 0
+            and p.top_p >= 1
+            and (p.top_k < 1 or p.top_k >= self.config.vocab_size)
+        )
 
     # ------------------------------------------------------------------ CUDA decode
     def _decode_cuda(self, rows: list[Request], last: list[int], pos: list[int], slots: list[int]):
@@ -401,10 +442,15 @@ class PagedEngine(EmbeddedEngine):
         if graphed and bucket not in self._graphs:
             self._graphs[bucket] = self._capture(bucket)
         width, pad = max(len(r.blocks) for r in rows), bucket - n
-        self._fill(bucket, last + [0] * pad, pos + [0] * pad, slots + [0] * pad,
-                   [r.blocks + [0] * (width - len(r.blocks)) for r in rows] + [[0] * width] * pad,
-                   [1.0 if r.params.greedy else float(r.params.temperature) for r in rows] + [1.0] * pad,
-                   [r.params.greedy for r in rows] + [True] * pad)  # fmt: skip
+        self._fill(
+            bucket,
+            last + [0] * pad,
+            pos + [0] * pad,
+            slots + [0] * pad,
+            [r.blocks + [0] * (width - len(r.blocks)) for r in rows] + [[0] * width] * pad,
+            [1.0 if r.params.greedy else float(r.params.temperature) for r in rows] + [1.0] * pad,
+            [r.params.greedy for r in rows] + [True] * pad,
+        )
         if graphed:
             graph, out = self._graphs[bucket]
             graph.replay()
@@ -429,10 +475,17 @@ class PagedEngine(EmbeddedEngine):
 
     def _decode_body(self, b: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """One decode step over the first b static rows: logits [b, V] float32, sampled tokens [b], logprobs [b]."""
-        fwd = PagedForward(self._k, self._v, self._s_slots[:b], block_tables=self._s_tables[:b],
-                           seq_lens=self._s_lens[:b], block_size=self.block_size)  # fmt: skip
-        logits = self.model(input_ids=self._s_ids[:b, None], position_ids=self._s_pos[:b, None], use_cache=False,
-                            paged=fwd).logits[:, 0]  # fmt: skip
+        fwd = PagedForward(
+            self._k,
+            self._v,
+            self._s_slots[:b],
+            block_tables=self._s_tables[:b],
+            seq_lens=self._s_lens[:b],
+            block_size=self.block_size,
+        )
+        logits = self.model(
+            input_ids=self._s_ids[:b, None], position_ids=self._s_pos[:b, None], use_cache=False, paged=fwd
+        ).logits[:, 0]
         noise = torch.empty(logits.shape, device=logits.device).exponential_()  # graph-safe RNG: outside compile
         return self._sample(logits, self._s_temp[:b], self._s_greedy[:b], noise)
 
@@ -453,8 +506,11 @@ class PagedEngine(EmbeddedEngine):
                 torch.cuda.synchronize(self.device)
             logger.info("compiled the decode step's norms and sampler in %.1f s", time.perf_counter() - start)
         except Exception as exc:  # noqa: BLE001 - an eager step is slower, not wrong
-            logger.warning("torch.compile of the decode step's norms and sampler failed (%s: %s); running eager",
-                           type(exc).__name__, str(exc)[:300])  # fmt: skip
+            logger.warning(
+                "torch.compile of the decode step's norms and sampler failed (%s: %s); running eager",
+                type(exc).__name__,
+                str(exc)[:300],
+            )
             for m in norms:
                 m._compiled_call_impl = None
             self._sample = sample_rows

@@ -138,8 +138,13 @@ def probe_model(model: torch.nn.Module, num_layers: int, max_context: int) -> tu
         active = {k: kwargs[k] for k in _UNSUPPORTED_KWARGS if kwargs.get(k) is not None}
         if "sliding_window" in active and active["sliding_window"] >= max_context:
             active.pop("sliding_window")  # a window no sequence can exceed is full attention
-        seen[getattr(module, "layer_idx", None)] = (key.shape[1], key.shape[-1], value.shape[-1], paged is marker,
-                                                    active)  # fmt: skip
+        seen[getattr(module, "layer_idx", None)] = (
+            key.shape[1],
+            key.shape[-1],
+            value.shape[-1],
+            paged is marker,
+            active,
+        )
         b, heads, s, _ = query.shape
         return query.new_zeros(b, s, heads, value.shape[-1]), None
 

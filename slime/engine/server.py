@@ -19,6 +19,7 @@ import torch
 from aiohttp import web
 
 from slime.engine.embedded import EmbeddedEngine, Request
+from slime.engine.options import add_server_arguments
 from slime.engine.sampling import SamplingParams, SamplingParamsError
 from slime.sync.buckets import dtype_from_name
 from slime.sync.transport import broadcast, deserialize_named_tensors, new_weight_group
@@ -144,7 +145,7 @@ def _response(engine: EmbeddedEngine, r: Request, return_logprob: bool, want_tex
 
 async def health(request: web.Request) -> web.Response:
     engine = request.app[ENGINE]
-    if not engine._thread.is_alive():
+    if not engine.alive():
         return web.Response(status=503, text="engine thread is not running")
     return web.Response(status=200)
 
@@ -324,9 +325,15 @@ async def init_weights_update_group(request: web.Request) -> web.Response:
     timeout = float(body.get("timeout", 600))
     try:
         groups[name] = await asyncio.to_thread(
-            new_weight_group, body["master_address"], int(body["master_port"]), int(body["rank_offset"]),
-            int(body["world_size"]), name, body.get("backend", "nccl"), timeout,
-        )  # fmt: skip
+            new_weight_group,
+            body["master_address"],
+            int(body["master_port"]),
+            int(body["rank_offset"]),
+            int(body["world_size"]),
+            name,
+            body.get("backend", "nccl"),
+            timeout,
+        )
     except (RuntimeError, ValueError, OSError) as exc:
         return web.json_response({"success": False, "message": f"joining {name!r}: {exc}"}, status=400)
     return web.json_response({"success": True, "message": f"joined {name!r} as rank {body['rank_offset']}"})
@@ -422,47 +429,7 @@ def build_app(engine: EmbeddedEngine, args: argparse.Namespace) -> web.Applicati
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description="slime embedded engine: an SGLang-protocol HTTP server on transformers")
-    p.add_argument("--model-path", required=True, help="HF folder or built-in model name (e.g. SmolLM2-135M-Instruct)")
-    p.add_argument("--host", default="127.0.0.1", help="interface to bind")
-    p.add_argument("--port", type=int, default=30000, help="TCP port to bind")
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"], help="weights dtype")
-    p.add_argument("--max-running-requests", type=int, default=64, help="requests decoded together (batch rows)")
-    p.add_argument(
-        "--max-prefill-tokens", type=int, default=0,
-        help="prompt tokens computed per prefill pass; longer prompts are prefilled in chunks (0: 4096 on CPU, 8192 "
-        "on GPU)",
-    )  # fmt: skip
-    p.add_argument(
-        "--backend", default="auto", choices=["auto", "paged", "padded"],
-        help="paged: block-paged KV cache, prefix sharing, CUDA-graph decode; padded: one padded transformers "
-        "DynamicCache (any model, including sliding-window, soft-capped or other non-full attention); auto: paged "
-        "where it can serve the model (checked at start), else padded with a warning saying why",
-    )  # fmt: skip
-    p.add_argument("--page-size", type=int, default=16, help="paged backend: tokens per KV cache block")
-    p.add_argument(
-        "--kv-cache-tokens", type=int, default=0,
-        help="paged backend: KV cache size in tokens (0: from --mem-fraction-static on GPU, 2048 per request row on "
-        "CPU)",
-    )  # fmt: skip
-    p.add_argument(
-        "--mem-fraction-static", type=float, default=0.85,
-        help="paged backend on GPU: fraction of the GPU's memory the engine holds for weights and KV cache",
-    )  # fmt: skip
-    p.add_argument("--disable-cuda-graph", action="store_true", help="paged backend: run decode steps eagerly")
-    p.add_argument(
-        "--disable-torch-compile", action="store_true",
-        help="paged backend on GPU: do not torch.compile the decode step's norms and sampler (faster start)",
-    )  # fmt: skip
-    p.add_argument(
-        "--cuda-graph-max-bs", type=int, default=512, help="paged backend: largest batch a decode graph is captured for"
-    )
-    p.add_argument("--seed", type=int, default=0, help="seed of the sampling generator")
-    p.add_argument("--num-threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
-    p.add_argument("--device", default="cpu", help="where the model runs: cpu, cuda or cuda:N")
-    p.add_argument(
-        "--parent-pid", type=int, default=0,
-        help="exit when this process (the launcher) is gone, so a killed run leaves no orphan engine (0: never)",
-    )  # fmt: skip
+    add_server_arguments(p)
     return p.parse_args(argv)
 
 
@@ -487,10 +454,15 @@ def build_engine(args: argparse.Namespace, model_path: str, common: dict):
         return PaddedEngine(model_path, **common)
     try:
         return PagedEngine(
-            model_path, block_size=args.page_size, kv_cache_tokens=args.kv_cache_tokens,
-            mem_fraction_static=args.mem_fraction_static, cuda_graph=not args.disable_cuda_graph,
-            cuda_graph_max_bs=args.cuda_graph_max_bs, torch_compile=not args.disable_torch_compile, **common,
-        )  # fmt: skip
+            model_path,
+            block_size=args.page_size,
+            kv_cache_tokens=args.kv_cache_tokens,
+            mem_fraction_static=args.mem_fraction_static,
+            cuda_graph=not args.disable_cuda_graph,
+            cuda_graph_max_bs=args.cuda_graph_max_bs,
+            torch_compile=not args.disable_torch_compile,
+            **common,
+        )
     except PagedUnsupported as exc:
         if args.backend == "paged":
             raise

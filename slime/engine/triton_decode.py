@@ -17,11 +17,29 @@ CONFIG = {"BLOCK_N": 64, "num_warps": 4, "num_stages": 2}
 
 @triton.jit
 def _decode_kernel(
-    Q, K, V, Out, block_tables, seq_lens, scale,
-    stride_qt, stride_qh, stride_ks, stride_kh, stride_vs, stride_vh, stride_bt, stride_ot, stride_oh,
-    BLOCK_SIZE: tl.constexpr, GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, D: tl.constexpr, BLOCK_N: tl.constexpr,
+    Q,
+    K,
+    V,
+    Out,
+    block_tables,
+    seq_lens,
+    scale,
+    stride_qt,
+    stride_qh,
+    stride_ks,
+    stride_kh,
+    stride_vs,
+    stride_vh,
+    stride_bt,
+    stride_ot,
+    stride_oh,
+    BLOCK_SIZE: tl.constexpr,
+    GROUP: tl.constexpr,
+    GROUP_PAD: tl.constexpr,
+    D: tl.constexpr,
+    BLOCK_N: tl.constexpr,
     IEEE: tl.constexpr,
-):  # fmt: skip
+):
     seq = tl.program_id(0)
     kv_head = tl.program_id(1)
     length = tl.load(seq_lens + seq)
@@ -56,8 +74,11 @@ def _decode_kernel(
             acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
         m = m_new
     out = acc / s_sum[:, None]
-    tl.store(Out + seq * stride_ot + heads[:, None] * stride_oh + d[None, :], out.to(Out.dtype.element_ty),
-             mask=g_ok[:, None])  # fmt: skip
+    tl.store(
+        Out + seq * stride_ot + heads[:, None] * stride_oh + d[None, :],
+        out.to(Out.dtype.element_ty),
+        mask=g_ok[:, None],
+    )
 
 
 def paged_decode(
@@ -76,10 +97,27 @@ def paged_decode(
     group = heads // kv_heads
     out = torch.empty_like(q)
     _decode_kernel[(batch, kv_heads)](
-        q, k_cache, v_cache, out, block_tables, seq_lens, scale,
-        q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), v_cache.stride(0), v_cache.stride(1),
-        block_tables.stride(0), out.stride(0), out.stride(1),
-        BLOCK_SIZE=block_size, GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)), D=dim,
-        IEEE=q.dtype == torch.float32, **CONFIG,
-    )  # fmt: skip
+        q,
+        k_cache,
+        v_cache,
+        out,
+        block_tables,
+        seq_lens,
+        scale,
+        q.stride(0),
+        q.stride(1),
+        k_cache.stride(0),
+        k_cache.stride(1),
+        v_cache.stride(0),
+        v_cache.stride(1),
+        block_tables.stride(0),
+        out.stride(0),
+        out.stride(1),
+        BLOCK_SIZE=block_size,
+        GROUP=group,
+        GROUP_PAD=max(16, triton.next_power_of_2(group)),
+        D=dim,
+        IEEE=q.dtype == torch.float32,
+        **CONFIG,
+    )
     return out

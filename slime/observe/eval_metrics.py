@@ -38,8 +38,10 @@ def dataset_metrics(name: str, data: dict[str, Any], n_per_prompt: int) -> dict[
     rewards = [float(r) if isinstance(r, numbers.Real) else None for r in data["rewards"]]
     samples = data.get("samples") or [None] * len(rewards)
     if len(samples) != len(rewards) or len(rewards) % n_per_prompt:
-        raise ValueError(f"eval {name}: {len(rewards)} rewards and {len(samples)} samples do not form prompts of "
-                         f"{n_per_prompt} samples")  # fmt: skip
+        raise ValueError(
+            f"eval {name}: {len(rewards)} rewards and {len(samples)} samples do not form prompts of "
+            f"{n_per_prompt} samples"
+        )
     correct = [r is not None and is_correct(s, r) for s, r in zip(samples, rewards, strict=True)]
     scored = [r for r in rewards if r is not None]
     p = f"eval/{name}"

@@ -12,8 +12,13 @@ class MetricsLogger:
     """`resume_after` (a checkpoint's save time) drops the JSONL lines a crashed run wrote after that checkpoint, and
     `purge_step` hides TensorBoard events from that step on, so a resumed run's curves have one point per step."""
 
-    def __init__(self, output_dir: str, tensorboard: bool = True, resume_after: float | None = None,
-                 purge_step: int | None = None):  # fmt: skip
+    def __init__(
+        self,
+        output_dir: str,
+        tensorboard: bool = True,
+        resume_after: float | None = None,
+        purge_step: int | None = None,
+    ):
         os.makedirs(output_dir, exist_ok=True)
         self.path = os.path.join(output_dir, "metrics.jsonl")
         if resume_after is not None and os.path.exists(self.path):

@@ -66,8 +66,9 @@ class TrainGroup:
                 ray.get(done[0])
             except ray.exceptions.RayError as exc:
                 cause = getattr(exc, "cause", None) or exc
-                raise TrainerError(f"training rank {index[done[0]]} failed during {what}: "
-                                   f"{type(cause).__name__}: {cause}") from exc  # fmt: skip
+                raise TrainerError(
+                    f"training rank {index[done[0]]} failed during {what}: {type(cause).__name__}: {cause}"
+                ) from exc
         return ray.get(refs)
 
     def call(self, method: str, *args, what: str | None = None) -> list:

@@ -56,8 +56,12 @@ class RolloutDataSource(DataSource):
     def __init__(self, args: Any, dataset: PromptDataset | None = None):
         self.args = args
         if dataset is None and args.rollout_global_dataset:
-            keys = dict(input_key=args.input_key, label_key=args.label_key, metadata_key=args.metadata_key,
-                        tool_key=args.tool_key)  # fmt: skip
+            keys = dict(
+                input_key=args.input_key,
+                label_key=args.label_key,
+                metadata_key=args.metadata_key,
+                tool_key=args.tool_key,
+            )
             dataset = load_prompt_data(args.prompt_data, **_load_kwargs(args), **keys)
         self.dataset = dataset
         self.epoch, self.offset, self.sample_index, self.group_index = 0, 0, 0, 0
@@ -72,8 +76,10 @@ class RolloutDataSource(DataSource):
     def get_samples(self, num_prompts: int) -> list[list[Sample]]:
         """`num_prompts` groups of fresh copies of the next prompts, numbered on from the last group."""
         if num_prompts and self.dataset is None:
-            raise RuntimeError("no prompt dataset (--disable-rollout-global-dataset): the rollout function must "
-                               "bring its own prompts instead of calling data_source.get_samples")  # fmt: skip
+            raise RuntimeError(
+                "no prompt dataset (--disable-rollout-global-dataset): the rollout function must "
+                "bring its own prompts instead of calling data_source.get_samples"
+            )
         groups = []
         for _ in range(num_prompts):
             if self.offset >= len(self._order):
@@ -92,8 +98,10 @@ class RolloutDataSource(DataSource):
         return groups
 
     def add_samples(self, groups: list[list[Sample]]) -> None:
-        raise RuntimeError(f"{type(self).__name__} has no buffer; use RolloutDataSourceWithBuffer (the default "
-                           "--data-source-path) to hand groups back")  # fmt: skip
+        raise RuntimeError(
+            f"{type(self).__name__} has no buffer; use RolloutDataSourceWithBuffer (the default "
+            "--data-source-path) to hand groups back"
+        )
 
     def __len__(self) -> int:
         return len(self.dataset) if self.dataset is not None else 0
@@ -124,16 +132,20 @@ class RolloutDataSourceWithBuffer(RolloutDataSource):
     def get_samples(self, num_prompts: int) -> list[list[Sample]]:
         groups = self.buffer_filter(self.args, None, self.buffer, num_prompts) if self.buffer and num_prompts else []
         if not isinstance(groups, list) or len(groups) > num_prompts:
-            raise ValueError(f"--buffer-filter-path returned {len(groups) if isinstance(groups, list) else groups!r} "
-                             f"groups for a request of {num_prompts}")  # fmt: skip
+            raise ValueError(
+                f"--buffer-filter-path returned {len(groups) if isinstance(groups, list) else groups!r} "
+                f"groups for a request of {num_prompts}"
+            )
         return groups + super().get_samples(num_prompts - len(groups))
 
     def add_samples(self, groups: list[list[Sample]]) -> None:
         n = self.args.n_samples_per_prompt
         for g in groups:
             if not isinstance(g, list) or len(g) != n:
-                raise ValueError(f"add_samples takes groups of --n-samples-per-prompt {n} samples, got "
-                                 f"{len(g) if isinstance(g, list) else type(g).__name__}")  # fmt: skip
+                raise ValueError(
+                    f"add_samples takes groups of --n-samples-per-prompt {n} samples, got "
+                    f"{len(g) if isinstance(g, list) else type(g).__name__}"
+                )
         self.buffer.extend(groups)
 
     def get_buffer_length(self) -> int:
@@ -166,13 +178,23 @@ def eval_groups(args: Any) -> dict[str, list[list[Sample]]]:
     for cfg in args.eval_datasets:
         key = (cfg.name, cfg.path, cfg.input_key, cfg.label_key, cfg.metadata_key, cfg.tool_key, cfg.max_prompts)
         if key not in _EVAL_CACHE:
-            _EVAL_CACHE[key] = load_prompt_data(cfg.path, **_load_kwargs(args), input_key=cfg.input_key,
-                                                label_key=cfg.label_key, metadata_key=cfg.metadata_key,
-                                                tool_key=cfg.tool_key, max_rows=cfg.max_prompts)  # fmt: skip
+            _EVAL_CACHE[key] = load_prompt_data(
+                cfg.path,
+                **_load_kwargs(args),
+                input_key=cfg.input_key,
+                label_key=cfg.label_key,
+                metadata_key=cfg.metadata_key,
+                tool_key=cfg.tool_key,
+                max_rows=cfg.max_prompts,
+            )
         n, groups = cfg.n_samples_per_eval_prompt, []
         for g, s in enumerate(_EVAL_CACHE[key].samples):
             meta = cfg.inject_metadata(s.metadata)
-            groups.append([Sample(prompt=s.prompt, label=s.label, metadata=dict(meta), group_index=g,
-                                  index=g * n + k) for k in range(n)])  # fmt: skip
+            groups.append(
+                [
+                    Sample(prompt=s.prompt, label=s.label, metadata=dict(meta), group_index=g, index=g * n + k)
+                    for k in range(n)
+                ]
+            )
         out[cfg.name] = groups
     return out

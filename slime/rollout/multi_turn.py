@@ -46,8 +46,11 @@ class ChatTrajectory:
         self.sample, self.tokenizer, self.tools = sample, tokenizer, tools
         self.max_response_len = max_response_len
         if sample.response_length:  # handed back by --partial-rollout: the conversation state is gone, start over
-            logger.info("sample %s: multi-turn sample resumed with %d response tokens starts over", sample.index,
-                        sample.response_length)  # fmt: skip
+            logger.info(
+                "sample %s: multi-turn sample resumed with %d response tokens starts over",
+                sample.index,
+                sample.response_length,
+            )
             sample.tokens, sample.response, sample.response_length, sample.weight_versions = [], "", 0, []
             sample.loss_mask = sample.rollout_log_probs = None
             sample.metadata["restarted"] = sample.metadata.get("restarted", 0) + 1

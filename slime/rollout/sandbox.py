@@ -82,10 +82,15 @@ async def run_python(
         cmd = [*_netns_prefix(), python or sys.executable, "-I", "-c", _GUARD]
         env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": cwd, "PYTHONIOENCODING": "utf-8"}
         proc = await asyncio.create_subprocess_exec(
-            *cmd, stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
-            cwd=cwd, env=env, start_new_session=True,
+            *cmd,
+            stdin=asyncio.subprocess.PIPE,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+            cwd=cwd,
+            env=env,
+            start_new_session=True,
             preexec_fn=functools.partial(_limits, memory_mb, max(1, int(timeout) + 1)),
-        )  # fmt: skip
+        )
         try:
             out, err = await asyncio.wait_for(proc.communicate(code.encode()), timeout)
         except TimeoutError:

@@ -40,15 +40,19 @@ def check_reward(reward: Any, key: str | None, source: str) -> float | dict:
     """The one return convention: a finite real number, or a dict whose `key` entry is one."""
     if isinstance(reward, dict):
         if not key:
-            raise TypeError(f"{source} returned a dict with keys {sorted(reward)}; choose the scalar with "
-                            "--reward-key (and --eval-reward-key for evaluation)")  # fmt: skip
+            raise TypeError(
+                f"{source} returned a dict with keys {sorted(reward)}; choose the scalar with "
+                "--reward-key (and --eval-reward-key for evaluation)"
+            )
         if key not in reward:
             raise KeyError(f"{source} returned a dict without the reward key {key!r}: keys {sorted(reward)}")
         check_reward(reward[key], None, f"{source} [{key!r}]")
         return reward
     if not isinstance(reward, numbers.Real):
-        raise TypeError(f"{source} returned {type(reward).__name__} {str(reward)[:80]!r}; a reward is a float or "
-                        "a dict holding the --reward-key scalar")  # fmt: skip
+        raise TypeError(
+            f"{source} returned {type(reward).__name__} {str(reward)[:80]!r}; a reward is a float or "
+            "a dict holding the --reward-key scalar"
+        )
     if not math.isfinite(reward):
         raise ValueError(f"{source} returned {reward}")
     return float(reward)
@@ -67,8 +71,13 @@ def _mark_failed(args: Any, sample: Sample, exc: BaseException, source: str) -> 
     sample.metadata["reward_error"] = f"{source}: {why}"
     first = (source, type(exc).__name__) not in _logged_tracebacks
     _logged_tracebacks.add((source, type(exc).__name__))
-    logger.warning("reward of sample %s failed (%s); it gets --reward-on-error %s", sample.index,
-                   sample.metadata["reward_error"], args.reward_on_error, exc_info=exc if first else None)  # fmt: skip
+    logger.warning(
+        "reward of sample %s failed (%s); it gets --reward-on-error %s",
+        sample.index,
+        sample.metadata["reward_error"],
+        args.reward_on_error,
+        exc_info=exc if first else None,
+    )
 
 
 async def score_sample(args: Any, sample: Sample, evaluation: bool = False) -> None:

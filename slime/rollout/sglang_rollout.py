@@ -71,8 +71,9 @@ def sampling_params(args: Any, evaluation: bool = False, dataset: EvalDatasetCon
 async def call_engine(args: Any, input_ids: list[int], params: dict[str, Any]) -> tuple[list, list, str, str, str]:
     """One POST /generate on the router. Returns (new token ids, their log-probs, text, weight version, finish
     reason type: stop / length / abort)."""
-    out = await post(f"{router_url(args)}/generate", {"input_ids": input_ids, "sampling_params": params,
-                                                      "return_logprob": True})  # fmt: skip
+    out = await post(
+        f"{router_url(args)}/generate", {"input_ids": input_ids, "sampling_params": params, "return_logprob": True}
+    )
     meta = out["meta_info"]
     ids = [int(t[1]) for t in meta["output_token_logprobs"]]
     lps = [float(t[0]) for t in meta["output_token_logprobs"]]
@@ -179,8 +180,10 @@ async def generate_and_rm(
             sample.reward = args.reward_on_error
             return sample
     if not isinstance(result, Sample):
-        raise TypeError(f"{name} returned {type(result).__name__}; a generate function returns the Sample it was "
-                        "given (returning several samples per trajectory is not supported)")  # fmt: skip
+        raise TypeError(
+            f"{name} returned {type(result).__name__}; a generate function returns the Sample it was "
+            "given (returning several samples per trajectory is not supported)"
+        )
     if result.status == Sample.Status.PENDING:
         result.status = Sample.Status.COMPLETED  # a custom generate function that does not set the status
     if result.status not in (Sample.Status.ABORTED, Sample.Status.FAILED) and result.reward is None:
@@ -222,15 +225,22 @@ async def _abort_engines(args: Any, pending: set[asyncio.Task], timeout: float) 
         if pending and time.monotonic() > deadline:
             for task in pending:
                 task.cancel()
-            raise TimeoutError(f"{len(pending)} groups still generating {timeout:.0f}s after aborting every "
-                               f"engine behind {router}")  # fmt: skip
+            raise TimeoutError(
+                f"{len(pending)} groups still generating {timeout:.0f}s after aborting every engine behind {router}"
+            )
 
 
 def _fresh(sample: Sample) -> Sample:
     """The sample as the data source first handed it out: prompt, label and metadata, no response."""
     meta = {k: v for k, v in sample.metadata.items() if k not in ("start_rollout_id", "generate_error")}
-    return Sample(group_index=sample.group_index, index=sample.index, prompt=sample.prompt, label=sample.label,
-                  metadata=meta, multimodal_inputs=sample.multimodal_inputs)  # fmt: skip
+    return Sample(
+        group_index=sample.group_index,
+        index=sample.index,
+        prompt=sample.prompt,
+        label=sample.label,
+        metadata=meta,
+        multimodal_inputs=sample.multimodal_inputs,
+    )
 
 
 def _filter_verdict(filt: Callable | None, args: Any, group: list[Sample]) -> tuple[bool, str | None]:
@@ -240,8 +250,9 @@ def _filter_verdict(filt: Callable | None, args: Any, group: list[Sample]) -> tu
         out = filt(args, group)
     except Exception as exc:
         path = args.dynamic_sampling_filter_path
-        raise RuntimeError(f"--dynamic-sampling-filter-path {path} failed on group {group[0].group_index}: "
-                           f"{type(exc).__name__}: {exc}") from exc  # fmt: skip
+        raise RuntimeError(
+            f"--dynamic-sampling-filter-path {path} failed on group {group[0].group_index}: {type(exc).__name__}: {exc}"
+        ) from exc
     keep = bool(out.keep if isinstance(out, DynamicFilterOutput) else out)
     reason = (out.reason if isinstance(out, DynamicFilterOutput) else None) or "rejected"
     return keep, None if keep else str(reason)
@@ -276,8 +287,10 @@ async def _train_rollout(args: Any, rollout_id: int, data_source: Any) -> Rollou
                     )
                 groups = data_source.get_samples(min(per_round, limit - submitted))
                 if not groups:
-                    raise RuntimeError(f"rollout {rollout_id}: the data source ({type(data_source).__name__}) "
-                                       f"returned no prompts with {len(kept)} of {target} groups kept")  # fmt: skip
+                    raise RuntimeError(
+                        f"rollout {rollout_id}: the data source ({type(data_source).__name__}) "
+                        f"returned no prompts with {len(kept)} of {target} groups kept"
+                    )
                 for group in groups:
                     for s in group:
                         s.metadata.setdefault("start_rollout_id", rollout_id)
@@ -375,7 +388,9 @@ def generate_rollout(
     out = run(_train_rollout(args, rollout_id, data_source), timeout=args.rollout_timeout)
     graded = [s for g in out.samples for s in g if s.status not in (Sample.Status.ABORTED, Sample.Status.FAILED)]
     if graded and all("reward_error" in s.metadata for s in graded):
-        raise RuntimeError(f"rollout {rollout_id}: all {len(graded)} rewards failed, nothing to learn from; the "
-                           f"first: {graded[0].metadata['reward_error']}")  # fmt: skip
+        raise RuntimeError(
+            f"rollout {rollout_id}: all {len(graded)} rewards failed, nothing to learn from; the "
+            f"first: {graded[0].metadata['reward_error']}"
+        )
     out.metrics |= rollout_metrics(out.samples, time.monotonic() - start, key=reward_key(args))
     return out

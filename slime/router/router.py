@@ -22,12 +22,30 @@ def launch_router(
     """Start `python -m sglang_router.launch_router` and wait until it answers."""
     port = port or free_port(host)
     cmd = [
-        sys.executable, "-m", "sglang_router.launch_router", "--host", host, "--port", str(port),
-        "--policy", policy, "--request-timeout-secs", str(request_timeout_s), "--disable-circuit-breaker",
-        "--balance-abs-threshold", "10", "--balance-rel-threshold", "1.2", "--log-level", "warn",
+        sys.executable,
+        "-m",
+        "sglang_router.launch_router",
+        "--host",
+        host,
+        "--port",
+        str(port),
+        "--policy",
+        policy,
+        "--request-timeout-secs",
+        str(request_timeout_s),
+        "--disable-circuit-breaker",
+        "--balance-abs-threshold",
+        "10",
+        "--balance-rel-threshold",
+        "1.2",
+        "--log-level",
+        "warn",
         # its metrics exporter otherwise binds a fixed port, so a second router on the host would crash
-        "--prometheus-host", host, "--prometheus-port", str(free_port(host)),
-    ]  # fmt: skip
+        "--prometheus-host",
+        host,
+        "--prometheus-port",
+        str(free_port(host)),
+    ]
     router = spawn("router", cmd, f"http://{host}:{port}", log_dir, die_with_parent=True)
     router.wait_ready("/workers", startup_timeout)
     return router

@@ -44,9 +44,15 @@ def bucket_layout(named: list[tuple[str, torch.Tensor]]) -> tuple[list[dict], in
         start = -(-offset // ALIGN) * ALIGN
         end = start + t.numel() * t.element_size()
         metadata.append(
-            {"name": name, "shape": list(t.shape), "dtype": str(t.dtype).removeprefix("torch."),
-             "start_idx": start, "end_idx": end, "numel": t.numel()}
-        )  # fmt: skip
+            {
+                "name": name,
+                "shape": list(t.shape),
+                "dtype": str(t.dtype).removeprefix("torch."),
+                "start_idx": start,
+                "end_idx": end,
+                "numel": t.numel(),
+            }
+        )
         offset = end
     return metadata, offset
 

@@ -46,9 +46,14 @@ def _reachable_address() -> str:
 
 class WeightSyncer:
     def __init__(
-        self, engine_urls: list[str], mode: str, buffer_bytes: int, timeout_s: float, disk_dir: str,
+        self,
+        engine_urls: list[str],
+        mode: str,
+        buffer_bytes: int,
+        timeout_s: float,
+        disk_dir: str,
         dtype: str | None = None,
-    ):  # fmt: skip
+    ):
         """`dtype`: the engines' weight dtype; floating-point weights travel in it (None: as the trainer holds them)."""
         if mode not in MODES:
             raise ValueError(f"--update-weight-mode must be one of {MODES}, not {mode!r}")
@@ -162,12 +167,21 @@ class WeightSyncer:
         self.backend = backend = self._group_backend()
         joins = [
             self.pool.submit(
-                self._call, url, "/init_weights_update_group",
-                {"master_address": host, "master_port": port, "rank_offset": i + 1, "world_size": world,
-                 "group_name": GROUP_NAME, "backend": backend, "timeout": self.timeout_s},
+                self._call,
+                url,
+                "/init_weights_update_group",
+                {
+                    "master_address": host,
+                    "master_port": port,
+                    "rank_offset": i + 1,
+                    "world_size": world,
+                    "group_name": GROUP_NAME,
+                    "backend": backend,
+                    "timeout": self.timeout_s,
+                },
             )
             for i, url in enumerate(self.engine_urls)
-        ]  # fmt: skip
+        ]
         try:
             self.group = new_weight_group(host, port, 0, world, GROUP_NAME, backend, self.timeout_s)
         except RuntimeError as exc:

@@ -22,17 +22,17 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from slime.algorithms.advantages import compute_advantages
+from slime.algorithms.advantages import ADVANTAGE_ESTIMATORS, compute_advantages
 from slime.algorithms.corrections import importance_weights
 from slime.algorithms.losses import KL_ESTIMATORS
-from slime.ray.placement import engine_dtype
 from slime.sync.syncer import WeightSyncer
 from slime.trainer import checkpoint
-from slime.trainer.loss import critic_loss, micro_batch_loss
+from slime.trainer.loss import MicroBatch, critic_loss, micro_batch_loss
 from slime.trainer.models import load_critic, load_policy
 from slime.trainer.optimizer import build_optimizer
 from slime.trainer.packing import forward_log_probs, forward_values, rank_shares, split_micro_batches
 from slime.utils.misc import load_function
+from slime.utils.types import TokenColumns, TrainBatch
 
 logger = logging.getLogger(__name__)
 PAD_PASS = ([0, 0], 1)  # tokens and response length of a padding pass: one predicted token, weight 0
@@ -80,7 +80,7 @@ class TrainActor:
         self.ref_model = self._load_reference(mesh) if needs_ref else None
         self.teacher = load_policy(args.opd_teacher_load, self.device, mesh, False) if args.opd_teacher_load else None
         self.critic = None
-        if args.advantage_estimator == "ppo":
+        if ADVANTAGE_ESTIMATORS[args.advantage_estimator].needs_critic:
             self.critic = load_critic(args.critic_load or args.hf_checkpoint, self.device, mesh)
             self.critic_optimizer, self.critic_scheduler = build_optimizer(self.critic, args, args.critic_lr)
         self.hooks = {
@@ -124,15 +124,15 @@ class TrainActor:
         return mine + [[] for _ in range(most - len(mine))]
 
     @staticmethod
-    def _inputs(data: dict, mb: list[int]) -> tuple[list[list[int]], list[int]]:
+    def _inputs(data: TrainBatch, mb: list[int]) -> tuple[list[list[int]], list[int]]:
         if not mb:
             return [PAD_PASS[0]], [PAD_PASS[1]]
-        return [data["tokens"][i] for i in mb], [data["response_lengths"][i] for i in mb]
+        return [data.tokens[i] for i in mb], [data.response_lengths[i] for i in mb]
 
     @torch.no_grad()
-    def _per_sample(self, model, data: dict, indices_per_rank: list[list[int]], values: bool = False) -> dict:
+    def _per_sample(self, model, data: TrainBatch, indices_per_rank: list[list[int]], values: bool = False) -> dict:
         """{sample index: [r_i] log-probs (or the critic's values)} for this rank's share, no gradient."""
-        lengths = [len(t) for t in data["tokens"]]
+        lengths = [len(t) for t in data.tokens]
         out = {}
         for mb in self._passes(indices_per_rank, lengths, no_grad=True):
             tokens, rlens = self._inputs(data, mb)
@@ -150,13 +150,13 @@ class TrainActor:
         dist.all_gather_object(parts, mine)
         return {name: [next(p[name][i] for p in parts if i in p[name]) for i in range(n)] for name in mine}
 
-    def _token_columns(self, data: dict, indices_per_rank: list[list[int]]) -> dict[str, Tokens | None]:
-        """The per-token inputs of the estimators and losses, as lists over all samples (see advantages.py)."""
-        a, n = self.args, len(data["tokens"])
-        rollout = data.get("rollout_log_probs") or [[] for _ in range(n)]
-        has_rollout = all(len(r) == k for r, k in zip(rollout, data["response_lengths"], strict=True))
+    def _token_columns(self, data: TrainBatch, indices_per_rank: list[list[int]]) -> TokenColumns:
+        """The per-token inputs of the estimators and losses over all samples (see advantages.py)."""
+        a, n = self.args, len(data)
+        rollout = data.rollout_log_probs or [[] for _ in range(n)]
+        has_rollout = all(len(r) == k for r, k in zip(rollout, data.response_lengths, strict=True))
         if a.use_rollout_logprobs and not has_rollout:
-            missing = [i for i, k in enumerate(data["response_lengths"]) if len(rollout[i]) != k]
+            missing = [i for i, k in enumerate(data.response_lengths) if len(rollout[i]) != k]
             raise ValueError(
                 f"--use-rollout-logprobs: {len(missing)} samples (first: #{missing[0]}) have no engine log-prob "
                 "per response token; return them from the generate function or drop the flag"
@@ -171,23 +171,24 @@ class TrainActor:
                 mine[name] = self._per_sample(model, data, indices_per_rank)
         if self.critic is not None:
             mine["values"] = self._per_sample(self.critic, data, indices_per_rank, values=True)
-        cols: dict[str, Tokens | None] = {"ref_log_probs": None, "teacher_log_probs": None, "values": None}
-        cols |= self._gather(mine, n)
-        cols["loss_masks"] = [torch.tensor(m, dtype=torch.float32) for m in data["loss_masks"]]
-        cols["rollout_log_probs"] = [torch.tensor(r) for r in rollout] if has_rollout else None
+        gathered = self._gather(mine, n)
+        cols = TokenColumns(
+            loss_masks=[torch.tensor(m, dtype=torch.float32) for m in data.loss_masks],
+            rollout_log_probs=[torch.tensor(r) for r in rollout] if has_rollout else None,
+            **gathered,
+        )
         if a.use_opd and a.opd_type == "sglang":
-            cols["teacher_log_probs"] = self._teacher_from_samples(data)
-        if a.kl_coef and cols["ref_log_probs"] is not None:
+            cols.teacher_log_probs = self._teacher_from_samples(data)
+        if a.kl_coef and cols.ref_log_probs is not None:
             kl = KL_ESTIMATORS[a.kl_loss_type]
-            cols["kl"] = [kl(o, r) for o, r in zip(cols["old_log_probs"], cols["ref_log_probs"], strict=True)]
+            cols.kl = [kl(o, r) for o, r in zip(cols.old_log_probs, cols.ref_log_probs, strict=True)]
         else:
-            cols["kl"] = [torch.zeros_like(m) for m in cols["loss_masks"]]
+            cols.kl = [torch.zeros_like(m) for m in cols.loss_masks]
         return cols
 
     @staticmethod
-    def _teacher_from_samples(data: dict) -> Tokens:
-        teacher = data.get("teacher_log_probs") or []
-        lengths = data["response_lengths"]
+    def _teacher_from_samples(data: TrainBatch) -> Tokens:
+        teacher, lengths = data.teacher_log_probs or [], data.response_lengths
         bad = [i for i, k in enumerate(lengths) if i >= len(teacher) or len(teacher[i] or []) != k]
         if bad:
             raise ValueError(
@@ -196,61 +197,65 @@ class TrainActor:
             )
         return [torch.tensor(t, dtype=torch.float32) for t in teacher]
 
-    def _corrections(self, cols: dict) -> tuple[Tokens | None, Tokens | None, dict[str, Tokens]]:
+    def _corrections(self, cols: TokenColumns) -> tuple[Tokens | None, Tokens | None, dict[str, Tokens]]:
         a = self.args
         if not (a.use_tis or a.use_mis or self.hooks["tis"]):
             return None, None, {}
-        if cols["rollout_log_probs"] is None:
+        if cols.rollout_log_probs is None:
             raise ValueError(
                 "--use-tis/--use-mis/--custom-tis-function-path need the engine's log-prob of every response token "
                 "(Sample.rollout_log_probs); the rollout returned samples without them"
             )
         fn = self.hooks["tis"] or importance_weights
-        return fn(a, train_log_probs=cols["old_log_probs"], rollout_log_probs=cols["rollout_log_probs"],
-                  loss_masks=cols["loss_masks"])  # fmt: skip
+        return fn(
+            a, train_log_probs=cols.old_log_probs, rollout_log_probs=cols.rollout_log_probs, loss_masks=cols.loss_masks
+        )
 
     # ------------------------------------------------------------------ public
-    def log_probs(self, data: dict) -> list[list[float]]:
+    def log_probs(self, data: TrainBatch) -> list[list[float]]:
         """Current policy's log-probs of every sample's response tokens (all ranks must call; every rank gets all)."""
-        n = len(data["tokens"])
+        n = len(data)
         shares = [list(range(r, n, self.world_size)) for r in range(self.world_size)]
         merged = self._gather({"lp": self._per_sample(self.model, data, shares)}, n)["lp"]
         return [t.tolist() for t in merged]
 
-    def train(self, rollout_id: int, data: dict) -> dict[str, float]:
-        """All optimizer steps of one rollout. `data`: tokens, response_lengths, loss_masks, rewards,
-        rollout_log_probs (and teacher_log_probs), one entry per sample in rollout order. Returns metrics averaged
-        over the steps."""
+    def train(self, rollout_id: int, data: TrainBatch) -> dict[str, float]:
+        """All optimizer steps of one rollout. Returns metrics averaged over the steps."""
         a, start, world = self.args, time.monotonic(), self.world_size
-        g, n = a.global_batch_size, len(data["tokens"])
+        g, n = a.global_batch_size, len(data)
         if n % g:
             raise ValueError(f"the rollout has {n} samples, not a multiple of --global-batch-size {g}")
-        lengths = [len(t) for t in data["tokens"]]
+        lengths = [len(t) for t in data.tokens]
         steps = [list(range(s, s + g)) for s in range(0, n, g)]
         shares = [rank_shares(step, lengths, world, a.balance_data) for step in steps]
         everything = [[i for step in shares for i in step[r]] for r in range(world)]
         rank_tokens = [[sum(lengths[i] for i in share) for share in step] for step in shares]
         cols = self._token_columns(data, everything)
-        cols["advantages"], cols["returns"] = compute_advantages(torch.tensor(data["rewards"]), cols, a)
-        cols["is_weights"], cols["is_masks"], is_metrics = self._corrections(cols)
+        cols.advantages, cols.returns = compute_advantages(torch.tensor(data.rewards), cols, a)
+        cols.is_weights, cols.is_masks, is_metrics = self._corrections(cols)
         totals: dict[str, float] = {}
         tokens, skipped_before = 0, self.skipped_steps
         for step, step_shares in zip(steps, shares, strict=True):
             if a.calculate_per_token_loss:
-                normalizer = max(1.0, float(sum(sum(data["loss_masks"][i]) for i in step)))
+                normalizer = max(1.0, float(sum(sum(data.loss_masks[i]) for i in step)))
             else:
                 normalizer = float(len(step))
             sums: dict[str, float] = {}
             for mb in self._passes(step_shares, lengths):
-                batch = self._micro_batch(data, mb, cols, is_metrics)
+                batch = self._micro_batch(data, mb, cols, is_metrics, normalizer)
                 tokens += sum(lengths[i] for i in mb)
                 inputs = self._inputs(data, mb)
-                out = forward_log_probs(self.model, *inputs, a.rollout_temperature, entropy_grad=a.entropy_coef != 0,
-                                        keep_logits=a.loss_type == "custom_loss")  # fmt: skip
-                loss, shares_ = micro_batch_loss(a, batch, out, normalizer)
+                out = forward_log_probs(
+                    self.model,
+                    *inputs,
+                    a.rollout_temperature,
+                    entropy_grad=a.entropy_coef != 0,
+                    keep_logits=a.loss_type == "custom_loss",
+                )
+                loss, shares_ = micro_batch_loss(a, batch, out)
                 (loss * world).backward()  # FSDP averages gradients over ranks; the loss is a share of a global sum
                 if self.critic is not None:
-                    closs, cshares = critic_loss(a, batch, forward_values(self.critic, *inputs), normalizer)
+                    closs, cshares = critic_loss(a, batch, forward_values(self.critic, *inputs))
                     (closs * world).backward()
                     shares_ |= {f"critic/{k}": v for k, v in cshares.items()}
                 for k, v in shares_.items():
@@ -258,20 +263,27 @@ class TrainActor:
             sums = self._sum_over_ranks(sums)
             sums["grad_norm"] = self._clip_and_step(self.model, self.optimizer, self.scheduler, rollout_id)
             if self.critic is not None:
-                sums["critic/grad_norm"] = self._clip_and_step(self.critic, self.critic_optimizer,
-                                                               self.critic_scheduler, rollout_id)  # fmt: skip
+                sums["critic/grad_norm"] = self._clip_and_step(
+                    self.critic, self.critic_optimizer, self.critic_scheduler, rollout_id
+                )
             self.step += 1
             for k, v in sums.items():
                 totals[k] = totals.get(k, 0.0) + v / len(steps)
         seconds = time.monotonic() - start
         out = {(k if "/" in k else f"train/{k}"): v for k, v in totals.items()}
         out |= self._advantage_stats(cols)
-        out.update({"train/lr": self.scheduler.get_last_lr()[0], "train/seconds": seconds,
-                    "train/param_norm": self._param_norm(),
-                    "train/tokens_per_s": self._sum_over_ranks({"t": tokens})["t"] / seconds,
-                    "train/optimizer_steps": self.step, "train/skipped_steps": self.skipped_steps - skipped_before,
-                    "train/skipped_steps_total": self.skipped_steps,
-                    "perf/rank_tokens_max_over_min": max(max(t) / max(min(t), 1) for t in rank_tokens)})  # fmt: skip
+        out.update(
+            {
+                "train/lr": self.scheduler.get_last_lr()[0],
+                "train/seconds": seconds,
+                "train/param_norm": self._param_norm(),
+                "train/tokens_per_s": self._sum_over_ranks({"t": tokens})["t"] / seconds,
+                "train/optimizer_steps": self.step,
+                "train/skipped_steps": self.skipped_steps - skipped_before,
+                "train/skipped_steps_total": self.skipped_steps,
+                "perf/rank_tokens_max_over_min": max(max(t) / max(min(t), 1) for t in rank_tokens),
+            }
+        )
         return out
 
     def _sum_over_ranks(self, values: dict[str, float]) -> dict[str, float]:
@@ -281,17 +293,21 @@ class TrainActor:
         return {k: sum(p.get(k, 0.0) for p in parts) for k in keys}
 
     @staticmethod
-    def _advantage_stats(cols: dict) -> dict[str, float]:
-        mask = torch.cat(cols["loss_masks"]).bool()
-        adv = torch.cat(cols["advantages"])[mask].double()
+    def _advantage_stats(cols: TokenColumns) -> dict[str, float]:
+        mask = torch.cat(cols.loss_masks).bool()
+        adv = torch.cat(cols.advantages)[mask].double()
         if not adv.numel():
             return {}
-        return {"train/advantage_mean": float(adv.mean()), "train/advantage_std": float(adv.std(unbiased=False)),
-                "train/advantage_abs_max": float(adv.abs().max())}  # fmt: skip
+        return {
+            "train/advantage_mean": float(adv.mean()),
+            "train/advantage_std": float(adv.std(unbiased=False)),
+            "train/advantage_abs_max": float(adv.abs().max()),
+        }
 
-    def _micro_batch(self, data: dict, mb: list[int], cols: dict, is_metrics: dict) -> dict[str, Any]:
-        """Per-token tensors [R] of one micro-batch (None where a column is absent); a padding pass gets one token
-        of weight 0."""
+    def _micro_batch(
+        self, data: TrainBatch, mb: list[int], cols: TokenColumns, is_metrics: dict, normalizer: float
+    ) -> MicroBatch:
+        """One micro-batch's per-token tensors [R]; a padding pass gets one token of weight 0."""
 
         def take(col: Tokens | None) -> torch.Tensor | None:
             if col is None:
@@ -299,22 +315,30 @@ class TrainActor:
             parts = [col[i] for i in mb] if mb else [torch.zeros(1)]
             return torch.cat(parts).to(device=self.device, dtype=torch.float32)
 
-        lengths = [data["response_lengths"][i] for i in mb] if mb else [PAD_PASS[1]]
-        batch = {name: take(cols[name]) for name in ("advantages", "old_log_probs", "ref_log_probs",
-                 "rollout_log_probs", "is_weights", "is_masks", "returns", "values")}  # fmt: skip
-        batch["old_values"] = batch.pop("values")
-        batch["mask"] = take(cols["loss_masks"]) if mb else torch.zeros(1, device=self.device)
-        batch["lengths"] = lengths
-        batch["is_metrics"] = {k: take(v) for k, v in is_metrics.items()}
-        batch["custom_loss_fn"] = self.hooks["custom_loss_fn"]
+        lengths = [data.response_lengths[i] for i in mb] if mb else [PAD_PASS[1]]
+        batch = MicroBatch(
+            mask=take(cols.loss_masks) if mb else torch.zeros(1, device=self.device),
+            lengths=lengths,
+            normalizer=normalizer,
+            advantages=take(cols.advantages),
+            old_log_probs=take(cols.old_log_probs),
+            ref_log_probs=take(cols.ref_log_probs),
+            rollout_log_probs=take(cols.rollout_log_probs),
+            is_weights=take(cols.is_weights),
+            is_masks=take(cols.is_masks),
+            returns=take(cols.returns),
+            old_values=take(cols.values),
+            is_metrics={k: take(v) for k, v in is_metrics.items()},
+            custom_loss_fn=self.hooks["custom_loss_fn"],
+        )
         if self.hooks["pg_reducer"] is not None:
-            keep = batch["is_masks"] if batch["is_masks"] is not None else batch["mask"]
-            batch["pg_reducer"] = self._pg_reducer(data, mb, lengths, list((keep * batch["mask"]).split(lengths)))
+            keep = batch.is_masks if batch.is_masks is not None else batch.mask
+            batch.pg_reducer = self._pg_reducer(data, mb, lengths, list((keep * batch.mask).split(lengths)))
         return batch
 
-    def _pg_reducer(self, data: dict, mb: list[int], lengths: list[int], masks: Tokens):
+    def _pg_reducer(self, data: TrainBatch, mb: list[int], lengths: list[int], masks: Tokens):
         factory = self.hooks["pg_reducer"]
-        total = [len(data["tokens"][i]) for i in mb] if mb else [len(PAD_PASS[0])]
+        total = [len(data.tokens[i]) for i in mb] if mb else [len(PAD_PASS[0])]
         kwargs = {"args": self.args} if "args" in inspect.signature(factory).parameters else {}
         return factory(total, lengths, masks, self.args.calculate_per_token_loss, **kwargs)
 
@@ -331,8 +355,14 @@ class TrainActor:
             scheduler.step()
         else:
             self.skipped_steps += 1
-            logger.warning("rank %d, rollout %d, optimizer step %d: gradient norm is %s; update skipped (%d so far)",
-                           self.rank, rollout_id, self.step, norm, self.skipped_steps)  # fmt: skip
+            logger.warning(
+                "rank %d, rollout %d, optimizer step %d: gradient norm is %s; update skipped (%d so far)",
+                self.rank,
+                rollout_id,
+                self.step,
+                norm,
+                self.skipped_steps,
+            )
             if self.skipped_steps > self.args.max_nan_steps:
                 raise FloatingPointError(
                     f"rank {self.rank}, rollout {rollout_id}, optimizer step {self.step}: {self.skipped_steps} "
@@ -352,8 +382,14 @@ class TrainActor:
     def _new_syncer(self, engine_urls: list[str], folder: str) -> WeightSyncer:
         a = self.args
         disk_dir = os.path.join(os.path.abspath(a.output_dir), folder)  # disk mode writes here
-        return WeightSyncer(engine_urls, a.update_weight_mode or "tensor", a.update_weight_buffer_size,
-                            a.update_weight_timeout, disk_dir, dtype=engine_dtype(a))  # fmt: skip
+        return WeightSyncer(
+            engine_urls,
+            a.update_weight_mode,
+            a.update_weight_buffer_size,
+            a.update_weight_timeout,
+            disk_dir,
+            dtype=a.rollout_engine_dtype,
+        )
 
     def connect_engines(self, engine_urls: list[str]) -> None:
         if self.syncer is not None:  # the engine set changed (a restart): the next sync forms a new group
@@ -389,10 +425,14 @@ class TrainActor:
         torch.cuda.synchronize()
         torch.cuda.empty_cache()
         after = torch.cuda.memory_allocated()
-        logger.info("rank %d %s: torch.cuda.memory_allocated %.2f GB -> %.2f GB", self.rank, what, before / 1e9,
-                    after / 1e9)  # fmt: skip
-        return {f"perf/{what}_gpu_gb_before": before / 1e9, f"perf/{what}_gpu_gb_after": after / 1e9,
-                f"perf/{what}_seconds": time.monotonic() - start}  # fmt: skip
+        logger.info(
+            "rank %d %s: torch.cuda.memory_allocated %.2f GB -> %.2f GB", self.rank, what, before / 1e9, after / 1e9
+        )
+        return {
+            f"perf/{what}_gpu_gb_before": before / 1e9,
+            f"perf/{what}_gpu_gb_after": after / 1e9,
+            f"perf/{what}_seconds": time.monotonic() - start,
+        }
 
     def push_weights(self, engine_urls: list[str], version: str) -> dict[str, float]:
         """Sync the current weights to some engines only (a restarted one), leaving the others' requests alone."""
@@ -421,8 +461,12 @@ class TrainActor:
         if self.rank == 0:
             from transformers import AutoTokenizer
 
-            state = {"step": self.step, "skipped_steps": self.skipped_steps, "world_size": self.world_size,
-                     "schedulers": {name: sch.state_dict() for name, _, _, sch in self._trained()}}  # fmt: skip
+            state = {
+                "step": self.step,
+                "skipped_steps": self.skipped_steps,
+                "world_size": self.world_size,
+                "schedulers": {name: sch.state_dict() for name, _, _, sch in self._trained()},
+            }
             torch.save(state, folder_ / "trainer.pt")
             self.model.config.save_pretrained(folder_ / "hf_config")
             AutoTokenizer.from_pretrained(self.args.hf_checkpoint).save_pretrained(folder_ / "hf_config")

@@ -138,8 +138,9 @@ def load_model(model: torch.nn.Module, optimizer: torch.optim.Optimizer | None, 
         dcp.load(state, checkpoint_id=str(folder))
     except Exception as exc:  # noqa: BLE001 - DCP's own message lists the mismatched keys; say which checkpoint
         raise RuntimeError(f"{folder} does not fit this model (another architecture or size?): {exc}") from exc
-    set_state_dict(model, optimizer if with_optim else [], model_state_dict=state["model"],
-                   optim_state_dict=state.get("optim", {}))  # fmt: skip
+    set_state_dict(
+        model, optimizer if with_optim else [], model_state_dict=state["model"], optim_state_dict=state.get("optim", {})
+    )
     return with_optim
 
 

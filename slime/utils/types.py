@@ -120,3 +120,41 @@ class Sample:
         data = dict(data)
         data["status"] = Sample.Status(data.get("status", "pending"))
         return cls(**data)
+
+
+@dataclass
+class TrainBatch:
+    """One rollout as the trainer receives it: B samples in rollout order (the n samples of a prompt consecutive).
+
+    A sample whose generation failed, or that a hook marked `remove_sample`, keeps its place (its group's statistics
+    need it) with an all-zero loss mask. Per-response-token lists have r_i entries (r_i = response_lengths[i]);
+    `rollout_log_probs` / `teacher_log_probs` entries are [] where the engine or hook gave none.
+    """
+
+    tokens: list[list[int]]  # B x [prompt + response ids]
+    response_lengths: list[int]  # [B]
+    loss_masks: list[list[int]]  # B x [r_i], 1 where the token counts in the loss
+    rewards: list[float]  # [B] scalar rewards (after --custom-reward-post-process-path, if set)
+    rollout_log_probs: list[list[float]] = field(default_factory=list)  # B x [r_i] or []: the engine's log-probs
+    teacher_log_probs: list[list[float]] = field(default_factory=list)  # B x [r_i] or []: --opd-type sglang
+
+    def __len__(self) -> int:
+        return len(self.tokens)
+
+
+@dataclass
+class TokenColumns:
+    """The per-token inputs and outputs of the advantage estimators and losses over one rollout, inside the
+    trainer: each field is a list of B tensors [r_i] (None where the run does not compute it)."""
+
+    loss_masks: list[Any]  # 1.0 where the token counts in the loss
+    old_log_probs: list[Any]  # the behaviour policy's log-prob of each token (recomputed, or the engine's)
+    kl: list[Any] | None = None  # KL(old || reference) estimate per token; zeros without a KL reward penalty
+    ref_log_probs: list[Any] | None = None  # the frozen reference's log-probs (KL terms)
+    teacher_log_probs: list[Any] | None = None  # the distillation teacher's log-probs
+    values: list[Any] | None = None  # the critic's V(s_t) before each token (ppo)
+    rollout_log_probs: list[Any] | None = None  # the engine's log-probs (mismatch corrections and metrics)
+    advantages: list[Any] | None = None  # set by slime.algorithms.advantages.compute_advantages
+    returns: list[Any] | None = None  # value targets (ppo)
+    is_weights: list[Any] | None = None  # TIS importance weights
+    is_masks: list[Any] | None = None  # MIS keep masks

@@ -134,7 +134,9 @@ async def batched_async_rm(args: Any, samples: list[Sample], **kwargs: Any) -> l
         rewards = await fn(args, samples, **kwargs)
         if not isinstance(rewards, list | tuple) or len(rewards) != len(samples):
             got = f"a list of {len(rewards)}" if isinstance(rewards, list | tuple) else type(rewards).__name__
-            raise TypeError(f"--custom-rm-path {custom} got {len(samples)} samples and returned {got}; with "
-                            "--group-rm it must return one reward per sample")  # fmt: skip
+            raise TypeError(
+                f"--custom-rm-path {custom} got {len(samples)} samples and returned {got}; with "
+                "--group-rm it must return one reward per sample"
+            )
         return list(rewards)
     return list(await asyncio.gather(*(async_rm(args, s, **kwargs) for s in samples)))

@@ -1,0 +1,182 @@
+"""Model, cluster, engine and weight-sync flags, and where everything runs (placement).
+
+Placement is settled once, after Ray is up (it needs the cluster's GPU count), into `rollout_device`,
+`rollout_num_engines`, `engines_share_trainer_gpus` and `update_weight_mode`; the engine options that depend on
+it (dtype, threads, batch rows, memory fraction) are settled right after. Engines are child processes of the
+rollout manager, so they run on its node; GPU ids reach them as CUDA_VISIBLE_DEVICES.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from typing import Any
+
+from slime.engine.options import add_train_arguments
+
+
+class PlacementError(ValueError):
+    """The flags ask for a layout the cluster cannot hold; the message names the flags."""
+
+
+def add_cluster_arguments(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("model and cluster")
+    g.add_argument("--hf-checkpoint", required=True, help="Hugging Face folder, or the built-in SmolLM2-135M-Instruct")
+    g.add_argument(
+        "--rollout-num-engines",
+        type=int,
+        default=1,
+        help="engine servers to start behind the router on CPU (on GPUs: one per GPU, see --rollout-num-gpus)",
+    )
+    g.add_argument(
+        "--rollout-num-gpus",
+        type=int,
+        default=None,
+        help="GPUs for engines of their own, beside the training GPUs (one engine each; weight sync by NCCL); "
+        "unset: engines share the training GPUs",
+    )
+    g.add_argument("--rollout-num-gpus-per-engine", type=int, default=1, help="GPUs per engine (the embedded: 1)")
+    g.add_argument(
+        "--colocate",
+        action="store_true",
+        help="engines on the training GPUs, taking turns: engines release weights and KV cache while the trainer "
+        "trains, the trainer moves to CPU while engines generate (implies --offload-train and --offload-rollout)",
+    )
+    g.add_argument("--sglang-server-concurrency", type=int, default=512, help="in-flight requests per engine, at most")
+    g.add_argument("--router-policy", default="cache_aware", help="sglang-router policy (cache_aware, round_robin, …)")
+    g.add_argument(
+        "--sglang-router-ip",
+        default=None,
+        help="address of a running sglang-router to use (with --sglang-router-port); unset: the run starts its own "
+        "on 127.0.0.1",
+    )
+    g.add_argument(
+        "--sglang-router-port", type=int, default=None, help="port of the router (unset: a free port, chosen at start)"
+    )
+    g.add_argument("--seed", type=int, default=1234, help="seed of engines' sampling")
+    g.add_argument("--output-dir", default="outputs/run", help="logs, metrics and server logs go here")
+
+    add_train_arguments(p.add_argument_group("rollout engines (each engine server's options; slime-serve --help)"))
+
+    g = p.add_argument_group("weight sync")
+    g.add_argument(
+        "--update-weight-mode",
+        default=None,
+        choices=["tensor", "distributed", "disk"],
+        help="how new weights reach engines: shared memory / CUDA IPC, a gloo / NCCL broadcast, or files (default: "
+        "tensor, or distributed when engines have GPUs of their own)",
+    )
+    g.add_argument(
+        "--update-weight-buffer-size", type=int, default=512 * 1024**2, help="bytes of weights sent per bucket"
+    )
+    g.add_argument("--update-weight-timeout", type=float, default=600.0, help="seconds any weight-sync step may take")
+
+
+def validate_cluster(args: Any, parser: argparse.ArgumentParser) -> None:
+    for flag in ("rollout_num_engines",):
+        if getattr(args, flag) < 1:
+            parser.error(f"--{flag.replace('_', '-')} must be at least 1, got {getattr(args, flag)}")
+    for flag in ("rollout_num_gpus", "sglang_max_running_requests", "sglang_chunked_prefill_size", "sglang_page_size"):
+        if getattr(args, flag) is not None and getattr(args, flag) < 1:
+            parser.error(f"--{flag.replace('_', '-')} must be at least 1, got {getattr(args, flag)}")
+    fraction = args.sglang_mem_fraction_static
+    if fraction is not None and not 0 < fraction <= 1:
+        parser.error(f"--sglang-mem-fraction-static must be in (0, 1], got {fraction}")
+    if args.colocate and args.rollout_num_gpus:
+        parser.error("--colocate puts engines on the training GPUs; drop --rollout-num-gpus (or --colocate)")
+    if args.sglang_router_ip and args.sglang_router_port is None:
+        parser.error("--sglang-router-ip names a running router: give its --sglang-router-port too")
+    if args.colocate:  # as in slime: colocated engines and trainer take turns on the GPU
+        args.offload_train = args.offload_rollout = True
+
+
+def place(args: Any, cluster_gpus: int) -> None:
+    """Decide the engines' device, count and weight-sync mode for a cluster with `cluster_gpus` GPUs.
+
+    - no GPU: engines on CPU (--rollout-num-engines of them); --colocate still releases engine memory during training.
+    - --colocate: one engine per training GPU, on that GPU; engines release weights and KV cache while the trainer
+      trains and the trainer moves to CPU while engines generate (--offload-rollout and --offload-train).
+    - --rollout-num-gpus N: N engines on N GPUs of their own, next to the training GPUs (weight sync by NCCL).
+    - neither: one engine per training GPU, sharing it with the trainer as separate processes; nothing is released
+      unless --offload-rollout / --offload-train ask for it.
+    """
+    args.cluster_gpus = cluster_gpus
+    trainer_gpus = 0 if args.debug_rollout_only else args.world_size
+    if cluster_gpus == 0:
+        args.rollout_device, args.engines_share_trainer_gpus = "cpu", False
+        args.update_weight_mode = args.update_weight_mode or "tensor"
+        return
+    if args.rollout_num_gpus_per_engine != 1:
+        raise PlacementError(
+            f"--rollout-num-gpus-per-engine {args.rollout_num_gpus_per_engine}: the embedded engine runs on one GPU "
+            "(no tensor parallelism); use 1"
+        )
+    args.rollout_device = "cuda"
+    if args.colocate or not args.rollout_num_gpus:
+        if trainer_gpus == 0:
+            raise PlacementError("--debug-rollout-only on GPUs needs --rollout-num-gpus: there is no trainer to share")
+        if args.actor_num_nodes > 1:
+            raise PlacementError(
+                "engines run on the rollout manager's node, so sharing the training GPUs needs --actor-num-nodes 1; "
+                "give engines their own GPUs with --rollout-num-gpus"
+            )
+        args.rollout_num_engines, args.engines_share_trainer_gpus = trainer_gpus, True
+        args.update_weight_mode = args.update_weight_mode or "tensor"
+        return
+    need = trainer_gpus + args.rollout_num_gpus
+    if need > cluster_gpus:
+        raise PlacementError(
+            f"--rollout-num-gpus {args.rollout_num_gpus} + {trainer_gpus} training GPU(s) = {need} GPUs, but the "
+            f"cluster has {cluster_gpus}: use fewer, or --colocate to share the training GPUs"
+        )
+    args.rollout_num_engines, args.engines_share_trainer_gpus = args.rollout_num_gpus, False
+    args.update_weight_mode = args.update_weight_mode or "distributed"
+    if args.update_weight_mode == "tensor":
+        raise PlacementError(
+            "--update-weight-mode tensor passes CUDA IPC handles, which an engine on another GPU cannot open; with "
+            "--rollout-num-gpus use distributed (NCCL) or disk"
+        )
+
+
+def settle_engine_options(args: Any) -> None:
+    """The engine options left unset, from the placement: every engine of the run is launched with these."""
+    on_gpu = args.rollout_device == "cuda"
+    args.rollout_engine_dtype = args.rollout_engine_dtype or ("bfloat16" if on_gpu else "float32")
+    if not args.rollout_engine_threads:  # after placement: it decides how many engines share the cores
+        args.rollout_engine_threads = max(1, (os.cpu_count() or 1) // args.rollout_num_engines)
+    if args.sglang_enable_deterministic_inference:  # one request at a time: results do not depend on batching
+        args.sglang_max_running_requests = 1
+    elif args.sglang_max_running_requests is None:
+        args.sglang_max_running_requests = 256 if on_gpu else 64
+    if args.sglang_mem_fraction_static is None:
+        args.sglang_mem_fraction_static = 0.6 if args.colocate else 0.35 if args.engines_share_trainer_gpus else 0.85
+    args.rollout_engine_backend = args.rollout_engine_backend or "auto"
+    args.sglang_chunked_prefill_size = args.sglang_chunked_prefill_size or (8192 if on_gpu else 4096)
+    args.sglang_page_size = args.sglang_page_size or 16
+    args.sglang_cuda_graph_max_bs = args.sglang_cuda_graph_max_bs or 512
+
+
+def settle_router(args: Any) -> None:
+    """Where the router listens: a running one the flags name, or one the run starts on a port chosen now, so every
+    process (and every slime-style hook reading args.sglang_router_ip / _port) knows it from the start."""
+    from slime.utils.http_utils import free_port
+
+    args.launch_router = args.sglang_router_ip is None
+    args.sglang_router_ip = args.sglang_router_ip or "127.0.0.1"
+    args.sglang_router_port = args.sglang_router_port or free_port(args.sglang_router_ip)
+
+
+def placement_line(args: Any) -> str:
+    """The placement, as the run prints it at start."""
+    mode, n = args.update_weight_mode, args.rollout_num_engines
+    if args.rollout_device == "cpu":
+        how = ", memory released during training" if args.offload_rollout else ""  # --colocate implies it
+        return f"engines: {n} on CPU{how}; weight sync by {mode}"
+    if args.engines_share_trainer_gpus:
+        if args.colocate:
+            how = "colocated (weights and KV cache released during training)"
+        else:
+            how = "shared as separate processes" + (", memory released in training" if args.offload_rollout else "")
+        return f"engines: {n} on the {n} training GPU(s), {how}; weight sync by {mode}"
+    trainer_gpus = 0 if args.debug_rollout_only else args.world_size
+    return f"engines: {n} on GPUs of their own, beside {trainer_gpus} training GPU(s); weight sync by {mode}"

@@ -1,0 +1,143 @@
+"""Rollout flags: sampling, the rollout and generate hooks, dynamic sampling and partial rollout."""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+from slime.config.data import DEFAULT_ROLLOUT_FUNCTION
+
+HOOK_FLAGS = (
+    "rollout_function_path",
+    "custom_generate_function_path",
+    "data_source_path",
+    "dynamic_sampling_filter_path",
+    "buffer_filter_path",
+    "custom_rm_path",
+    "custom_reward_post_process_path",
+    "eval_function_path",
+    "custom_loss_function_path",
+    "custom_pg_loss_reducer_function_path",
+    "custom_tis_function_path",
+)
+
+
+def add_rollout_arguments(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("rollout")
+    g.add_argument("--num-rollout", type=int, default=1, help="rollout steps to run")
+    g.add_argument("--rollout-batch-size", type=int, default=8, help="prompts per rollout step")
+    g.add_argument("--n-samples-per-prompt", type=int, default=1, help="responses sampled per prompt (a group)")
+    g.add_argument("--rollout-max-response-len", type=int, default=1024, help="max new tokens per response")
+    g.add_argument("--rollout-temperature", type=float, default=1.0, help="sampling temperature")
+    g.add_argument("--rollout-top-p", type=float, default=1.0, help="nucleus sampling mass")
+    g.add_argument("--rollout-top-k", type=int, default=-1, help="top-k sampling (-1: off)")
+    g.add_argument("--rollout-stop", nargs="*", default=None, help="stop strings")
+    g.add_argument("--rollout-stop-token-ids", type=int, nargs="*", default=None, help="extra stop token ids")
+    g.add_argument("--rollout-skip-special-tokens", action="store_true", help="drop special tokens from text")
+    g.add_argument(
+        "--rollout-function-path",
+        default=DEFAULT_ROLLOUT_FUNCTION,
+        help="rollout function: (args, rollout_id, data_source, evaluation=False) -> samples",
+    )
+    g.add_argument(
+        "--custom-generate-function-path",
+        default=None,
+        help="async generate(args, sample, sampling_params[, evaluation]) -> Sample, replacing the one-call default "
+        "(multi-turn, tools: slime.rollout.multi_turn)",
+    )
+    g.add_argument(
+        "--data-source-path",
+        default="slime.rollout.data_source.RolloutDataSourceWithBuffer",
+        help="class built as cls(args) with get_samples(num_prompts), add_samples(groups) and __len__",
+    )
+    g.add_argument(
+        "--over-sampling-batch-size",
+        type=int,
+        default=None,
+        help="prompts submitted at a time while the step has too few groups (default --rollout-batch-size); "
+        "more than --rollout-batch-size lets --dynamic-sampling-filter-path drop groups without waiting",
+    )
+    g.add_argument(
+        "--dynamic-sampling-filter-path",
+        default=None,
+        help="fn(args, group, **kw) -> DynamicFilterOutput | bool judging each graded group; dropped groups are "
+        "replaced by new prompts (e.g. slime.rollout.filter_hub.dynamic_sampling_filters.check_reward_nonzero_std)",
+    )
+    g.add_argument(
+        "--dynamic-sampling-max-prompts",
+        type=int,
+        default=None,
+        help="prompts one rollout step may sample before it stops with the drop reasons (default 10 x "
+        "--rollout-batch-size)",
+    )
+    g.add_argument(
+        "--partial-rollout",
+        action="store_true",
+        help="groups aborted when the step is full keep their partial responses in the buffer and resume in the "
+        "next rollout with the remaining token budget (without it they return as fresh prompts)",
+    )
+    g.add_argument(
+        "--mask-offpolicy-in-partial-rollout",
+        action="store_true",
+        help="--partial-rollout: leave the tokens a resumed sample brought from an earlier rollout out of the loss",
+    )
+    g.add_argument(
+        "--buffer-filter-path",
+        default=None,
+        help="fn(args, rollout_id, buffer, num_samples) -> groups taken out of the buffer (default: pop_first)",
+    )
+    g.add_argument("--debug-rollout-only", action="store_true", help="run rollouts only (no training); report tok/s")
+    g.add_argument("--rollout-timeout", type=float, default=3600.0, help="seconds one rollout step may take")
+    g.add_argument(
+        "--sglang-enable-deterministic-inference",
+        action="store_true",
+        help="reproducible rollouts: every request samples with its own seed (from --seed and the sample's index) "
+        "and each engine runs one request at a time, so results do not depend on batching (slow; for resume checks "
+        "and research)",
+    )
+
+
+def check_sampling(parser: argparse.ArgumentParser, where: str, temperature, top_p, top_k, max_new_tokens) -> None:
+    """The router drops keys it does not know, so sampling values are checked here rather than trusted to a 400."""
+    from slime.engine.sampling import SamplingParams, SamplingParamsError
+
+    raw = {"temperature": temperature, "top_p": top_p, "top_k": top_k, "max_new_tokens": max_new_tokens}
+    try:
+        SamplingParams.from_dict(raw)
+    except (SamplingParamsError, TypeError) as exc:
+        parser.error(f"{where}: {exc}")
+
+
+def validate_rollout(args: Any, parser: argparse.ArgumentParser) -> None:
+    """Sizes, sampling, dynamic sampling and partial rollout settings, and every hook path imported once so a typo
+    fails here."""
+    from slime.utils.misc import load_function
+
+    for flag in ("rollout_batch_size", "n_samples_per_prompt", "num_rollout"):
+        if getattr(args, flag) < 1:
+            parser.error(f"--{flag.replace('_', '-')} must be at least 1, got {getattr(args, flag)}")
+    for flag in ("over_sampling_batch_size", "dynamic_sampling_max_prompts"):
+        if getattr(args, flag) is not None and getattr(args, flag) < 1:
+            parser.error(f"--{flag.replace('_', '-')} must be at least 1, got {getattr(args, flag)}")
+    if args.dynamic_sampling_max_prompts is not None and args.dynamic_sampling_max_prompts < args.rollout_batch_size:
+        parser.error(
+            f"--dynamic-sampling-max-prompts {args.dynamic_sampling_max_prompts} is below "
+            f"--rollout-batch-size {args.rollout_batch_size}"
+        )
+    if args.mask_offpolicy_in_partial_rollout and not args.partial_rollout:
+        parser.error("--mask-offpolicy-in-partial-rollout needs --partial-rollout")
+    check_sampling(
+        parser,
+        "rollout sampling flags",
+        args.rollout_temperature,
+        args.rollout_top_p,
+        args.rollout_top_k,
+        args.rollout_max_response_len,
+    )
+    for flag in HOOK_FLAGS:
+        path = getattr(args, flag, None)
+        if path:
+            try:
+                load_function(path, f"--{flag.replace('_', '-')}")
+            except (ImportError, ValueError, TypeError) as exc:
+                parser.error(str(exc))

@@ -1,0 +1,148 @@
+"""Training flags and the batch plan (prompts -> samples -> optimizer steps -> micro-batches)."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from typing import Any
+
+
+def add_training_arguments(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("training")
+    g.add_argument("--actor-num-nodes", type=int, default=1, help="nodes of training ranks")
+    g.add_argument(
+        "--actor-num-gpus-per-node",
+        type=int,
+        default=1,
+        help="training ranks per node: one per GPU, or one process each on CPU (world size = nodes x this)",
+    )
+    g.add_argument("--train-threads", type=int, default=0, help="torch threads per CPU training rank (0: cores/ranks)")
+    g.add_argument(
+        "--ref-load",
+        default=None,
+        help="reference model for the KL terms: a Hugging Face folder or a --save folder (default: --hf-checkpoint)",
+    )
+    g.add_argument("--lr", type=float, default=1e-6, help="peak learning rate of AdamW")
+    g.add_argument("--min-lr", type=float, default=0.0, help="learning rate at the end of linear/cosine decay")
+    g.add_argument("--lr-warmup-iters", type=int, default=0, help="optimizer steps of linear warm-up from 0")
+    g.add_argument(
+        "--lr-decay-style", default="constant", choices=["constant", "linear", "cosine"], help="schedule after warm-up"
+    )
+    g.add_argument("--lr-decay-iters", type=int, default=None, help="optimizer steps of decay (default: the whole run)")
+    g.add_argument("--weight-decay", type=float, default=0.01, help="AdamW decoupled weight decay")
+    g.add_argument("--adam-beta1", type=float, default=0.9, help="AdamW beta1")
+    g.add_argument("--adam-beta2", type=float, default=0.999, help="AdamW beta2")
+    g.add_argument("--adam-eps", type=float, default=1e-8, help="AdamW epsilon")
+    g.add_argument("--clip-grad", type=float, default=1.0, help="clip the global gradient norm to this (0: off)")
+    g.add_argument("--global-batch-size", type=int, default=None, help="samples per optimizer step (all ranks)")
+    g.add_argument("--num-steps-per-rollout", type=int, default=None, help="optimizer steps per rollout")
+    g.add_argument("--micro-batch-size", type=int, default=1, help="samples per forward/backward on one rank")
+    g.add_argument(
+        "--use-dynamic-batch-size",
+        action="store_true",
+        help="pack micro-batches by tokens (--max-tokens-per-gpu) instead of --micro-batch-size samples",
+    )
+    g.add_argument("--max-tokens-per-gpu", type=int, default=None, help="tokens per packed micro-batch on one rank")
+    g.add_argument(
+        "--log-probs-max-tokens-per-gpu",
+        type=int,
+        default=None,
+        help="tokens per packed pass when computing old/ref/teacher log-probs and values (no gradient, so it can be "
+        "larger; default --max-tokens-per-gpu, or --micro-batch-size samples)",
+    )
+    g.add_argument(
+        "--balance-data",
+        action="store_true",
+        help="split each optimizer step over ranks by token count (Karmarkar-Karp) instead of round-robin",
+    )
+    g.add_argument(
+        "--offload-train",
+        action="store_true",
+        help="between training steps, keep the trainer's weights and optimizer state on CPU (GPU ranks only): frees "
+        "the GPU for rollout engines sharing it; the log shows torch.cuda.memory_allocated before and after",
+    )
+    g.add_argument(
+        "--offload-rollout",
+        action="store_true",
+        help="engines release their weights and KV cache while the trainer trains and take them back before the "
+        "weight sync; each engine's log shows torch.cuda.memory_allocated before and after",
+    )
+    g.add_argument("--distributed-timeout-minutes", type=float, default=10.0, help="timeout of training collectives")
+    g.add_argument(
+        "--train-timeout",
+        type=float,
+        default=3600.0,
+        help="seconds to wait for the training ranks to load, train on one rollout, or sync weights",
+    )
+
+
+def settle_batch_plan(args: Any, parser: argparse.ArgumentParser) -> None:
+    """rollout_batch_size x n_samples_per_prompt = global_batch_size x num_steps_per_rollout, as in slime; fills in
+    whichever of the last two is missing and checks the split across ranks and micro-batches."""
+    samples = args.rollout_batch_size * args.n_samples_per_prompt
+    per_rollout = f"--rollout-batch-size {args.rollout_batch_size} x --n-samples-per-prompt {args.n_samples_per_prompt}"
+    if args.global_batch_size is None:
+        steps = args.num_steps_per_rollout or 1
+        if samples % steps:
+            parser.error(f"{per_rollout} = {samples} samples do not split into --num-steps-per-rollout {steps} steps")
+        args.global_batch_size, args.num_steps_per_rollout = samples // steps, steps
+    elif args.num_steps_per_rollout is None:
+        if samples % args.global_batch_size:
+            parser.error(
+                f"{per_rollout} = {samples} samples is not a multiple of --global-batch-size {args.global_batch_size}"
+            )
+        args.num_steps_per_rollout = samples // args.global_batch_size
+    elif args.global_batch_size * args.num_steps_per_rollout != samples:
+        parser.error(
+            f"{per_rollout} = {samples} samples, but --global-batch-size {args.global_batch_size} x "
+            f"--num-steps-per-rollout {args.num_steps_per_rollout} = "
+            f"{args.global_batch_size * args.num_steps_per_rollout}"
+        )
+    for flag in ("actor_num_nodes", "actor_num_gpus_per_node", "micro_batch_size", "global_batch_size"):
+        if getattr(args, flag) < 1:
+            parser.error(f"--{flag.replace('_', '-')} must be at least 1, got {getattr(args, flag)}")
+    world = args.actor_num_nodes * args.actor_num_gpus_per_node
+    args.world_size = world
+    if args.global_batch_size % world:
+        parser.error(
+            f"--global-batch-size {args.global_batch_size} does not split evenly over {world} training "
+            f"ranks (--actor-num-nodes x --actor-num-gpus-per-node)"
+        )
+    per_rank = args.global_batch_size // world
+    for flag in ("max_tokens_per_gpu", "log_probs_max_tokens_per_gpu"):
+        if getattr(args, flag) is not None and getattr(args, flag) < 1:
+            parser.error(f"--{flag.replace('_', '-')} must be at least 1, got {getattr(args, flag)}")
+    if args.use_dynamic_batch_size:
+        if not args.max_tokens_per_gpu:
+            parser.error("--use-dynamic-batch-size needs --max-tokens-per-gpu")
+    elif args.max_tokens_per_gpu:  # slime scripts pass it either way; say what it does here
+        logging.getLogger(__name__).warning("--max-tokens-per-gpu has no effect without --use-dynamic-batch-size")
+    elif per_rank % args.micro_batch_size:
+        parser.error(
+            f"--global-batch-size {args.global_batch_size} over {world} rank(s) gives {per_rank} samples "
+            f"per rank, not a multiple of --micro-batch-size {args.micro_batch_size}"
+        )
+
+
+def batch_plan(args: Any) -> str:
+    """The plan printed at start: prompts -> samples -> optimizer steps -> samples per rank -> micro-batches."""
+    samples, world = args.rollout_batch_size * args.n_samples_per_prompt, args.world_size
+    per_rank = args.global_batch_size // world
+    split = "token-balanced (--balance-data)" if args.balance_data else "round-robin"
+    if args.use_dynamic_batch_size:
+        micro = f"packed to <= {args.max_tokens_per_gpu} tokens each (a longer sample is a micro-batch of its own)"
+    else:
+        micro = f"{per_rank // args.micro_batch_size} of {args.micro_batch_size} sample(s) each, packed without padding"
+    no_grad = args.log_probs_max_tokens_per_gpu or (args.max_tokens_per_gpu if args.use_dynamic_batch_size else None)
+    lines = [
+        "batch plan:",
+        f"  rollout      {args.rollout_batch_size} prompts x {args.n_samples_per_prompt} samples = {samples} samples, "
+        f"responses <= {args.rollout_max_response_len} tokens",
+        f"  training     {args.num_steps_per_rollout} optimizer step(s) of {args.global_batch_size} samples, "
+        f"{per_rank} per rank on {world} rank(s), {split}",
+        f"  micro-batch  {micro}",
+        "  log-probs    " + (f"packed to <= {no_grad} tokens per pass" if no_grad else "as the micro-batches"),
+        f"  run          {args.num_rollout} rollout(s) = {args.num_rollout * args.num_steps_per_rollout} optimizer "
+        f"steps, {args.num_rollout * samples} samples",
+    ]
+    return "\n".join(lines)

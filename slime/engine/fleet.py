@@ -1,0 +1,220 @@
+"""The engines of a run and the router in front of them: launch, registration, health checks, restarts and the
+memory calls of colocated training. The rollout manager owns one fleet; engine backends plug in here.
+
+Engines are child processes of the process that owns the fleet (so they run on its node); engine i sees the GPU
+`engine_gpus[i]` as CUDA_VISIBLE_DEVICES.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from slime.engine.launch import ServerProcess, launch_engine
+from slime.engine.options import train_values
+from slime.router.router import launch_router, register_worker, remove_worker
+from slime.utils.http_utils import request_sync
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Endpoints:
+    """Where the run's generation is served: facts known only once the servers run, kept out of the settled
+    configuration."""
+
+    router_url: str
+    engine_urls: list[str]
+
+
+class EngineFleet:
+    def __init__(self, args: Any, engine_gpus: list[str | None]):
+        """Start `args.rollout_num_engines` engines and, unless the flags name a running one, the router at the
+        settled address; returns once every engine serves and is registered."""
+        self.args = args
+        self.engine_gpus = engine_gpus
+        self.log_dir = os.path.join(args.output_dir, "server_logs")
+        self.engines: list[ServerProcess] = []
+        self.router: ServerProcess | None = None
+        self.router_url = f"http://{args.sglang_router_ip}:{args.sglang_router_port}"
+        self.on_restart: Callable[[str, list[str]], None] | None = None  # gives a restarted engine the weights
+        self.restarts: list[float] = []  # seconds each engine restart took
+        self._monitor_error: BaseException | None = None
+        try:
+            self.engines = [self._launch(i, wait=False) for i in range(args.rollout_num_engines)]
+            if args.launch_router:
+                self.router = launch_router(
+                    self.log_dir, args.sglang_router_ip, args.sglang_router_port, policy=args.router_policy
+                )
+            for e in self.engines:
+                e.wait_ready("/health", timeout=600)
+                register_worker(self.router_url, e.url)
+            if self.engines:
+                _warn_backend_fallback(self.engines[0].url)
+        except BaseException:
+            self.shutdown()
+            raise
+
+    def _launch(self, index: int, wait: bool, restart: int = 0) -> ServerProcess:
+        a = self.args
+        return launch_engine(
+            a.hf_checkpoint,
+            self.log_dir,
+            index=index,
+            seed=a.seed,
+            wait=wait,
+            restart=restart,
+            startup_timeout=600,
+            device=a.rollout_device,
+            gpu=self.engine_gpus[index],
+            **train_values(a),
+        )
+
+    def endpoints(self) -> Endpoints:
+        return Endpoints(self.router_url, [e.url for e in self.engines])
+
+    # ------------------------------------------------------------------ memory (--offload-rollout, --colocate)
+    def release_memory(self) -> dict[str, float]:
+        """Every engine stops (aborting any stray request) and frees its weights and KV cache for the trainer;
+        returns the engines' GPU memory (GB) before and after. The weight sync lets them generate again."""
+        for e in self.engines:
+            request_sync("POST", e.url + "/pause_generation", {"mode": "abort"}, timeout=120)
+        return self._memory("/release_memory_occupation", None, "release")
+
+    def resume_memory(self, tags: list[str]) -> dict[str, float]:
+        """Engines allocate `tags` again ("weights" before the weight sync, then "kv_cache")."""
+        return self._memory("/resume_memory_occupation", tags, "resume_" + "_".join(tags))
+
+    def _memory(self, endpoint: str, tags: list[str] | None, what: str) -> dict[str, float]:
+        start, before, after = time.monotonic(), 0.0, 0.0
+        for e in self.engines:
+            status, body = request_sync("POST", e.url + endpoint, {"tags": tags}, timeout=600)
+            if status != 200:
+                raise RuntimeError(
+                    f"{e.name} at {e.url} answered {endpoint} with {status}: {body[:300]}; log "
+                    f"{e.log_path}:\n{e.log_tail(1500)}"
+                )
+            out = json.loads(body or "null") or {}  # an engine may answer with no body or null
+            before += out.get("gpu_memory_allocated_before", 0) / 1e9
+            after += out.get("gpu_memory_allocated_after", 0) / 1e9
+        return {
+            f"perf/engine_{what}_gpu_gb_before": before,
+            f"perf/engine_{what}_gpu_gb_after": after,
+            f"perf/engine_{what}_seconds": time.monotonic() - start,
+        }
+
+    # ------------------------------------------------------------------ health and restarts
+    def _health_problem(self, engine: ServerProcess) -> str | None:
+        """Why `engine` must be restarted, or None when it answers a 1-token generation in time."""
+        if not engine.alive():
+            return f"exited with code {engine.proc.returncode}"
+        timeout = self.args.rollout_health_check_timeout
+        try:
+            status, body = request_sync("GET", f"{engine.url}/health_generate", timeout=timeout)
+        except ConnectionError as exc:
+            return f"no answer to /health_generate within {timeout:.0f}s ({exc})"
+        return None if status == 200 else f"/health_generate answered {status}: {body[:200]}"
+
+    def _restart(self, index: int, why: str) -> None:
+        """Replace engine `index`: out of the router, killed, started again, given the current weights, back in."""
+        old, start = self.engines[index], time.monotonic()
+        logger.warning("%s at %s %s; restarting it. Log tail:\n%s", old.name, old.url, why, old.log_tail(800))
+        try:
+            remove_worker(self.router_url, old.url)
+        except (ConnectionError, RuntimeError) as exc:
+            logger.warning("could not remove %s from the router: %s", old.url, exc)
+        old.stop(grace=2)
+        new = self._launch(index, wait=True, restart=len(self.restarts) + 1)
+        self.engines[index] = new
+        if self.on_restart is not None:
+            self.on_restart(new.url, [e.url for e in self.engines])
+        register_worker(self.router_url, new.url)
+        seconds = time.monotonic() - start
+        self.restarts.append(seconds)
+        logger.warning("%s replaced by %s at %s in %.1fs", old.name, new.name, new.url, seconds)
+
+    def recover(self) -> int:
+        """Restart every engine that fails its health check now; returns how many were restarted. Without
+        --use-fault-tolerance a dead engine stops the run instead, with its log tail."""
+        if self.router is not None and not self.router.alive():  # not restarted: every worker would be lost
+            raise RuntimeError(
+                f"the router died (exit {self.router.proc.returncode}); log {self.router.log_path}:\n"
+                f"{self.router.log_tail(1500)}"
+            )
+        if not self.args.use_fault_tolerance:
+            dead = [f"{e.name} (exit {e.proc.returncode}):\n{e.log_tail(1500)}" for e in self.engines if not e.alive()]
+            if dead:
+                raise RuntimeError("engine server(s) died (--use-fault-tolerance restarts them): " + "\n".join(dead))
+            return 0
+        return self._replace_unhealthy(first_wait=0.0)
+
+    def _replace_unhealthy(self, first_wait: float, stop: threading.Event | None = None) -> int:
+        """One health sweep: restart every engine older than `first_wait` seconds that fails its check (until
+        `stop` is set). Returns how many were restarted."""
+        restarted = 0
+        for i, engine in enumerate(self.engines):
+            if (stop is not None and stop.is_set()) or time.monotonic() - engine.started < first_wait:
+                continue
+            problem = self._health_problem(engine)
+            if problem:
+                self._restart(i, problem)
+                restarted += 1
+        return restarted
+
+    def _watch(self, stop: threading.Event) -> None:
+        """Health-check every engine each --rollout-health-check-interval seconds until `stop`; restart failures."""
+        a = self.args
+        try:
+            while not stop.wait(a.rollout_health_check_interval):
+                self._replace_unhealthy(a.rollout_health_check_first_wait, stop)
+        except BaseException as exc:  # noqa: BLE001 - re-raised by `watched` in the rollout's thread
+            self._monitor_error = exc
+
+    def watched(self, fn: Callable[[], Any]) -> tuple[Any, dict[str, float]]:
+        """Run one rollout or evaluation after a recovery sweep; under --use-fault-tolerance with the health monitor
+        watching. Returns fn's result and the restart metrics."""
+        before = len(self.restarts)
+        self.recover()
+        if not self.args.use_fault_tolerance:
+            return fn(), {}
+        stop = threading.Event()
+        self._monitor_error = None
+        watcher = threading.Thread(target=self._watch, args=(stop,), name="engine-health", daemon=True)
+        watcher.start()
+        try:
+            out = fn()
+        except BaseException as exc:
+            if self._monitor_error is not None:
+                raise RuntimeError(f"engine restart failed: {self._monitor_error}") from exc
+            raise
+        finally:
+            stop.set()
+            watcher.join()
+        if self._monitor_error is not None:
+            raise RuntimeError(f"engine restart failed: {self._monitor_error}") from self._monitor_error
+        new = self.restarts[before:]
+        return out, {"rollout/engine_restarts": float(len(new))} | (
+            {"rollout/engine_restart_seconds": sum(new)} if new else {}
+        )
+
+    def shutdown(self) -> None:
+        servers = [s for s in [*self.engines, self.router] if s is not None]
+        for server in servers:  # all at once: each takes a moment to exit
+            server.terminate()
+        for server in servers:
+            server.stop()
+
+
+def _warn_backend_fallback(url: str) -> None:
+    """Say it in the run's own output when --rollout-engine-backend auto fell back to the padded backend (the
+    engine's log says it too, but nobody reads that when the run works)."""
+    status, body = request_sync("GET", url + "/server_info", timeout=30)
+    note = json.loads(body).get("backend_fallback") if status == 200 else None
+    if note:
+        logger.warning("rollout engines run the padded backend: the paged one cannot serve this model (%s)", note)

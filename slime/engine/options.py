@@ -1,0 +1,169 @@
+"""Every engine server option, defined once.
+
+The same table builds the server's own parser (`slime-serve --help`), the trainer's `--sglang-*` /
+`--rollout-engine-*` flags that set those options for the engines a run launches, and the command line a launcher
+passes to each engine. An option without a `train_flag` is the launcher's business (port, device, seed per engine).
+"""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import dataclass
+from typing import Any
+
+
+@dataclass(frozen=True)
+class EngineOption:
+    name: str  # attribute name on the server's args; its flag is --name-with-dashes
+    help: str
+    default: Any = None  # the server's default; a run settles its own value (slime.config.engine)
+    type: type | None = None
+    choices: tuple[str, ...] | None = None
+    switch: bool = False  # a store_true flag
+    train_flag: str | None = None  # the trainer's flag for this option; None: set by the launcher only
+    train_help: str = ""  # what the trainer's default is, when it differs from the server's
+
+    @property
+    def flag(self) -> str:
+        return "--" + self.name.replace("_", "-")
+
+    @property
+    def train_dest(self) -> str | None:
+        return self.train_flag.removeprefix("--").replace("-", "_") if self.train_flag else None
+
+
+BACKENDS = ("auto", "paged", "padded")
+ENGINE_OPTIONS: tuple[EngineOption, ...] = (
+    EngineOption("model_path", "Hugging Face folder or built-in model name (e.g. SmolLM2-135M-Instruct)"),
+    EngineOption("host", "interface to bind", "127.0.0.1"),
+    EngineOption("port", "TCP port to bind", 30000, int),
+    EngineOption("device", "where the model runs: cpu, cuda or cuda:N", "cpu"),
+    EngineOption("seed", "seed of the sampling generator (a run gives engine i --seed + i)", 0, int),
+    EngineOption(
+        "parent_pid",
+        "exit when this process (the launcher) is gone, so a killed run leaves no orphan engine (0: never)",
+        0,
+        int,
+    ),
+    EngineOption(
+        "dtype",
+        "engine weights and compute",
+        "float32",
+        choices=("float32", "bfloat16", "float16"),
+        train_flag="--rollout-engine-dtype",
+        train_help="default: bfloat16 on GPU, float32 on CPU",
+    ),
+    EngineOption(
+        "num_threads",
+        "torch CPU threads of the engine (0: torch's default)",
+        0,
+        int,
+        train_flag="--rollout-engine-threads",
+        train_help="default: the cores divided by the engines",
+    ),
+    EngineOption(
+        "backend",
+        "paged: block-paged KV cache, prefix sharing, CUDA-graph decode; padded: one padded transformers "
+        "DynamicCache (any model, including sliding-window, soft-capped or other non-full attention); auto: paged "
+        "where it can serve the model (checked at start), else padded with a warning saying why",
+        "auto",
+        choices=BACKENDS,
+        train_flag="--rollout-engine-backend",
+    ),
+    EngineOption(
+        "max_running_requests",
+        "requests one engine decodes together (batch rows)",
+        64,
+        int,
+        train_flag="--sglang-max-running-requests",
+        train_help="default 256 on GPU, 64 on CPU; 1 with --sglang-enable-deterministic-inference",
+    ),
+    EngineOption(
+        "max_prefill_tokens",
+        "prompt tokens computed per prefill pass; longer prompts are prefilled in chunks (0: 4096 on CPU, 8192 on GPU)",
+        0,
+        int,
+        train_flag="--sglang-chunked-prefill-size",
+    ),
+    EngineOption("page_size", "paged backend: tokens per KV cache block", 16, int, train_flag="--sglang-page-size"),
+    EngineOption(
+        "kv_cache_tokens",
+        "paged backend: KV cache size in tokens (0: from --mem-fraction-static on GPU, 2048 per request row on CPU)",
+        0,
+        int,
+    ),
+    EngineOption(
+        "mem_fraction_static",
+        "paged backend on GPU: fraction of the GPU's memory the engine holds for weights and KV cache",
+        0.85,
+        float,
+        train_flag="--sglang-mem-fraction-static",
+        train_help="default: 0.85 on GPUs of its own, 0.6 colocated, 0.35 beside a resident trainer",
+    ),
+    EngineOption(
+        "disable_cuda_graph",
+        "paged backend: run decode steps eagerly",
+        switch=True,
+        train_flag="--sglang-disable-cuda-graph",
+    ),
+    EngineOption(
+        "disable_torch_compile",
+        "paged backend on GPU: do not torch.compile the decode step's norms and sampler (starts faster, decodes "
+        "slower)",
+        switch=True,
+        train_flag="--sglang-disable-torch-compile",
+    ),
+    EngineOption(
+        "cuda_graph_max_bs",
+        "paged backend: largest batch a decode graph is captured for",
+        512,
+        int,
+        train_flag="--sglang-cuda-graph-max-bs",
+    ),
+)
+OPTIONS_BY_NAME = {o.name: o for o in ENGINE_OPTIONS}
+
+
+def _add(group: Any, flag: str, option: EngineOption, default: Any, help_text: str) -> None:
+    if option.switch:
+        group.add_argument(flag, action="store_true", help=help_text)
+    else:
+        group.add_argument(flag, type=option.type, default=default, choices=option.choices, help=help_text)
+
+
+def add_server_arguments(parser: argparse.ArgumentParser) -> None:
+    """The engine server's own flags (`python -m slime.engine.server`)."""
+    for o in ENGINE_OPTIONS:
+        if o.name == "model_path":
+            parser.add_argument(o.flag, required=True, help=o.help)
+        else:
+            _add(parser, o.flag, o, o.default, o.help)
+
+
+def add_train_arguments(group: Any) -> None:
+    """The trainer's flags for the engines it launches; unset ones are settled per placement (None until then)."""
+    for o in ENGINE_OPTIONS:
+        if o.train_flag:
+            note = o.train_help or (f"default {o.default}" if not o.switch else "")
+            _add(group, o.train_flag, o, None, f"{o.help} ({note})" if note else o.help)
+
+
+def train_values(args: Any) -> dict[str, Any]:
+    """{option name: the run's value} for every option a run sets from its flags."""
+    return {o.name: getattr(args, o.train_dest) for o in ENGINE_OPTIONS if o.train_flag}
+
+
+def command_flags(values: dict[str, Any]) -> list[str]:
+    """The server command-line flags for `values` ({option name: value}); None and false switches are left out
+    (the server's default applies). An unknown name is a TypeError naming it."""
+    unknown = sorted(set(values) - set(OPTIONS_BY_NAME))
+    if unknown:
+        raise TypeError(f"unknown engine option(s) {unknown}; known: {sorted(OPTIONS_BY_NAME)}")
+    flags: list[str] = []
+    for name, value in values.items():
+        option = OPTIONS_BY_NAME[name]
+        if option.switch:
+            flags += [option.flag] if value else []
+        elif value is not None:
+            flags += [option.flag, str(value)]
+    return flags
