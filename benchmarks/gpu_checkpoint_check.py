@@ -23,8 +23,8 @@ from slime.config.arguments import parse_args
 from slime.ray.train_group import TrainGroup
 from slime.trainer import checkpoint
 from tests.conftest import build_tiny_llama
-from tests.test_checkpoint import save_trainer_checkpoint
-from tests.test_training import _synthetic_batch
+from tests.trainer.test_checkpoint import save_trainer_checkpoint
+from tests.trainer.test_training import _synthetic_batch
 
 
 def flat(log_probs: list[list[float]]) -> torch.Tensor:

@@ -19,7 +19,7 @@ from slime.config.arguments import parse_args
 from slime.engine.launch import launch_engine
 from slime.ray.train_group import TrainGroup
 from tests.conftest import build_tiny_llama
-from tests.test_training import _generate, _max_diff
+from tests.trainer.test_training import _generate, _max_diff
 
 
 def main() -> None:
@@ -58,17 +58,17 @@ def main() -> None:
             group = TrainGroup(args)
             try:
                 group.call("connect_engines", [engine.url])
-                train = group.train(0, _generate(engine.url, 8, seed=1))
-                stale = _generate(engine.url, 8, seed=2)
+                train = group.train(0, _generate(engine.url, 8, seed=1)[0])
+                stale, _ = _generate(engine.url, 8, seed=2)
                 before = _max_diff(stale, group.call("log_probs", stale)[0])
                 sync = group.update_weights(f"{mode}-1")
-                fresh = _generate(engine.url, 8, seed=2)
+                fresh, fresh_version = _generate(engine.url, 8, seed=2)
                 after = _max_diff(fresh, group.call("log_probs", fresh)[0])
                 results[mode] = {
                     "grad_norm": train["train/grad_norm"],
                     "max_diff_before_sync": before,
                     "max_diff_after_sync": after,
-                    "engine_version": fresh["weight_version"],
+                    "engine_version": fresh_version,
                     "sync_seconds": sync["sync/seconds"],
                 }
             except Exception as exc:  # noqa: BLE001 - report every mode

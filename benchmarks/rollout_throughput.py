@@ -102,7 +102,7 @@ def main() -> None:
     ap.add_argument("--rows", type=int, default=64, help="sequences decoded together, both systems")
     ap.add_argument("--repeat", type=int, default=1, help="runs of each engine backend, alternated")
     args = ap.parse_args()
-    from slime.models.provision import resolve_checkpoint
+    from slime.hub.provision import resolve_checkpoint
     from slime.utils.processing_utils import load_tokenizer
 
     model = resolve_checkpoint(args.model)

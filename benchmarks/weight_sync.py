@@ -13,7 +13,7 @@ import ray
 
 from slime.config.arguments import parse_args
 from slime.engine.launch import launch_engine
-from slime.models.provision import resolve_checkpoint
+from slime.hub.provision import resolve_checkpoint
 from slime.ray.train_group import TrainGroup
 
 

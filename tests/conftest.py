@@ -12,7 +12,7 @@ SHARED_DATA = REPO.parent / "shared" / "data"
 @pytest.fixture(scope="session")
 def smollm2_path() -> str:
     """The embedded model, provisioned through the product's own code (converted once into the user cache)."""
-    from slime.models.provision import resolve_checkpoint
+    from slime.hub.provision import resolve_checkpoint
 
     return resolve_checkpoint("SmolLM2-135M-Instruct")
 

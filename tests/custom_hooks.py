@@ -50,8 +50,12 @@ async def group_size_reward(args, samples: list[Sample], **kwargs) -> float:
     return float(len(samples))  # wrong for --group-rm: one value instead of one per sample
 
 
+SEEN_ROLLOUT_IDS: list = []
+
+
 def pop_last(args, rollout_id, buffer: list[list[Sample]], num_samples: int) -> list[list[Sample]]:
-    """A --buffer-filter-path: newest groups first."""
+    """A --buffer-filter-path: newest groups first (records the rollout id it was called for)."""
+    SEEN_ROLLOUT_IDS.append(rollout_id)
     out = [buffer.pop() for _ in range(min(num_samples, len(buffer)))]
     return out
 

@@ -37,7 +37,7 @@ from run import MODELS, build_model, run_section  # noqa: E402
 
 from slime.engine.launch import launch_engine  # noqa: E402
 from slime.utils.http_utils import request_sync  # noqa: E402
-from tests.test_paged_engine import _run  # noqa: E402
+from tests.engine.test_paged_engine import _run  # noqa: E402
 
 PROMPT_LEN, NEW_TOKENS = 128, 256
 
@@ -124,19 +124,19 @@ def profile_step(path: str) -> dict:
             with torch.inference_mode():
                 tables = [list(range(1 + i * per, 1 + (i + 1) * per)) for i in range(b)]
                 slots = [t[-1] * bs + (ctx - 1) % bs for t in tables]
-                engine._fill(b, [5] * b, [ctx - 1] * b, slots, tables, [1.0] * b, [False] * b)
+                engine.runner._fill(b, [5] * b, [ctx - 1] * b, slots, tables, [1.0] * b, [False] * b)
                 for _ in range(3):
-                    engine._decode_body(b)
+                    engine.runner._decode_body(b)
                 torch.cuda.synchronize()
                 start = time.perf_counter()
                 for _ in range(10):
-                    engine._decode_body(b)
+                    engine.runner._decode_body(b)
                 torch.cuda.synchronize()
                 eager_ms = (time.perf_counter() - start) / 10 * 1e3
                 from torch.profiler import ProfilerActivity, profile
 
                 with profile(activities=[ProfilerActivity.CUDA]) as prof:
-                    engine._decode_body(b)
+                    engine.runner._decode_body(b)
                     torch.cuda.synchronize()
             return eager_ms, prof
 
@@ -244,6 +244,8 @@ def engine_throughput(path: str, vocab: int, batches: list[int], work: str) -> d
                 for k in ("prefill_seconds", "decode_seconds", "decode_forward_seconds", "decode_steps")
             }
             out[f"prompts_{b}"] = {"tokens": tokens, "seconds": seconds, "tokens_per_s": tokens / seconds, **phases}
+        status, text = request_sync("GET", f"{server.url}/server_info", None, timeout=30)
+        out["decode_step_compiled"] = json.loads(text)["decode_step_compiled"]
         return out
     finally:
         server.stop()
@@ -315,6 +317,10 @@ def failed_checks(r: dict) -> list[str]:
             bad.append(f"{name}: greedy differs from transformers beyond a near-tie {g['greedy_mismatches']}")
         if g and not (g["logprob_mean_diff"] < 0.05 and g["logprob_max_diff"] < 0.25):
             bad.append(f"{name}: engine log-probs vs transformers {g['logprob_mean_diff']} / {g['logprob_max_diff']}")
+    for name in MODELS:  # an eager step is a silent 30 % slowdown (seen when compilation ran before the cache)
+        t = r.get(f"{name}/throughput", {})
+        if t and not t.get("decode_step_compiled"):
+            bad.append(f"{name}: the engine's decode step was not compiled (see its log)")
     q = r.get("qwen3-0.6b/throughput", {}).get("prompts_256", {}).get("tokens_per_s", 0)
     if q < 20000:
         bad.append(f"qwen3-0.6b: {q:.0f} tok/s < 20,000")

@@ -34,7 +34,8 @@ from slime.config.arguments import parse_args
 from slime.engine.launch import launch_engine
 from slime.ray.train_group import TrainGroup
 from slime.utils.http_utils import request_sync
-from tests.test_training import _generate
+from slime.utils.types import TrainBatch
+from tests.trainer.test_training import _generate
 
 MODELS = {
     "qwen3-0.6b": dict(
@@ -174,23 +175,22 @@ def train_args(path: str, out: str, mode: str = "tensor") -> object:
     )
 
 
-def synthetic_rollout(vocab: int) -> dict:
+def synthetic_rollout(vocab: int) -> TrainBatch:
     rng = random.Random(1)
     total = PROMPT_LEN + TRAIN_RESPONSE
-    return {
-        "tokens": [[rng.randrange(100, min(vocab, 49152)) for _ in range(total)] for _ in range(TRAIN_SAMPLES)],
-        "response_lengths": [TRAIN_RESPONSE] * TRAIN_SAMPLES,
-        "loss_masks": [[1] * TRAIN_RESPONSE] * TRAIN_SAMPLES,
-        "rewards": [float(i % 2) for i in range(TRAIN_SAMPLES)],
-        "rollout_log_probs": [[] for _ in range(TRAIN_SAMPLES)],
-    }
+    return TrainBatch(
+        tokens=[[rng.randrange(100, min(vocab, 49152)) for _ in range(total)] for _ in range(TRAIN_SAMPLES)],
+        response_lengths=[TRAIN_RESPONSE] * TRAIN_SAMPLES,
+        loss_masks=[[1] * TRAIN_RESPONSE] * TRAIN_SAMPLES,
+        rewards=[float(i % 2) for i in range(TRAIN_SAMPLES)],
+    )
 
 
-def logprob_gaps(data: dict, trainer_log_probs: list[list[float]]) -> list[float]:
+def logprob_gaps(data: TrainBatch, trainer_log_probs: list[list[float]]) -> list[float]:
     """|trainer - engine| log-prob of every sampled token."""
     return [
         abs(a - b)
-        for got, want in zip(trainer_log_probs, data["rollout_log_probs"], strict=True)
+        for got, want in zip(trainer_log_probs, data.rollout_log_probs, strict=True)
         for a, b in zip(got, want, strict=True)
     ]
 
@@ -218,7 +218,7 @@ def trainer_and_sync(name: str, path: str, url: str, out: str, peak: float) -> d
                     "tflops": flops / seconds / 1e12,
                     "mfu": flops / seconds / peak,
                 }
-                stale = _generate(url, 16, seed=2)
+                stale, _ = _generate(url, 16, seed=2)
                 before = max(logprob_gaps(stale, group.call("log_probs", stale)[0]))
             sync = group.update_weights(f"{mode}-1")
             entry = {
@@ -227,13 +227,13 @@ def trainer_and_sync(name: str, path: str, url: str, out: str, peak: float) -> d
                 "gb_per_s": sync["sync/bytes"] / 1e9 / sync["sync/seconds"],
             }
             if mode == "tensor":
-                fresh = _generate(url, 16, seed=2)
+                fresh, fresh_version = _generate(url, 16, seed=2)
                 diffs = logprob_gaps(fresh, group.call("log_probs", fresh)[0])
                 entry |= {
                     "logprob_max_diff_before_sync": before,
                     "logprob_max_diff_after_sync": max(diffs),
                     "logprob_mean_diff_after_sync": sum(diffs) / len(diffs),
-                    "engine_version": fresh["weight_version"],
+                    "engine_version": fresh_version,
                 }
             result[f"sync_{mode}"] = entry
         finally:

@@ -96,7 +96,7 @@ def settle(args: Settings, parser: argparse.ArgumentParser, cluster_gpus: int, r
     settle_engine_options(args)
     settle_router(args)
     if resolve_model:
-        from slime.models.provision import resolve_checkpoint
+        from slime.hub.provision import resolve_checkpoint
 
         try:
             args.hf_checkpoint = resolve_checkpoint(args.hf_checkpoint)

@@ -52,6 +52,7 @@ class Request:
     generator: torch.Generator | None = None
     blocks: list[int] = field(default_factory=list)  # paged backend: KV cache blocks, in sequence order
     num_cached: int = 0  # paged backend: tokens of input_ids + output_ids whose keys and values are in the cache
+    cached_tokens: int = 0  # prompt tokens served from the prefix cache at admission (meta_info.cached_tokens)
     created: float = field(default_factory=time.monotonic)
     finished: float = 0.0
 
@@ -61,6 +62,7 @@ class EmbeddedEngine:
 
     backend = ""  # the backend's --backend name
     backend_note: str | None = None  # why --backend auto did not pick the paged backend
+    decode_step_compiled = False  # whether the decode step runs torch.compile'd kernels (paged, CUDA)
 
     def __init__(
         self,
@@ -237,6 +239,16 @@ class EmbeddedEngine:
             self._cv.notify_all()
         return self._memory_report("resume", tags, before)
 
+    def flush_cache(self) -> int:
+        """Forget every cached prefix, so no later request reuses keys and values computed so far. Returns how many
+        cached prefix blocks were dropped; refused (RuntimeError) while requests run."""
+        return self._on_engine_thread(self._flush_cache)
+
+    def _flush_cache(self) -> int:
+        if self._rows:
+            raise RuntimeError(f"cache not flushed: {len(self._rows)} requests are running")
+        return self._forget_prefixes()
+
     def loads(self) -> dict:
         with self._cv:
             return {"num_running_reqs": len(self._rows), "num_waiting_reqs": len(self._waiting)}
@@ -283,7 +295,7 @@ class EmbeddedEngine:
     def _load_weights_from_disk(self, model_path: str, weight_version: str | None) -> int:
         from safetensors.torch import load_file
 
-        from slime.models.provision import safetensors_files
+        from slime.hub.provision import safetensors_files
 
         count = 0
         for path in safetensors_files(model_path):
@@ -477,6 +489,11 @@ class EmbeddedEngine:
 
     def _free_graphs(self) -> None:
         """Drop captured CUDA graphs (their buffers refer to storage about to be freed)."""
+
+    def _forget_prefixes(self) -> int:
+        """Stop sharing cached prefixes; returns how many cached blocks were dropped (a backend without a prefix
+        cache has none)."""
+        return 0
 
 
 MEMORY_TAGS = ("weights", "kv_cache", "cuda_graph")

@@ -83,8 +83,11 @@ class BlockPool:
                 self._by_key.setdefault(key, b)
             parent = b
 
-    def forget_prefixes(self) -> None:
-        """The weights changed: nothing cached so far may be shared from now on."""
+    def forget_prefixes(self) -> int:
+        """The weights changed, or a flush: nothing cached so far may be shared from now on. Returns how many
+        published blocks were forgotten."""
+        published = len(self._by_key)
         self._stale.update(b for b in range(1, self.num_blocks) if self._refs[b] > 0)
         self._key_of.clear()
         self._by_key.clear()
+        return published

@@ -181,3 +181,17 @@ def _truncated(logprobs: torch.Tensor, params: list[SamplingParams]) -> torch.Te
     drop |= sorted_probs < min_p[:, None] * sorted_probs[:, :1]
     drop[:, 0] = False  # the most likely token always survives
     return torch.zeros_like(drop).scatter(1, order, drop)
+
+
+def sample_rows(
+    logits: torch.Tensor, temperature: torch.Tensor, greedy: torch.Tensor, noise: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The in-graph sampler of the paged backend's CUDA decode step (temperature only, no host sync).
+    logits [b, V] (model dtype), temperature [b], greedy [b] bool, noise [b, V] ~ Exp(1). Returns (logits [b, V]
+    float32, tokens [b], logprobs [b] of log_softmax(logits / temperature))."""
+    logits = logits.float()
+    scaled = logits / temperature[:, None]
+    logprobs = torch.log_softmax(scaled, dim=-1)
+    # exponential race: argmax(p / E) with E ~ Exp(1) draws from p; in log space argmax(logp - log E)
+    toks = torch.where(greedy, scaled.argmax(-1), (logprobs - noise.log()).argmax(-1))
+    return logits, toks, logprobs.gather(1, toks[:, None])[:, 0]

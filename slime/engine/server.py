@@ -1,8 +1,9 @@
 """HTTP server speaking SGLang's native protocol around the embedded engine.
 
 Run: `python -m slime.engine.server --model-path SmolLM2-135M-Instruct --port 30000` (or `slime-serve`).
-Field names, shapes and status codes follow ../design/engine-protocols.md; unknown top-level keys are ignored (the
-router adds its own), unknown `sampling_params` keys are a 400 naming the key.
+Field names, shapes and status codes follow SGLang's native protocol (docs/engine.md lists the endpoints and
+conventions); unknown top-level keys are ignored (the router adds its own), unknown `sampling_params` keys are a 400
+naming the key.
 """
 
 from __future__ import annotations
@@ -127,7 +128,7 @@ def _response(engine: EmbeddedEngine, r: Request, return_logprob: bool, want_tex
         "finish_reason": reason,
         "prompt_tokens": len(r.input_ids),
         "completion_tokens": len(r.output_ids),
-        "cached_tokens": 0,
+        "cached_tokens": r.cached_tokens,
         "reasoning_tokens": 0,
         "num_retractions": 0,
         "weight_version": r.weight_version,
@@ -195,6 +196,7 @@ async def server_info(request: web.Request) -> web.Response:
             "device": engine.device.type,
             "backend": engine.backend,
             "backend_fallback": engine.backend_note,
+            "decode_step_compiled": engine.decode_step_compiled,
             "weight_version": engine.weight_version,
             "weights_released": engine.weights_released,
             "weight_bytes": engine.weight_bytes(),
@@ -210,8 +212,8 @@ async def loads(request: web.Request) -> web.Response:
         {
             "timestamp": time.time(),
             "version": "slime-embedded",
-            "accelerator": "cpu",
-            "num_accelerators": 0,
+            "accelerator": engine.device.type,
+            "num_accelerators": int(engine.device.type != "cpu"),
             "loads": [dict(dp_rank=0, **engine.loads())],
         }
     )
@@ -228,10 +230,11 @@ async def _json_or_empty(request: web.Request) -> dict:
 
 
 async def flush_cache(request: web.Request) -> web.Response:
-    busy = request.app[ENGINE].loads()
-    if busy["num_running_reqs"]:
-        return web.Response(status=400, text=f"Cache not flushed: {busy['num_running_reqs']} requests are running")
-    return web.Response(status=200, text="Cache flushed.")
+    try:
+        dropped = await asyncio.to_thread(request.app[ENGINE].flush_cache)
+    except RuntimeError as exc:
+        return web.Response(status=400, text=f"Cache not flushed: {exc}")
+    return web.Response(status=200, text=f"Cache flushed: {dropped} cached prefix blocks dropped.")
 
 
 async def abort_request(request: web.Request) -> web.Response:
@@ -477,7 +480,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     if args.parent_pid:
         _exit_with_parent(args.parent_pid)
-    from slime.models.provision import resolve_checkpoint
+    from slime.hub.provision import resolve_checkpoint
 
     common = dict(
         dtype=args.dtype,

@@ -33,7 +33,8 @@ class TrainGroup:
             self._get([self.pg.ready()], "the placement group of the training GPUs")
         else:
             self.pg = None
-        master = ray.util.get_node_ip_address(), free_port()
+        host = ray.util.get_node_ip_address()
+        master = host, free_port(host)  # free on the address the store binds, not only on loopback
         self.actors = [
             remote.options(
                 **options,

@@ -25,6 +25,12 @@ _STATE_KEYS = ("epoch", "offset", "sample_index", "group_index")
 class DataSource(abc.ABC):
     """The interface the rollout manager and rollout functions rely on."""
 
+    rollout_id: int | None = None  # the rollout being generated (set by the manager through begin_rollout)
+
+    def begin_rollout(self, rollout_id: int) -> None:
+        """Called by the rollout manager before each training rollout (optional for custom data sources)."""
+        self.rollout_id = rollout_id
+
     @abc.abstractmethod
     def get_samples(self, num_prompts: int) -> list[list[Sample]]:
         """`num_prompts` groups of `--n-samples-per-prompt` samples each."""
@@ -130,7 +136,10 @@ class RolloutDataSourceWithBuffer(RolloutDataSource):
         self.buffer_filter = load_function(path, "--buffer-filter-path") if path else pop_first
 
     def get_samples(self, num_prompts: int) -> list[list[Sample]]:
-        groups = self.buffer_filter(self.args, None, self.buffer, num_prompts) if self.buffer and num_prompts else []
+        if self.buffer and num_prompts:
+            groups = self.buffer_filter(self.args, self.rollout_id, self.buffer, num_prompts)
+        else:
+            groups = []
         if not isinstance(groups, list) or len(groups) > num_prompts:
             raise ValueError(
                 f"--buffer-filter-path returned {len(groups) if isinstance(groups, list) else groups!r} "

@@ -134,6 +134,8 @@ class RolloutManager:
     # ------------------------------------------------------------------ rollouts
     def generate(self, rollout_id: int) -> dict[str, Any]:
         """One training rollout. Returns {"samples": [[Sample]], "metrics": {...}, "train_data": {...}}."""
+        if hasattr(self.data_source, "begin_rollout"):  # the buffer filter gets the rollout id its flag promises
+            self.data_source.begin_rollout(rollout_id)
         out, health = self.fleet.watched(lambda: self.rollout_fn(self.args, rollout_id, self.data_source))
         if isinstance(out, RolloutFnTrainOutput):
             groups, metrics = out.samples, dict(out.metrics)

@@ -161,6 +161,12 @@ async def generate_and_rm(
         sample.metadata.pop("generate_error", None)
     state = _state(args)
     fn, name = _generate_function(args, sample)
+    if sample.multimodal_inputs and fn is generate:  # refused, not silently dropped from the request
+        raise ValueError(
+            f"sample {sample.index} carries multimodal_inputs ({sorted(sample.multimodal_inputs)}), which the default "
+            "generate function does not send (the embedded engine serves text models); pass them in a "
+            "--custom-generate-function-path or drop them from the data"
+        )
     params = dict(sampling_params)
     if getattr(args, "sglang_enable_deterministic_inference", False):
         params["sampling_seed"] = sampling_seed(args, sample, evaluation)

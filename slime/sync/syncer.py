@@ -163,7 +163,8 @@ class WeightSyncer:
 
     def _connect(self) -> None:
         """Form the broadcast group: the trainer is rank 0 and hosts the store; engine i joins as rank i + 1."""
-        host, port, world = _reachable_address(), free_port(), len(self.engine_urls) + 1
+        host = _reachable_address()
+        port, world = free_port(host), len(self.engine_urls) + 1
         self.backend = backend = self._group_backend()
         joins = [
             self.pool.submit(

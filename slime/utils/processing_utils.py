@@ -10,6 +10,6 @@ from typing import Any
 def load_tokenizer(name_or_path: str, trust_remote_code: bool = True) -> Any:
     from transformers import AutoTokenizer
 
-    from slime.models.provision import resolve_checkpoint
+    from slime.hub.provision import resolve_checkpoint
 
     return AutoTokenizer.from_pretrained(resolve_checkpoint(name_or_path), trust_remote_code=trust_remote_code)

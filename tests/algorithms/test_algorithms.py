@@ -1,5 +1,5 @@
 """KL estimators, entropy, aggregation and the LR schedule against float64 references written with plain loops.
-(Estimators, policy/value losses and corrections: tests/test_estimators.py.)"""
+(Estimators, policy/value losses and corrections: tests/algorithms/test_estimators.py.)"""
 
 import math
 import random

@@ -131,7 +131,11 @@ def test_buffered_groups_come_first_through_the_buffer_filter(tok, write_jsonl):
     newest_args = _source_args(rollout_shuffle=False, buffer_filter_path="tests.custom_hooks:pop_last")
     newest = RolloutDataSourceWithBuffer(newest_args, load_prompt_data(path, tok))
     newest.add_samples(newest.get_samples(3))
+    newest.begin_rollout(7)  # as the rollout manager does before each rollout
     assert [g[0].prompt for g in newest.get_samples(2)] == ["q2", "q1"] and newest.get_buffer_length() == 1
+    from tests.custom_hooks import SEEN_ROLLOUT_IDS
+
+    assert SEEN_ROLLOUT_IDS[-1] == 7
     with pytest.raises(ImportError, match="--buffer-filter-path 'tests.custom_hooks:nope'"):
         RolloutDataSourceWithBuffer(
             _source_args(buffer_filter_path="tests.custom_hooks:nope"), load_prompt_data(path, tok)

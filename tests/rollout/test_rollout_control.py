@@ -242,3 +242,22 @@ def test_hook_paths_fail_at_parse_time_naming_the_flag(tiny_model_path, capsys):
     with pytest.raises(SystemExit):
         parse_args([*base, "--mask-offpolicy-in-partial-rollout"])
     assert "needs --partial-rollout" in capsys.readouterr().err
+
+
+def test_multimodal_inputs_are_refused_by_the_default_generate():
+    """The default generate sends token ids only: a sample with images must fail loudly, not lose them."""
+    import asyncio
+    from types import SimpleNamespace
+
+    from slime.rollout.sglang_rollout import generate_and_rm
+
+    args = SimpleNamespace(
+        custom_generate_function_path=None,
+        partial_rollout=False,
+        sglang_server_concurrency=4,
+        rollout_num_engines=1,
+        sglang_enable_deterministic_inference=False,
+    )
+    sample = Sample(index=3, prompt="describe", multimodal_inputs={"images": ["x.png"]})
+    with pytest.raises(ValueError, match="sample 3 carries multimodal_inputs \\(\\['images'\\]\\)"):
+        asyncio.run(generate_and_rm(args, sample, {"max_new_tokens": 4}))

@@ -164,7 +164,7 @@ def test_no_module_assigns_to_args_outside_the_settle_step():
     import ast
     from pathlib import Path
 
-    root = Path(__file__).resolve().parents[1]
+    root = Path(__file__).resolve().parents[2]
     offenders = []
     for path in [*(root / "slime").rglob("*.py"), *(root / "examples").rglob("*.py"), root / "train.py"]:
         if "config" in path.relative_to(root).parts:

@@ -162,7 +162,7 @@ def test_greedy_equals_transformers_generate(tiny_model_path, greedy_reference, 
             if "kv_cache_tokens" in kw:
                 assert engine.stats["preemptions"] > 0
             engine.wait_idle(10)
-            assert engine.pool.free == engine.pool.num_blocks - 1  # every block came back
+            assert engine.scheduler.pool.free == engine.scheduler.pool.num_blocks - 1  # every block came back
     finally:
         engine.shutdown()
 
@@ -312,7 +312,7 @@ def test_paged_engine_serves_other_architectures(smollm2_path, tmp_path, model_t
     path = _tiny_model(smollm2_path, tmp_path / model_type, model_type, **overrides)
     engine = PagedEngine(path, block_size=4)
     try:
-        assert (engine.kv_heads, engine.head_dim) == cache_shape
+        assert (engine.runner.kv_heads, engine.runner.head_dim) == cache_shape
         _greedy_matches_generate(engine, path)
     finally:
         engine.shutdown()

@@ -20,9 +20,9 @@ from slime.ray.train_group import TrainerError, TrainGroup
 from slime.rollout.data_source import RolloutDataSourceWithBuffer
 from slime.trainer import checkpoint
 from slime.utils.types import Sample
-from tests.test_training import _synthetic_batch
+from tests.trainer.test_training import _synthetic_batch
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 TIMING = ("seconds", "per_s", "time")  # wall-clock metrics: the only ones allowed to differ between runs
 
 

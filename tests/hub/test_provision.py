@@ -2,7 +2,7 @@ from pathlib import Path
 
 import pytest
 
-from slime.models import provision
+from slime.hub import provision
 
 
 @pytest.fixture

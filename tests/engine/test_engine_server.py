@@ -165,6 +165,19 @@ def test_control_endpoints(server):
     assert status == 200 and info["weight_version"] and info["architectures"] == ["LlamaForCausalLM"]
     _, loads = call(server, "/v1/loads", method="GET")
     assert set(loads["loads"][0]) >= {"num_running_reqs", "num_waiting_reqs"}
+    assert loads["accelerator"] == "cpu" and loads["num_accelerators"] == 0
+
+
+def test_prefix_cache_hits_are_reported_and_flushed(server):
+    """Two samples of one 40-token prompt: the second reuses the first's two full 16-token blocks and says so in
+    meta_info.cached_tokens; /flush_cache answers what it dropped."""
+    prompt = [(7 * i) % 900 + 50 for i in range(40)]
+    body = {"input_ids": [prompt, prompt], "sampling_params": {"max_new_tokens": 3, "ignore_eos": True}}
+    status, outs = call(server, "/generate", body)
+    assert status == 200
+    assert sorted(o["meta_info"]["cached_tokens"] for o in outs) == [0, 32]
+    status, text = call(server, "/flush_cache", method="GET")
+    assert status == 200 and "Cache flushed" in str(text) and "prefix blocks dropped" in str(text)
 
 
 def test_update_weights_from_disk_changes_outputs_and_version(server, smollm2_path, tiny_model_path, tmp_path):

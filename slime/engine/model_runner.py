@@ -1,0 +1,325 @@
+"""The paged backend's model runner: the KV cache tensors and the forward passes the scheduler plans.
+
+A prefill pass computes a packed run of (sequence, token chunk) pairs and writes their keys and values into the
+cache; a decode pass computes one token for each running sequence. On CUDA with Triton the decode step replays a
+graph captured for the smallest batch-size bucket that fits (model forward, Triton paged attention, temperature,
+log-softmax and exponential-race sampling all inside), and torch.compile fuses its norms and sampler; elsewhere it
+runs eagerly through the torch paged-attention path. Weight updates copy into the parameters in place, so captured
+graphs keep working; releasing the weights or the cache drops the graphs, captured again on the next step.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import torch
+
+from slime.engine.paged_attention import PagedForward, gather_plan
+from slime.engine.sampling import sample_rows
+
+logger = logging.getLogger(__name__)
+
+GRAPH_BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 160, 192, 224, 256, 320, 384, 448, 512)
+
+
+class PagedModelRunner:
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        device: torch.device,
+        block_size: int,
+        max_rows: int,
+        max_blocks: int,
+        kv_heads: int,
+        head_dim: int,
+        use_graphs: bool,
+        cuda_graph_max_bs: int,
+        torch_compile: bool,
+    ):
+        self.model, self.device, self.block_size = model, device, block_size
+        self.max_rows, self.max_blocks = max_rows, max_blocks
+        self.num_layers = model.config.num_hidden_layers
+        self.kv_heads, self.head_dim = kv_heads, head_dim
+        self.on_cuda = device.type == "cuda"
+        self.triton = False
+        if self.on_cuda:
+            try:
+                import slime.engine.triton_decode  # noqa: F401
+
+                self.triton = head_dim & (head_dim - 1) == 0  # the kernel tiles a power-of-two head dim
+            except ImportError:
+                logger.warning("triton is not importable: decode attention runs through torch")
+        self.use_graphs = use_graphs and self.on_cuda and self.triton
+        self.cuda_graph_max_bs = cuda_graph_max_bs
+        self.torch_compile = torch_compile and self.triton
+        self.compiled = False  # whether the decode step's norms and sampler run compiled
+        self._kv: torch.Tensor | None = None  # [layers, 2 (keys, values), slots, kv_heads, head_dim]
+        self._k: list[torch.Tensor] | None = None
+        self._v: list[torch.Tensor] | None = None
+        self._scratch: torch.Tensor | None = None  # torch attention path: keys and values gathered per layer
+        self._graphs: dict[int, tuple] = {}
+        self._graph_pool = None
+        self._sample = sample_rows
+        if self.on_cuda:
+            self._alloc_static()
+
+    @property
+    def in_graph_sampling(self) -> bool:
+        """Whether decode samples inside the step (CUDA with Triton); the engine then samples only the rows that
+        need more than a temperature."""
+        return self.on_cuda and self.triton
+
+    # ------------------------------------------------------------------ memory
+    def kv_tokens(self, kv_cache_tokens: int, mem_fraction_static: float, max_context: int) -> int:
+        """How many tokens the KV cache holds: `kv_cache_tokens` if set, else on GPU what `mem_fraction_static` of
+        the device leaves beside the weights and the step's workspace, on CPU 2048 per request row."""
+        per_token = 2 * self.num_layers * self.kv_heads * self.head_dim * self.model.dtype.itemsize
+        if kv_cache_tokens:
+            return kv_cache_tokens
+        if not self.on_cuda:  # CPU pages are committed only when written, so a generous pool costs nothing until used
+            return self.max_rows * min(max_context, 2048)
+        free, total = torch.cuda.mem_get_info(self.device)
+        # what the step itself needs beside the cache: fp32 logits and their softmax temporaries per batch row
+        workspace = self.max_rows * self.model.config.vocab_size * 4 * 6 + (1 << 30)
+        budget = total * mem_fraction_static - torch.cuda.memory_allocated(self.device) - workspace
+        budget = min(budget, free - workspace)  # others on this GPU (a trainer) keep what they hold
+        tokens = min(int(budget // per_token), self.max_rows * max_context)
+        if tokens < 4 * self.block_size:
+            raise RuntimeError(
+                f"--mem-fraction-static {mem_fraction_static} of {total / 1e9:.1f} GB "
+                f"({free / 1e9:.1f} GB free) leaves no room for the KV cache"
+            )
+        return tokens
+
+    @property
+    def has_kv(self) -> bool:
+        return self._kv is not None
+
+    def alloc_kv(self, num_blocks: int) -> None:
+        shape = (self.num_layers, 2, num_blocks * self.block_size, self.kv_heads, self.head_dim)
+        # one tensor, so zeroing fresh blocks is one kernel; per layer [slots, kv_heads, head_dim] views of it
+        self._kv = torch.empty(shape, dtype=self.model.dtype, device=self.device)
+        self._k = [self._kv[i, 0] for i in range(self.num_layers)]
+        self._v = [self._kv[i, 1] for i in range(self.num_layers)]
+        self._kv[:, :, : self.block_size].zero_()  # block 0 is read through padding: keep it finite
+        logger.info(
+            "KV cache: %d blocks of %d tokens (%d tokens, %.2f GB)",
+            num_blocks,
+            self.block_size,
+            (num_blocks - 1) * self.block_size,
+            self._kv.nbytes / 1e9,
+        )
+
+    def free_kv(self) -> None:
+        self._kv = self._k = self._v = self._scratch = None
+
+    def free_graphs(self) -> None:
+        if self._graphs:
+            self._graphs.clear()
+            self._graph_pool = None
+            torch.cuda.empty_cache()
+
+    @property
+    def has_graphs(self) -> bool:
+        return bool(self._graphs)
+
+    def zero_blocks(self, blocks: list[int]) -> None:
+        """Zero freshly handed-out blocks before a pass reads them: the torch path reads whole blocks, and the
+        unwritten tail of one must not be NaN (masked attention weights are 0, and 0 * NaN is NaN)."""
+        if blocks:
+            fresh = torch.tensor(blocks, device=self.device)
+            self._kv.view(2 * self.num_layers, self._kv.shape[2] // self.block_size, -1).index_fill_(1, fresh, 0)
+
+    def _alloc_static(self) -> None:
+        """Fixed-address inputs of the decode step, so a captured graph reads each step's values."""
+        n, dev = max(self.max_rows, 1), self.device
+        self._s_ids = torch.zeros(n, dtype=torch.long, device=dev)
+        self._s_pos = torch.zeros(n, dtype=torch.long, device=dev)
+        self._s_slots = torch.zeros(n, dtype=torch.long, device=dev)
+        self._s_lens = torch.ones(n, dtype=torch.int32, device=dev)
+        self._s_tables = torch.zeros(n, self.max_blocks, dtype=torch.int32, device=dev)
+        self._s_temp = torch.ones(n, dtype=torch.float32, device=dev)
+        self._s_greedy = torch.zeros(n, dtype=torch.bool, device=dev)
+
+    # ------------------------------------------------------------------ passes
+    def prefill(
+        self,
+        ids: list[int],
+        pos: list[int],
+        slots: list[int],
+        tables: list[list[int]],
+        q_start: list[int],
+        q_len: list[int],
+    ) -> None:
+        """One packed prefill: `ids` at positions `pos`, their keys and values written to cache `slots`. Sequence i
+        contributes the q_len[i] tokens from position q_start[i] on and reads the blocks tables[i]."""
+        fwd = self._gather_forward(tables, torch.tensor(q_start), torch.tensor(q_len), slots)
+        dev = self.device
+        self.model(
+            input_ids=torch.tensor([ids], device=dev),
+            position_ids=torch.tensor([pos], device=dev),
+            use_cache=False,
+            paged=fwd,
+            logits_to_keep=1,
+        )
+
+    def decode(
+        self,
+        last: list[int],
+        pos: list[int],
+        slots: list[int],
+        tables: list[list[int]],
+        temperatures: list[float],
+        greedy: list[bool],
+    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+        """One token for each of n sequences (last token `last[i]` at `pos[i]`, written to `slots[i]`). Returns the
+        logits [n, V] and, when the step samples inside (`in_graph_sampling`), tokens [n] and their log-probs [n]
+        drawn at `temperatures` (greedy rows: argmax); otherwise (logits, None, None)."""
+        if self.in_graph_sampling:
+            return self._decode_cuda(last, pos, slots, tables, temperatures, greedy)
+        n = len(last)
+        ones = torch.ones(n, dtype=torch.long)
+        fwd = self._gather_forward(tables, torch.tensor(pos), ones, slots)
+        logits = self.model(
+            input_ids=torch.tensor(last, device=self.device)[:, None],
+            position_ids=torch.tensor(pos, device=self.device)[:, None],
+            use_cache=False,
+            paged=fwd,
+        ).logits[:, 0]
+        return logits, None, None
+
+    def _gather_forward(
+        self, tables: list[list[int]], q_start: torch.Tensor, q_len: torch.Tensor, slots: list[int]
+    ) -> PagedForward:
+        width = max(len(t) for t in tables)
+        table = torch.tensor([t + [0] * (width - len(t)) for t in tables])
+        q_index, q_valid, mask = gather_plan(q_start, q_len, int(q_len.max()), width * self.block_size)
+        dev = self.device
+        scratch = None if self.on_cuda else self._gather_scratch(len(tables) * width)
+        return PagedForward(
+            self._k,
+            self._v,
+            torch.tensor(slots, device=dev),
+            q_index.to(dev),
+            q_valid.to(dev),
+            table.to(dev),
+            mask.to(dev),
+            gathered=scratch,
+            block_size=self.block_size,
+        )
+
+    def _gather_scratch(self, rows: int) -> torch.Tensor:
+        """[2, rows, block] scratch for the torch path's gathered keys and values; on CPU only (fresh pages are
+        costly there, and CUDA's caching allocator already reuses memory). Grown, never shrunk."""
+        if self._scratch is None or self._scratch.shape[1] < rows:
+            have = 0 if self._scratch is None else self._scratch.shape[1]
+            row = self.block_size * self.kv_heads * self.head_dim
+            self._scratch = torch.empty(2, max(rows, 2 * have), row, dtype=self._kv.dtype, device=self.device)
+        return self._scratch[:, :rows]
+
+    # ------------------------------------------------------------------ CUDA decode
+    def _decode_cuda(self, last, pos, slots, tables, temperatures, greedy):
+        n = len(last)
+        bucket = next((b for b in GRAPH_BUCKETS if n <= b <= self.max_rows), n)
+        graphed = self.use_graphs and bucket <= self.cuda_graph_max_bs
+        if graphed and bucket not in self._graphs:
+            self._graphs[bucket] = self._capture(bucket)
+        width, pad = max(len(t) for t in tables), bucket - n
+        self._fill(
+            bucket,
+            last + [0] * pad,
+            pos + [0] * pad,
+            slots + [0] * pad,
+            [t + [0] * (width - len(t)) for t in tables] + [[0] * width] * pad,
+            list(temperatures) + [1.0] * pad,
+            list(greedy) + [True] * pad,
+        )
+        if graphed:
+            graph, out = self._graphs[bucket]
+            graph.replay()
+        else:
+            out = self._decode_body(bucket)
+        logits, toks, lps = out
+        return logits[:n], toks[:n], lps[:n]
+
+    def _fill(self, b: int, ids, pos, slots, tables, temps, greedy) -> None:
+        host = torch.tensor
+        self._s_ids[:b].copy_(host(ids), non_blocking=True)
+        self._s_pos[:b].copy_(host(pos), non_blocking=True)
+        self._s_slots[:b].copy_(host(slots), non_blocking=True)
+        self._s_lens[:b].copy_(host([p + 1 for p in pos], dtype=torch.int32), non_blocking=True)
+        self._s_tables[:b, : len(tables[0])].copy_(host(tables, dtype=torch.int32), non_blocking=True)
+        self._s_temp[:b].copy_(host(temps, dtype=torch.float32), non_blocking=True)
+        self._s_greedy[:b].copy_(host(greedy), non_blocking=True)
+
+    def _fill_padding(self, b: int) -> None:
+        """Static rows that only touch the scratch block 0: what warm-up, compilation and capture run on."""
+        self._fill(b, [0] * b, [0] * b, [0] * b, [[0]] * b, [1.0] * b, [False] * b)
+
+    def _decode_body(self, b: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """One decode step over the first b static rows: logits [b, V] float32, sampled tokens [b], logprobs [b]."""
+        fwd = PagedForward(
+            self._k,
+            self._v,
+            self._s_slots[:b],
+            block_tables=self._s_tables[:b],
+            seq_lens=self._s_lens[:b],
+            block_size=self.block_size,
+        )
+        logits = self.model(
+            input_ids=self._s_ids[:b, None], position_ids=self._s_pos[:b, None], use_cache=False, paged=fwd
+        ).logits[:, 0]
+        noise = torch.empty(logits.shape, device=logits.device).exponential_()  # graph-safe RNG: outside compile
+        return self._sample(logits, self._s_temp[:b], self._s_greedy[:b], noise)
+
+    def compile_decode_step(self) -> None:
+        """torch.compile the small pieces of a decode step (CUDA with Triton, unless disabled): the RMSNorms (several
+        elementwise kernels and a reduction each, four per layer) and the sampler's arithmetic, each becoming one or
+        two kernels. The model's code is unchanged. Needs the KV cache (it runs the step); if compilation fails here
+        (no working compiler), the step stays eager and `compiled` says so."""
+        if not self.torch_compile or self.compiled:
+            return
+        norms = [m for m in self.model.modules() if type(m).__name__.endswith("RMSNorm")]
+        for m in norms:
+            m.compile(dynamic=True)
+        self._sample = torch.compile(sample_rows, dynamic=True)
+        start = time.perf_counter()
+        try:
+            with torch.inference_mode():
+                for b in (1, 2):  # batch 1 is specialised apart from the others
+                    self._fill_padding(b)
+                    self._decode_body(b)
+                torch.cuda.synchronize(self.device)
+            logger.info("compiled the decode step's norms and sampler in %.1f s", time.perf_counter() - start)
+            self.compiled = True
+        except Exception as exc:  # noqa: BLE001 - an eager step is slower, not wrong
+            logger.warning(
+                "torch.compile of the decode step's norms and sampler failed (%s: %s); running eager",
+                type(exc).__name__,
+                str(exc)[:300],
+            )
+            for m in norms:
+                m._compiled_call_impl = None
+            self._sample = sample_rows
+
+    def _capture(self, b: int) -> tuple:
+        """Capture the decode step for batch size b, on padding rows (they write only the scratch block 0)."""
+        started = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        started[0].record()
+        self._fill_padding(b)
+        stream = torch.cuda.Stream(self.device)
+        stream.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(stream):
+            for _ in range(2):  # compiles the kernels and settles cuBLAS workspaces outside the capture
+                self._decode_body(b)
+        torch.cuda.current_stream(self.device).wait_stream(stream)
+        if self._graph_pool is None:
+            self._graph_pool = torch.cuda.graph_pool_handle()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self._graph_pool):
+            out = self._decode_body(b)
+        started[1].record()
+        started[1].synchronize()
+        logger.info("captured the decode step for batch size %d in %.0f ms", b, started[0].elapsed_time(started[1]))
+        return graph, out
