@@ -9,6 +9,7 @@ separately (slime.engine.fleet.Endpoints).
 from __future__ import annotations
 
 import argparse
+import logging
 from typing import Any
 
 from slime.config.algorithm import add_algorithm_arguments, settle_algorithm
@@ -23,6 +24,7 @@ from slime.config.cluster import (
 )
 from slime.config.data import add_data_arguments, validate_data
 from slime.config.eval import add_eval_arguments, settle_eval
+from slime.config.megatron import add_megatron_arguments, check_architecture, settle_megatron
 from slime.config.reward import add_reward_arguments, validate_reward
 from slime.config.rollout import add_rollout_arguments, validate_rollout
 from slime.config.training import add_training_arguments, batch_plan, settle_batch_plan
@@ -68,6 +70,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_algorithm_arguments(p)
     add_reward_arguments(p)
     add_eval_arguments(p)
+    add_megatron_arguments(p)
     return p
 
 
@@ -82,6 +85,7 @@ def settle(args: Settings, parser: argparse.ArgumentParser, cluster_gpus: int, r
     Inconsistent settings exit through `parser.error` with a sentence naming the flags. `resolve_model`: turn
     --hf-checkpoint into a local folder (provisioning a built-in model once)."""
     validate_cluster(args, parser)
+    settle_megatron(args, parser)
     validate_data(args, parser)
     validate_rollout(args, parser)
     validate_reward(args, parser)
@@ -102,6 +106,19 @@ def settle(args: Settings, parser: argparse.ArgumentParser, cluster_gpus: int, r
             args.hf_checkpoint = resolve_checkpoint(args.hf_checkpoint)
         except FileNotFoundError as exc:
             parser.error(str(exc))
+        try:  # dropout flags the model cannot honour fail here, not in every training rank
+            from slime.trainer.models import dropout_overrides
+
+            dropout_overrides(args.hf_checkpoint, args.attention_dropout, args.hidden_dropout)
+        except ValueError as exc:
+            parser.error(str(exc))
+        mismatches = check_architecture(args, args.hf_checkpoint)
+        if mismatches:
+            logging.getLogger("slime.config").warning(
+                "Megatron model flags disagree with %s/config.json, which is what runs: %s",
+                args.hf_checkpoint,
+                "; ".join(mismatches),
+            )
     args._settled = True
     return args
 

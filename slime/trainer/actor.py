@@ -28,7 +28,7 @@ from slime.algorithms.losses import KL_ESTIMATORS
 from slime.sync.syncer import WeightSyncer
 from slime.trainer import checkpoint
 from slime.trainer.loss import MicroBatch, critic_loss, micro_batch_loss
-from slime.trainer.models import load_critic, load_policy
+from slime.trainer.models import dropout_overrides, load_critic, load_policy
 from slime.trainer.optimizer import build_optimizer
 from slime.trainer.packing import forward_log_probs, forward_values, rank_shares, split_micro_batches
 from slime.utils.misc import load_function
@@ -73,7 +73,8 @@ class TrainActor:
 
         mesh = init_device_mesh(self.device.type, (self.world_size,))
         torch.manual_seed(args.seed)
-        self.model = load_policy(args.hf_checkpoint, self.device, mesh, trainable=True)
+        dropout = dropout_overrides(args.hf_checkpoint, args.attention_dropout, args.hidden_dropout)
+        self.model = load_policy(args.hf_checkpoint, self.device, mesh, True, args.activation_checkpointing, dropout)
         self.model.train()
         self.optimizer, self.scheduler = build_optimizer(self.model, args, args.lr)
         needs_ref = args.use_kl_loss or args.kl_coef != 0

@@ -19,12 +19,66 @@ def shard(model: torch.nn.Module, layer_classes: set[str], device: torch.device,
     return model
 
 
-def load_policy(path: str, device: torch.device, mesh, trainable: bool) -> torch.nn.Module:
-    """A causal LM in fp32 (the policy, or a frozen reference / teacher)."""
+def dropout_overrides(path: str, attention: float | None, hidden: float | None) -> dict[str, float]:
+    """Config keys that set the model's dropout to --attention-dropout / --hidden-dropout. A nonzero value for a
+    model without that dropout is refused naming the flag (a zero one means the same as its absence)."""
+    from transformers import AutoConfig
+
+    config, out = AutoConfig.from_pretrained(path), {}
+    for flag, value, keys in (
+        ("--attention-dropout", attention, ("attention_dropout", "attn_pdrop", "attention_probs_dropout_prob")),
+        ("--hidden-dropout", hidden, ("hidden_dropout", "resid_pdrop", "hidden_dropout_prob")),
+    ):
+        if value is None:
+            continue
+        present = [k for k in keys if hasattr(config, k)]
+        if not present and value > 0:
+            raise ValueError(f"{flag} {value}: {config.model_type} models have no such dropout ({path})")
+        out |= {k: value for k in present}
+    return out
+
+
+def checkpoint_layers(model: torch.nn.Module, layer_classes: set[str], which: str | int) -> int:
+    """Activation checkpointing (`--recompute-granularity full`): decoder layers keep no activations in forward and
+    are recomputed in backward; `which` is "all" or the number of leading layers (`--recompute-method block`).
+    Returns how many layers were wrapped. Applied before FSDP2 sharding."""
+    from functools import partial
+
+    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import (
+        CheckpointImpl,
+        apply_activation_checkpointing,
+        checkpoint_wrapper,
+    )
+
+    layers = [m for m in model.modules() if type(m).__name__ in layer_classes]
+    chosen = {id(m) for m in (layers if which == "all" else layers[: int(which)])}
+    apply_activation_checkpointing(
+        model,
+        checkpoint_wrapper_fn=partial(checkpoint_wrapper, checkpoint_impl=CheckpointImpl.NO_REENTRANT),
+        check_fn=lambda m: id(m) in chosen,
+    )
+    return len(chosen)
+
+
+def load_policy(
+    path: str,
+    device: torch.device,
+    mesh,
+    trainable: bool,
+    checkpointing: str | int | None = None,
+    overrides: dict | None = None,
+) -> torch.nn.Module:
+    """A causal LM in fp32 (the policy, or a frozen reference / teacher); `overrides`: config values (dropout),
+    `checkpointing`: see `checkpoint_layers` (trained models only)."""
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, attn_implementation="sdpa").to(device)
-    model = shard(model, set(getattr(model, "_no_split_modules", None) or []), device, mesh)
+    model = AutoModelForCausalLM.from_pretrained(
+        path, dtype=torch.float32, attn_implementation="sdpa", **(overrides or {})
+    ).to(device)
+    layer_classes = set(getattr(model, "_no_split_modules", None) or [])
+    if trainable and checkpointing:
+        checkpoint_layers(model, layer_classes, checkpointing)
+    model = shard(model, layer_classes, device, mesh)
     if not trainable:
         model.eval().requires_grad_(False)
     return model
