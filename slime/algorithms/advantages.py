@@ -178,9 +178,11 @@ def ppo(rewards: torch.Tensor, data: TokenColumns, args: Any) -> tuple[Tokens, T
 
 @register_advantage("on_policy_distillation", needs_teacher=True)
 def on_policy_distillation(rewards: torch.Tensor, data: TokenColumns, args: Any) -> tuple[Tokens, None]:
-    """On-policy distillation: A_t = log p_teacher(y_t) - log p_old(y_t), the negative per-token reverse KL to
-    the teacher on the student's own samples. Rewards are not used."""
-    return [t - o for t, o in zip(data.teacher_log_probs, data.old_log_probs, strict=True)], None
+    """On-policy distillation: A_t = opd_kl_coef * (log p_teacher(y_t) - log p_old(y_t)), the negative per-token
+    reverse KL to the teacher on the student's own samples, weighted as `--use-opd` weights it. Rewards are not
+    used."""
+    coef = args.opd_kl_coef
+    return [coef * (t - o) for t, o in zip(data.teacher_log_probs, data.old_log_probs, strict=True)], None
 
 
 def compute_advantages(rewards: torch.Tensor, data: TokenColumns, args: Any) -> tuple[Tokens, Tokens | None]:

@@ -15,6 +15,7 @@ from typing import Any
 import torch
 
 POLICY_RATIOS: dict[str, Callable] = {}
+LOG_RATIO_BOUND = 20.0  # |log pi - log pi_old| is clamped to this before exp in the surrogate
 KL_ESTIMATORS: dict[str, Callable] = {}
 
 
@@ -32,10 +33,12 @@ def clipped_surrogate(
     """PPO's clipped surrogate, per token: max(-r·A, -clip(r, 1-eps_clip, 1+eps_clip_high)·A), r = exp(log_ratio).
 
     log_ratio = log pi - log pi_old, advantages: [T]. With `eps_clip_c` (dual clip, > 1) the loss of a token with
-    negative advantage is further capped at -eps_clip_c·A. Returns [T] tensors: loss, clipfrac (1 where the
+    negative advantage is further capped at -eps_clip_c·A. The log-ratio is clamped to ±LOG_RATIO_BOUND before exp
+    (the ratio stays finite in fp32). Returns [T] tensors: loss, clipfrac (1 where the
     clipped branch was taken), ppo_kl (-log_ratio, the k1 estimate of KL(old || new)).
     """
-    ratio = torch.exp(log_ratio)
+    # exp overflows fp32 above 88 (inf, then a NaN gradient); ratios beyond e^20 are clipped or capped anyway
+    ratio = torch.exp(log_ratio.clamp(-LOG_RATIO_BOUND, LOG_RATIO_BOUND))
     unclipped = -ratio * advantages
     clipped = -ratio.clamp(1.0 - eps_clip, 1.0 + eps_clip_high) * advantages
     loss = torch.maximum(unclipped, clipped)

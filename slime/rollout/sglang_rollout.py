@@ -29,10 +29,9 @@ from slime.utils.eval_config import EvalDatasetConfig, resolve
 from slime.utils.http_utils import HTTPError, get, post
 from slime.utils.misc import load_function
 from slime.utils.processing_utils import load_tokenizer
-from slime.utils.types import Sample
+from slime.utils.types import FINISH_STATUS, Sample
 
 logger = logging.getLogger(__name__)
-FINISH_STATUS = {"stop": Sample.Status.COMPLETED, "length": Sample.Status.TRUNCATED, "abort": Sample.Status.ABORTED}
 
 
 def router_url(args: Any) -> str:
@@ -111,6 +110,37 @@ class _GenState:
 
 
 _STATE: contextvars.ContextVar[_GenState] = contextvars.ContextVar("slime_generate_state")
+
+
+class GenerateState:
+    """slime's generation state at its import path, for generate functions written against slime: they read
+    `GenerateState(args).tokenizer` and `.sampling_params`. One per process and checkpoint; `semaphore` and `aborted`
+    are those of the rollout the caller runs in (the concurrency limit, and whether the rollout stopped wanting
+    results)."""
+
+    _instances: dict[str, GenerateState] = {}
+
+    def __new__(cls, args: Any) -> GenerateState:
+        state = cls._instances.get(args.hf_checkpoint)
+        if state is None:
+            state = super().__new__(cls)
+            state.tokenizer = load_tokenizer(args.hf_checkpoint)
+            state.processor = None  # text models: a sample's multimodal_inputs are refused, not processed
+            cls._instances[args.hf_checkpoint] = state
+        state.args = args
+        state.sampling_params = sampling_params(args)
+        return state
+
+    @property
+    def semaphore(self) -> asyncio.Semaphore:
+        return _state(self.args).semaphore
+
+    @property
+    def aborted(self) -> bool:
+        return _state(self.args).aborted
+
+    def reset(self) -> None:
+        """Each rollout starts with fresh state here; kept for slime's callers."""
 
 
 def _new_state(args: Any) -> _GenState:

@@ -96,6 +96,40 @@ class Sample:
             self.rollout_log_probs = self.rollout_log_probs + (list(log_probs) if log_probs else [0.0] * len(token_ids))
         self.check_alignment()
 
+    def append_response_tokens(
+        self,
+        args: Any = None,
+        *,
+        tokens: list[int] | None = None,
+        log_probs: list[float] | None = None,
+        trainable: bool = True,
+        meta_info: dict[str, Any] | None = None,
+        text: str | None = None,
+        update_terminal_info: bool = True,
+    ) -> None:
+        """slime's way for multi-turn generate functions to extend the response. Model tokens pass `trainable=True`
+        with their engine log-probs; tool or environment tokens pass `trainable=False` and no log-probs (they get
+        loss mask 0 and log-prob 0). `meta_info` is the engine's /generate answer: its `weight_version` is
+        recorded and, with `update_terminal_info`, its finish reason sets the status."""
+        tokens = [int(t) for t in tokens or []]
+        if log_probs is not None:
+            log_probs = [float(x) for x in log_probs]
+        if tokens and trainable and log_probs is None:
+            raise SampleAlignmentError("trainable response tokens need their rollout log-probs")
+        if not trainable and log_probs is not None:
+            raise SampleAlignmentError("tokens with trainable=False take no log-probs (they are not the model's)")
+        if trainable and log_probs is not None and self.rollout_log_probs is None and self.response_length:
+            raise SampleAlignmentError(
+                f"{self.response_length} response tokens have no rollout log-probs; trainable tokens cannot follow"
+            )
+        self.append_response(tokens, text or "", loss_mask=int(trainable), log_probs=log_probs)
+        if meta_info:
+            if tokens and meta_info.get("weight_version") is not None:
+                self.weight_versions.append(str(meta_info["weight_version"]))
+            finish = (meta_info.get("finish_reason") or {}).get("type")
+            if update_terminal_info and finish in FINISH_STATUS:
+                self.status = FINISH_STATUS[finish]
+
     def check_alignment(self) -> None:
         """Raise SampleAlignmentError unless the per-response-token lists all have `response_length` entries."""
         where = f"sample (group {self.group_index}, index {self.index})"
@@ -120,6 +154,9 @@ class Sample:
         data = dict(data)
         data["status"] = Sample.Status(data.get("status", "pending"))
         return cls(**data)
+
+
+FINISH_STATUS = {"stop": Sample.Status.COMPLETED, "length": Sample.Status.TRUNCATED, "abort": Sample.Status.ABORTED}
 
 
 @dataclass

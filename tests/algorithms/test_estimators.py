@@ -197,8 +197,9 @@ def test_ppo_gae(gamma, lambd):
 
 def test_on_policy_distillation_and_opd_penalty():
     d = ragged_batch(4)
-    got, _ = run(d, advantage_estimator="on_policy_distillation", use_opd=True)
-    assert_close(got, [[t - o for t, o in zip(d["teacher"][i], d["old"][i], strict=True)] for i in range(12)])
+    got, _ = run(d, advantage_estimator="on_policy_distillation", use_opd=True, opd_kl_coef=0.7)
+    want = [[0.7 * (t - o) for t, o in zip(d["teacher"][i], d["old"][i], strict=True)] for i in range(12)]
+    assert_close(got, want)  # --opd-kl-coef scales the distillation advantage as it scales the --use-opd penalty
     # --use-opd on top of GRPO: A_t = grpo_t - coef * (old_t - teacher_t)
     base, _ = run(d)
     got, _ = run(d, use_opd=True, opd_kl_coef=0.5)
@@ -257,6 +258,20 @@ def test_policy_losses_match_reference(name, dual):
     assert got["clipfrac"].tolist() == want_clip
     assert got["ppo_kl"].tolist() == pytest.approx(want_kl, abs=1e-12)
     assert 0 < sum(want_clip) < len(want_clip)  # both branches exercised
+
+
+def test_surrogate_stays_finite_for_extreme_log_ratios():
+    """fp32 exp overflows above 88: the clamped log-ratio keeps loss and gradient finite, and leaves moderate ratios
+    exactly as they were (float64 reference: the unclamped formula)."""
+    log_ratio = torch.tensor([-200.0, -5.0, 0.1, 5.0, 100.0, 300.0], requires_grad=True)
+    adv = torch.tensor([1.0, -1.0, 0.5, -2.0, -1.0, 1.0])
+    out = clipped_surrogate(log_ratio, adv, 0.2, 0.28, None)
+    out["loss"].sum().backward()
+    assert torch.isfinite(out["loss"]).all() and torch.isfinite(log_ratio.grad).all()
+    for i in (1, 2, 3):
+        want, _ = ref_surrogate(math.exp(float(log_ratio[i].detach())), float(adv[i]), 0.2, 0.28, None)
+        assert float(out["loss"][i]) == pytest.approx(want, rel=1e-6)
+    assert float(out["loss"][4]) == pytest.approx(math.exp(20.0), rel=1e-6)  # -r·A at the bound, A = -1
 
 
 def test_ppo_gradient_matches_finite_differences():

@@ -261,3 +261,32 @@ def test_multimodal_inputs_are_refused_by_the_default_generate():
     sample = Sample(index=3, prompt="describe", multimodal_inputs={"images": ["x.png"]})
     with pytest.raises(ValueError, match="sample 3 carries multimodal_inputs \\(\\['images'\\]\\)"):
         asyncio.run(generate_and_rm(args, sample, {"max_new_tokens": 4}))
+
+
+def test_an_agent_in_the_shape_of_slimes_examples(engine_behind_router, tiny_model_path, tmp_path):
+    """GenerateState, Sample.append_response_tokens and math_dapo_utils at slime's import paths, through the default
+    rollout on a real engine: observation tokens are masked with log-prob 0, model tokens carry the engine's."""
+    from slime.rollout.sglang_rollout import GenerateState, generate_rollout
+
+    args, source = _setup(
+        engine_behind_router,
+        tiny_model_path,
+        tmp_path,
+        "--rollout-batch-size",
+        "2",
+        "--custom-generate-function-path",
+        "tests.slime_agent_generate:generate",
+        "--custom-rm-path",
+        "tests.slime_agent_generate:reward",
+    )
+    out = generate_rollout(args, 0, source)
+    samples = [s for g in out.samples for s in g]
+    assert len(samples) == 4
+    for s in samples:
+        s.check_alignment()
+        a, b = s.metadata["observation_span"]
+        assert b > a and s.loss_mask[a:b] == [0] * (b - a) and s.rollout_log_probs[a:b] == [0.0] * (b - a)
+        assert set(s.loss_mask[:a]) == {1} and s.reward in (1.0, -1.0) and s.weight_versions
+        assert s.status in (Sample.Status.COMPLETED, Sample.Status.TRUNCATED)
+    state = GenerateState(args)
+    assert state is GenerateState(args) and state.sampling_params["max_new_tokens"] == args.rollout_max_response_len

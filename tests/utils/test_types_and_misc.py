@@ -62,3 +62,38 @@ def test_load_function_both_forms():
 def test_load_function_errors_name_flag_and_path(path, match):
     with pytest.raises((ImportError, ValueError), match=f"--custom-rm-path '{path}'.*{match}"):
         load_function(path, "--custom-rm-path")
+
+
+def test_append_response_tokens_keeps_masks_log_probs_and_status_aligned():
+    from slime.utils.types import SampleAlignmentError
+
+    s = Sample(tokens=[1, 2, 3])
+    meta = {"weight_version": "7", "finish_reason": {"type": "length"}}
+    s.append_response_tokens(None, tokens=[4, 5], log_probs=[-0.5, -0.25], meta_info=meta, text="ab")
+    s.append_response_tokens(None, tokens=[6], trainable=False, text="c")
+    assert s.tokens == [1, 2, 3, 4, 5, 6] and s.response == "abc" and s.response_length == 3
+    assert s.loss_mask == [1, 1, 0] and s.rollout_log_probs == [-0.5, -0.25, 0.0]
+    assert s.weight_versions == ["7"] and s.status == Sample.Status.TRUNCATED
+    with pytest.raises(SampleAlignmentError, match="need their rollout log-probs"):
+        s.append_response_tokens(None, tokens=[7])
+    with pytest.raises(SampleAlignmentError, match="take no log-probs"):
+        s.append_response_tokens(None, tokens=[7], log_probs=[-1.0], trainable=False)
+    bare = Sample(tokens=[1, 2], response_length=1)
+    with pytest.raises(SampleAlignmentError, match="have no rollout log-probs"):
+        bare.append_response_tokens(None, tokens=[3], log_probs=[-1.0])
+
+
+@pytest.mark.parametrize(
+    "response, strict, score",
+    [
+        ("so the answer is\\boxed{\\frac{1}{2}}", True, 1.0),
+        ("Answer: 0.5", True, -1.0),  # strict: only a box counts
+        ("Answer: 0.5", False, 1.0),
+        ("\\boxed{3}", True, -1.0),
+    ],
+)
+def test_math_dapo_utils_compute_score(response, strict, score):
+    from slime.rollout.rm_hub.math_dapo_utils import compute_score
+
+    out = compute_score(response, "1/2", strict_box_verify=strict)
+    assert out["score"] == score and out["acc"] == (score > 0)
