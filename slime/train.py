@@ -50,8 +50,8 @@ def train(args: Settings) -> dict:
             trainer.call("offload", what="training ranks to move to CPU")
         metrics_log = MetricsLogger(args.output_dir, resume_after=saved_at, purge_step=start if args.load else None)
         has_eval = bool(args.eval_datasets)
-        if has_eval and not args.skip_eval_before_train and start == 0:
-            last["eval_before"] = log(metrics_log, 0, evaluate(args, manager, 0))
+        if has_eval and not args.skip_eval_before_train and not saved_at:  # a fresh run, not a resumed one
+            last["eval_before"] = log(metrics_log, start, evaluate(args, manager, start))
         for rollout_id in tqdm(range(start, args.num_rollout), desc="rollout", unit="step", file=sys.stdout):
             last["rollout"] = log(metrics_log, rollout_id, step(args, rollout_id, trainer, manager))
             done = rollout_id + 1
@@ -94,7 +94,9 @@ def step(args, rollout_id: int, trainer: TrainGroup | None, manager) -> dict:
         if args.offload_train:
             metrics |= trainer.call("onload", what="training ranks to move back to the GPU")[0]
         metrics |= trainer.train(rollout_id, ray.put(rollout["train_data"]))
-        metrics |= sync_weights(args, trainer, manager, str(rollout_id + 1))
+        done = rollout_id + 1
+        if done % args.update_weights_interval == 0 or done == args.num_rollout:
+            metrics |= sync_weights(args, trainer, manager, str(done))
         if args.offload_train:
             metrics |= trainer.call("offload", what="training ranks to move to CPU")[0]
     metrics["perf/step_seconds"] = time.monotonic() - start
@@ -125,11 +127,12 @@ def resume(args, trainer: TrainGroup | None, manager) -> tuple[int, float | None
     """Load the newest complete checkpoint under --load into trainer and data source and push its weights to the
     engines. Returns (first rollout id to run, the checkpoint's save time); (0, None) without --load."""
     found = checkpoint.latest(args.load) if args.load else None
+    first = args.start_rollout_id or 0
     if found is None:
         if not args.load:
-            return 0, None
+            return first, None
         print(f"--load {args.load}: no checkpoint yet, starting from --hf-checkpoint")
-        return 0, 0.0  # a run killed before its first checkpoint left metrics that this start replaces
+        return first, 0.0  # a run killed before its first checkpoint left metrics that this start replaces
     rollout_id, folder = found
     start = time.monotonic()
     meta = wait(manager.load.remote(str(folder)), 600, f"the rollout manager to load {folder}")

@@ -67,8 +67,9 @@ def group_normalize(rewards: torch.Tensor, group_size: int, std_normalization: b
 
 def group_scores(rewards: torch.Tensor, args: Any, std_normalization: bool) -> torch.Tensor:
     """`group_normalize` over `--n-samples-per-prompt` groups, unless `--custom-reward-post-process-path` already
-    turned the rewards into scores (its returned `rewards`, as in slime, replace this step). rewards: [B]."""
-    if getattr(args, "custom_reward_post_process_path", None):
+    turned the rewards into scores (its returned `rewards`, as in slime, replace this step) or
+    `--disable-rewards-normalization` asks for the rewards as they are. rewards: [B]."""
+    if getattr(args, "custom_reward_post_process_path", None) or not getattr(args, "rewards_normalization", True):
         return rewards
     return group_normalize(rewards, args.n_samples_per_prompt, std_normalization)
 

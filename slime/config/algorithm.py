@@ -41,6 +41,13 @@ def add_algorithm_arguments(p: argparse.ArgumentParser) -> None:
         "--disable-grpo-std-normalization", action="store_true", help="GRPO: only subtract the group mean reward"
     )
     g.add_argument(
+        "--disable-rewards-normalization",
+        action="store_false",
+        dest="rewards_normalization",
+        help="grpo/gspo/reinforce_plus_plus_baseline: use the rewards as they are, without the group mean (and std) "
+        "normalisation",
+    )
+    g.add_argument(
         "--normalize-advantages",
         action="store_true",
         help="whiten advantages over all loss-masked tokens of the rollout (implied by reinforce_plus_plus*)",
@@ -53,6 +60,12 @@ def add_algorithm_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--entropy-coef", type=float, default=0.0, help="weight of the entropy bonus in the loss")
     g.add_argument("--use-kl-loss", action="store_true", help="add a KL penalty to the frozen reference model")
     g.add_argument("--kl-loss-coef", type=float, default=0.0, help="weight of the KL loss")
+    g.add_argument(
+        "--use-unbiased-kl",
+        action="store_true",
+        help="weight the per-token KL loss by pi / pi_old (with gradient), so the estimate is unbiased for samples "
+        "from pi_old",
+    )
     g.add_argument(
         "--kl-loss-type",
         default="k1",

@@ -33,20 +33,18 @@ __all__ = ["Settings", "batch_plan", "build_parser", "parse_args", "parse_flags"
 
 
 class Settings(argparse.Namespace):
-    """The settled configuration: every flag plus the settings derived from them. Read-only once settled, so every
-    actor and hook sees the same values; `replace` makes a changed copy."""
+    """The settled configuration: every flag plus the settings derived from them. Read-only for this project's code
+    once settled, so every actor sees the same values (`replace` makes a changed copy). A user's hook may still assign
+    to it, as slime's examples do; that changes only the copy in that process, and is logged once per attribute."""
 
     def __setattr__(self, name: str, value: Any) -> None:
         if self.__dict__.get("_settled"):
-            raise AttributeError(
-                f"args.{name}: the configuration is read-only once settled (slime.config.arguments.settle); keep "
-                "run-time state in your own objects, or make a changed copy with args.replace(...)"
-            )
+            _check_writer(name)
         super().__setattr__(name, value)
 
     def __delattr__(self, name: str) -> None:
         if self.__dict__.get("_settled"):
-            raise AttributeError(f"args.{name}: the configuration is read-only once settled")
+            _check_writer(name)
         super().__delattr__(name)
 
     def replace(self, **changes: Any) -> Settings:
@@ -56,6 +54,24 @@ class Settings(argparse.Namespace):
             setattr(out, k, v)
         out._settled = True
         return out
+
+
+_HOOK_WRITES: set[str] = set()
+
+
+def _check_writer(name: str) -> None:
+    """Code of this package may not change a settled configuration; anyone else (a hook) may, with a log line."""
+    import sys
+
+    caller = sys._getframe(2).f_globals.get("__name__", "")
+    if caller == "slime" or caller.startswith("slime."):
+        raise AttributeError(
+            f"args.{name} assigned in {caller}: the configuration is read-only once settled "
+            "(slime.config.arguments.settle); derive settings there, or make a changed copy with args.replace(...)"
+        )
+    if name not in _HOOK_WRITES:
+        _HOOK_WRITES.add(name)
+        logging.getLogger("slime.config").info("%s set args.%s (this process's copy only)", caller, name)
 
 
 def build_parser() -> argparse.ArgumentParser:

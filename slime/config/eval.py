@@ -35,6 +35,17 @@ def add_eval_arguments(p: argparse.ArgumentParser) -> None:
         default=None,
         help="evaluate every this many rollout steps, and after the last one",
     )
+    g.add_argument("--eval-input-key", default=None, help="prompt key of eval rows (default --input-key)")
+    g.add_argument("--eval-label-key", default=None, help="label key of eval rows (default --label-key)")
+    g.add_argument("--eval-tool-key", default=None, help="tool key of eval rows (default --tool-key)")
+    g.add_argument("--eval-max-prompt-len", type=int, default=None, help="drop eval prompts longer than this (tokens)")
+    g.add_argument("--eval-min-new-tokens", type=int, default=None, help="eval responses are at least this long")
+    g.add_argument(
+        "--eval-max-context-len",
+        type=int,
+        default=None,
+        help="prompt + response budget of eval samples for generate functions (default --rollout-max-context-len)",
+    )
     g.add_argument("--skip-eval-before-train", action="store_true", help="no evaluation at step 0")
 
 
@@ -42,6 +53,8 @@ def settle_eval(args: Any, parser: argparse.ArgumentParser) -> None:
     """Every eval dataset's settings, so a bad entry fails before anything starts."""
     from slime.utils.eval_config import EvalConfigError, eval_dataset_configs
 
+    if args.eval_max_context_len is None:
+        args.eval_max_context_len = args.rollout_max_context_len
     if args.eval_prompt_data is not None and (len(args.eval_prompt_data) == 0 or len(args.eval_prompt_data) % 2):
         parser.error("--eval-prompt-data takes pairs: NAME PATH [NAME PATH …]")
     try:

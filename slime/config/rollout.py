@@ -86,6 +86,25 @@ def add_rollout_arguments(p: argparse.ArgumentParser) -> None:
         default=None,
         help="fn(args, rollout_id, buffer, num_samples) -> groups taken out of the buffer (default: pop_first)",
     )
+    g.add_argument(
+        "--rollout-max-context-len",
+        type=int,
+        default=None,
+        help="prompt + response tokens a sample may hold: prompts longer than this - 1 are dropped (it sets "
+        "--rollout-max-prompt-len's default); multi-turn generate functions read it as their budget",
+    )
+    g.add_argument(
+        "--start-rollout-id",
+        type=int,
+        default=None,
+        help="the first rollout id of a run that does not resume from --load (default 0)",
+    )
+    g.add_argument(
+        "--update-weights-interval",
+        type=int,
+        default=1,
+        help="push the trainer's weights to the engines every this many rollouts (and after the last)",
+    )
     g.add_argument("--debug-rollout-only", action="store_true", help="run rollouts only (no training); report tok/s")
     g.add_argument("--rollout-timeout", type=float, default=3600.0, help="seconds one rollout step may take")
     g.add_argument(
@@ -123,6 +142,26 @@ def validate_rollout(args: Any, parser: argparse.ArgumentParser) -> None:
         parser.error(
             f"--dynamic-sampling-max-prompts {args.dynamic_sampling_max_prompts} is below "
             f"--rollout-batch-size {args.rollout_batch_size}"
+        )
+    ctx = args.rollout_max_context_len
+    if ctx is not None:
+        if ctx < 2:
+            parser.error(f"--rollout-max-context-len must be at least 2, got {ctx}")
+        if args.rollout_max_prompt_len is None:  # as in slime: room for at least one generated token
+            args.rollout_max_prompt_len = ctx - 1
+        elif args.rollout_max_prompt_len > ctx - 1:
+            parser.error(
+                f"--rollout-max-prompt-len {args.rollout_max_prompt_len} leaves no room to generate within "
+                f"--rollout-max-context-len {ctx}: it must be at most {ctx - 1}"
+            )
+    if args.start_rollout_id is not None and not 0 <= args.start_rollout_id < args.num_rollout:
+        parser.error(f"--start-rollout-id {args.start_rollout_id} must be in [0, --num-rollout {args.num_rollout})")
+    if args.update_weights_interval < 1:
+        parser.error(f"--update-weights-interval must be at least 1, got {args.update_weights_interval}")
+    if args.update_weights_interval > 1 and args.offload_rollout:
+        parser.error(
+            "--update-weights-interval > 1 with --offload-rollout/--colocate: engines that release their weights "
+            "for training get them back only through the weight sync; sync every rollout"
         )
     if args.mask_offpolicy_in_partial_rollout and not args.partial_rollout:
         parser.error("--mask-offpolicy-in-partial-rollout needs --partial-rollout")

@@ -26,6 +26,13 @@ def add_training_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--min-lr", type=float, default=0.0, help="learning rate at the end of linear/cosine decay")
     g.add_argument("--lr-warmup-iters", type=int, default=0, help="optimizer steps of linear warm-up from 0")
     g.add_argument(
+        "--lr-warmup-fraction",
+        type=float,
+        default=None,
+        help="warm-up as a fraction of the decay steps (--lr-decay-iters, default the whole run); replaces "
+        "--lr-warmup-iters",
+    )
+    g.add_argument(
         "--lr-decay-style", default="constant", choices=["constant", "linear", "cosine"], help="schedule after warm-up"
     )
     g.add_argument("--lr-decay-iters", type=int, default=None, help="optimizer steps of decay (default: the whole run)")
@@ -103,6 +110,13 @@ def settle_batch_plan(args: Any, parser: argparse.ArgumentParser) -> None:
             parser.error(f"--{flag.replace('_', '-')} must be at least 1, got {getattr(args, flag)}")
     world = args.actor_num_nodes * args.actor_num_gpus_per_node
     args.world_size = world
+    if args.lr_warmup_fraction is not None:
+        if args.lr_warmup_iters:
+            parser.error("--lr-warmup-fraction and --lr-warmup-iters both set the warm-up: choose one")
+        if not 0 <= args.lr_warmup_fraction <= 1:
+            parser.error(f"--lr-warmup-fraction must be in [0, 1], got {args.lr_warmup_fraction}")
+        decay = args.lr_decay_iters or args.num_rollout * args.num_steps_per_rollout
+        args.lr_warmup_iters = int(args.lr_warmup_fraction * decay)
     if args.global_batch_size % world:
         parser.error(
             f"--global-batch-size {args.global_batch_size} does not split evenly over {world} training "

@@ -186,10 +186,11 @@ def eval_groups(args: Any) -> dict[str, list[list[Sample]]]:
     out = {}
     for cfg in args.eval_datasets:
         key = (cfg.name, cfg.path, cfg.input_key, cfg.label_key, cfg.metadata_key, cfg.tool_key, cfg.max_prompts)
+        key += (cfg.max_prompt_len,)
         if key not in _EVAL_CACHE:
             _EVAL_CACHE[key] = load_prompt_data(
                 cfg.path,
-                **_load_kwargs(args),
+                **(_load_kwargs(args) | {"max_prompt_len": cfg.max_prompt_len}),
                 input_key=cfg.input_key,
                 label_key=cfg.label_key,
                 metadata_key=cfg.metadata_key,

@@ -70,7 +70,10 @@ def policy_loss(args: Any, batch: MicroBatch, out: dict[str, torch.Tensor], redu
         "entropy": entropy,
     }
     if batch.ref_log_probs is not None:
-        kl = reduce(KL_ESTIMATORS[args.kl_loss_type](log_probs, batch.ref_log_probs))
+        per_token = KL_ESTIMATORS[args.kl_loss_type](log_probs, batch.ref_log_probs)
+        if getattr(args, "use_unbiased_kl", False):  # samples come from pi_old: importance-weight to pi
+            per_token = torch.exp(log_probs - batch.old_log_probs) * per_token
+        kl = reduce(per_token)
         metrics["kl_loss"] = kl
         if args.use_kl_loss:
             loss = loss + args.kl_loss_coef * kl

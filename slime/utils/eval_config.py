@@ -46,6 +46,7 @@ class EvalDatasetConfig:
     stop: list[str] | None = None
     stop_token_ids: list[int] | None = None
     max_prompts: int | None = None  # the first N prompts only
+    max_prompt_len: int | None = None  # prompts longer than this (tokens) are dropped
     custom_generate_function_path: str | None = None
     metadata_overrides: dict[str, Any] = field(default_factory=dict)
 
@@ -59,9 +60,11 @@ class EvalDatasetConfig:
 FIELDS = {f.name for f in dataclasses.fields(EvalDatasetConfig)}
 ALIASES = {"prompt_key": "input_key"}
 CLI_FALLBACK = {  # dataset field -> the args attributes tried in order
-    "input_key": ("input_key",),
-    "label_key": ("label_key",),
-    "tool_key": ("tool_key",),
+    "input_key": ("eval_input_key", "input_key"),
+    "label_key": ("eval_label_key", "label_key"),
+    "tool_key": ("eval_tool_key", "tool_key"),
+    "max_prompt_len": ("eval_max_prompt_len",),
+    "min_new_tokens": ("eval_min_new_tokens",),
     "metadata_key": ("metadata_key",),
     "n_samples_per_eval_prompt": ("n_samples_per_eval_prompt",),
     "temperature": ("eval_temperature", "rollout_temperature"),

@@ -270,8 +270,8 @@ def test_surrogate_stays_finite_for_extreme_log_ratios():
     assert torch.isfinite(out["loss"]).all() and torch.isfinite(log_ratio.grad).all()
     for i in (1, 2, 3):
         want, _ = ref_surrogate(math.exp(float(log_ratio[i].detach())), float(adv[i]), 0.2, 0.28, None)
-        assert float(out["loss"][i]) == pytest.approx(want, rel=1e-6)
-    assert float(out["loss"][4]) == pytest.approx(math.exp(20.0), rel=1e-6)  # -r·A at the bound, A = -1
+        assert float(out["loss"][i].detach()) == pytest.approx(want, rel=1e-6)
+    assert float(out["loss"][4].detach()) == pytest.approx(math.exp(20.0), rel=1e-6)  # -r·A at the bound, A = -1
 
 
 def test_ppo_gradient_matches_finite_differences():
@@ -522,3 +522,38 @@ def test_sft_loss_is_the_masked_nll():
     for row, m in zip(d["old"], d["masks"], strict=True):
         want += -sum(x * k for x, k in zip(row, m, strict=True)) / max(sum(m), 1)
     assert loss.item() == pytest.approx(want / len(d["lengths"]), rel=1e-12)
+
+
+def test_disable_rewards_normalization_uses_raw_rewards():
+    d = ragged_batch(6)
+    got, _ = run(d, rewards_normalization=False)
+    assert_close(got, [[d["rewards"][i]] * n for i, n in enumerate(d["lengths"])])
+
+
+def test_unbiased_kl_weights_the_kl_loss_by_the_importance_ratio():
+    """--use-unbiased-kl: the KL loss is mean over tokens of (pi / pi_old) * k3, per sample then over samples."""
+    from slime.trainer.loss import MicroBatch, micro_batch_loss
+
+    d = ragged_batch(16)
+    rng = random.Random(17)
+    lp = [[rng.gauss(-1, 0.5) for _ in range(n)] for n in d["lengths"]]
+    ref = [[rng.gauss(-1, 0.5) for _ in range(n)] for n in d["lengths"]]
+    batch = MicroBatch(
+        mask=flat(d["masks"]),
+        lengths=d["lengths"],
+        normalizer=float(len(d["lengths"])),
+        advantages=flat([[0.0] * n for n in d["lengths"]]),
+        old_log_probs=flat(d["old"]),
+        ref_log_probs=flat(ref),
+    )
+    out = {"log_probs": flat(lp), "entropy": flat(lp)}
+    args = loss_args(use_unbiased_kl=True)
+    _, shares = micro_batch_loss(args, batch, out)
+    want = 0.0
+    for i, m in enumerate(d["masks"]):
+        total = 0.0
+        for t, k in enumerate(m):
+            log_r = ref[i][t] - lp[i][t]
+            total += math.exp(lp[i][t] - d["old"][i][t]) * (math.exp(log_r) - 1 - log_r) * k
+        want += total / max(sum(m), 1)
+    assert shares["kl_loss"] == pytest.approx(want / len(d["lengths"]), rel=1e-10)

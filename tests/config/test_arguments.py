@@ -131,18 +131,21 @@ def test_settled_args_are_read_only_and_survive_pickling():
     import pickle
 
     a = parse_args(BASE)
+    ours = {"__name__": "slime.rollout.somewhere", "args": a}  # code of this package
+    with pytest.raises(AttributeError, match="args.lr assigned in slime.rollout.somewhere: .* read-only"):
+        exec("args.lr = 1.0", ours)
     with pytest.raises(AttributeError, match="read-only once settled"):
-        a.lr = 1.0
+        exec("del args.lr", ours)
     with pytest.raises(AttributeError, match="read-only once settled"):
-        del a.lr
+        exec("setattr(args, 'seed', 1)", ours)
     b = pickle.loads(pickle.dumps(a))  # as every Ray actor receives it
     assert vars(b) == vars(a)
     with pytest.raises(AttributeError):
-        b.seed = 1
+        exec("args.seed = 1", {"__name__": "slime.x", "args": b})
     c = a.replace(lr=0.5)
     assert c.lr == 0.5 and a.lr == 1e-6
-    with pytest.raises(AttributeError):
-        c.lr = 1.0
+    c.rollout_max_context_len = 64  # a user's hook may, as slime's multi-agent example does: this copy only
+    assert c.rollout_max_context_len == 64 and a.rollout_max_context_len is None
 
 
 def test_help_lists_the_registered_names(capsys):
@@ -175,11 +178,48 @@ def test_no_module_assigns_to_args_outside_the_settle_step():
                 targets = node.targets
             elif isinstance(node, ast.AugAssign | ast.AnnAssign):
                 targets = [node.target]
-            for t in targets:
-                for sub in ast.walk(t):
-                    if isinstance(sub, ast.Attribute) and isinstance(sub.value, ast.Name) and sub.value.id == "args":
-                        offenders.append(f"{path.relative_to(root)}:{node.lineno} args.{sub.attr}")
+            targets = list(targets)
+            while targets:  # args.x = ..., args.x[k] = ..., (a, args.x) = ... (not d[args.x] = ...)
+                t = targets.pop()
+                if isinstance(t, ast.Tuple | ast.List):
+                    targets += t.elts
+                elif isinstance(t, ast.Starred | ast.Subscript):
+                    targets.append(t.value)
+                elif isinstance(t, ast.Attribute):
+                    if isinstance(t.value, ast.Name) and t.value.id == "args":
+                        offenders.append(f"{path.relative_to(root)}:{node.lineno} args.{t.attr}")
+                    else:
+                        targets.append(t.value)
             if isinstance(node, ast.Call) and getattr(node.func, "id", None) == "setattr" and node.args:
                 if isinstance(node.args[0], ast.Name) and node.args[0].id == "args":
                     offenders.append(f"{path.relative_to(root)}:{node.lineno} setattr(args, ...)")
     assert offenders == []
+
+
+def test_context_length_start_id_interval_and_warmup_fraction(capsys):
+    a = parse_args(BASE + ["--rollout-max-context-len", "512", "--num-rollout", "10", "--lr-warmup-fraction", "0.25"])
+    assert a.rollout_max_prompt_len == 511 and a.eval_max_context_len == 512  # slime's defaults
+    assert a.lr_warmup_iters == 2  # a quarter of 10 rollouts x 1 optimizer step, rounded down
+    for extra, message in [
+        (["--rollout-max-context-len", "100", "--rollout-max-prompt-len", "100"], "must be at most 99"),
+        (["--start-rollout-id", "3"], "--start-rollout-id 3 must be in [0, --num-rollout 1)"),
+        (["--update-weights-interval", "2", "--colocate"], "sync every rollout"),
+        (["--lr-warmup-fraction", "0.1", "--lr-warmup-iters", "3"], "choose one"),
+    ]:
+        with pytest.raises(SystemExit):
+            parse_args(BASE + extra)
+        assert message in capsys.readouterr().err
+
+
+def test_eval_keys_default_to_the_rollout_keys(tmp_path):
+    path = tmp_path / "e.jsonl"
+    path.write_text('{"q": "1+1", "a": "2"}\n')
+    a = parse_args(BASE + ["--input-key", "prompt", "--label-key", "label", "--eval-prompt-data", "e", str(path)])
+    assert (a.eval_datasets[0].input_key, a.eval_datasets[0].label_key) == ("prompt", "label")
+    b = parse_args(
+        BASE
+        + ["--input-key", "prompt", "--eval-input-key", "q", "--eval-label-key", "a", "--eval-min-new-tokens", "3"]
+        + ["--eval-max-prompt-len", "64", "--eval-prompt-data", "e", str(path)]
+    )
+    cfg = b.eval_datasets[0]
+    assert (cfg.input_key, cfg.label_key, cfg.min_new_tokens, cfg.max_prompt_len) == ("q", "a", 3, 64)

@@ -318,3 +318,23 @@ def test_every_estimator_runs_the_loop(name, ray_cluster, tiny_model_path, tiny_
     if "custom loss" in name:  # the hook's metrics, averaged like the loss (all-ones -> exactly 1)
         assert all(s["train/custom_pg_loss"] == s["train/loss"] for s in steps)
         assert all(s["train/logits_rows"] == pytest.approx(1.0) for s in steps)
+
+
+def test_weights_sync_every_n_rollouts_from_a_start_id(ray_cluster, tiny_model_path, tmp_path):
+    """--start-rollout-id 1 --update-weights-interval 2 over --num-rollout 5: rollouts 1-4 run, the weights reach
+    the engine after rollouts 1 and 3 and after the last, and each rollout records the version it was generated
+    with."""
+    from slime.train import train
+
+    out = tmp_path / "run"
+    flags = (
+        f"--hf-checkpoint {tiny_model_path} --prompt-data builtin:arithmetic:train:64:0 --input-key prompt "
+        "--custom-rm-path tests.custom_hooks.token_reward --rollout-batch-size 2 --n-samples-per-prompt 4 "
+        f"--rollout-max-response-len 8 --num-rollout 5 --lr 0.01 --output-dir {out} "
+        "--start-rollout-id 1 --update-weights-interval 2"
+    )
+    train(parse_args(flags.split()))
+    steps = [json.loads(x) for x in open(out / "metrics.jsonl")]
+    assert [s["step"] for s in steps] == [1, 2, 3, 4]
+    assert [s["rollout/weight_version"] for s in steps] == [0, 2, 2, 4]
+    assert ["sync/seconds" in s for s in steps] == [True, False, True, True]
