@@ -139,3 +139,28 @@ def rank1_raises_loss(args, batch, logits, sum_of_sample_mean):
     if dist.get_rank() == 1:
         raise RuntimeError("custom loss exploded on purpose")
     return reinforce_loss(args, batch, logits, sum_of_sample_mean)
+
+
+def groups_only_rollout(args, rollout_id, data_source, evaluation=False):
+    """A --rollout-function-path returning the groups alone (no metrics), as older slime rollout functions do."""
+    from slime.rollout.sglang_rollout import generate_rollout
+
+    return generate_rollout(args, rollout_id, data_source, evaluation).samples
+
+
+async def exploding_generate(args, sample: Sample, sampling_params: dict) -> Sample:
+    """A --custom-generate-function-path that fails on every sample."""
+    raise RuntimeError("the agent's tool server is down")
+
+
+class SlimeStyleDataSource:
+    """A data source with slime's save(rollout_id) / load(rollout_id) and no state_dict: it keeps its own file."""
+
+    def __init__(self, args, folder):
+        self.args, self.folder, self.position = args, folder, 0
+
+    def save(self, rollout_id):
+        (self.folder / f"state_{rollout_id}.txt").write_text(str(self.position))
+
+    def load(self, rollout_id=None):
+        self.position = int((self.folder / f"state_{rollout_id}.txt").read_text())

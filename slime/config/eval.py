@@ -68,4 +68,21 @@ def settle_eval(args: Any, parser: argparse.ArgumentParser) -> None:
         if c.n_samples_per_eval_prompt < 1 or (c.max_prompts is not None and c.max_prompts < 1):
             parser.error(f"{where}: n_samples_per_eval_prompt and max_prompts must be at least 1")
         check_sampling(parser, where, c.temperature, c.top_p, c.top_k, c.max_response_len)
+        if c.rm_type and c.rm_type != "remote_rm":  # a typo would score every sample 0 and the run would "pass"
+            from slime.rollout.rm_hub import builtin_rm
+
+            try:
+                builtin_rm(c.rm_type)
+            except ValueError as exc:
+                parser.error(f"{where}: {exc}")
+        if c.rm_type == "remote_rm" and not args.rm_url:
+            parser.error(f"{where}: rm_type remote_rm needs --rm-url")
+        for field in ("custom_rm_path", "custom_generate_function_path"):
+            if getattr(c, field):
+                from slime.utils.misc import load_function
+
+                try:
+                    load_function(getattr(c, field), f"{where} {field}")
+                except (ImportError, ValueError, TypeError) as exc:
+                    parser.error(str(exc))
     args.eval_datasets = configs

@@ -17,6 +17,8 @@ import ray
 from slime.engine.fleet import Endpoints, EngineFleet
 from slime.observe.eval_metrics import dataset_metrics
 from slime.rollout.base_types import RolloutFnEvalOutput, RolloutFnTrainOutput
+from slime.rollout.scoring import reward_key
+from slime.rollout.sglang_rollout import rollout_metrics
 from slime.utils.misc import load_function
 from slime.utils.types import Sample, TrainBatch
 
@@ -136,12 +138,14 @@ class RolloutManager:
         """One training rollout. Returns {"samples": [[Sample]], "metrics": {...}, "train_data": {...}}."""
         if hasattr(self.data_source, "begin_rollout"):  # the buffer filter gets the rollout id its flag promises
             self.data_source.begin_rollout(rollout_id)
+        start = time.monotonic()
         out, health = self.fleet.watched(lambda: self.rollout_fn(self.args, rollout_id, self.data_source))
         if isinstance(out, RolloutFnTrainOutput):
             groups, metrics = out.samples, dict(out.metrics)
         else:  # a custom rollout function may return the groups alone
             groups, metrics = out, {}
-        metrics |= health
+        # the standard rollout metrics for any rollout function; its own metrics take precedence
+        metrics = rollout_metrics(groups, time.monotonic() - start, key=reward_key(self.args)) | metrics | health
         if getattr(self.data_source, "dataset", None) is not None:
             metrics.setdefault("rollout/epoch", self.data_source.epoch)
         for g in groups:
@@ -171,24 +175,39 @@ class RolloutManager:
     def save(self, folder: str, rollout_id: int) -> None:
         """Write the rollout side of checkpoint `rollout_id` into the staging `folder`: the data source's state
         (position and buffered groups) and, last, rollout.json."""
-        folder_ = Path(folder)
-        if hasattr(self.data_source, "state_dict"):
-            with open(folder_ / "data_source.pkl", "wb") as f:
-                pickle.dump(self.data_source.state_dict(), f)
-        else:
-            logger.warning("%s has no state_dict(): a resumed run restarts its position", type(self.data_source))
+        save_data_source(self.data_source, Path(folder), rollout_id)
         meta = {"rollout_id": rollout_id, "weight_version": self.weight_version, "saved_at": time.time()}
-        (folder_ / "rollout.json").write_text(json.dumps(meta))
+        (Path(folder) / "rollout.json").write_text(json.dumps(meta))
 
     def load(self, folder: str) -> dict[str, Any]:
         """Restore the data source from a checkpoint; returns rollout.json."""
-        folder_ = Path(folder)
-        state_file = folder_ / "data_source.pkl"
-        if state_file.exists() and hasattr(self.data_source, "load_state_dict"):
-            with open(state_file, "rb") as f:
-                self.data_source.load_state_dict(pickle.load(f))
-        return json.loads((folder_ / "rollout.json").read_text())
+        meta = json.loads((Path(folder) / "rollout.json").read_text())
+        load_data_source(self.data_source, Path(folder), meta["rollout_id"])
+        return meta
 
     def shutdown(self) -> None:
         if getattr(self, "fleet", None) is not None:
             self.fleet.shutdown()
+
+
+def save_data_source(source: Any, folder: Path, rollout_id: int) -> None:
+    """The data source's part of a checkpoint: `state_dict()` pickled into the checkpoint folder, or, for a
+    slime-style data source, its own `save(rollout_id)` (it writes under --save itself)."""
+    if hasattr(source, "state_dict"):
+        with open(folder / "data_source.pkl", "wb") as f:
+            pickle.dump(source.state_dict(), f)
+    elif hasattr(source, "save"):
+        source.save(rollout_id)
+    else:
+        logger.warning("%s has no state_dict() or save(): a resumed run restarts its position", type(source))
+
+
+def load_data_source(source: Any, folder: Path, rollout_id: int) -> None:
+    """Restore what `save_data_source` kept for checkpoint `rollout_id`."""
+    state_file = folder / "data_source.pkl"
+    if hasattr(source, "load_state_dict"):
+        if state_file.exists():
+            with open(state_file, "rb") as f:
+                source.load_state_dict(pickle.load(f))
+    elif hasattr(source, "load"):
+        source.load(rollout_id)

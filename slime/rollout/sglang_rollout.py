@@ -422,6 +422,12 @@ def generate_rollout(
     if evaluation:
         return run(_eval_rollout(args, eval_groups(args)), timeout=args.rollout_timeout)
     out = run(_train_rollout(args, rollout_id, data_source), timeout=args.rollout_timeout)
+    samples = [s for g in out.samples for s in g]
+    if samples and all(s.status == Sample.Status.FAILED for s in samples):
+        first = next((s.metadata["generate_error"] for s in samples if "generate_error" in s.metadata), "no error")
+        raise RuntimeError(
+            f"rollout {rollout_id}: all {len(samples)} generations failed, nothing to learn from; the first: {first}"
+        )
     graded = [s for g in out.samples for s in g if s.status not in (Sample.Status.ABORTED, Sample.Status.FAILED)]
     if graded and all("reward_error" in s.metadata for s in graded):
         raise RuntimeError(

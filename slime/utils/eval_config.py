@@ -48,12 +48,15 @@ class EvalDatasetConfig:
     max_prompts: int | None = None  # the first N prompts only
     max_prompt_len: int | None = None  # prompts longer than this (tokens) are dropped
     custom_generate_function_path: str | None = None
+    custom_rm_path: str | None = None  # this dataset's reward function (stored as metadata["custom_rm_path"])
     metadata_overrides: dict[str, Any] = field(default_factory=dict)
 
     def inject_metadata(self, metadata: dict) -> dict:
         out = dict(metadata)
         if self.rm_type is not None:
             out["rm_type"] = self.rm_type
+        if self.custom_rm_path is not None:
+            out["custom_rm_path"] = self.custom_rm_path
         return out | self.metadata_overrides
 
 

@@ -164,3 +164,29 @@ def test_sampling_params_for_training_and_for_evaluation_without_a_dataset_confi
     train, ev = sampling_params(args), sampling_params(args, evaluation=True)
     assert (train["temperature"], train["top_p"], train["max_new_tokens"], train["stop"]) == (0.8, 1.0, 48, ["END"])
     assert (ev["temperature"], ev["top_p"], ev["max_new_tokens"], ev["stop"]) == (0.0, 0.9, 48, ["END"])
+
+
+@pytest.mark.parametrize(
+    "entry, message",
+    [
+        ("{name: a, path: a.jsonl, rm_type: ifbench}", "eval dataset 'a': unknown rm_type 'ifbench'"),
+        ("{name: a, path: a.jsonl, rm_type: remote_rm}", "eval dataset 'a': rm_type remote_rm needs --rm-url"),
+        ("{name: a, path: a.jsonl, custom_rm_path: 'tests.custom_hooks:nope'}", "has no attribute 'nope'"),
+    ],
+)
+def test_eval_yaml_rewards_are_checked_at_start(tmp_path, capsys, entry, message):
+    """A reward an eval dataset names must exist before anything starts (a typo used to score every sample 0)."""
+    cfg = tmp_path / "eval.yaml"
+    cfg.write_text(f"eval:\n  datasets:\n    - {entry}\n")
+    with pytest.raises(SystemExit):
+        parse_args(BASE + ["--eval-config", str(cfg)])
+    assert message in capsys.readouterr().err
+
+
+def test_eval_yaml_custom_rm_path_reaches_the_samples(tmp_path):
+    cfg = tmp_path / "eval.yaml"
+    cfg.write_text(
+        "eval:\n  datasets:\n    - {name: a, path: a.jsonl, custom_rm_path: 'tests.custom_hooks.length_reward'}\n"
+    )
+    (dataset,) = parse_args(BASE + ["--eval-config", str(cfg)]).eval_datasets
+    assert dataset.inject_metadata({"k": 1}) == {"k": 1, "custom_rm_path": "tests.custom_hooks.length_reward"}

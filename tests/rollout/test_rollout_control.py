@@ -290,3 +290,31 @@ def test_an_agent_in_the_shape_of_slimes_examples(engine_behind_router, tiny_mod
         assert s.status in (Sample.Status.COMPLETED, Sample.Status.TRUNCATED)
     state = GenerateState(args)
     assert state is GenerateState(args) and state.sampling_params["max_new_tokens"] == args.rollout_max_response_len
+
+
+def test_a_generate_function_failing_on_every_sample_stops_the_rollout_with_its_error(
+    engine_behind_router, tiny_model_path, tmp_path
+):
+    from slime.rollout.sglang_rollout import generate_rollout
+
+    args, source = _setup(
+        engine_behind_router,
+        tiny_model_path,
+        tmp_path,
+        "--custom-generate-function-path",
+        "tests.custom_hooks:exploding_generate",
+    )
+    with pytest.raises(RuntimeError, match="all 16 generations failed.*the agent's tool server is down"):
+        generate_rollout(args, 0, source)
+
+
+def test_slime_style_data_sources_save_and_load_themselves(tmp_path):
+    from slime.rollout.manager import load_data_source, save_data_source
+    from tests.custom_hooks import SlimeStyleDataSource
+
+    source = SlimeStyleDataSource(None, tmp_path)
+    source.position = 17
+    save_data_source(source, tmp_path, 4)
+    fresh = SlimeStyleDataSource(None, tmp_path)
+    load_data_source(fresh, tmp_path, 4)
+    assert fresh.position == 17

@@ -331,10 +331,13 @@ def test_weights_sync_every_n_rollouts_from_a_start_id(ray_cluster, tiny_model_p
         f"--hf-checkpoint {tiny_model_path} --prompt-data builtin:arithmetic:train:64:0 --input-key prompt "
         "--custom-rm-path tests.custom_hooks.token_reward --rollout-batch-size 2 --n-samples-per-prompt 4 "
         f"--rollout-max-response-len 8 --num-rollout 5 --lr 0.01 --output-dir {out} "
-        "--start-rollout-id 1 --update-weights-interval 2"
+        "--start-rollout-id 1 --update-weights-interval 2 "
+        "--rollout-function-path tests.custom_hooks:groups_only_rollout"
     )
     train(parse_args(flags.split()))
     steps = [json.loads(x) for x in open(out / "metrics.jsonl")]
     assert [s["step"] for s in steps] == [1, 2, 3, 4]
     assert [s["rollout/weight_version"] for s in steps] == [0, 2, 2, 4]
     assert ["sync/seconds" in s for s in steps] == [True, False, True, True]
+    # the rollout function returned groups alone: the standard rollout metrics are still there
+    assert all("rollout/reward_mean" in s and s["rollout/tokens"] > 0 for s in steps)
