@@ -68,6 +68,13 @@ def keep_even_groups(args, samples: list[Sample], **kwargs):
     return DynamicFilterOutput(keep=keep, reason=None if keep else "odd_group")
 
 
+def keep_even_groups_with_fallback(args, samples: list[Sample], **kwargs):
+    """`keep_even_groups`, but a rejected group is kept when the step would otherwise fall short."""
+    out = keep_even_groups(args, samples)
+    out.keep_when_insufficient = True
+    return out
+
+
 def rank_post_process(args, samples: list[Sample]):
     """A --custom-reward-post-process-path: scores are the raw rewards minus 1 (no group normalisation)."""
     raw = [s.get_reward_value(args) for s in samples]

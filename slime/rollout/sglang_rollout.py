@@ -279,7 +279,11 @@ def _fresh(sample: Sample) -> Sample:
     )
 
 
-def _filter_verdict(filt: Callable | None, args: Any, group: list[Sample]) -> tuple[bool, str | None]:
+def _filter_verdict(
+    filt: Callable | None, args: Any, group: list[Sample], alive: int, target: int
+) -> tuple[bool, str | None]:
+    """(keep, why not) for a graded group. `alive`: groups kept or still generating, this one included; a rejected
+    group whose filter said keep_when_insufficient is kept when dropping it would leave fewer than `target`."""
     if filt is None:
         return True, None
     try:
@@ -290,6 +294,8 @@ def _filter_verdict(filt: Callable | None, args: Any, group: list[Sample]) -> tu
             f"--dynamic-sampling-filter-path {path} failed on group {group[0].group_index}: {type(exc).__name__}: {exc}"
         ) from exc
     keep = bool(out.keep if isinstance(out, DynamicFilterOutput) else out)
+    if not keep and isinstance(out, DynamicFilterOutput) and out.keep_when_insufficient and alive <= target:
+        keep = True
     reason = (out.reason if isinstance(out, DynamicFilterOutput) else None) or "rejected"
     return keep, None if keep else str(reason)
 
@@ -334,9 +340,10 @@ async def _train_rollout(args: Any, rollout_id: int, data_source: Any) -> Rollou
                     pending.add(asyncio.create_task(generate_and_rm_group(args, group, params)))
                     submitted += 1
             done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
-            for task in done:
+            for i, task in enumerate(done):
                 group = task.result()
-                keep, reason = _filter_verdict(filt, args, group)
+                alive = len(kept) + len(pending) + len(done) - i  # this group and the ones not judged yet
+                keep, reason = _filter_verdict(filt, args, group, alive, target)
                 if not keep:
                     drops[reason] += 1
                 elif len(kept) < target:

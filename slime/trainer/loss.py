@@ -50,14 +50,18 @@ def make_reduce(batch: MicroBatch, args: Any) -> Reduce:
 
 def policy_loss(args: Any, batch: MicroBatch, out: dict[str, torch.Tensor], reduce: Reduce) -> tuple:
     """PPO-clip (or GSPO) policy loss, weighted and masked by the mismatch corrections, - entropy_coef · entropy
-    + kl_loss_coef · KL(policy || reference). Returns the loss and its metrics."""
+    + kl_loss_coef · KL(policy || reference). Tokens the MIS mask rejects leave every term, as in slime (their
+    samples keep their full token count as the denominator). Returns the loss and its metrics."""
     log_probs = out["log_probs"]
     ratio = POLICY_RATIOS[ADVANTAGE_ESTIMATORS[args.advantage_estimator].policy_ratio]
     log_ratio = ratio(log_probs, batch.old_log_probs, batch.mask, batch.lengths)
     terms = clipped_surrogate(log_ratio, batch.advantages, args.eps_clip, args.eps_clip_high, args.eps_clip_c)
     pg = terms["loss"] * batch.is_weights if batch.is_weights is not None else terms["loss"]
-    pg = pg * batch.is_masks if batch.is_masks is not None else pg
+    if batch.is_masks is not None:
+        keep, unmasked = batch.is_masks, reduce
+        reduce = lambda x: unmasked(x * keep)  # noqa: E731 - the same reducer over the kept tokens
     if batch.pg_reducer is not None:  # a reducer returns the micro-batch sum; the normaliser makes it a share
+        pg = pg * batch.is_masks if batch.is_masks is not None else pg
         pg_loss = batch.pg_reducer(pg) / batch.normalizer
     else:
         pg_loss = reduce(pg)

@@ -497,8 +497,8 @@ def test_micro_batch_loss_matches_reference(per_token, reducer):
             pg = ref_surrogate(ratio, cols["adv"][i][t], 0.2, 0.28, None)[0] * cols["w"][i][t] * cols["keep"][i][t]
             log_r = cols["ref"][i][t] - cols["lp"][i][t]
             pg_i += pg * m
-            ent_i += cols["ent"][i][t] * m
-            kl_i += (math.exp(log_r) - 1 - log_r) * m
+            ent_i += cols["ent"][i][t] * m * cols["keep"][i][t]  # MIS-rejected tokens leave every term
+            kl_i += (math.exp(log_r) - 1 - log_r) * m * cols["keep"][i][t]
         if reducer:
             pg_sum += pg_i if per_token else pg_i / 16
         else:

@@ -318,3 +318,39 @@ def test_slime_style_data_sources_save_and_load_themselves(tmp_path):
     fresh = SlimeStyleDataSource(None, tmp_path)
     load_data_source(fresh, tmp_path, 4)
     assert fresh.position == 17
+
+
+def test_keep_when_insufficient_keeps_rejected_groups_instead_of_sampling_more(
+    engine_behind_router, tiny_model_path, tmp_path
+):
+    """As in slime: with exactly --rollout-batch-size prompts out, every group is needed, so groups the filter
+    rejects with keep_when_insufficient stay in the step and no further prompt is sampled."""
+    from slime.rollout.sglang_rollout import generate_rollout
+
+    args, source = _setup(
+        engine_behind_router,
+        tiny_model_path,
+        tmp_path,
+        "--rollout-batch-size",
+        "4",
+        "--dynamic-sampling-filter-path",
+        "tests.custom_hooks:keep_even_groups_with_fallback",
+    )
+    out = generate_rollout(args, 0, source)
+    m = out.metrics
+    assert m["rollout/kept_groups"] == 4 and m["rollout/submitted_groups"] == 4 and m["rollout/dropped_groups"] == 0
+    assert sorted(g[0].group_index % 2 for g in out.samples) == [0, 0, 1, 1]
+
+
+def test_filter_verdict_keeps_an_insufficient_rejection_only_while_needed():
+    from types import SimpleNamespace
+
+    from slime.rollout.filter_hub.base_types import DynamicFilterOutput
+    from slime.rollout.sglang_rollout import _filter_verdict
+
+    def reject(args, group):
+        return DynamicFilterOutput(keep=False, reason="zero_std_0.0", keep_when_insufficient=True)
+
+    args = SimpleNamespace(dynamic_sampling_filter_path="f")
+    assert _filter_verdict(reject, args, [Sample()], alive=4, target=4) == (True, None)
+    assert _filter_verdict(reject, args, [Sample()], alive=5, target=4) == (False, "zero_std_0.0")
