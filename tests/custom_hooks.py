@@ -171,3 +171,16 @@ class SlimeStyleDataSource:
 
     def load(self, rollout_id=None):
         self.position = int((self.folder / f"state_{rollout_id}.txt").read_text())
+
+
+def slime_signature_tis(args, *, pg_loss, train_log_probs, rollout_log_probs, loss_masks, **kwargs):
+    """A TIS/MIS hook with slime's signature: clipped importance weights, and tokens with a ratio above 1.5
+    rejected."""
+    import torch
+
+    ratio = torch.exp(torch.cat(train_log_probs) - torch.cat(rollout_log_probs))
+    keep = [
+        (torch.exp(t - r) <= 1.5).to(m.dtype) * m
+        for t, r, m in zip(train_log_probs, rollout_log_probs, loss_masks, strict=True)
+    ]
+    return pg_loss * ratio.clamp(0.0, 2.0), keep, {"tis": ratio.detach()}

@@ -27,7 +27,7 @@ from slime.algorithms.corrections import importance_weights
 from slime.algorithms.losses import KL_ESTIMATORS
 from slime.sync.syncer import WeightSyncer
 from slime.trainer import checkpoint
-from slime.trainer.loss import MicroBatch, critic_loss, micro_batch_loss
+from slime.trainer.loss import MicroBatch, critic_loss, micro_batch_loss, takes_pg_loss
 from slime.trainer.models import dropout_overrides, load_critic, load_policy
 from slime.trainer.optimizer import build_optimizer
 from slime.trainer.packing import forward_log_probs, forward_values, rank_shares, split_micro_batches
@@ -207,6 +207,8 @@ class TrainActor:
                 "--use-tis/--use-mis/--custom-tis-function-path need the engine's log-prob of every response token "
                 "(Sample.rollout_log_probs); the rollout returned samples without them"
             )
+        if self.hooks["tis"] is not None and takes_pg_loss(self.hooks["tis"]):
+            return None, None, {}  # slime's signature: applied inside the loss, per micro-batch
         fn = self.hooks["tis"] or importance_weights
         return fn(
             a, train_log_probs=cols.old_log_probs, rollout_log_probs=cols.rollout_log_probs, loss_masks=cols.loss_masks
@@ -331,6 +333,8 @@ class TrainActor:
             old_values=take(cols.values),
             is_metrics={k: take(v) for k, v in is_metrics.items()},
             custom_loss_fn=self.hooks["custom_loss_fn"],
+            tis_hook=self.hooks["tis"] if self.hooks["tis"] and takes_pg_loss(self.hooks["tis"]) else None,
+            total_lengths=[len(data.tokens[i]) for i in mb] if mb else [len(PAD_PASS[0])],
         )
         if self.hooks["pg_reducer"] is not None:
             keep = batch.is_masks if batch.is_masks is not None else batch.mask

@@ -37,10 +37,42 @@ class MicroBatch:
     is_metrics: dict[str, torch.Tensor] = field(default_factory=dict)  # per-token mismatch metrics
     pg_reducer: Callable | None = None  # --custom-pg-loss-reducer-function-path, built for this micro-batch
     custom_loss_fn: Callable | None = None  # --custom-loss-function-path
+    tis_hook: Callable | None = None  # a --custom-tis-function-path with slime's signature (see `slime_tis`)
+    total_lengths: list[int] = field(default_factory=list)  # prompt + response tokens per sample
 
     def as_dict(self) -> dict[str, Any]:
         """The fields as the dict a --custom-loss-function-path hook receives (slime's batch is a dict)."""
         return {f.name: getattr(self, f.name) for f in fields(self)}
+
+
+def takes_pg_loss(fn: Callable) -> bool:
+    """Whether a --custom-tis-function-path hook has slime's signature (it corrects the per-token policy loss of each
+    micro-batch) rather than this project's (it returns importance weights and masks for the whole rollout)."""
+    import inspect
+
+    return "pg_loss" in inspect.signature(fn).parameters
+
+
+def slime_tis(args: Any, batch: MicroBatch, pg: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, dict]:
+    """Call a slime-signature TIS/MIS hook: fn(args, pg_loss=[R], train_log_probs, rollout_log_probs, loss_masks
+    (lists of per-sample tensors), total_lengths, response_lengths) -> (pg_loss [R], kept masks per sample,
+    {name: [R] metric}). Returns the corrected loss, the kept mask [R] and the metrics."""
+    if batch.rollout_log_probs is None:
+        raise ValueError("--custom-tis-function-path needs the engine's log-prob of every response token")
+
+    def split(x: torch.Tensor) -> list[torch.Tensor]:
+        return list(x.split(batch.lengths))
+
+    pg, masks, metrics = batch.tis_hook(
+        args,
+        pg_loss=pg,
+        train_log_probs=split(batch.old_log_probs),
+        rollout_log_probs=split(batch.rollout_log_probs),
+        loss_masks=split(batch.mask),
+        total_lengths=batch.total_lengths,
+        response_lengths=batch.lengths,
+    )
+    return pg, torch.cat([m.to(pg.dtype) for m in masks]), dict(metrics or {})
 
 
 def make_reduce(batch: MicroBatch, args: Any) -> Reduce:
@@ -57,11 +89,13 @@ def policy_loss(args: Any, batch: MicroBatch, out: dict[str, torch.Tensor], redu
     log_ratio = ratio(log_probs, batch.old_log_probs, batch.mask, batch.lengths)
     terms = clipped_surrogate(log_ratio, batch.advantages, args.eps_clip, args.eps_clip_high, args.eps_clip_c)
     pg = terms["loss"] * batch.is_weights if batch.is_weights is not None else terms["loss"]
-    if batch.is_masks is not None:
-        keep, unmasked = batch.is_masks, reduce
+    keep, unmasked, tis_metrics = batch.is_masks, reduce, {}
+    if batch.tis_hook is not None:
+        pg, keep, tis_metrics = slime_tis(args, batch, pg)
+    if keep is not None:
         reduce = lambda x: unmasked(x * keep)  # noqa: E731 - the same reducer over the kept tokens
     if batch.pg_reducer is not None:  # a reducer returns the micro-batch sum; the normaliser makes it a share
-        pg = pg * batch.is_masks if batch.is_masks is not None else pg
+        pg = pg * keep if keep is not None else pg
         pg_loss = batch.pg_reducer(pg) / batch.normalizer
     else:
         pg_loss = reduce(pg)
@@ -73,6 +107,7 @@ def policy_loss(args: Any, batch: MicroBatch, out: dict[str, torch.Tensor], redu
         "ppo_kl": reduce(terms["ppo_kl"]),
         "entropy": entropy,
     }
+    metrics |= {name: unmasked(value) for name, value in tis_metrics.items()}  # over every loss token, as slime
     if batch.ref_log_probs is not None:
         per_token = KL_ESTIMATORS[args.kl_loss_type](log_probs, batch.ref_log_probs)
         if getattr(args, "use_unbiased_kl", False):  # samples come from pi_old: importance-weight to pi

@@ -557,3 +557,42 @@ def test_unbiased_kl_weights_the_kl_loss_by_the_importance_ratio():
             total += math.exp(lp[i][t] - d["old"][i][t]) * (math.exp(log_r) - 1 - log_r) * k
         want += total / max(sum(m), 1)
     assert shares["kl_loss"] == pytest.approx(want / len(d["lengths"]), rel=1e-10)
+
+
+def test_a_slime_signature_tis_hook_equals_the_same_correction_given_as_weights_and_masks():
+    """slime's --custom-tis-function-path contract (per micro-batch, on the policy loss) gives the loss and metrics
+    of the same weights and rejections applied as this project's is_weights / is_masks."""
+    from slime.trainer.loss import MicroBatch, micro_batch_loss
+    from tests.custom_hooks import slime_signature_tis
+
+    d = ragged_batch(21)
+    rng = random.Random(22)
+    lengths = d["lengths"]
+    lp = [[rng.gauss(-1, 0.5) for _ in range(n)] for n in lengths]
+    rollout = [[o + rng.gauss(0, 0.5) for o in row] for row in d["old"]]
+    common = dict(
+        mask=flat(d["masks"]),
+        lengths=lengths,
+        normalizer=float(len(lengths)),
+        advantages=flat([[rng.gauss(0, 1) for _ in range(n)] for n in lengths]),
+        old_log_probs=flat(d["old"]),
+        ref_log_probs=flat([[rng.gauss(-1, 0.5) for _ in range(n)] for n in lengths]),
+        rollout_log_probs=flat(rollout),
+    )
+    ratio = torch.exp(flat(d["old"]) - flat(rollout))
+    hooked = MicroBatch(**common, tis_hook=slime_signature_tis, total_lengths=[n + 3 for n in lengths])
+    given = MicroBatch(**common, is_weights=ratio.clamp(0.0, 2.0), is_masks=(ratio <= 1.5).double())
+    out = {"log_probs": flat(lp), "entropy": flat(lp)}
+    args = loss_args()
+    loss_a, shares_a = micro_batch_loss(args, hooked, out)
+    loss_b, shares_b = micro_batch_loss(args, given, out)
+    assert 0 < float((ratio > 1.5).double().mean()) < 1  # some tokens rejected, not all
+    assert loss_a.item() == pytest.approx(loss_b.item(), rel=1e-12)
+    for key in ("pg_loss", "entropy", "kl_loss", "pg_clipfrac"):
+        assert shares_a[key] == pytest.approx(shares_b[key], rel=1e-12)
+    want_tis = sum(
+        sum(math.exp(o - r) * k for o, r, k in zip(d["old"][i], rollout[i], d["masks"][i], strict=True))
+        / max(sum(d["masks"][i]), 1)
+        for i in range(len(lengths))
+    ) / len(lengths)
+    assert shares_a["tis"] == pytest.approx(want_tis, rel=1e-10)  # metrics over every loss token

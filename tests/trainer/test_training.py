@@ -122,6 +122,13 @@ def _synthetic_batch(n: int, seed: int = 0, rollout_log_probs: bool = False) -> 
 
 ALGORITHMS = {
     "grpo, KL loss": ["--use-kl-loss", "--kl-loss-coef", "0.1", "--entropy-coef", "0.01"],
+    "grpo, slime-signature TIS hook": [
+        "--custom-tis-function-path",
+        "tests.custom_hooks:slime_signature_tis",
+        "--use-kl-loss",
+        "--kl-loss-coef",
+        "0.1",
+    ],
     "grpo, KL loss, per token": ["--use-kl-loss", "--kl-loss-coef", "0.1", "--calculate-per-token-loss"],
     "ppo, KL reward, TIS + MIS": [
         "--advantage-estimator",
