@@ -41,23 +41,17 @@ def dropout_overrides(path: str, attention: float | None, hidden: float | None) 
 def checkpoint_layers(model: torch.nn.Module, layer_classes: set[str], which: str | int) -> int:
     """Activation checkpointing (`--recompute-granularity full`): decoder layers keep no activations in forward and
     are recomputed in backward; `which` is "all" or the number of leading layers (`--recompute-method block`).
-    Returns how many layers were wrapped. Applied before FSDP2 sharding."""
-    from functools import partial
-
-    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import (
-        CheckpointImpl,
-        apply_activation_checkpointing,
-        checkpoint_wrapper,
-    )
-
-    layers = [m for m in model.modules() if type(m).__name__ in layer_classes]
-    chosen = {id(m) for m in (layers if which == "all" else layers[: int(which)])}
-    apply_activation_checkpointing(
-        model,
-        checkpoint_wrapper_fn=partial(checkpoint_wrapper, checkpoint_impl=CheckpointImpl.NO_REENTRANT),
-        check_fn=lambda m: id(m) in chosen,
-    )
-    return len(chosen)
+    Returns how many layers recompute. Uses transformers' own per-layer switch, which checkpoints `forward` (FSDP2's
+    hooks stay outside) and leaves parameter names unchanged, so weight sync and checkpoints see the same names."""
+    enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
+    enable({"use_reentrant": False})
+    layers = [m for m in model.modules() if type(m).__name__ in layer_classes and hasattr(m, "gradient_checkpointing")]
+    if not layers:
+        raise ValueError(f"--recompute-granularity full: no checkpointable decoder layers in {type(model).__name__}")
+    keep = len(layers) if which == "all" else int(which)
+    for layer in layers[keep:]:
+        layer.gradient_checkpointing = False
+    return min(keep, len(layers))
 
 
 def load_policy(

@@ -330,7 +330,8 @@ def test_every_estimator_runs_the_loop(name, ray_cluster, tiny_model_path, tiny_
 def test_weights_sync_every_n_rollouts_from_a_start_id(ray_cluster, tiny_model_path, tmp_path):
     """--start-rollout-id 1 --update-weights-interval 2 over --num-rollout 5: rollouts 1-4 run, the weights reach
     the engine after rollouts 1 and 3 and after the last, and each rollout records the version it was generated
-    with."""
+    with. The trainer recomputes activations (slime's recompute flags), which must not rename the weights it
+    syncs."""
     from slime.train import train
 
     out = tmp_path / "run"
@@ -339,7 +340,8 @@ def test_weights_sync_every_n_rollouts_from_a_start_id(ray_cluster, tiny_model_p
         "--custom-rm-path tests.custom_hooks.token_reward --rollout-batch-size 2 --n-samples-per-prompt 4 "
         f"--rollout-max-response-len 8 --num-rollout 5 --lr 0.01 --output-dir {out} "
         "--start-rollout-id 1 --update-weights-interval 2 "
-        "--rollout-function-path tests.custom_hooks:groups_only_rollout"
+        "--rollout-function-path tests.custom_hooks:groups_only_rollout "
+        "--recompute-granularity full --recompute-method uniform --recompute-num-layers 1"  # names survive the sync
     )
     train(parse_args(flags.split()))
     steps = [json.loads(x) for x in open(out / "metrics.jsonl")]
