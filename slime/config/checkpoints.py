@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
+from slime.config.checks import flag
+
 
 def add_checkpoint_arguments(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("checkpoints and faults")
@@ -78,6 +80,6 @@ def validate_checkpoints(args: Any, parser: argparse.ArgumentParser) -> None:
             parser.error(f"--save-hf {args.save_hf!r}: the only placeholder allowed is {{rollout_id}} ({exc})")
     if args.max_nan_steps < 0:
         parser.error("--max-nan-steps must be >= 0")
-    for flag in ("rollout_health_check_interval", "rollout_health_check_timeout"):
-        if getattr(args, flag) <= 0:
-            parser.error(f"--{flag.replace('_', '-')} must be > 0 seconds")
+    for dest in ("rollout_health_check_interval", "rollout_health_check_timeout"):
+        if getattr(args, dest) <= 0:
+            parser.error(f"{flag(dest)} must be > 0 seconds")

@@ -12,7 +12,8 @@ import argparse
 import os
 from typing import Any
 
-from slime.engine.options import add_train_arguments
+from slime.config.checks import require_at_least_one
+from slime.engine.options import ENGINE_OPTIONS, add_train_arguments
 
 
 class PlacementError(ValueError):
@@ -73,12 +74,15 @@ def add_cluster_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def validate_cluster(args: Any, parser: argparse.ArgumentParser) -> None:
-    for flag in ("rollout_num_engines",):
-        if getattr(args, flag) < 1:
-            parser.error(f"--{flag.replace('_', '-')} must be at least 1, got {getattr(args, flag)}")
-    for flag in ("rollout_num_gpus", "sglang_max_running_requests", "sglang_chunked_prefill_size", "sglang_page_size"):
-        if getattr(args, flag) is not None and getattr(args, flag) < 1:
-            parser.error(f"--{flag.replace('_', '-')} must be at least 1, got {getattr(args, flag)}")
+    require_at_least_one(
+        args,
+        parser,
+        "rollout_num_engines",
+        "rollout_num_gpus",
+        "sglang_max_running_requests",
+        "sglang_chunked_prefill_size",
+        "sglang_page_size",
+    )
     fraction = args.sglang_mem_fraction_static
     if fraction is not None and not 0 < fraction <= 1:
         parser.error(f"--sglang-mem-fraction-static must be in (0, 1], got {fraction}")
@@ -150,10 +154,10 @@ def settle_engine_options(args: Any) -> None:
         args.sglang_max_running_requests = 256 if on_gpu else 64
     if args.sglang_mem_fraction_static is None:
         args.sglang_mem_fraction_static = 0.6 if args.colocate else 0.35 if args.engines_share_trainer_gpus else 0.85
-    args.rollout_engine_backend = args.rollout_engine_backend or "auto"
     args.sglang_chunked_prefill_size = args.sglang_chunked_prefill_size or (8192 if on_gpu else 4096)
-    args.sglang_page_size = args.sglang_page_size or 16
-    args.sglang_cuda_graph_max_bs = args.sglang_cuda_graph_max_bs or 512
+    for option in ENGINE_OPTIONS:  # the rest: the server's own default, from the one table
+        if option.train_flag and getattr(args, option.train_dest) is None:
+            setattr(args, option.train_dest, option.default)
 
 
 def settle_router(args: Any) -> None:

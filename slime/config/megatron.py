@@ -20,6 +20,8 @@ import logging
 import os
 from typing import Any
 
+from slime.config.checks import flag
+
 # value flags of Megatron's model description, with the Hugging Face config key they must agree with (None: no key)
 ARCHITECTURE_VALUES: dict[str, str | None] = {
     "num_layers": "num_hidden_layers",
@@ -141,10 +143,6 @@ SGLANG_VALUES = (
 SGLANG_SWITCHES = ("sglang_enable_dp_attention", "sglang_enable_dp_lm_head", "sglang_disable_overlap_schedule")
 
 
-def _flag(dest: str) -> str:
-    return "--" + dest.replace("_", "-")
-
-
 def add_megatron_arguments(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group(
         "slime's Megatron and SGLang flags",
@@ -174,13 +172,13 @@ def add_megatron_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--sequence-parallel", action="store_true", help="Megatron sequence parallelism (inert at TP 1)")
     g.add_argument("--enable-mtp-training", action="store_true", help="multi-token prediction training (refused)")
     for dest in PARALLEL_SIZES:
-        g.add_argument(_flag(dest), type=int, default=1, help="Megatron parallel size; only 1 is supported here")
+        g.add_argument(flag(dest), type=int, default=1, help="Megatron parallel size; only 1 is supported here")
     for dest in ARCHITECTURE_VALUES:
-        g.add_argument(_flag(dest), default=None, help="Megatron model description (checked against config.json)")
+        g.add_argument(flag(dest), default=None, help="Megatron model description (checked against config.json)")
     for dest in KERNEL_VALUES + SGLANG_VALUES:
-        g.add_argument(_flag(dest), default=None, help="inert here (docs/compatibility.md)")
+        g.add_argument(flag(dest), default=None, help="inert here (docs/compatibility.md)")
     for dest in ARCHITECTURE_SWITCHES + KERNEL_SWITCHES + SGLANG_SWITCHES:
-        g.add_argument(_flag(dest), action="store_true", help="inert here (docs/compatibility.md)")
+        g.add_argument(flag(dest), action="store_true", help="inert here (docs/compatibility.md)")
     g.add_argument("--spec", nargs="*", default=None, help="Megatron layer spec (inert: the model is Hugging Face's)")
     g.add_argument("--sglang-cuda-graph-bs", type=int, nargs="*", default=None, help="inert (own graph buckets)")
 
@@ -195,7 +193,7 @@ def settle_megatron(args: Any, parser: argparse.ArgumentParser) -> None:
                 if dest == "tensor_model_parallel_size"
                 else "this trainer has no pipeline, context or expert parallelism"
             )
-            parser.error(f"{_flag(dest)} {getattr(args, dest)}: {why}; use 1")
+            parser.error(f"{flag(dest)} {getattr(args, dest)}: {why}; use 1")
     if args.optimizer != "adam":
         parser.error(f"--optimizer {args.optimizer}: only adam (AdamW) is implemented")
     if args.enable_mtp_training:
@@ -203,7 +201,7 @@ def settle_megatron(args: Any, parser: argparse.ArgumentParser) -> None:
     for dest in ("attention_dropout", "hidden_dropout"):
         value = getattr(args, dest)
         if value is not None and not 0 <= value < 1:
-            parser.error(f"{_flag(dest)} must be in [0, 1), got {value}")
+            parser.error(f"{flag(dest)} must be in [0, 1), got {value}")
     args.activation_checkpointing = None  # decoder layers to recompute in backward: None, "all" or a count
     if args.recompute_granularity == "full":
         if args.recompute_method == "block":
@@ -215,15 +213,15 @@ def settle_megatron(args: Any, parser: argparse.ArgumentParser) -> None:
     if args.colocate:
         args.offload_train = args.offload_train and not args.no_offload_train
         args.offload_rollout = args.offload_rollout and not args.no_offload_rollout
-    inert = [_flag(d) for d in KERNEL_SWITCHES + SGLANG_SWITCHES if getattr(args, d)]
-    inert += [_flag(d) for d in KERNEL_VALUES + SGLANG_VALUES if getattr(args, d) is not None]
+    inert = [flag(d) for d in KERNEL_SWITCHES + SGLANG_SWITCHES if getattr(args, d)]
+    inert += [flag(d) for d in KERNEL_VALUES + SGLANG_VALUES if getattr(args, d) is not None]
     inert += ["--spec"] * (args.spec is not None) + ["--sglang-cuda-graph-bs"] * (args.sglang_cuda_graph_bs is not None)
     if args.sequence_parallel:
         inert.append("--sequence-parallel")
     if args.recompute_granularity == "selective":
         inert.append("--recompute-granularity selective")
-    architecture = [_flag(d) for d in ARCHITECTURE_SWITCHES if getattr(args, d)]
-    architecture += [_flag(d) for d in ARCHITECTURE_VALUES if getattr(args, d) is not None]
+    architecture = [flag(d) for d in ARCHITECTURE_SWITCHES if getattr(args, d)]
+    architecture += [flag(d) for d in ARCHITECTURE_VALUES if getattr(args, d) is not None]
     log = logging.getLogger("slime.config")
     if inert:
         log.warning("accepted, no effect here (docs/compatibility.md): %s", " ".join(inert))
@@ -255,5 +253,5 @@ def check_architecture(args: Any, model_path: str) -> list[str]:
         if dest == "vocab_size" and float(given) >= float(config[key]):  # Megatron pads the vocabulary
             same = True
         if not same:
-            out.append(f"{_flag(dest)} {given} ({key} {config[key]})")
+            out.append(f"{flag(dest)} {given} ({key} {config[key]})")
     return out

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
+from slime.config.checks import flag, require_at_least_one
 from slime.config.data import DEFAULT_ROLLOUT_FUNCTION
 
 HOOK_FLAGS = (
@@ -132,12 +133,15 @@ def validate_rollout(args: Any, parser: argparse.ArgumentParser) -> None:
     fails here."""
     from slime.utils.misc import load_function
 
-    for flag in ("rollout_batch_size", "n_samples_per_prompt", "num_rollout"):
-        if getattr(args, flag) < 1:
-            parser.error(f"--{flag.replace('_', '-')} must be at least 1, got {getattr(args, flag)}")
-    for flag in ("over_sampling_batch_size", "dynamic_sampling_max_prompts"):
-        if getattr(args, flag) is not None and getattr(args, flag) < 1:
-            parser.error(f"--{flag.replace('_', '-')} must be at least 1, got {getattr(args, flag)}")
+    require_at_least_one(
+        args,
+        parser,
+        "rollout_batch_size",
+        "n_samples_per_prompt",
+        "num_rollout",
+        "over_sampling_batch_size",
+        "dynamic_sampling_max_prompts",
+    )
     if args.dynamic_sampling_max_prompts is not None and args.dynamic_sampling_max_prompts < args.rollout_batch_size:
         parser.error(
             f"--dynamic-sampling-max-prompts {args.dynamic_sampling_max_prompts} is below "
@@ -173,10 +177,10 @@ def validate_rollout(args: Any, parser: argparse.ArgumentParser) -> None:
         args.rollout_top_k,
         args.rollout_max_response_len,
     )
-    for flag in HOOK_FLAGS:
-        path = getattr(args, flag, None)
+    for dest in HOOK_FLAGS:
+        path = getattr(args, dest, None)
         if path:
             try:
-                load_function(path, f"--{flag.replace('_', '-')}")
+                load_function(path, flag(dest))
             except (ImportError, ValueError, TypeError) as exc:
                 parser.error(str(exc))

@@ -6,6 +6,8 @@ import argparse
 import logging
 from typing import Any
 
+from slime.config.checks import require_at_least_one
+
 
 def add_training_arguments(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("training")
@@ -105,9 +107,9 @@ def settle_batch_plan(args: Any, parser: argparse.ArgumentParser) -> None:
             f"--num-steps-per-rollout {args.num_steps_per_rollout} = "
             f"{args.global_batch_size * args.num_steps_per_rollout}"
         )
-    for flag in ("actor_num_nodes", "actor_num_gpus_per_node", "micro_batch_size", "global_batch_size"):
-        if getattr(args, flag) < 1:
-            parser.error(f"--{flag.replace('_', '-')} must be at least 1, got {getattr(args, flag)}")
+    require_at_least_one(
+        args, parser, "actor_num_nodes", "actor_num_gpus_per_node", "micro_batch_size", "global_batch_size"
+    )
     world = args.actor_num_nodes * args.actor_num_gpus_per_node
     args.world_size = world
     if args.lr_warmup_fraction is not None:
@@ -123,9 +125,7 @@ def settle_batch_plan(args: Any, parser: argparse.ArgumentParser) -> None:
             f"ranks (--actor-num-nodes x --actor-num-gpus-per-node)"
         )
     per_rank = args.global_batch_size // world
-    for flag in ("max_tokens_per_gpu", "log_probs_max_tokens_per_gpu"):
-        if getattr(args, flag) is not None and getattr(args, flag) < 1:
-            parser.error(f"--{flag.replace('_', '-')} must be at least 1, got {getattr(args, flag)}")
+    require_at_least_one(args, parser, "max_tokens_per_gpu", "log_probs_max_tokens_per_gpu")
     if args.use_dynamic_batch_size:
         if not args.max_tokens_per_gpu:
             parser.error("--use-dynamic-batch-size needs --max-tokens-per-gpu")

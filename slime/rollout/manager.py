@@ -144,8 +144,9 @@ class RolloutManager:
             groups, metrics = out.samples, dict(out.metrics)
         else:  # a custom rollout function may return the groups alone
             groups, metrics = out, {}
-        # the standard rollout metrics for any rollout function; its own metrics take precedence
-        metrics = rollout_metrics(groups, time.monotonic() - start, key=reward_key(self.args)) | metrics | health
+        if "rollout/reward_mean" not in metrics:  # a function that returned none gets the standard ones
+            metrics = rollout_metrics(groups, time.monotonic() - start, key=reward_key(self.args)) | metrics
+        metrics |= health
         if getattr(self.data_source, "dataset", None) is not None:
             metrics.setdefault("rollout/epoch", self.data_source.epoch)
         for g in groups:
