@@ -41,15 +41,18 @@ def train(args: Settings) -> dict:
             trainer.wait_ready()
         endpoints = wait(manager.endpoints.remote(), 1800, "the rollout manager to start its engines and router")
         prompts = wait(manager.num_train_prompts.remote(), 60, "the rollout manager")
-        print(f"rollout: {prompts} prompts, engines {endpoints.engine_urls} behind {endpoints.router_url}")
-        if trainer is not None:
+        where = "no engines"
+        if endpoints.engine_urls:
+            where = f"engines {endpoints.engine_urls} behind {endpoints.router_url}"
+        print(f"rollout: {prompts} prompts, {where}")
+        if trainer is not None and not args.debug_train_only:
             trainer.call("connect_engines", endpoints.engine_urls)
             wait(manager.attach_trainer.remote(trainer.actors), 60, "the rollout manager")
         start, saved_at = resume(args, trainer, manager)
         if trainer is not None and args.offload_train:  # engines generate first: the GPU is theirs
             trainer.call("offload", what="training ranks to move to CPU")
         metrics_log = MetricsLogger(args.output_dir, resume_after=saved_at, purge_step=start if args.load else None)
-        has_eval = bool(args.eval_datasets)
+        has_eval = bool(args.eval_datasets) and not args.debug_train_only
         if has_eval and not args.skip_eval_before_train and not saved_at:  # a fresh run, not a resumed one
             last["eval_before"] = log(metrics_log, start, evaluate(args, manager, start))
         for rollout_id in tqdm(range(start, args.num_rollout), desc="rollout", unit="step", file=sys.stdout):
@@ -95,7 +98,8 @@ def step(args, rollout_id: int, trainer: TrainGroup | None, manager) -> dict:
             metrics |= trainer.call("onload", what="training ranks to move back to the GPU")[0]
         metrics |= trainer.train(rollout_id, ray.put(rollout["train_data"]))
         done = rollout_id + 1
-        if done % args.update_weights_interval == 0 or done == args.num_rollout:
+        due = done % args.update_weights_interval == 0 or done == args.num_rollout
+        if due and not args.debug_train_only:
             metrics |= sync_weights(args, trainer, manager, str(done))
         if args.offload_train:
             metrics |= trainer.call("offload", what="training ranks to move to CPU")[0]
@@ -140,7 +144,8 @@ def resume(args, trainer: TrainGroup | None, manager) -> tuple[int, float | None
         loaded = trainer.call("load", str(folder), what=f"training ranks to load {folder}")[0]
         if not loaded["optimizer_loaded"]:
             print(f"{folder}: no optimizer state loaded; AdamW starts fresh")
-        sync_weights(args, trainer, manager, meta["weight_version"] or str(rollout_id + 1))
+        if not args.debug_train_only:
+            sync_weights(args, trainer, manager, meta["weight_version"] or str(rollout_id + 1))
     print(f"resumed from {folder} in {time.monotonic() - start:.1f}s: next rollout {rollout_id + 1}")
     return rollout_id + 1, meta["saved_at"]
 

@@ -38,6 +38,13 @@ def add_algorithm_arguments(p: argparse.ArgumentParser) -> None:
         "loss; slime.algorithms.losses:dr_grpo_pg_loss_reducer is Dr. GRPO's constant normaliser",
     )
     g.add_argument(
+        "--disable-compute-advantages-and-returns",
+        action="store_false",
+        dest="compute_advantages_and_returns",
+        help="skip the behaviour-policy log-probs and the advantage estimator: for --loss-type sft_loss, or a "
+        "custom loss that needs neither (its batch then has no advantages)",
+    )
+    g.add_argument(
         "--disable-grpo-std-normalization", action="store_true", help="GRPO: only subtract the group mean reward"
     )
     g.add_argument(
@@ -153,6 +160,11 @@ def settle_algorithm(args: Any, parser: argparse.ArgumentParser) -> None:
         log.info("--advantage-estimator %s implies --normalize-advantages", args.advantage_estimator)
     if args.critic_lr is None:
         args.critic_lr = args.lr
+    if not args.compute_advantages_and_returns and args.loss_type == "policy_loss":
+        parser.error(
+            "--disable-compute-advantages-and-returns leaves the policy loss without advantages: use it with "
+            "--loss-type sft_loss or custom_loss"
+        )
     if (args.loss_type == "custom_loss") != bool(args.custom_loss_function_path):
         parser.error("--loss-type custom_loss and --custom-loss-function-path go together")
     if (args.use_tis or args.use_mis or args.custom_tis_function_path) and args.use_rollout_logprobs:

@@ -22,7 +22,7 @@ from slime.config.cluster import (
     settle_router,
     validate_cluster,
 )
-from slime.config.data import add_data_arguments, validate_data
+from slime.config.data import add_data_arguments, settle_num_rollout, validate_data
 from slime.config.eval import add_eval_arguments, settle_eval
 from slime.config.megatron import add_megatron_arguments, check_architecture, settle_megatron
 from slime.config.reward import add_reward_arguments, validate_reward
@@ -103,6 +103,7 @@ def settle(args: Settings, parser: argparse.ArgumentParser, cluster_gpus: int, r
     validate_cluster(args, parser)
     settle_megatron(args, parser)
     validate_data(args, parser)
+    settle_num_rollout(args, parser)
     validate_rollout(args, parser)
     validate_reward(args, parser)
     validate_checkpoints(args, parser)

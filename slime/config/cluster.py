@@ -90,8 +90,10 @@ def validate_cluster(args: Any, parser: argparse.ArgumentParser) -> None:
         parser.error("--colocate puts engines on the training GPUs; drop --rollout-num-gpus (or --colocate)")
     if args.sglang_router_ip and args.sglang_router_port is None:
         parser.error("--sglang-router-ip names a running router: give its --sglang-router-port too")
-    if args.colocate:  # as in slime: colocated engines and trainer take turns on the GPU
+    if args.colocate and not args.debug_train_only:  # as in slime: colocated engines and trainer take turns
         args.offload_train = args.offload_rollout = True
+    if args.debug_train_only:  # no engines to make room for
+        args.offload_train = args.offload_rollout = False
 
 
 def place(args: Any, cluster_gpus: int) -> None:

@@ -6,6 +6,8 @@ import argparse
 import json
 from typing import Any
 
+from slime.utils.mask_utils import LOSS_MASK_TYPES
+
 DEFAULT_ROLLOUT_FUNCTION = "slime.rollout.sglang_rollout.generate_rollout"
 
 
@@ -30,7 +32,19 @@ def add_data_arguments(p: argparse.ArgumentParser) -> None:
         default=None,
         help="row key holding tool definitions given to the chat template (default: the metadata's 'tools', if any)",
     )
-    g.add_argument("--apply-chat-template", action="store_true", help="format prompts with the tokenizer's template")
+    g.add_argument(
+        "--apply-chat-template",
+        action="store_true",
+        help="format prompts with the tokenizer's template (without it, chat messages stay messages for a custom "
+        "generate function or the SFT rollout)",
+    )
+    g.add_argument(
+        "--loss-mask-type",
+        default="qwen",
+        choices=LOSS_MASK_TYPES,
+        help="slime's SFT mask family; accepted for every model: the mask comes from the tokenizer's chat template "
+        "(slime.utils.mask_utils)",
+    )
     g.add_argument("--apply-chat-template-kwargs", type=json_dict, default={}, help="JSON kwargs for the template")
     g.add_argument("--rollout-shuffle", action="store_true", help="shuffle prompts, reshuffled each epoch")
     g.add_argument("--rollout-seed", type=int, default=42, help="seed of the prompt shuffle")
@@ -55,3 +69,26 @@ def validate_data(args: Any, parser: argparse.ArgumentParser) -> None:
         parser.error("--disable-rollout-global-dataset needs a --rollout-function-path that brings its own prompts")
     if args.rollout_global_dataset and not args.prompt_data:
         parser.error("--prompt-data is required (or --disable-rollout-global-dataset with a custom rollout function)")
+
+
+def settle_num_rollout(args: Any, parser: argparse.ArgumentParser) -> None:
+    """--num-epoch -> --num-rollout, counting the prompts the data source will serve (after its filters)."""
+    if args.num_epoch is None or args.num_epoch < 1 or args.rollout_batch_size < 1:
+        return  # unset, or a value validate_rollout reports
+    if not args.rollout_global_dataset:
+        parser.error(
+            "--num-epoch counts passes over --prompt-data; with --disable-rollout-global-dataset use --num-rollout"
+        )
+    from slime.data.dataset import DataError
+    from slime.rollout.data_source import training_prompts
+
+    try:
+        prompts = len(training_prompts(args))
+    except DataError as exc:
+        parser.error(str(exc))
+    args.num_rollout = args.num_epoch * prompts // args.rollout_batch_size
+    if args.num_rollout < 1:
+        parser.error(
+            f"--num-epoch {args.num_epoch} over {prompts} prompts is less than one --rollout-batch-size "
+            f"{args.rollout_batch_size}"
+        )

@@ -56,7 +56,12 @@ def add_reward_arguments(p: argparse.ArgumentParser) -> None:
 
 def validate_reward(args: Any, parser: argparse.ArgumentParser) -> None:
     """A reward type that would fail on every sample is refused before anything starts."""
-    if not args.rm_type and not args.custom_rm_path:
+    from slime.config.data import DEFAULT_ROLLOUT_FUNCTION
+
+    # a custom rollout or generate function may set Sample.reward itself, and a supervised run needs none
+    grades = args.rollout_function_path == DEFAULT_ROLLOUT_FUNCTION and not args.custom_generate_function_path
+    needs = grades and args.compute_advantages_and_returns and not args.load_debug_rollout_data
+    if needs and not args.rm_type and not args.custom_rm_path:
         parser.error("set --rm-type (e.g. math) or --custom-rm-path so samples get rewards")
     if args.rm_type == "remote_rm" and not args.rm_url:
         parser.error("--rm-type remote_rm needs --rm-url")

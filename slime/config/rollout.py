@@ -107,6 +107,35 @@ def add_rollout_arguments(p: argparse.ArgumentParser) -> None:
         help="push the trainer's weights to the engines every this many rollouts (and after the last)",
     )
     g.add_argument("--debug-rollout-only", action="store_true", help="run rollouts only (no training); report tok/s")
+    g.add_argument(
+        "--debug-train-only",
+        action="store_true",
+        help="train without engines or router: for rollout functions that generate nothing (slime.rollout.sft_rollout) "
+        "or --load-debug-rollout-data; no weight sync, no evaluation",
+    )
+    g.add_argument(
+        "--num-epoch",
+        type=int,
+        default=None,
+        help="passes over --prompt-data: sets --num-rollout to num_epoch x prompts // --rollout-batch-size",
+    )
+    g.add_argument(
+        "--save-debug-rollout-data",
+        default=None,
+        help="pickle each rollout's samples to this path, formatted with {rollout_id} "
+        "(e.g. /tmp/rollout_{rollout_id}.pkl)",
+    )
+    g.add_argument(
+        "--load-debug-rollout-data",
+        default=None,
+        help="train on the samples --save-debug-rollout-data wrote (path with {rollout_id}) instead of generating",
+    )
+    g.add_argument(
+        "--load-debug-rollout-data-subsample",
+        type=float,
+        default=None,
+        help="with --load-debug-rollout-data: keep this fraction (0-1] of the loaded groups",
+    )
     g.add_argument("--rollout-timeout", type=float, default=3600.0, help="seconds one rollout step may take")
     g.add_argument(
         "--sglang-enable-deterministic-inference",
@@ -158,6 +187,17 @@ def validate_rollout(args: Any, parser: argparse.ArgumentParser) -> None:
                 f"--rollout-max-prompt-len {args.rollout_max_prompt_len} leaves no room to generate within "
                 f"--rollout-max-context-len {ctx}: it must be at most {ctx - 1}"
             )
+    if args.debug_train_only and args.debug_rollout_only:
+        parser.error("--debug-train-only and --debug-rollout-only exclude each other")
+    if args.num_epoch is not None and args.num_epoch < 1:
+        parser.error(f"--num-epoch must be at least 1, got {args.num_epoch}")
+    sub = args.load_debug_rollout_data_subsample
+    if sub is not None and not 0 < sub <= 1:
+        parser.error(f"--load-debug-rollout-data-subsample must be in (0, 1], got {sub}")
+    for dest in ("save_debug_rollout_data", "load_debug_rollout_data"):
+        path = getattr(args, dest)
+        if path and "{rollout_id}" not in path:
+            parser.error(f"{flag(dest)} {path}: the path needs a {{rollout_id}} placeholder, one file per rollout")
     if args.start_rollout_id is not None and not 0 <= args.start_rollout_id < args.num_rollout:
         parser.error(f"--start-rollout-id {args.start_rollout_id} must be in [0, --num-rollout {args.num_rollout})")
     if args.update_weights_interval < 1:

@@ -60,6 +60,12 @@ def _rows(path: str) -> Iterator[tuple[int, Any]]:
                 yield i, DataError(f"{path}:{i}: invalid JSON ({exc.msg} at column {exc.colno})")
 
 
+def _prompt_tokens(tokenizer: Any, prompt: str | list[dict], tools: Any) -> int:
+    if isinstance(prompt, str):
+        return len(tokenizer.encode(prompt, add_special_tokens=False))
+    return len(tokenizer.apply_chat_template(prompt, tools=tools, tokenize=True, return_dict=False))
+
+
 def load_prompt_data(
     path: str,
     tokenizer: Any,
@@ -105,9 +111,6 @@ def load_prompt_data(
             messages = [{"role": "user", "content": prompt}]
         elif isinstance(prompt, list) and prompt and all(isinstance(m, dict) and "role" in m for m in prompt):
             messages = prompt
-            if not apply_chat_template:
-                reject(line, f"key {input_key!r} holds chat messages; add --apply-chat-template", "messages_no_tmpl")
-                continue
         else:
             what = "an empty list" if prompt == [] else f"a {type(prompt).__name__}"
             reject(line, f"key {input_key!r} is {what}; expected a string or a list of chat messages", "bad_prompt")
@@ -134,13 +137,15 @@ def load_prompt_data(
             continue
         metadata = dict(metadata or {})
         tools = row.get(tool_key) if tool_key else metadata.get("tools")
+        if tools is not None:  # generate functions and the SFT rollout read them here, as in slime
+            metadata.setdefault("tools", tools)
         if apply_chat_template:
             text = tokenizer.apply_chat_template(
                 messages, tools=tools, tokenize=False, add_generation_prompt=True, **(apply_chat_template_kwargs or {})
             )
-        else:
+        else:  # chat messages stay messages: for a generate function (or the SFT rollout) that renders them
             text = prompt
-        if max_prompt_len is not None and len(tokenizer.encode(text, add_special_tokens=False)) > max_prompt_len:
+        if max_prompt_len is not None and _prompt_tokens(tokenizer, text, tools) > max_prompt_len:
             skipped["over_max_prompt_len"] = skipped.get("over_max_prompt_len", 0) + 1
             continue
         metadata.setdefault("source_line", line)

@@ -54,6 +54,14 @@ def _load_kwargs(args: Any) -> dict[str, Any]:
     )
 
 
+def training_prompts(args: Any) -> PromptDataset:
+    """`--prompt-data` as the flags read it (keys, template, length filter)."""
+    keys = dict(
+        input_key=args.input_key, label_key=args.label_key, metadata_key=args.metadata_key, tool_key=args.tool_key
+    )
+    return load_prompt_data(args.prompt_data, **_load_kwargs(args), **keys)
+
+
 class RolloutDataSource(DataSource):
     """Cycles through `--prompt-data`; each epoch is reshuffled with `--rollout-seed` + epoch under
     `--rollout-shuffle`. With `--disable-rollout-global-dataset` there is no dataset and asking for prompts fails.
@@ -62,13 +70,7 @@ class RolloutDataSource(DataSource):
     def __init__(self, args: Any, dataset: PromptDataset | None = None):
         self.args = args
         if dataset is None and args.rollout_global_dataset:
-            keys = dict(
-                input_key=args.input_key,
-                label_key=args.label_key,
-                metadata_key=args.metadata_key,
-                tool_key=args.tool_key,
-            )
-            dataset = load_prompt_data(args.prompt_data, **_load_kwargs(args), **keys)
+            dataset = training_prompts(args)
         self.dataset = dataset
         self.epoch, self.offset, self.sample_index, self.group_index = 0, 0, 0, 0
         self._order = self._epoch_order()

@@ -90,8 +90,10 @@ class RolloutManager:
         self.trainer_actors: list = []  # set by attach_trainer: they push weights to a restarted engine
         self.weight_version: str | None = None  # None: engines still serve --hf-checkpoint
         self.data_source = load_function(args.data_source_path, "--data-source-path")(args)
-        self.fleet = EngineFleet(args, gpus)
-        self.fleet.on_restart = self._give_weights
+        self.fleet = None  # --debug-train-only: nothing generates
+        if not args.debug_train_only:
+            self.fleet = EngineFleet(args, gpus)
+            self.fleet.on_restart = self._give_weights
         self.rollout_fn = load_function(args.rollout_function_path, "--rollout-function-path")
         self.eval_fn = self.rollout_fn
         if args.eval_function_path:
@@ -119,10 +121,13 @@ class RolloutManager:
         logger.warning("engine at %s has weight version %s", url, self.weight_version)
 
     def endpoints(self) -> Endpoints:
-        return self.fleet.endpoints()
+        return self.fleet.endpoints() if self.fleet else Endpoints(router_url="", engine_urls=[])
 
     def num_train_prompts(self) -> int:
         return len(self.data_source)
+
+    def _watched(self, fn: Callable[[], Any]) -> tuple[Any, dict[str, float]]:
+        return self.fleet.watched(fn) if self.fleet else (fn(), {})
 
     def release_memory(self) -> dict[str, float]:
         return self.fleet.release_memory()
@@ -139,11 +144,16 @@ class RolloutManager:
         if hasattr(self.data_source, "begin_rollout"):  # the buffer filter gets the rollout id its flag promises
             self.data_source.begin_rollout(rollout_id)
         start = time.monotonic()
-        out, health = self.fleet.watched(lambda: self.rollout_fn(self.args, rollout_id, self.data_source))
+        if self.args.load_debug_rollout_data:
+            out, health = load_debug_rollout_data(self.args, rollout_id), {}
+        else:
+            out, health = self._watched(lambda: self.rollout_fn(self.args, rollout_id, self.data_source))
         if isinstance(out, RolloutFnTrainOutput):
             groups, metrics = out.samples, dict(out.metrics)
         else:  # a custom rollout function may return the groups alone
             groups, metrics = out, {}
+        if self.args.save_debug_rollout_data:
+            save_debug_rollout_data(self.args.save_debug_rollout_data, rollout_id, groups)
         if "rollout/reward_mean" not in metrics:  # a function that returned none gets the standard ones
             metrics = rollout_metrics(groups, time.monotonic() - start, key=reward_key(self.args)) | metrics
         metrics |= health
@@ -158,7 +168,7 @@ class RolloutManager:
     def eval(self, rollout_id: int) -> dict[str, Any]:
         """Every eval dataset once. Returns {"metrics": the function's own metrics plus, per dataset, reward mean,
         accuracy, pass@k and response length (slime.observe.eval_metrics)}."""
-        out, _ = self.fleet.watched(lambda: self.eval_fn(self.args, rollout_id, self.data_source, evaluation=True))
+        out, _ = self._watched(lambda: self.eval_fn(self.args, rollout_id, self.data_source, evaluation=True))
         if not isinstance(out, RolloutFnEvalOutput):
             raise TypeError(
                 f"--eval-function-path returned {type(out).__name__}; evaluation needs a "
@@ -212,3 +222,25 @@ def load_data_source(source: Any, folder: Path, rollout_id: int) -> None:
                 source.load_state_dict(pickle.load(f))
     elif hasattr(source, "load"):
         source.load(rollout_id)
+
+
+def save_debug_rollout_data(path: str, rollout_id: int, groups: list[list[Sample]]) -> None:
+    """--save-debug-rollout-data: one rollout's groups as plain dicts (a later run, or a notebook, reads them)."""
+    target = Path(path.format(rollout_id=rollout_id))
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with open(target, "wb") as f:
+        pickle.dump({"rollout_id": rollout_id, "samples": [[s.to_dict() for s in g] for g in groups]}, f)
+
+
+def load_debug_rollout_data(args: Any, rollout_id: int) -> list[list[Sample]]:
+    """--load-debug-rollout-data: the groups a run saved for `rollout_id` (a leading share of them under
+    --load-debug-rollout-data-subsample)."""
+    path = Path(args.load_debug_rollout_data.format(rollout_id=rollout_id))
+    if not path.exists():
+        raise FileNotFoundError(f"--load-debug-rollout-data: {path} does not exist (rollout {rollout_id})")
+    with open(path, "rb") as f:
+        saved = pickle.load(f)
+    groups = [[Sample.from_dict(d) for d in g] for g in saved["samples"]]
+    if args.load_debug_rollout_data_subsample is not None:
+        groups = groups[: max(1, int(len(groups) * args.load_debug_rollout_data_subsample))]
+    return groups

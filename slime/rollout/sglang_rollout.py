@@ -87,6 +87,11 @@ async def generate(args: Any, sample: Sample, sampling_params: dict[str, Any]) -
     """One response for `sample` (resuming its partial response, if any) via POST /generate on the router."""
     tokenizer = load_tokenizer(args.hf_checkpoint)
     if not sample.tokens:
+        if not isinstance(sample.prompt, str):
+            raise ValueError(
+                "the prompt is a list of chat messages, which the default generate function does not render: add "
+                "--apply-chat-template, or use a --custom-generate-function-path that handles messages"
+            )
         sample.tokens = tokenizer.encode(sample.prompt, add_special_tokens=False)
     params = dict(sampling_params)
     params["max_new_tokens"] = params["max_new_tokens"] - sample.response_length

@@ -233,9 +233,13 @@ class TrainActor:
         shares = [rank_shares(step, lengths, world, a.balance_data) for step in steps]
         everything = [[i for step in shares for i in step[r]] for r in range(world)]
         rank_tokens = [[sum(lengths[i] for i in share) for share in step] for step in shares]
-        cols = self._token_columns(data, everything)
-        cols.advantages, cols.returns = compute_advantages(torch.tensor(data.rewards), cols, a)
-        cols.is_weights, cols.is_masks, is_metrics = self._corrections(cols)
+        if a.compute_advantages_and_returns:
+            cols = self._token_columns(data, everything)
+            cols.advantages, cols.returns = compute_advantages(torch.tensor(data.rewards), cols, a)
+            cols.is_weights, cols.is_masks, is_metrics = self._corrections(cols)
+        else:  # a supervised (or custom) loss: no behaviour-policy pass, no estimator
+            cols = TokenColumns([torch.tensor(m, dtype=torch.float32) for m in data.loss_masks], old_log_probs=None)
+            is_metrics = {}
         totals: dict[str, float] = {}
         tokens, skipped_before = 0, self.skipped_steps
         for step, step_shares in zip(steps, shares, strict=True):
@@ -297,6 +301,8 @@ class TrainActor:
 
     @staticmethod
     def _advantage_stats(cols: TokenColumns) -> dict[str, float]:
+        if cols.advantages is None:
+            return {}
         mask = torch.cat(cols.loss_masks).bool()
         adv = torch.cat(cols.advantages)[mask].double()
         if not adv.numel():
