@@ -184,3 +184,8 @@ def slime_signature_tis(args, *, pg_loss, train_log_probs, rollout_log_probs, lo
         for t, r, m in zip(train_log_probs, rollout_log_probs, loss_masks, strict=True)
     ]
     return pg_loss * ratio.clamp(0.0, 2.0), keep, {"tis": ratio.detach()}
+
+
+async def token_rewards(args, samples: list[Sample], **kwargs) -> list[float]:
+    """`token_reward` for a list (slime's group-reward convention, as batched_async_rm calls it)."""
+    return [await token_reward(args, s) for s in samples]

@@ -1,7 +1,8 @@
 """Advantage estimators, registered by name (`--advantage-estimator`).
 
 Every estimator maps one rollout to per-token advantages (and, for a critic, returns). Samples arrive in rollout
-order: the `n_samples_per_prompt` responses of one prompt are consecutive (a group). All per-token inputs are lists
+order: the samples of one prompt are consecutive (a group: `n_samples_per_prompt` of them, or the sizes in
+`data.group_sizes` when a generate function returned several samples per trajectory). All per-token inputs are lists
 of B tensors, one per sample, of shape [r_i] (r_i = that sample's response length), in a `TokenColumns`
 (slime.utils.types); rewards are [B] outcome rewards.
 
@@ -49,13 +50,20 @@ def register_advantage(name: str, **needs: Any) -> Callable:
     return wrap
 
 
-def group_normalize(rewards: torch.Tensor, group_size: int, std_normalization: bool, eps: float = 1e-6) -> torch.Tensor:
+def group_normalize(
+    rewards: torch.Tensor, group_size: int | list[int], std_normalization: bool, eps: float = 1e-6
+) -> torch.Tensor:
     """Centre each group's rewards on the group mean and, optionally, divide by the group's std.
 
-    rewards: [B] with B = num_groups * group_size, groups consecutive. Returns [B].
+    rewards: [B], groups consecutive: of `group_size` each, or of the sizes listed (summing to B). Returns [B].
     The std is the unbiased sample std (n - 1 in the denominator); a group of one has std 0 and is only centred.
     A group whose rewards are all equal gets advantage 0 everywhere.
     """
+    if isinstance(group_size, list):
+        if sum(group_size) != rewards.numel():
+            raise ValueError(f"group sizes {group_size} do not add up to {rewards.numel()} rewards")
+        parts = rewards.split(group_size)
+        return torch.cat([group_normalize(p, p.numel(), std_normalization, eps) for p in parts])
     if rewards.numel() % group_size:
         raise ValueError(f"{rewards.numel()} rewards do not split into groups of {group_size}")
     grouped = rewards.reshape(-1, group_size)
@@ -65,13 +73,15 @@ def group_normalize(rewards: torch.Tensor, group_size: int, std_normalization: b
     return centred.reshape(-1)
 
 
-def group_scores(rewards: torch.Tensor, args: Any, std_normalization: bool) -> torch.Tensor:
-    """`group_normalize` over `--n-samples-per-prompt` groups, unless `--custom-reward-post-process-path` already
-    turned the rewards into scores (its returned `rewards`, as in slime, replace this step) or
-    `--disable-rewards-normalization` asks for the rewards as they are. rewards: [B]."""
+def group_scores(
+    rewards: torch.Tensor, args: Any, std_normalization: bool, group_sizes: list[int] | None = None
+) -> torch.Tensor:
+    """`group_normalize` over the prompt groups (`group_sizes`, else `--n-samples-per-prompt` each), unless
+    `--custom-reward-post-process-path` already turned the rewards into scores (its returned `rewards`, as in slime,
+    replace this step) or `--disable-rewards-normalization` asks for the rewards as they are. rewards: [B]."""
     if getattr(args, "custom_reward_post_process_path", None) or not getattr(args, "rewards_normalization", True):
         return rewards
-    return group_normalize(rewards, args.n_samples_per_prompt, std_normalization)
+    return group_normalize(rewards, group_sizes or args.n_samples_per_prompt, std_normalization)
 
 
 def discounted_returns(token_rewards: torch.Tensor, gamma: float) -> torch.Tensor:
@@ -144,7 +154,7 @@ def grpo(rewards: torch.Tensor, data: TokenColumns, args: Any) -> tuple[Tokens, 
     if args.kl_coef:
         kl = [(k * m).sum() for k, m in zip(data.kl, data.loss_masks, strict=True)]
         rewards = rewards - args.kl_coef * torch.stack(kl).to(rewards.dtype)
-    scores = group_scores(rewards, args, not args.disable_grpo_std_normalization)
+    scores = group_scores(rewards, args, not args.disable_grpo_std_normalization, data.group_sizes)
     return [
         torch.full_like(m, float(s), dtype=rewards.dtype) for s, m in zip(scores, data.loss_masks, strict=True)
     ], None
@@ -163,7 +173,7 @@ def reinforce_plus_plus(rewards: torch.Tensor, data: TokenColumns, args: Any) ->
 @register_advantage("reinforce_plus_plus_baseline", whiten=True)
 def reinforce_plus_plus_baseline(rewards: torch.Tensor, data: TokenColumns, args: Any) -> tuple[Tokens, None]:
     """REINFORCE++ with the group-mean reward as baseline: as `reinforce_plus_plus` on group-centred rewards."""
-    return reinforce_plus_plus(group_scores(rewards, args, False), data, args)
+    return reinforce_plus_plus(group_scores(rewards, args, False, data.group_sizes), data, args)
 
 
 @register_advantage("ppo", needs_critic=True)

@@ -132,7 +132,12 @@ def entropy_from_log_probs(log_p: torch.Tensor) -> torch.Tensor:
 
 
 def aggregate(
-    values: torch.Tensor, mask: torch.Tensor, lengths: list[int], per_token: bool, normalizer: float
+    values: torch.Tensor,
+    mask: torch.Tensor,
+    lengths: list[int],
+    per_token: bool,
+    normalizer: float,
+    denominators: list[float] | None = None,
 ) -> torch.Tensor:
     """Sum one micro-batch's share of a loss that is a mean over the whole global batch.
 
@@ -140,10 +145,15 @@ def aggregate(
     per_token=False (slime's default): each sample's masked token mean, summed; normalizer = samples in the global
     batch. per_token=True (`--calculate-per-token-loss`): the masked token sum; normalizer = masked tokens in the
     global batch. Summing the returned scalars over all micro-batches and ranks gives the exact global mean,
-    however the batch was split.
+    however the batch was split. `denominators` (per sample, per_token=False): divide each sample's masked token sum
+    by this instead of its own count: the loss-token count of its trajectory when one trajectory was trained as
+    several samples, so that the trajectory's token mean counts once (normalizer = trajectories in the batch).
     """
     if per_token:
         return (values * mask).sum() / normalizer
+    if denominators is not None:
+        sums = torch.stack([chunk.sum() for chunk in (values * mask).split(lengths)])
+        return (sums / values.new_tensor(denominators).clamp(min=1.0)).sum() / normalizer
     return sample_means(values, mask, lengths).sum() / normalizer
 
 

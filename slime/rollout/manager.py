@@ -29,12 +29,22 @@ def to_train_data(groups: list[list[Sample]], args: Any, post_process: Callable 
     """Flatten groups into the trainer's batch, one entry per sample in rollout order. A sample whose generation
     failed, or that a hook marked `remove_sample`, keeps its place (its group's statistics need it) but gets an
     all-zero loss mask. `post_process` is `--custom-reward-post-process-path`: `(args, samples) -> (raw_rewards,
-    rewards)`; its `rewards` reach the advantage estimator in place of the group normalisation."""
-    sizes = {len(g) for g in groups}
-    if sizes != {args.n_samples_per_prompt}:
+    rewards)`; its `rewards` reach the advantage estimator in place of the group normalisation.
+
+    Groups normally hold `--n-samples-per-prompt` samples; one whose trajectories came back as several samples
+    (`Sample.rollout_id` shared) is larger, and the batch records every group's size and each sample's trajectory."""
+    trajectories, numbers = [], {}
+    for g in groups:
+        for s in g:
+            key = ("trajectory", s.rollout_id) if s.rollout_id is not None else ("sample", id(s))
+            trajectories.append(numbers.setdefault(key, len(numbers)))
+    per_group = []
+    for g in groups:  # trajectories per group
+        per_group.append(len({("t", s.rollout_id) if s.rollout_id is not None else id(s) for s in g}))
+    if set(per_group) != {args.n_samples_per_prompt}:
         raise ValueError(
-            f"the rollout function returned groups of sizes {sorted(sizes)}; training needs groups of exactly "
-            f"--n-samples-per-prompt {args.n_samples_per_prompt}"
+            f"the rollout function returned groups of {sorted(set(per_group))} trajectories; training needs groups "
+            f"of exactly --n-samples-per-prompt {args.n_samples_per_prompt}"
         )
     samples = [s for g in groups for s in g]
     masks = []
@@ -53,6 +63,8 @@ def to_train_data(groups: list[list[Sample]], args: Any, post_process: Callable 
         rewards=rewards,
         rollout_log_probs=[list(s.rollout_log_probs or []) for s in samples],
         teacher_log_probs=[list(s.teacher_log_probs or []) for s in samples],
+        group_sizes=[len(g) for g in groups],
+        trajectories=trajectories,
     )
 
 

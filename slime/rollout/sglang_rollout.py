@@ -181,8 +181,12 @@ def sampling_seed(args: Any, sample: Sample, evaluation: bool = False) -> int:
 
 async def generate_and_rm(
     args: Any, sample: Sample, sampling_params: dict[str, Any], evaluation: bool = False
-) -> Sample:
+) -> Sample | list[Sample]:
     """Generate one sample (or resume its partial response) and grade it, unless it was aborted or failed.
+
+    A generate function may return several samples for one trajectory (agents): each is graded (unless it carries
+    a reward) and trained; they share a `rollout_id` (the original sample's index unless the function set one), so
+    the loss weighs the trajectory once, as slime does.
 
     Under `--partial-rollout --mask-offpolicy-in-partial-rollout`, the response a resumed sample brings from an
     earlier rollout (older weights) is masked out of the loss. A sample that finished in an earlier rollout comes
@@ -220,24 +224,39 @@ async def generate_and_rm(
             logger.warning("generation failed for sample %s: %s", sample.index, sample.metadata["generate_error"])
             sample.reward = args.reward_on_error
             return sample
+    if isinstance(result, list) and result and all(isinstance(s, Sample) for s in result):
+        trajectory = sample.index if sample.rollout_id is None else sample.rollout_id
+        for s in result:
+            s.rollout_id = trajectory if s.rollout_id is None else s.rollout_id
+        return list(await asyncio.gather(*(_graded(args, s, evaluation) for s in result)))
     if not isinstance(result, Sample):
+        what = "a list that is empty or holds non-Samples" if isinstance(result, list) else type(result).__name__
         raise TypeError(
-            f"{name} returned {type(result).__name__}; a generate function returns the Sample it was "
-            "given (returning several samples per trajectory is not supported)"
+            f"{name} returned {what}; a generate function returns the Sample it was given, or a non-empty "
+            "list[Sample] for one trajectory"
         )
-    if result.status == Sample.Status.PENDING:
-        result.status = Sample.Status.COMPLETED  # a custom generate function that does not set the status
-    if result.status not in (Sample.Status.ABORTED, Sample.Status.FAILED) and result.reward is None:
+    return await _graded(args, result, evaluation)
+
+
+async def _graded(args: Any, sample: Sample, evaluation: bool) -> Sample:
+    """A generated sample with its status settled and, unless it has one (or --group-rm grades the group), its
+    reward."""
+    if sample.status == Sample.Status.PENDING:
+        sample.status = Sample.Status.COMPLETED  # a custom generate function that does not set the status
+    if sample.status not in (Sample.Status.ABORTED, Sample.Status.FAILED) and sample.reward is None:
         if not getattr(args, "group_rm", False):
-            await score_sample(args, result, evaluation)
-    return result
+            await score_sample(args, sample, evaluation)
+    return sample
 
 
 async def generate_and_rm_group(
     args: Any, group: list[Sample], sampling_params: dict[str, Any], evaluation: bool = False
 ) -> list[Sample]:
-    """Generate a group, then grade it: per sample, or in one call with `--group-rm --custom-rm-path`."""
-    done = list(await asyncio.gather(*(generate_and_rm(args, s, sampling_params, evaluation) for s in group)))
+    """Generate a group, then grade it: per sample, or in one call with `--group-rm --custom-rm-path`. Trajectories
+    that came back as several samples are flattened into the group, in order."""
+    done = []
+    for out in await asyncio.gather(*(generate_and_rm(args, s, sampling_params, evaluation) for s in group)):
+        done.extend(out if isinstance(out, list) else [out])
     if getattr(args, "group_rm", False) and not any(s.status == Sample.Status.ABORTED for s in done):
         todo = [s for s in done if s.status != Sample.Status.FAILED]
         if todo and args.custom_rm_path:
@@ -282,6 +301,17 @@ def _fresh(sample: Sample) -> Sample:
         metadata=meta,
         multimodal_inputs=sample.multimodal_inputs,
     )
+
+
+def _for_buffer(group: list[Sample], partial: bool) -> list[Sample]:
+    """A group handed back unused: as it is under --partial-rollout, else (or when a trajectory came back as
+    several samples, which cannot resume) one fresh sample per trajectory."""
+    if partial and all(s.rollout_id is None for s in group):
+        return group
+    firsts: dict[Any, Sample] = {}
+    for s in group:
+        firsts.setdefault(s.rollout_id if s.rollout_id is not None else id(s), s)
+    return [_fresh(s) for s in firsts.values()]
 
 
 def _filter_verdict(
@@ -365,9 +395,7 @@ async def _train_rollout(args: Any, rollout_id: int, data_source: Any) -> Rollou
             task.cancel()
         raise
     if extra:
-        if not args.partial_rollout:
-            extra = [[_fresh(s) for s in g] for g in extra]
-        data_source.add_samples(extra)
+        data_source.add_samples([_for_buffer(g, args.partial_rollout) for g in extra])
     kept.sort(key=lambda g: g[0].index)
     metrics = {
         "rollout/submitted_groups": submitted,

@@ -30,7 +30,13 @@ from slime.trainer import checkpoint
 from slime.trainer.loss import MicroBatch, critic_loss, micro_batch_loss, takes_pg_loss
 from slime.trainer.models import dropout_overrides, load_critic, load_policy
 from slime.trainer.optimizer import build_optimizer
-from slime.trainer.packing import forward_log_probs, forward_values, rank_shares, split_micro_batches
+from slime.trainer.packing import (
+    forward_log_probs,
+    forward_values,
+    rank_shares,
+    split_micro_batches,
+    trajectory_steps,
+)
 from slime.utils.misc import load_function
 from slime.utils.types import TokenColumns, TrainBatch
 
@@ -174,6 +180,7 @@ class TrainActor:
             mine["values"] = self._per_sample(self.critic, data, indices_per_rank, values=True)
         gathered = self._gather(mine, n)
         cols = TokenColumns(
+            group_sizes=data.group_sizes or None,
             loss_masks=[torch.tensor(m, dtype=torch.float32) for m in data.loss_masks],
             rollout_log_probs=[torch.tensor(r) for r in rollout] if has_rollout else None,
             **gathered,
@@ -225,11 +232,9 @@ class TrainActor:
     def train(self, rollout_id: int, data: TrainBatch) -> dict[str, float]:
         """All optimizer steps of one rollout. Returns metrics averaged over the steps."""
         a, start, world = self.args, time.monotonic(), self.world_size
-        g, n = a.global_batch_size, len(data)
-        if n % g:
-            raise ValueError(f"the rollout has {n} samples, not a multiple of --global-batch-size {g}")
+        g = a.global_batch_size
+        steps, denominators = trajectory_steps(data, g)
         lengths = [len(t) for t in data.tokens]
-        steps = [list(range(s, s + g)) for s in range(0, n, g)]
         shares = [rank_shares(step, lengths, world, a.balance_data) for step in steps]
         everything = [[i for step in shares for i in step[r]] for r in range(world)]
         rank_tokens = [[sum(lengths[i] for i in share) for share in step] for step in shares]
@@ -245,11 +250,13 @@ class TrainActor:
         for step, step_shares in zip(steps, shares, strict=True):
             if a.calculate_per_token_loss:
                 normalizer = max(1.0, float(sum(sum(data.loss_masks[i]) for i in step)))
-            else:
-                normalizer = float(len(step))
+            else:  # trajectories in the step (samples, unless a trajectory came back as several)
+                normalizer = float(g)
             sums: dict[str, float] = {}
             for mb in self._passes(step_shares, lengths):
                 batch = self._micro_batch(data, mb, cols, is_metrics, normalizer)
+                if denominators is not None and mb:
+                    batch.denominators = [denominators[i] for i in mb]
                 tokens += sum(lengths[i] for i in mb)
                 inputs = self._inputs(data, mb)
                 out = forward_log_probs(

@@ -39,6 +39,7 @@ class MicroBatch:
     custom_loss_fn: Callable | None = None  # --custom-loss-function-path
     tis_hook: Callable | None = None  # a --custom-tis-function-path with slime's signature (see `slime_tis`)
     total_lengths: list[int] = field(default_factory=list)  # prompt + response tokens per sample
+    denominators: list[float] | None = None  # per sample: its trajectory's loss tokens (None: its own)
 
     def as_dict(self) -> dict[str, Any]:
         """The fields as the dict a --custom-loss-function-path hook receives (slime's batch is a dict)."""
@@ -77,7 +78,9 @@ def slime_tis(args: Any, batch: MicroBatch, pg: torch.Tensor) -> tuple[torch.Ten
 
 def make_reduce(batch: MicroBatch, args: Any) -> Reduce:
     """[R] per-token values -> this micro-batch's share of their global mean over loss-masked tokens."""
-    return lambda x: aggregate(x, batch.mask, batch.lengths, args.calculate_per_token_loss, batch.normalizer)
+    return lambda x: aggregate(
+        x, batch.mask, batch.lengths, args.calculate_per_token_loss, batch.normalizer, batch.denominators
+    )
 
 
 def policy_loss(args: Any, batch: MicroBatch, out: dict[str, torch.Tensor], reduce: Reduce) -> tuple:

@@ -10,6 +10,7 @@ import itertools
 import torch
 
 from slime.algorithms.losses import entropy_from_log_probs
+from slime.utils.types import TrainBatch
 
 
 def split_micro_batches(lengths: list[int], micro_batch_size: int, max_tokens: int | None) -> list[list[int]]:
@@ -135,3 +136,26 @@ def forward_values(critic: torch.nn.Module, token_lists: list[list[int]], respon
     ids, pos = pack(token_lists, device)
     rows = response_positions([len(t) for t in token_lists], response_lengths, device)
     return critic(input_ids=ids, position_ids=pos)[0, rows].float()
+
+
+def trajectory_steps(data: TrainBatch, global_batch_size: int) -> tuple[list[list[int]], list[float] | None]:
+    """The optimizer steps of one rollout: sample indices per step, `global_batch_size` trajectories each (a
+    trajectory is one sample, or the samples sharing a `Sample.rollout_id`), and, when some trajectory has several
+    samples, each sample's loss denominator: its trajectory's loss-token count, so the trajectory counts once."""
+    trajectory = data.trajectories or list(range(len(data)))
+    members: dict[int, list[int]] = {}
+    for i, t in enumerate(trajectory):
+        members.setdefault(t, []).append(i)
+    order = list(members)
+    if len(order) % global_batch_size:
+        raise ValueError(
+            f"the rollout has {len(order)} trajectories, not a multiple of --global-batch-size {global_batch_size}"
+        )
+    steps = [
+        [i for t in order[s : s + global_batch_size] for i in members[t]]
+        for s in range(0, len(order), global_batch_size)
+    ]
+    if len(order) == len(trajectory):
+        return steps, None
+    tokens = {t: float(sum(sum(data.loss_masks[i]) for i in idx)) for t, idx in members.items()}
+    return steps, [tokens[t] for t in trajectory]

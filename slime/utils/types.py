@@ -30,6 +30,9 @@ class Sample:
 
     group_index: int | None = None
     index: int | None = None
+    # the trajectory this sample belongs to: a generate function that returns several samples for one trajectory
+    # (agents, sub-agents) gets the same id on each; the loss then weighs the trajectory once. None: its own.
+    rollout_id: int | None = None
     prompt: str | list[dict[str, Any]] = ""
     tokens: list[int] = field(default_factory=list)
     multimodal_inputs: dict[str, Any] | None = None
@@ -174,6 +177,10 @@ class TrainBatch:
     rewards: list[float]  # [B] scalar rewards (after --custom-reward-post-process-path, if set)
     rollout_log_probs: list[list[float]] = field(default_factory=list)  # B x [r_i] or []: the engine's log-probs
     teacher_log_probs: list[list[float]] = field(default_factory=list)  # B x [r_i] or []: --opd-type sglang
+    # prompt groups: samples per group, in order ([] = consecutive groups of --n-samples-per-prompt)
+    group_sizes: list[int] = field(default_factory=list)
+    # [B] trajectory number of each sample: samples of one trajectory count once in the loss ([] = one each)
+    trajectories: list[int] = field(default_factory=list)
 
     def __len__(self) -> int:
         return len(self.tokens)
@@ -186,6 +193,7 @@ class TokenColumns:
 
     loss_masks: list[Any]  # 1.0 where the token counts in the loss
     old_log_probs: list[Any]  # the behaviour policy's log-prob of each token (recomputed, or the engine's)
+    group_sizes: list[int] | None = None  # samples per prompt group, in order (None: groups of --n-samples-per-prompt)
     kl: list[Any] | None = None  # KL(old || reference) estimate per token; zeros without a KL reward penalty
     ref_log_probs: list[Any] | None = None  # the frozen reference's log-probs (KL terms)
     teacher_log_probs: list[Any] | None = None  # the distillation teacher's log-probs

@@ -51,8 +51,9 @@ def test_chat_template_and_max_prompt_len(tok, write_jsonl):
     ds = load_prompt_data(path, tok, input_key="p", label_key="l", apply_chat_template=True, max_prompt_len=64)
     assert len(ds) == 1 and ds.skipped == {"over_max_prompt_len": 1}
     assert ds.samples[0].prompt.endswith("<|im_start|>assistant\n") and ds.samples[0].label == "3"
-    with pytest.raises(DataError, match="--apply-chat-template"):
-        load_prompt_data(path, tok, input_key="p", label_key="l")
+    # without the template, chat messages stay messages (for a generate function or the SFT rollout), as in slime
+    raw = load_prompt_data(path, tok, input_key="p", label_key="l")
+    assert raw.samples[0].prompt == [{"role": "user", "content": "hi"}]
 
 
 def test_parquet(tok, tmp_path):
