@@ -189,3 +189,62 @@ def slime_signature_tis(args, *, pg_loss, train_log_probs, rollout_log_probs, lo
 async def token_rewards(args, samples: list[Sample], **kwargs) -> list[float]:
     """`token_reward` for a list (slime's group-reward convention, as batched_async_rm calls it)."""
     return [await token_reward(args, s) for s in samples]
+
+
+def _record(args, **entry) -> None:
+    """Hooks below append what they saw to <output_dir>/hooks.jsonl, for tests to read back."""
+    import json
+    import os
+
+    os.makedirs(args.output_dir, exist_ok=True)
+    with open(os.path.join(args.output_dir, "hooks.jsonl"), "a") as f:
+        f.write(json.dumps(entry) + "\n")
+
+
+def remove_first_sample(args, groups: list[list[Sample]]) -> None:
+    """--rollout-sample-filter-path: leave the first sample of every group out of the loss."""
+    for g in groups:
+        g[0].remove_sample = True
+    _record(args, hook="sample_filter", groups=len(groups))
+
+
+def count_all_groups(args, groups: list[list[Sample]], data_source) -> None:
+    """--rollout-all-samples-process-path."""
+    _record(args, hook="all_samples", groups=len(groups), source=type(data_source).__name__)
+
+
+def log_rollout_myself(rollout_id, args, samples, metrics, seconds) -> bool:
+    """--custom-rollout-log-function-path: records, and asks for the standard metrics to be dropped."""
+    _record(args, hook="rollout_log", rollout_id=rollout_id, samples=len(samples), value=args.my_hook_value)
+    return True
+
+
+def log_eval_myself(rollout_id, args, data, metrics) -> bool:
+    _record(args, hook="eval_log", rollout_id=rollout_id, datasets=sorted(data))
+    return True
+
+
+def convert_like_slime(args, samples: list[Sample]) -> dict:
+    """--custom-convert-samples-to-train-data-path: slime's dict of per-sample lists."""
+    _record(args, hook="convert", samples=len(samples))
+    return {
+        "tokens": [s.tokens for s in samples],
+        "response_lengths": [s.response_length for s in samples],
+        "rewards": [float(s.reward) for s in samples],
+        "loss_masks": [s.loss_mask or [1] * s.response_length for s in samples],
+        "rollout_log_probs": [s.rollout_log_probs for s in samples],
+        "rollout_ids": [s.rollout_id for s in samples],
+    }
+
+
+def constant_advantages(args, rollout_data: dict) -> None:
+    """--custom-advantage-function-path: 0.25 on every token."""
+    import torch
+
+    rollout_data["advantages"] = [torch.full((r,), 0.25) for r in rollout_data["response_lengths"]]
+    rollout_data["returns"] = rollout_data["advantages"]
+
+
+def double_advantages(args, rollout_id: int, rollout_data: dict) -> None:
+    """--rollout-data-postprocess-path."""
+    rollout_data["advantages"] = [a * 2 for a in rollout_data["advantages"]]

@@ -77,9 +77,13 @@ def group_scores(
     rewards: torch.Tensor, args: Any, std_normalization: bool, group_sizes: list[int] | None = None
 ) -> torch.Tensor:
     """`group_normalize` over the prompt groups (`group_sizes`, else `--n-samples-per-prompt` each), unless
-    `--custom-reward-post-process-path` already turned the rewards into scores (its returned `rewards`, as in slime,
-    replace this step) or `--disable-rewards-normalization` asks for the rewards as they are. rewards: [B]."""
-    if getattr(args, "custom_reward_post_process_path", None) or not getattr(args, "rewards_normalization", True):
+    `--custom-reward-post-process-path` or `--custom-convert-samples-to-train-data-path` already turned the rewards
+    into scores (their returned `rewards`, as in slime, replace this step) or `--disable-rewards-normalization` asks
+    for the rewards as they are. rewards: [B]."""
+    hooked = getattr(args, "custom_reward_post_process_path", None) or getattr(
+        args, "custom_convert_samples_to_train_data_path", None
+    )
+    if hooked or not getattr(args, "rewards_normalization", True):
         return rewards
     return group_normalize(rewards, group_sizes or args.n_samples_per_prompt, std_normalization)
 

@@ -120,6 +120,19 @@ def add_algorithm_arguments(p: argparse.ArgumentParser) -> None:
         help="MIS: drop a whole sample with any token ratio below this",
     )
     g.add_argument("--custom-tis-function-path", default=None, help="replaces the TIS/MIS weights (corrections.py)")
+    g.add_argument(
+        "--custom-advantage-function-path",
+        default=None,
+        help="fn(args, rollout_data) -> None replacing the estimator: it sets rollout_data['advantages'] and "
+        "['returns'] (lists of [r_i] tensors) from log_probs, ref_log_probs, values, kl, rewards, loss_masks, "
+        "response_lengths, total_lengths",
+    )
+    g.add_argument(
+        "--rollout-data-postprocess-path",
+        default=None,
+        help="fn(args, rollout_id, rollout_data) -> None, called on each rank once advantages are computed; it may "
+        "change rollout_data's loss_masks, advantages and returns (every rank sees the whole rollout)",
+    )
 
     g = p.add_argument_group("on-policy distillation")
     g.add_argument(

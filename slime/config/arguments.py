@@ -90,6 +90,28 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def apply_custom_config(args: Settings, parser: argparse.ArgumentParser) -> None:
+    """--custom-config-path: a YAML mapping whose keys become attributes of args (hooks read them; a key that
+    names a flag overrides it), before anything is checked."""
+    path = getattr(args, "custom_config_path", None)
+    if not path:
+        return
+    import yaml
+
+    try:
+        with open(path) as f:
+            values = yaml.safe_load(f) or {}
+    except (OSError, yaml.YAMLError) as exc:
+        parser.error(f"--custom-config-path {path}: {exc}")
+    if not isinstance(values, dict) or not all(isinstance(k, str) and k.isidentifier() for k in values):
+        parser.error(f"--custom-config-path {path}: expected a mapping of attribute names to values")
+    log = logging.getLogger("slime.config")
+    for key, value in values.items():
+        if hasattr(args, key):
+            log.warning("--custom-config-path %s sets %s=%r over %r", path, key, value, getattr(args, key))
+        setattr(args, key, value)
+
+
 def parse_flags(argv: list[str] | None = None) -> tuple[Settings, argparse.ArgumentParser]:
     """The flags as given (argparse's own errors and --help happen here), not yet settled."""
     parser = build_parser()
@@ -100,6 +122,7 @@ def settle(args: Settings, parser: argparse.ArgumentParser, cluster_gpus: int, r
     """Check every group, derive every setting (placement for a cluster of `cluster_gpus` GPUs included) and freeze.
     Inconsistent settings exit through `parser.error` with a sentence naming the flags. `resolve_model`: turn
     --hf-checkpoint into a local folder (provisioning a built-in model once)."""
+    apply_custom_config(args, parser)
     validate_cluster(args, parser)
     settle_megatron(args, parser)
     validate_data(args, parser)

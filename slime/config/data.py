@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 from typing import Any
 
 from slime.utils.mask_utils import LOSS_MASK_TYPES
@@ -73,7 +74,16 @@ def validate_data(args: Any, parser: argparse.ArgumentParser) -> None:
 
 def settle_num_rollout(args: Any, parser: argparse.ArgumentParser) -> None:
     """--num-epoch -> --num-rollout, counting the prompts the data source will serve (after its filters)."""
+    if args.num_epoch is not None and args.num_rollout is not None:
+        logging.getLogger("slime.config").warning(
+            "--num-rollout %d and --num-epoch %d both given: --num-rollout wins (as in slime)",
+            args.num_rollout,
+            args.num_epoch,
+        )
+        return
     if args.num_epoch is None or args.num_epoch < 1 or args.rollout_batch_size < 1:
+        if args.num_rollout is None:
+            args.num_rollout = 1
         return  # unset, or a value validate_rollout reports
     if not args.rollout_global_dataset:
         parser.error(

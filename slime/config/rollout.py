@@ -20,12 +20,21 @@ HOOK_FLAGS = (
     "custom_loss_function_path",
     "custom_pg_loss_reducer_function_path",
     "custom_tis_function_path",
+    "rollout_sample_filter_path",
+    "rollout_all_samples_process_path",
+    "rollout_data_postprocess_path",
+    "custom_convert_samples_to_train_data_path",
+    "custom_rollout_log_function_path",
+    "custom_eval_rollout_log_function_path",
+    "custom_advantage_function_path",
 )
 
 
 def add_rollout_arguments(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("rollout")
-    g.add_argument("--num-rollout", type=int, default=1, help="rollout steps to run")
+    g.add_argument(
+        "--num-rollout", type=int, default=None, help="rollout steps to run (default 1, or from --num-epoch)"
+    )
     g.add_argument("--rollout-batch-size", type=int, default=8, help="prompts per rollout step")
     g.add_argument("--n-samples-per-prompt", type=int, default=1, help="responses sampled per prompt (a group)")
     g.add_argument("--rollout-max-response-len", type=int, default=1024, help="max new tokens per response")
@@ -45,6 +54,12 @@ def add_rollout_arguments(p: argparse.ArgumentParser) -> None:
         default=None,
         help="async generate(args, sample, sampling_params[, evaluation]) -> Sample, replacing the one-call default "
         "(multi-turn, tools: slime.rollout.multi_turn)",
+    )
+    g.add_argument(
+        "--custom-config-path",
+        default=None,
+        help="YAML mapping read at start: each key becomes an attribute of args for custom functions to read (a key "
+        "that names a flag overrides it)",
     )
     g.add_argument(
         "--data-source-path",
@@ -81,6 +96,36 @@ def add_rollout_arguments(p: argparse.ArgumentParser) -> None:
         "--mask-offpolicy-in-partial-rollout",
         action="store_true",
         help="--partial-rollout: leave the tokens a resumed sample brought from an earlier rollout out of the loss",
+    )
+    g.add_argument(
+        "--rollout-sample-filter-path",
+        default=None,
+        help="fn(args, groups) -> None, called on the step's kept groups: set Sample.remove_sample to leave a sample "
+        "out of the loss (it still counts in its group's reward normalisation)",
+    )
+    g.add_argument(
+        "--rollout-all-samples-process-path",
+        default=None,
+        help="fn(args, all_groups, data_source) -> None, called on every group the step generated, those dynamic "
+        "sampling dropped and those aborted included (logging, curricula)",
+    )
+    g.add_argument(
+        "--custom-convert-samples-to-train-data-path",
+        default=None,
+        help="fn(args, samples) -> dict with tokens, response_lengths, rewards, loss_masks (and optionally "
+        "rollout_log_probs, teacher_log_probs, rollout_ids): replaces the conversion of the flat sample list",
+    )
+    g.add_argument(
+        "--custom-rollout-log-function-path",
+        default=None,
+        help="fn(rollout_id, args, samples, metrics, seconds) -> bool, called on each training rollout; True drops "
+        "the standard rollout/* metrics (the function logs its own)",
+    )
+    g.add_argument(
+        "--custom-eval-rollout-log-function-path",
+        default=None,
+        help="fn(rollout_id, args, data, metrics) -> bool, called on each evaluation; True drops the standard "
+        "eval/* metrics",
     )
     g.add_argument(
         "--buffer-filter-path",

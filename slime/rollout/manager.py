@@ -68,6 +68,52 @@ def to_train_data(groups: list[list[Sample]], args: Any, post_process: Callable 
     )
 
 
+def train_batch_from_dict(data: Any, flag: str) -> TrainBatch:
+    """A slime-style train-data dict (what --custom-convert-samples-to-train-data-path returns) as a TrainBatch:
+    tokens, response_lengths, rewards and loss_masks required; rollout_log_probs, teacher_log_probs and
+    rollout_ids (samples of one trajectory share one) optional. Lengths are checked against each other."""
+    if not isinstance(data, dict):
+        raise TypeError(f"{flag} returned {type(data).__name__}; expected a dict of per-sample lists")
+    missing = [k for k in ("tokens", "response_lengths", "rewards", "loss_masks") if k not in data]
+    if missing:
+        raise KeyError(f"{flag} returned a dict without {missing}; it has {sorted(data)}")
+    n = len(data["tokens"])
+
+    def column(key: str, per_token: bool) -> list:
+        values = [list(map(float, v)) if per_token else v for v in (data.get(key) or [])]
+        if values and len(values) != n:
+            raise ValueError(f"{flag}: {key} has {len(values)} entries for {n} samples")
+        return values
+
+    lengths = [int(r) for r in data["response_lengths"]]
+    if len(lengths) != n or len(data["rewards"]) != n or len(data["loss_masks"]) != n:
+        raise ValueError(f"{flag}: tokens, response_lengths, rewards and loss_masks need {n} entries each")
+    masks = [[int(x) for x in m] for m in data["loss_masks"]]
+    for name, col in (
+        ("loss_masks", masks),
+        *((k, column(k, True)) for k in ("rollout_log_probs", "teacher_log_probs")),
+    ):
+        bad = [i for i, v in enumerate(col) if len(v) != lengths[i]]
+        if bad:
+            raise ValueError(
+                f"{flag}: {name}[{bad[0]}] has {len(col[bad[0]])} entries, response_lengths says {lengths[bad[0]]}"
+            )
+    ids = column("rollout_ids", False)
+    trajectories = []
+    if ids:
+        numbers: dict[Any, int] = {}
+        trajectories = [numbers.setdefault(i if i is not None else ("own", k), len(numbers)) for k, i in enumerate(ids)]
+    return TrainBatch(
+        tokens=[[int(t) for t in seq] for seq in data["tokens"]],
+        response_lengths=lengths,
+        loss_masks=masks,
+        rewards=[float(r) for r in data["rewards"]],
+        rollout_log_probs=column("rollout_log_probs", True),
+        teacher_log_probs=column("teacher_log_probs", True),
+        trajectories=trajectories,
+    )
+
+
 def _post_processed(out: Any, n: int, path: str) -> list[float]:
     if not (isinstance(out, tuple | list) and len(out) == 2):
         raise TypeError(
@@ -113,6 +159,18 @@ class RolloutManager:
         self.post_process = None
         if args.custom_reward_post_process_path:
             self.post_process = load_function(args.custom_reward_post_process_path, "--custom-reward-post-process-path")
+        self.hooks = {
+            name: load_function(path, flag) if path else None
+            for name, path, flag in (
+                (
+                    "convert",
+                    args.custom_convert_samples_to_train_data_path,
+                    "--custom-convert-samples-to-train-data-path",
+                ),
+                ("rollout_log", args.custom_rollout_log_function_path, "--custom-rollout-log-function-path"),
+                ("eval_log", args.custom_eval_rollout_log_function_path, "--custom-eval-rollout-log-function-path"),
+            )
+        }
 
     def attach_trainer(self, actors: list) -> None:
         """The training ranks (Ray actor handles), so a restarted engine can be given the current weights."""
@@ -166,15 +224,25 @@ class RolloutManager:
             groups, metrics = out, {}
         if self.args.save_debug_rollout_data:
             save_debug_rollout_data(self.args.save_debug_rollout_data, rollout_id, groups)
+        seconds = time.monotonic() - start
         if "rollout/reward_mean" not in metrics:  # a function that returned none gets the standard ones
-            metrics = rollout_metrics(groups, time.monotonic() - start, key=reward_key(self.args)) | metrics
-        metrics |= health
+            metrics = rollout_metrics(groups, seconds, key=reward_key(self.args)) | metrics
         if getattr(self.data_source, "dataset", None) is not None:
             metrics.setdefault("rollout/epoch", self.data_source.epoch)
+        if self.hooks["rollout_log"] is not None:
+            samples = [s for g in groups for s in g]
+            if self.hooks["rollout_log"](rollout_id, self.args, samples, metrics, seconds):
+                metrics = {}  # the function logged the rollout itself
+        metrics |= health
         for g in groups:
             for s in g:
                 s.check_alignment()
-        train_data = to_train_data(groups, self.args, self.post_process)
+        if self.hooks["convert"] is not None:
+            samples = [s for g in groups for s in g]
+            flag = "--custom-convert-samples-to-train-data-path"
+            train_data = train_batch_from_dict(self.hooks["convert"](self.args, samples), flag)
+        else:
+            train_data = to_train_data(groups, self.args, self.post_process)
         return {"samples": groups, "metrics": metrics, "train_data": train_data}
 
     def eval(self, rollout_id: int) -> dict[str, Any]:
@@ -187,6 +255,9 @@ class RolloutManager:
                 "RolloutFnEvalOutput(data={name: {'rewards': [...], 'samples': [...]}})"
             )
         metrics = dict(out.metrics)
+        log = self.hooks["eval_log"]
+        if log is not None and log(rollout_id, self.args, out.data, metrics):
+            return {"metrics": {}}  # the function logged the evaluation itself
         configs = {c.name: c for c in self.args.eval_datasets}
         for name, data in out.data.items():
             cfg = configs.get(name)

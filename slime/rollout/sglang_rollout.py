@@ -350,6 +350,7 @@ async def _train_rollout(args: Any, rollout_id: int, data_source: Any) -> Rollou
     _STATE.set(state)  # tasks created below copy this context
     kept: list[list[Sample]] = []
     extra: list[list[Sample]] = []
+    dropped: list[list[Sample]] = []
     drops: Counter[str] = Counter()
     pending: set[asyncio.Task] = set()
     submitted = resumed = 0
@@ -381,6 +382,7 @@ async def _train_rollout(args: Any, rollout_id: int, data_source: Any) -> Rollou
                 keep, reason = _filter_verdict(filt, args, group, alive, target)
                 if not keep:
                     drops[reason] += 1
+                    dropped.append(group)
                 elif len(kept) < target:
                     kept.append(group)
                 else:
@@ -394,9 +396,16 @@ async def _train_rollout(args: Any, rollout_id: int, data_source: Any) -> Rollou
         for task in pending:
             task.cancel()
         raise
+    kept.sort(key=lambda g: g[0].index)
+    if args.rollout_sample_filter_path:  # slime's per-sample hook: it sets remove_sample on the kept groups
+        load_function(args.rollout_sample_filter_path, "--rollout-sample-filter-path")(args, kept)
+    if args.rollout_all_samples_process_path:  # every group generated, before unused ones go back to the buffer
+        every = sorted(kept + dropped + extra, key=lambda g: g[0].index)
+        load_function(args.rollout_all_samples_process_path, "--rollout-all-samples-process-path")(
+            args, every, data_source
+        )
     if extra:
         data_source.add_samples([_for_buffer(g, args.partial_rollout) for g in extra])
-    kept.sort(key=lambda g: g[0].index)
     metrics = {
         "rollout/submitted_groups": submitted,
         "rollout/kept_groups": len(kept),

@@ -96,6 +96,8 @@ class TrainActor:
                 ("custom_loss_fn", args.custom_loss_function_path, "--custom-loss-function-path"),
                 ("pg_reducer", args.custom_pg_loss_reducer_function_path, "--custom-pg-loss-reducer-function-path"),
                 ("tis", args.custom_tis_function_path, "--custom-tis-function-path"),
+                ("advantage", args.custom_advantage_function_path, "--custom-advantage-function-path"),
+                ("postprocess", args.rollout_data_postprocess_path, "--rollout-data-postprocess-path"),
             ]
         }
         self.syncer: WeightSyncer | None = None
@@ -194,6 +196,52 @@ class TrainActor:
             cols.kl = [torch.zeros_like(m) for m in cols.loss_masks]
         return cols
 
+    def _rollout_data_hook(self, kind: str, data: TrainBatch, cols: TokenColumns, fn) -> tuple[Tokens, Tokens | None]:
+        """Call a slime-style hook on the rollout as a dict of per-sample lists ([r_i] tensors per token column):
+        --custom-advantage-function-path must set 'advantages' (and 'returns' for a critic);
+        --rollout-data-postprocess-path may change 'loss_masks', 'advantages' and 'returns'. Returns the
+        advantages and returns after the call; changed loss masks are written back into `cols`."""
+        flag = "--custom-advantage-function-path" if kind == "advantage" else "--rollout-data-postprocess-path"
+        n = len(data)
+        rollout_data = {
+            "tokens": data.tokens,
+            "response_lengths": data.response_lengths,
+            "total_lengths": [len(t) for t in data.tokens],
+            "rewards": list(data.rewards),
+            "loss_masks": cols.loss_masks,
+            "log_probs": cols.old_log_probs,
+            "ref_log_probs": cols.ref_log_probs,
+            "rollout_log_probs": cols.rollout_log_probs,
+            "teacher_log_probs": cols.teacher_log_probs,
+            "values": cols.values,
+            "kl": cols.kl,
+        }
+        if kind == "postprocess":
+            rollout_data |= {"advantages": cols.advantages, "returns": cols.returns}
+        fn(self.args, rollout_data)
+
+        def per_token(key: str, required: bool) -> Tokens | None:
+            value = rollout_data.get(key)
+            if value is None and not required:
+                return None
+            if not isinstance(value, list | tuple) or len(value) != n:
+                got = f"{len(value)} entries" if isinstance(value, list | tuple) else type(value).__name__
+                raise ValueError(f"{flag}: rollout_data[{key!r}] must be a list of {n} per-sample tensors, got {got}")
+            out = [torch.as_tensor(v, dtype=torch.float32) for v in value]
+            bad = [i for i, (v, r) in enumerate(zip(out, data.response_lengths, strict=True)) if v.shape != (r,)]
+            if bad:
+                i = bad[0]
+                raise ValueError(
+                    f"{flag}: rollout_data[{key!r}][{i}] has shape {tuple(out[i].shape)}, the response has "
+                    f"{data.response_lengths[i]} tokens"
+                )
+            return out
+
+        cols.loss_masks = per_token("loss_masks", True)
+        advantages = per_token("advantages", cols.old_log_probs is not None)
+        returns = per_token("returns", self.critic is not None)
+        return advantages, returns
+
     @staticmethod
     def _teacher_from_samples(data: TrainBatch) -> Tokens:
         teacher, lengths = data.teacher_log_probs or [], data.response_lengths
@@ -240,16 +288,27 @@ class TrainActor:
         rank_tokens = [[sum(lengths[i] for i in share) for share in step] for step in shares]
         if a.compute_advantages_and_returns:
             cols = self._token_columns(data, everything)
-            cols.advantages, cols.returns = compute_advantages(torch.tensor(data.rewards), cols, a)
+            if self.hooks["advantage"] is not None:
+                cols.advantages, cols.returns = self._rollout_data_hook(
+                    "advantage", data, cols, self.hooks["advantage"]
+                )
+            else:
+                cols.advantages, cols.returns = compute_advantages(torch.tensor(data.rewards), cols, a)
             cols.is_weights, cols.is_masks, is_metrics = self._corrections(cols)
         else:  # a supervised (or custom) loss: no behaviour-policy pass, no estimator
             cols = TokenColumns([torch.tensor(m, dtype=torch.float32) for m in data.loss_masks], old_log_probs=None)
             is_metrics = {}
+        if self.hooks["postprocess"] is not None:
+            hook = self.hooks["postprocess"]
+            cols.advantages, cols.returns = self._rollout_data_hook(
+                "postprocess", data, cols, lambda args, d: hook(args, rollout_id, d)
+            )
+            _, denominators = trajectory_steps(data, g, cols.loss_masks)  # the hook may have changed the masks
         totals: dict[str, float] = {}
         tokens, skipped_before = 0, self.skipped_steps
         for step, step_shares in zip(steps, shares, strict=True):
             if a.calculate_per_token_loss:
-                normalizer = max(1.0, float(sum(sum(data.loss_masks[i]) for i in step)))
+                normalizer = max(1.0, float(sum(float(cols.loss_masks[i].sum()) for i in step)))
             else:  # trajectories in the step (samples, unless a trajectory came back as several)
                 normalizer = float(g)
             sums: dict[str, float] = {}

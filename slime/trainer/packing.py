@@ -138,10 +138,14 @@ def forward_values(critic: torch.nn.Module, token_lists: list[list[int]], respon
     return critic(input_ids=ids, position_ids=pos)[0, rows].float()
 
 
-def trajectory_steps(data: TrainBatch, global_batch_size: int) -> tuple[list[list[int]], list[float] | None]:
+def trajectory_steps(
+    data: TrainBatch, global_batch_size: int, loss_masks: list | None = None
+) -> tuple[list[list[int]], list[float] | None]:
     """The optimizer steps of one rollout: sample indices per step, `global_batch_size` trajectories each (a
     trajectory is one sample, or the samples sharing a `Sample.rollout_id`), and, when some trajectory has several
-    samples, each sample's loss denominator: its trajectory's loss-token count, so the trajectory counts once."""
+    samples, each sample's loss denominator: its trajectory's loss-token count (over `loss_masks`, default the
+    batch's), so the trajectory counts once."""
+    loss_masks = data.loss_masks if loss_masks is None else loss_masks
     trajectory = data.trajectories or list(range(len(data)))
     members: dict[int, list[int]] = {}
     for i, t in enumerate(trajectory):
@@ -157,5 +161,5 @@ def trajectory_steps(data: TrainBatch, global_batch_size: int) -> tuple[list[lis
     ]
     if len(order) == len(trajectory):
         return steps, None
-    tokens = {t: float(sum(sum(data.loss_masks[i]) for i in idx)) for t, idx in members.items()}
+    tokens = {t: float(sum(float(sum(loss_masks[i])) for i in idx)) for t, idx in members.items()}
     return steps, [tokens[t] for t in trajectory]
