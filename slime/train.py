@@ -12,7 +12,7 @@ from tqdm import tqdm
 
 from slime.config.arguments import Settings, batch_plan, parse_flags, settle
 from slime.config.cluster import placement_line
-from slime.observe.metrics import MetricsLogger
+from slime.observe.metrics import MetricsLogger, start_wandb, tensorboard_dir
 from slime.ray.train_group import TrainGroup
 from slime.rollout.manager import RolloutManager
 from slime.trainer import checkpoint
@@ -51,7 +51,13 @@ def train(args: Settings) -> dict:
         start, saved_at = resume(args, trainer, manager)
         if trainer is not None and args.offload_train:  # engines generate first: the GPU is theirs
             trainer.call("offload", what="training ranks to move to CPU")
-        metrics_log = MetricsLogger(args.output_dir, resume_after=saved_at, purge_step=start if args.load else None)
+        metrics_log = MetricsLogger(
+            args.output_dir,
+            resume_after=saved_at,
+            purge_step=start if args.load else None,
+            tensorboard_dir=tensorboard_dir(args),
+            wandb_run=start_wandb(args, resumed=bool(saved_at)),
+        )
         has_eval = bool(args.eval_datasets) and not args.debug_train_only
         if has_eval and not args.skip_eval_before_train and not saved_at:  # a fresh run, not a resumed one
             last["eval_before"] = log(metrics_log, start, evaluate(args, manager, start))

@@ -25,6 +25,7 @@ from slime.config.cluster import (
 from slime.config.data import add_data_arguments, settle_num_rollout, validate_data
 from slime.config.eval import add_eval_arguments, settle_eval
 from slime.config.megatron import add_megatron_arguments, check_architecture, settle_megatron
+from slime.config.observe import add_observe_arguments, validate_observe
 from slime.config.reward import add_reward_arguments, validate_reward
 from slime.config.rollout import add_rollout_arguments, validate_rollout
 from slime.config.training import add_training_arguments, batch_plan, settle_batch_plan
@@ -86,6 +87,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_algorithm_arguments(p)
     add_reward_arguments(p)
     add_eval_arguments(p)
+    add_observe_arguments(p)
     add_megatron_arguments(p)
     return p
 
@@ -131,6 +133,7 @@ def settle(args: Settings, parser: argparse.ArgumentParser, cluster_gpus: int, r
     validate_reward(args, parser)
     validate_checkpoints(args, parser)
     settle_eval(args, parser)
+    validate_observe(args, parser)
     settle_algorithm(args, parser)
     settle_batch_plan(args, parser)
     try:

@@ -107,7 +107,6 @@ KERNEL_SWITCHES = (
     "deterministic_mode",
     "allgather_cp",
     "enable_experimental",
-    "use_tensorboard",
 )
 KERNEL_VALUES = ("attention_backend", "log_probs_chunk_size", "data_pad_size_multiplier", "model_name")
 PARALLEL_SIZES = (
@@ -139,8 +138,15 @@ SGLANG_VALUES = (
     "sglang_disaggregation_ib_device",
     "sglang_config",
     "prefill_num_servers",
+    "sglang_tool_call_parser",  # parsers of SGLang's OpenAI chat endpoint; /generate returns raw text either way
+    "sglang_reasoning_parser",
 )
-SGLANG_SWITCHES = ("sglang_enable_dp_attention", "sglang_enable_dp_lm_head", "sglang_disable_overlap_schedule")
+SGLANG_SWITCHES = (
+    "sglang_enable_dp_attention",
+    "sglang_enable_dp_lm_head",
+    "sglang_disable_overlap_schedule",
+    "sglang_disable_radix_cache",
+)
 
 
 def add_megatron_arguments(p: argparse.ArgumentParser) -> None:

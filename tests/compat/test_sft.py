@@ -81,13 +81,22 @@ def test_sft_run_trains_without_engines_and_replays_saved_rollouts(ray_cluster, 
         "--optimizer adam --lr 0.005 --lr-decay-style cosine --min-lr 1e-4 --lr-warmup-fraction 0.1 "
         f"--output-dir {out} --save-debug-rollout-data {dump}"
     )
-    train(parse_args(flags.split()))
+    logging = (  # the W&B and TensorBoard flags of slime's scripts, W&B offline (no server here)
+        f"--use-wandb --wandb-mode offline --wandb-dir {tmp_path / 'wb'} --wandb-project sft-check "
+        f"--wandb-group g1 --use-tensorboard --tb-project-name {tmp_path / 'tb'} --tb-experiment-name e1"
+    )
+    train(parse_args([*flags.split(), *logging.split()]))
     steps = [json.loads(x) for x in open(out / "metrics.jsonl")]
     assert [s["step"] for s in steps] == list(range(6))
     losses = [s["train/sft_loss"] for s in steps]
     assert losses[-1] < 0.8 * losses[0], losses
     assert not any(k.startswith("sync/") for s in steps for k in s)
     assert not any(k.startswith("train/advantage") for s in steps for k in s)
+    (run,) = (tmp_path / "wb" / "wandb").glob("offline-run-*/run-*.wandb")
+    records = run.read_bytes()  # protobuf records: keys and project names appear as plain strings
+    assert b"sft-check" in records and b"train/sft_loss" in records and b"train/grad_norm" in records
+    assert (out / "wandb_run_id").read_text() in run.name
+    assert list((tmp_path / "tb" / "e1").glob("events.out.tfevents.*"))
     saved = pickle.load(open(str(dump).format(rollout_id=0), "rb"))
     sample = saved["samples"][0][0]
     assert sample["loss_mask"].count(1) > 0 and len(sample["loss_mask"]) == sample["response_length"]

@@ -1,0 +1,63 @@
+"""Where metrics go: the JSONL file and TensorBoard always, Weights & Biases on request (slime's flags)."""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+
+def add_observe_arguments(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("logging")
+    g.add_argument(
+        "--use-tensorboard",
+        action="store_true",
+        help="accepted for slime scripts: TensorBoard events are always written (under --output-dir, or "
+        "--tb-project-name)",
+    )
+    g.add_argument(
+        "--tb-project-name",
+        default=None,
+        help="folder of the TensorBoard events (default <--output-dir>/tensorboard; slime also reads TENSORBOARD_DIR)",
+    )
+    g.add_argument("--tb-experiment-name", default=None, help="sub-folder of --tb-project-name for this run")
+    g.add_argument("--use-wandb", action="store_true", help="also log every metric to Weights & Biases")
+    g.add_argument(
+        "--wandb-mode",
+        default=None,
+        choices=["online", "offline", "disabled"],
+        help="online (default; needs the W&B server), offline (files under --wandb-dir, `wandb sync` later) or "
+        "disabled; overrides WANDB_MODE",
+    )
+    g.add_argument("--wandb-dir", default=None, help="folder of the W&B files (default <--output-dir>)")
+    g.add_argument("--wandb-key", default=None, help="API key to log in with (online mode; else the stored login)")
+    g.add_argument("--wandb-host", default=None, help="W&B server URL (self-hosted)")
+    g.add_argument("--wandb-team", default=None, help="W&B entity (team or user) owning the run")
+    g.add_argument("--wandb-project", default=None, help="W&B project (default 'slime')")
+    g.add_argument("--wandb-group", default=None, help="W&B run group; also the run name's stem")
+    g.add_argument(
+        "--disable-wandb-random-suffix",
+        action="store_false",
+        dest="wandb_random_suffix",
+        help="name the run exactly --wandb-group, without the random 6-character suffix",
+    )
+    g.add_argument(
+        "--wandb-always-use-train-step",
+        action="store_true",
+        help="accepted for slime scripts: every metric is logged at its rollout step here",
+    )
+    g.add_argument(
+        "--wandb-run-id",
+        default=None,
+        help="resume this W&B run (default: a resumed run (--load) continues the run it logged to before)",
+    )
+
+
+def validate_observe(args: Any, parser: argparse.ArgumentParser) -> None:
+    if not args.use_wandb:
+        return
+    try:
+        import wandb  # noqa: F401
+    except ImportError:
+        parser.error("--use-wandb needs the wandb package: pip install wandb")
+    if args.wandb_key is not None and not args.wandb_key.strip():
+        parser.error("--wandb-key is empty")
