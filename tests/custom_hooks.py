@@ -248,3 +248,8 @@ def constant_advantages(args, rollout_data: dict) -> None:
 def double_advantages(args, rollout_id: int, rollout_data: dict) -> None:
     """--rollout-data-postprocess-path."""
     rollout_data["advantages"] = [a * 2 for a in rollout_data["advantages"]]
+
+
+async def returns_a_number(args, sample: Sample, sampling_params: dict) -> int:
+    """A broken --custom-generate-function-path: returns something that is not a Sample."""
+    return 42

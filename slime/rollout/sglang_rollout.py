@@ -148,17 +148,17 @@ class GenerateState:
         """Each rollout starts with fresh state here; kept for slime's callers."""
 
 
-def _new_state(args: Any) -> _GenState:
-    return _GenState(asyncio.Semaphore(args.sglang_server_concurrency * args.rollout_num_engines))
+def begin_generation(args: Any) -> _GenState:
+    """A fresh generation state (concurrency limit, abort flag) for the calling task and the tasks it creates."""
+    state = _GenState(asyncio.Semaphore(args.sglang_server_concurrency * args.rollout_num_engines))
+    _STATE.set(state)
+    return state
 
 
 def _state(args: Any) -> _GenState:
     """The current rollout's state; outside one (a custom rollout calling generate_and_rm directly), a fresh one."""
     state = _STATE.get(None)
-    if state is None:
-        state = _new_state(args)
-        _STATE.set(state)
-    return state
+    return state if state is not None else begin_generation(args)
 
 
 def _generate_function(args: Any, sample: Sample) -> tuple[Callable, str]:
@@ -303,7 +303,7 @@ def _fresh(sample: Sample) -> Sample:
     )
 
 
-def _for_buffer(group: list[Sample], partial: bool) -> list[Sample]:
+def for_buffer(group: list[Sample], partial: bool) -> list[Sample]:
     """A group handed back unused: as it is under --partial-rollout, else (or when a trajectory came back as
     several samples, which cannot resume) one fresh sample per trajectory."""
     if partial and all(s.rollout_id is None for s in group):
@@ -314,7 +314,7 @@ def _for_buffer(group: list[Sample], partial: bool) -> list[Sample]:
     return [_fresh(s) for s in firsts.values()]
 
 
-def _filter_verdict(
+def filter_verdict(
     filt: Callable | None, args: Any, group: list[Sample], alive: int, target: int
 ) -> tuple[bool, str | None]:
     """(keep, why not) for a graded group. `alive`: groups kept or still generating, this one included; a rejected
@@ -346,8 +346,7 @@ async def _train_rollout(args: Any, rollout_id: int, data_source: Any) -> Rollou
     path = args.dynamic_sampling_filter_path
     filt = load_function(path, "--dynamic-sampling-filter-path") if path else None
     params = sampling_params(args)
-    state = _new_state(args)
-    _STATE.set(state)  # tasks created below copy this context
+    state = begin_generation(args)  # tasks created below copy this context
     kept: list[list[Sample]] = []
     extra: list[list[Sample]] = []
     dropped: list[list[Sample]] = []
@@ -379,7 +378,7 @@ async def _train_rollout(args: Any, rollout_id: int, data_source: Any) -> Rollou
             for i, task in enumerate(done):
                 group = task.result()
                 alive = len(kept) + len(pending) + len(done) - i  # this group and the ones not judged yet
-                keep, reason = _filter_verdict(filt, args, group, alive, target)
+                keep, reason = filter_verdict(filt, args, group, alive, target)
                 if not keep:
                     drops[reason] += 1
                     dropped.append(group)
@@ -405,7 +404,7 @@ async def _train_rollout(args: Any, rollout_id: int, data_source: Any) -> Rollou
             args, every, data_source
         )
     if extra:
-        data_source.add_samples([_for_buffer(g, args.partial_rollout) for g in extra])
+        data_source.add_samples([for_buffer(g, args.partial_rollout) for g in extra])
     metrics = {
         "rollout/submitted_groups": submitted,
         "rollout/kept_groups": len(kept),
@@ -428,7 +427,7 @@ async def _eval_rollout(args: Any, groups_by_name: dict[str, list[list[Sample]]]
             for s in (s for g in groups for s in g):
                 s.metadata["generate_function_path"] = cfg.custom_generate_function_path
         params = sampling_params(args, True, cfg)
-        _STATE.set(_new_state(args))
+        begin_generation(args)
         done = await asyncio.gather(*(generate_and_rm_group(args, g, params, evaluation=True) for g in groups))
         samples = [s for g in done for s in g]
         data[name] = {
@@ -462,6 +461,23 @@ def rollout_metrics(
     }
 
 
+def check_rollout(rollout_id: int, groups: list[list[Sample]]) -> None:
+    """Stop a rollout with nothing to learn from, naming the first error: every generation failed, or every
+    reward."""
+    samples = [s for g in groups for s in g]
+    if samples and all(s.status == Sample.Status.FAILED for s in samples):
+        first = next((s.metadata["generate_error"] for s in samples if "generate_error" in s.metadata), "no error")
+        raise RuntimeError(
+            f"rollout {rollout_id}: all {len(samples)} generations failed, nothing to learn from; the first: {first}"
+        )
+    graded = [s for s in samples if s.status not in (Sample.Status.ABORTED, Sample.Status.FAILED)]
+    if graded and all("reward_error" in s.metadata for s in graded):
+        raise RuntimeError(
+            f"rollout {rollout_id}: all {len(graded)} rewards failed, nothing to learn from; the "
+            f"first: {graded[0].metadata['reward_error']}"
+        )
+
+
 def generate_rollout(
     args: Any, rollout_id: int, data_source: Any, evaluation: bool = False
 ) -> RolloutFnTrainOutput | RolloutFnEvalOutput:
@@ -471,17 +487,6 @@ def generate_rollout(
     if evaluation:
         return run(_eval_rollout(args, eval_groups(args)), timeout=args.rollout_timeout)
     out = run(_train_rollout(args, rollout_id, data_source), timeout=args.rollout_timeout)
-    samples = [s for g in out.samples for s in g]
-    if samples and all(s.status == Sample.Status.FAILED for s in samples):
-        first = next((s.metadata["generate_error"] for s in samples if "generate_error" in s.metadata), "no error")
-        raise RuntimeError(
-            f"rollout {rollout_id}: all {len(samples)} generations failed, nothing to learn from; the first: {first}"
-        )
-    graded = [s for g in out.samples for s in g if s.status not in (Sample.Status.ABORTED, Sample.Status.FAILED)]
-    if graded and all("reward_error" in s.metadata for s in graded):
-        raise RuntimeError(
-            f"rollout {rollout_id}: all {len(graded)} rewards failed, nothing to learn from; the "
-            f"first: {graded[0].metadata['reward_error']}"
-        )
+    check_rollout(rollout_id, out.samples)
     out.metrics |= rollout_metrics(out.samples, time.monotonic() - start, key=reward_key(args))
     return out

@@ -12,7 +12,8 @@ _loop: asyncio.AbstractEventLoop | None = None
 _lock = threading.Lock()
 
 
-def _background_loop() -> asyncio.AbstractEventLoop:
+def background_loop() -> asyncio.AbstractEventLoop:
+    """The process's shared event loop (started on first use, in a daemon thread)."""
     global _loop
     with _lock:
         if _loop is None or _loop.is_closed():
@@ -23,5 +24,5 @@ def _background_loop() -> asyncio.AbstractEventLoop:
 
 def run(coro: Coroutine[Any, Any, T], timeout: float | None = None) -> T:
     """Run `coro` on the shared background loop and wait for its result (TimeoutError after `timeout` seconds)."""
-    future = asyncio.run_coroutine_threadsafe(coro, _background_loop())
+    future = asyncio.run_coroutine_threadsafe(coro, background_loop())
     return future.result(timeout)

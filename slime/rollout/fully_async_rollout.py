@@ -1,0 +1,195 @@
+"""Fully asynchronous rollout (public import path, slime's `--rollout-function-path
+slime.rollout.fully_async_rollout.generate_rollout_fully_async`).
+
+A worker keeps a fixed number of groups generating at all times, across rollout boundaries: while the trainer
+trains, generation goes on, and each rollout call takes the `--rollout-batch-size` groups that finished first, so no
+step waits for the slowest group. Groups that finish beyond what a step takes wait in a queue for the next one.
+
+- In flight: `--sglang-server-concurrency` x engines groups at most, and no more prompts are drawn while as many
+  finished groups are queued (the queue is the back-pressure).
+- A group that comes back aborted (engines pause and abort at a weight sync or a memory release) returns to the data
+  source: resumed under `--partial-rollout`, else as fresh prompts; it is never trained as it is.
+- `--dynamic-sampling-filter-path` judges each finished group; rejected groups are dropped and counted.
+- Groups in the queue were generated with the weights of their time: the staleness is visible in the samples'
+  `weight_versions` and in `rollout/weight_version_lag` (the newest minus the oldest version of the step).
+- A generate or reward function that raises (rather than failing one sample) stops the next rollout call with its
+  error; a rollout call waiting on the queue logs what it waits for every 30 s.
+- Evaluation runs the default rollout (`slime.rollout.sglang_rollout.generate_rollout`).
+
+The worker runs on the rollout process's shared event loop, one per data source. Prompts a checkpoint sees as
+served but that are still generating or queued are not part of the checkpoint: a resumed run skips them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+import threading
+import time
+from typing import Any
+
+from slime.rollout.base_types import RolloutFnTrainOutput
+from slime.rollout.scoring import reward_key
+from slime.rollout.sglang_rollout import (
+    begin_generation,
+    check_rollout,
+    filter_verdict,
+    for_buffer,
+    generate_and_rm_group,
+    generate_rollout,
+    rollout_metrics,
+    sampling_params,
+)
+from slime.utils.async_utils import background_loop, run
+from slime.utils.misc import load_function
+from slime.utils.types import Sample
+
+__all__ = ["AsyncRolloutWorker", "generate_rollout_fully_async"]
+
+logger = logging.getLogger(__name__)
+
+_workers: dict[int, AsyncRolloutWorker] = {}
+_workers_lock = threading.Lock()
+
+
+class AsyncRolloutWorker:
+    """Keeps up to `concurrency` groups generating; finished groups wait in `completed` (oldest first)."""
+
+    def __init__(self, args: Any, data_source: Any, concurrency: int):
+        self.args = args
+        self.data_source = data_source
+        self.concurrency = max(1, concurrency)
+        self.completed: collections.deque[list[Sample]] = collections.deque()
+        self.in_flight = 0
+        self.dropped: collections.Counter[str] = collections.Counter()
+        self.requeued = 0
+        self.error: BaseException | None = None
+        self.running = False
+        self._future = None
+        path = args.dynamic_sampling_filter_path
+        self._filter = load_function(path, "--dynamic-sampling-filter-path") if path else None
+
+    def start(self) -> None:
+        if self._future is None or self._future.done():
+            self.running = True
+            self._future = asyncio.run_coroutine_threadsafe(self._run(), background_loop())
+
+    def stop(self) -> None:
+        self.running = False
+        if self._future is not None:
+            self._future.cancel()
+
+    def queue_size(self) -> int:
+        return len(self.completed)
+
+    def get_completed_groups(self, limit: int | None = None) -> list[list[Sample]]:
+        """Take up to `limit` finished groups (all when None), oldest first."""
+        out = []
+        while self.completed and (limit is None or len(out) < limit):
+            out.append(self.completed.popleft())
+        return out
+
+    async def _run(self) -> None:
+        begin_generation(self.args)  # the generation tasks below copy this context
+        params = sampling_params(self.args)
+        pending: set[asyncio.Task] = set()
+        try:
+            while self.running:
+                while len(pending) < self.concurrency and len(self.completed) < self.concurrency:
+                    groups = self.data_source.get_samples(1)
+                    if not groups:
+                        break
+                    for group in groups:
+                        pending.add(asyncio.create_task(generate_and_rm_group(self.args, group, params)))
+                self.in_flight = len(pending)
+                if not pending:
+                    await asyncio.sleep(0.5)  # the data source is empty for now (e.g. a custom one)
+                    continue
+                done, pending = await asyncio.wait(pending, timeout=0.5, return_when=asyncio.FIRST_COMPLETED)
+                for task in done:
+                    self._finished(task.result())
+        except asyncio.CancelledError:
+            raise
+        except BaseException as exc:  # surfaced by the next rollout call, not lost in a log
+            self.error = exc
+            logger.exception("fully-async rollout worker stopped")
+        finally:
+            self.running = False
+            for task in pending:
+                task.cancel()
+
+    def _finished(self, group: list[Sample]) -> None:
+        if any(s.status == Sample.Status.ABORTED for s in group):
+            self.data_source.add_samples([for_buffer(group, self.args.partial_rollout)])
+            self.requeued += 1
+            return
+        # no step is waiting on this group alone, so keep_when_insufficient never applies (alive > target)
+        keep, reason = filter_verdict(self._filter, self.args, group, alive=1, target=0)
+        if keep:
+            self.completed.append(group)
+        else:
+            self.dropped[reason] += 1
+
+
+def worker_for(args: Any, data_source: Any) -> AsyncRolloutWorker:
+    """The running worker of `data_source`, started on first use."""
+    with _workers_lock:
+        worker = _workers.get(id(data_source))
+        if worker is None or worker.data_source is not data_source:
+            worker = AsyncRolloutWorker(args, data_source, args.sglang_server_concurrency * args.rollout_num_engines)
+            _workers[id(data_source)] = worker
+        if worker.error is None:
+            worker.start()
+        return worker
+
+
+async def _collect(worker: AsyncRolloutWorker, rollout_id: int, target: int) -> list[list[Sample]]:
+    groups: list[list[Sample]] = []
+    start = last_log = time.monotonic()
+    while len(groups) < target:
+        if worker.error is not None:
+            raise RuntimeError(
+                f"rollout {rollout_id}: the fully-async rollout worker stopped: {type(worker.error).__name__}: "
+                f"{worker.error}"
+            ) from worker.error
+        groups += worker.get_completed_groups(target - len(groups))
+        if len(groups) < target:
+            await asyncio.sleep(0.05)
+        if time.monotonic() - last_log > 30:
+            last_log = time.monotonic()
+            logger.info(
+                "rollout %d: %d of %d groups after %.0fs, waiting on %d generating groups (%d dropped, %d aborted "
+                "and requeued so far)",
+                rollout_id,
+                len(groups),
+                target,
+                last_log - start,
+                worker.in_flight,
+                sum(worker.dropped.values()),
+                worker.requeued,
+            )
+    return groups
+
+
+def generate_rollout_fully_async(
+    args: Any, rollout_id: int, data_source: Any, evaluation: bool = False
+) -> RolloutFnTrainOutput:
+    """`--rollout-batch-size` finished groups from the worker (started on the first call)."""
+    if evaluation:
+        return generate_rollout(args, rollout_id, data_source, evaluation=True)
+    start = time.monotonic()
+    worker = worker_for(args, data_source)
+    groups = run(_collect(worker, rollout_id, args.rollout_batch_size), timeout=args.rollout_timeout)
+    groups.sort(key=lambda g: g[0].index)
+    check_rollout(rollout_id, groups)
+    metrics = rollout_metrics(groups, time.monotonic() - start, key=reward_key(args))
+    versions = [int(v) for g in groups for s in g for v in s.weight_versions if v.isdigit()]
+    metrics |= {
+        "rollout/queued_groups": worker.queue_size(),
+        "rollout/generating_groups": worker.in_flight,
+        "rollout/requeued_groups": worker.requeued,
+        "rollout/dropped_groups": sum(worker.dropped.values()),
+        "rollout/weight_version_lag": (max(versions) - min(versions)) if versions else 0,
+    }
+    return RolloutFnTrainOutput(samples=groups, metrics=metrics)
