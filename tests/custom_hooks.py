@@ -253,3 +253,10 @@ def double_advantages(args, rollout_id: int, rollout_data: dict) -> None:
 async def returns_a_number(args, sample: Sample, sampling_params: dict) -> int:
     """A broken --custom-generate-function-path: returns something that is not a Sample."""
     return 42
+
+
+def record_entropy(args, rollout_id: int, rollout_data: dict) -> None:
+    """--rollout-data-postprocess-path under --use-rollout-entropy: records the entropy column's shape."""
+    entropy = rollout_data["entropy"]
+    ok = [tuple(e.shape) == (r,) for e, r in zip(entropy, rollout_data["response_lengths"], strict=True)]
+    _record(args, hook="entropy", all_shaped=all(ok), positive=all(bool((e > 0).all()) for e in entropy))

@@ -45,6 +45,37 @@ def add_algorithm_arguments(p: argparse.ArgumentParser) -> None:
         "custom loss that needs neither (its batch then has no advantages)",
     )
     g.add_argument(
+        "--keep-old-actor",
+        action="store_true",
+        help="compute the old (behaviour) log-probs with a frozen copy of the weights the engines serve, refreshed at "
+        "every weight sync, instead of the policy's weights at training time (they differ with "
+        "--update-weights-interval > 1)",
+    )
+    g.add_argument(
+        "--ref-update-interval",
+        type=int,
+        default=None,
+        help="every this many rollouts, the KL reference takes the policy's weights (default: never)",
+    )
+    g.add_argument(
+        "--num-critic-only-steps",
+        type=int,
+        default=0,
+        help="the first this many rollouts train only the critic (ppo), the policy stays as loaded",
+    )
+    g.add_argument(
+        "--get-mismatch-metrics",
+        action="store_true",
+        help="report how far the engine's log-probs are from the trainer's (mean |diff| and k3 KL over loss tokens), "
+        "recomputing the trainer's under --use-rollout-logprobs",
+    )
+    g.add_argument(
+        "--use-rollout-entropy",
+        action="store_true",
+        help="compute the behaviour policy's per-token entropy with the old log-probs and hand it to "
+        "--rollout-data-postprocess-path and --custom-advantage-function-path as rollout_data['entropy']",
+    )
+    g.add_argument(
         "--disable-grpo-std-normalization", action="store_true", help="GRPO: only subtract the group mean reward"
     )
     g.add_argument(
@@ -173,6 +204,17 @@ def settle_algorithm(args: Any, parser: argparse.ArgumentParser) -> None:
         log.info("--advantage-estimator %s implies --normalize-advantages", args.advantage_estimator)
     if args.critic_lr is None:
         args.critic_lr = args.lr
+    if args.ref_update_interval is not None:
+        if args.ref_update_interval < 1:
+            parser.error(f"--ref-update-interval must be at least 1, got {args.ref_update_interval}")
+        if not (args.use_kl_loss or args.kl_coef):
+            parser.error("--ref-update-interval moves the KL reference: use it with --use-kl-loss or --kl-coef")
+    if args.num_critic_only_steps < 0:
+        parser.error(f"--num-critic-only-steps must be at least 0, got {args.num_critic_only_steps}")
+    if args.num_critic_only_steps and not estimator.needs_critic:
+        parser.error(
+            f"--num-critic-only-steps trains a critic alone; --advantage-estimator {args.advantage_estimator} has none"
+        )
     if not args.compute_advantages_and_returns and args.loss_type == "policy_loss":
         parser.error(
             "--disable-compute-advantages-and-returns leaves the policy loss without advantages: use it with "

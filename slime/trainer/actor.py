@@ -28,7 +28,7 @@ from slime.algorithms.losses import KL_ESTIMATORS
 from slime.sync.syncer import WeightSyncer
 from slime.trainer import checkpoint
 from slime.trainer.loss import MicroBatch, critic_loss, micro_batch_loss, takes_pg_loss
-from slime.trainer.models import dropout_overrides, load_critic, load_policy
+from slime.trainer.models import copy_weights, dropout_overrides, load_critic, load_policy
 from slime.trainer.optimizer import build_optimizer
 from slime.trainer.packing import (
     forward_log_probs,
@@ -86,6 +86,8 @@ class TrainActor:
         needs_ref = args.use_kl_loss or args.kl_coef != 0
         self.ref_model = self._load_reference(mesh) if needs_ref else None
         self.teacher = load_policy(args.opd_teacher_load, self.device, mesh, False) if args.opd_teacher_load else None
+        # --keep-old-actor: the weights the engines serve (copied at every weight sync), for the old log-probs
+        self.old_actor = load_policy(args.hf_checkpoint, self.device, mesh, False) if args.keep_old_actor else None
         self.critic = None
         if ADVANTAGE_ESTIMATORS[args.advantage_estimator].needs_critic:
             self.critic = load_critic(args.critic_load or args.hf_checkpoint, self.device, mesh)
@@ -101,6 +103,7 @@ class TrainActor:
             ]
         }
         self.syncer: WeightSyncer | None = None
+        self._rollout_extras: dict[str, Tokens] = {}  # per-token columns only hooks and metrics read
         self.step = 0
         self.skipped_steps = 0  # optimizer steps skipped for a non-finite gradient norm, over the whole run
 
@@ -139,8 +142,11 @@ class TrainActor:
         return [data.tokens[i] for i in mb], [data.response_lengths[i] for i in mb]
 
     @torch.no_grad()
-    def _per_sample(self, model, data: TrainBatch, indices_per_rank: list[list[int]], values: bool = False) -> dict:
-        """{sample index: [r_i] log-probs (or the critic's values)} for this rank's share, no gradient."""
+    def _per_sample(
+        self, model, data: TrainBatch, indices_per_rank: list[list[int]], values: bool = False, key: str = "log_probs"
+    ) -> dict:
+        """{sample index: [r_i] log-probs (or `key` of forward_log_probs, or the critic's values)} for this rank's
+        share, no gradient."""
         lengths = [len(t) for t in data.tokens]
         out = {}
         for mb in self._passes(indices_per_rank, lengths, no_grad=True):
@@ -148,7 +154,7 @@ class TrainActor:
             if values:
                 result = forward_values(model, tokens, rlens)
             else:
-                result = forward_log_probs(model, tokens, rlens, self.args.rollout_temperature)["log_probs"]
+                result = forward_log_probs(model, tokens, rlens, self.args.rollout_temperature)[key]
             for i, chunk in zip(mb, result.split(rlens) if mb else [], strict=True):
                 out[i] = chunk.cpu()
         return out
@@ -171,16 +177,22 @@ class TrainActor:
                 "per response token; return them from the generate function or drop the flag"
             )
         mine: dict[str, dict[int, torch.Tensor]] = {}
+        behaviour = self.old_actor if self.old_actor is not None else self.model
         if a.use_rollout_logprobs:
             mine["old_log_probs"] = {i: torch.tensor(rollout[i]) for i in indices_per_rank[self.rank]}
+            if a.get_mismatch_metrics and has_rollout:  # the trainer's own view, for the mismatch metrics only
+                mine["train_log_probs"] = self._per_sample(behaviour, data, indices_per_rank)
         else:
-            mine["old_log_probs"] = self._per_sample(self.model, data, indices_per_rank)
+            mine["old_log_probs"] = self._per_sample(behaviour, data, indices_per_rank)
+        if a.use_rollout_entropy:
+            mine["entropy"] = self._per_sample(behaviour, data, indices_per_rank, key="entropy")
         for name, model in (("ref_log_probs", self.ref_model), ("teacher_log_probs", self.teacher)):
             if model is not None:
                 mine[name] = self._per_sample(model, data, indices_per_rank)
         if self.critic is not None:
             mine["values"] = self._per_sample(self.critic, data, indices_per_rank, values=True)
         gathered = self._gather(mine, n)
+        self._rollout_extras = {k: gathered.pop(k) for k in ("train_log_probs", "entropy") if k in gathered}
         cols = TokenColumns(
             group_sizes=data.group_sizes or None,
             loss_masks=[torch.tensor(m, dtype=torch.float32) for m in data.loss_masks],
@@ -215,6 +227,7 @@ class TrainActor:
             "teacher_log_probs": cols.teacher_log_probs,
             "values": cols.values,
             "kl": cols.kl,
+            **self._rollout_extras,  # the behaviour policy's entropy under --use-rollout-entropy
         }
         if kind == "postprocess":
             rollout_data |= {"advantages": cols.advantages, "returns": cols.returns}
@@ -281,6 +294,7 @@ class TrainActor:
         """All optimizer steps of one rollout. Returns metrics averaged over the steps."""
         a, start, world = self.args, time.monotonic(), self.world_size
         g = a.global_batch_size
+        critic_only = rollout_id < a.num_critic_only_steps  # --num-critic-only-steps: the policy waits
         steps, denominators = trajectory_steps(data, g)
         lengths = [len(t) for t in data.tokens]
         shares = [rank_shares(step, lengths, world, a.balance_data) for step in steps]
@@ -326,7 +340,8 @@ class TrainActor:
                     keep_logits=a.loss_type == "custom_loss",
                 )
                 loss, shares_ = micro_batch_loss(a, batch, out)
-                (loss * world).backward()  # FSDP averages gradients over ranks; the loss is a share of a global sum
+                if not critic_only:
+                    (loss * world).backward()  # FSDP averages over ranks; the loss is a share of a global sum
                 if self.critic is not None:
                     closs, cshares = critic_loss(a, batch, forward_values(self.critic, *inputs))
                     (closs * world).backward()
@@ -334,7 +349,8 @@ class TrainActor:
                 for k, v in shares_.items():
                     sums[k] = sums.get(k, 0.0) + v
             sums = self._sum_over_ranks(sums)
-            sums["grad_norm"] = self._clip_and_step(self.model, self.optimizer, self.scheduler, rollout_id)
+            if not critic_only:
+                sums["grad_norm"] = self._clip_and_step(self.model, self.optimizer, self.scheduler, rollout_id)
             if self.critic is not None:
                 sums["critic/grad_norm"] = self._clip_and_step(
                     self.critic, self.critic_optimizer, self.critic_scheduler, rollout_id
@@ -342,9 +358,11 @@ class TrainActor:
             self.step += 1
             for k, v in sums.items():
                 totals[k] = totals.get(k, 0.0) + v / len(steps)
+        if a.ref_update_interval and self.ref_model is not None and (rollout_id + 1) % a.ref_update_interval == 0:
+            copy_weights(self.model, self.ref_model)  # --ref-update-interval: the KL anchor moves to the policy
         seconds = time.monotonic() - start
         out = {(k if "/" in k else f"train/{k}"): v for k, v in totals.items()}
-        out |= self._advantage_stats(cols)
+        out |= self._advantage_stats(cols) | self._mismatch_metrics(cols)
         out.update(
             {
                 "train/lr": self.scheduler.get_last_lr()[0],
@@ -364,6 +382,20 @@ class TrainActor:
         dist.all_gather_object(parts, values)
         keys = sorted({k for p in parts for k in p})
         return {k: sum(p.get(k, 0.0) for p in parts) for k in keys}
+
+    def _mismatch_metrics(self, cols: TokenColumns) -> dict[str, float]:
+        """--get-mismatch-metrics: how far the engine's log-probs are from the trainer's, over counted tokens."""
+        if not self.args.get_mismatch_metrics or cols.rollout_log_probs is None or cols.old_log_probs is None:
+            return {}
+        train = self._rollout_extras.get("train_log_probs", cols.old_log_probs)
+        mask = torch.cat(cols.loss_masks).bool()
+        diff = (torch.cat(train) - torch.cat(cols.rollout_log_probs))[mask].double()  # log pi_train - log pi_rollout
+        if not diff.numel():
+            return {}
+        return {
+            "train/mismatch_logprob_abs_diff": float(diff.abs().mean()),
+            "train/mismatch_k3_kl": float((torch.exp(-diff) - 1 + diff).mean()),  # KL(rollout || train), k3
+        }
 
     @staticmethod
     def _advantage_stats(cols: TokenColumns) -> dict[str, float]:
@@ -477,6 +509,8 @@ class TrainActor:
         if self.syncer is None:
             raise RuntimeError("update_weights before connect_engines: the trainer does not know the engines")
         out = self.syncer.sync(self.model, version, self.rank)
+        if self.old_actor is not None:  # the engines now serve these weights
+            copy_weights(self.model, self.old_actor)
         dist.barrier()
         return out
 
@@ -491,7 +525,7 @@ class TrainActor:
         if self.device.type != "cuda":  # nothing to free on a CPU rank
             return {}
         start, before = time.monotonic(), torch.cuda.memory_allocated()
-        for model in (self.model, self.ref_model, self.teacher, self.critic):
+        for model in (self.model, self.ref_model, self.teacher, self.critic, self.old_actor):
             if model is not None:
                 model.to(device)
         for _, _, optimizer, _ in self._trained():
@@ -528,11 +562,22 @@ class TrainActor:
             parts.append(("critic", self.critic, self.critic_optimizer, self.critic_scheduler))
         return parts
 
+    def _copied(self) -> list[tuple[str, torch.nn.Module]]:
+        """Frozen models whose weights the run changes by copying the policy's, so checkpoints keep them too."""
+        parts = []
+        if self.ref_model is not None and self.args.ref_update_interval:
+            parts.append(("reference", self.ref_model))
+        if self.old_actor is not None:
+            parts.append(("old_actor", self.old_actor))
+        return parts
+
     def save(self, folder: str) -> None:
         """Write this rank's part of a checkpoint into the staging `folder` (every rank calls; see checkpoint.py)."""
         folder_ = Path(folder)
         for name, model, optimizer, _ in self._trained():
             checkpoint.save_model(model, None if self.args.no_save_optim else optimizer, folder_ / name)
+        for name, model in self._copied():
+            checkpoint.save_model(model, None, folder_ / name)
         (folder_ / "rng").mkdir(exist_ok=True)
         torch.save(checkpoint.rng_state(), folder_ / "rng" / f"rank_{self.rank}.pt")
         if self.rank == 0:
@@ -561,6 +606,9 @@ class TrainActor:
             scheduler.load_state_dict(state["schedulers"][name])
             for group, lr in zip(optimizer.param_groups, scheduler.get_last_lr(), strict=True):
                 group["lr"] = lr  # also right when the optimizer starts fresh (--no-save-optim / --no-load-optim)
+        for name, model in self._copied():
+            if (folder_ / name).exists():  # a checkpoint from a run without the flag: the copy starts as loaded
+                checkpoint.load_model(model, None, folder_ / name)
         self.step, self.skipped_steps = int(state["step"]), int(state["skipped_steps"])
         rng = folder_ / "rng" / f"rank_{self.rank}.pt"
         if not a.no_load_rng and rng.exists():

@@ -104,3 +104,12 @@ def load_critic(path: str, device: torch.device, mesh) -> ValueModel:
     critic = shard(critic, set(getattr(backbone, "_no_split_modules", None) or []), device, mesh)
     critic.train()
     return critic
+
+
+@torch.no_grad()
+def copy_weights(src: torch.nn.Module, dst: torch.nn.Module) -> None:
+    """dst's parameters := src's, shard by shard (both loaded the same way, e.g. policy and reference)."""
+    target = dict(dst.named_parameters())
+    for name, p in src.named_parameters():
+        q = target[name]
+        (q.to_local() if hasattr(q, "to_local") else q).copy_(p.to_local() if hasattr(p, "to_local") else p)
