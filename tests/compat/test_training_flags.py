@@ -21,7 +21,8 @@ def _run(tiny_model_path, out, extra: str) -> list[dict]:
 
 
 def test_critic_only_steps_leave_the_policy_alone(ray_cluster, tiny_model_path, tmp_path):
-    steps = _run(tiny_model_path, tmp_path / "run", "--advantage-estimator ppo --num-critic-only-steps 1 --num-rollout 2")
+    extra = "--advantage-estimator ppo --num-critic-only-steps 1 --num-rollout 2"
+    steps = _run(tiny_model_path, tmp_path / "run", extra)
     assert "train/grad_norm" not in steps[0] and steps[0]["critic/grad_norm"] > 0
     assert steps[1]["train/grad_norm"] > 0 and steps[1]["critic/grad_norm"] > 0
 
@@ -48,5 +49,6 @@ def test_old_actor_reference_updates_and_mismatch_metrics(ray_cluster, tiny_mode
 def test_the_same_run_without_the_old_actor_sees_the_mismatch(ray_cluster, tiny_model_path, tmp_path):
     """The control: rollout 1 was generated with the first weights, the trainer's policy has moved, the
     mismatch is visible."""
-    steps = _run(tiny_model_path, tmp_path / "run", "--num-rollout 2 --update-weights-interval 2 --get-mismatch-metrics")
+    extra = "--num-rollout 2 --update-weights-interval 2 --get-mismatch-metrics"
+    steps = _run(tiny_model_path, tmp_path / "run", extra)
     assert steps[0]["train/mismatch_logprob_abs_diff"] < 1e-4 < steps[1]["train/mismatch_logprob_abs_diff"]
