@@ -74,15 +74,15 @@ def sequence_log_ratio(
     """GSPO: one importance ratio per sequence, the geometric mean of its token ratios over counted tokens,
     s_i = exp(mean_t (log pi - log pi_old)), clipped like PPO (typical ranges are ~1e-3, not 0.2).
 
-    All tensors [T] -> [T], samples back to back with `lengths`. Each token carries log s_i's value with the gradient
-    of its own log-prob (s_i · pi(y_t) / sg[pi(y_t)]), so the sequence gradient is s_i · mean_t grad log pi(y_t).
+    All tensors [T] -> [T], samples back to back with `lengths`: every token carries log s_i, with its full gradient
+    (mean_t grad log pi(y_t)). Unweighted, a sample's token mean of the per-token loss is its sequence loss; with
+    per-token TIS weights w_t or MIS masks, the sequence gradient is scaled by the sample's mean weight (kept share),
+    as in slime (the mean that forms s_i still runs over every counted token).
     """
     if not lengths:
         return log_probs - old_log_probs
-    per_sequence = sample_means(log_probs - old_log_probs, mask, lengths).detach()
-    return (
-        per_sequence.repeat_interleave(torch.tensor(lengths, device=log_probs.device)) + log_probs - log_probs.detach()
-    )
+    per_sequence = sample_means(log_probs - old_log_probs, mask, lengths)
+    return per_sequence.repeat_interleave(torch.tensor(lengths, device=log_probs.device))
 
 
 def value_loss(

@@ -47,15 +47,15 @@ def to_train_data(groups: list[list[Sample]], args: Any, post_process: Callable 
             f"of exactly --n-samples-per-prompt {args.n_samples_per_prompt}"
         )
     samples = [s for g in groups for s in g]
+    if post_process is None:
+        rewards = [float(s.get_reward_value(args)) for s in samples]
+    else:  # first: it may mark samples remove_sample
+        rewards = _post_processed(post_process(args, samples), len(samples), args.custom_reward_post_process_path)
     masks = []
     for s in samples:
         mask = s.loss_mask if s.loss_mask is not None else [1] * s.response_length
         drop = s.status == Sample.Status.FAILED or s.remove_sample
         masks.append([0] * s.response_length if drop else list(mask))
-    if post_process is None:
-        rewards = [float(s.get_reward_value(args)) for s in samples]
-    else:
-        rewards = _post_processed(post_process(args, samples), len(samples), args.custom_reward_post_process_path)
     return TrainBatch(
         tokens=[list(s.tokens) for s in samples],
         response_lengths=[s.response_length for s in samples],

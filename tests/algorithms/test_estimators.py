@@ -511,6 +511,60 @@ def test_micro_batch_loss_matches_reference(per_token, reducer):
     assert shares["kl_loss"] == pytest.approx(kl_sum / normalizer, rel=1e-10)
 
 
+@pytest.mark.parametrize("per_token", [False, True])
+def test_gspo_with_tis_weights_and_mis_masks_matches_slime(per_token):
+    """GSPO under per-token TIS weights w and MIS keep masks k, as slime defines it: s_i = exp(mean over the
+    sample's loss tokens of (lp - old)); each token's loss f(s_i, A_i) * w_t * k_t; reduced like every loss term.
+    Value and finite-difference gradient against that objective in plain float64."""
+    from slime.trainer.loss import MicroBatch, micro_batch_loss
+
+    rng = random.Random(21)
+    lengths = [4, 6, 2]
+    masks = [[1, 1, 0, 1], [1, 1, 1, 0, 1, 1], [1, 1]]
+    old = [[rng.gauss(-1, 0.3) for _ in range(n)] for n in lengths]
+    lp0 = [[o + rng.gauss(0, 0.05) for o in row] for row in old]
+    w = [[rng.uniform(0.5, 1.5) for _ in range(n)] for n in lengths]
+    keep = [[1.0, 0.0, 1.0, 1.0], [1.0, 1.0, 1.0, 1.0, 0.0, 1.0], [0.0, 1.0]]
+    advs = [0.7, -1.3, 0.4]
+    normalizer = float(sum(map(sum, masks))) if per_token else float(len(lengths))
+    args = loss_args(advantage_estimator="gspo", eps_clip=0.03, eps_clip_high=0.04, entropy_coef=0.0)
+    args.use_kl_loss, args.calculate_per_token_loss = False, per_token
+
+    def ref_objective(lp):
+        total = 0.0
+        for i, n in enumerate(lengths):
+            m = masks[i]
+            seq = sum((lp[i][t] - old[i][t]) * m[t] for t in range(n)) / sum(m)
+            f = ref_surrogate(math.exp(seq), advs[i], 0.03, 0.04, None)[0]
+            part = sum(f * w[i][t] * keep[i][t] * m[t] for t in range(n))
+            total += part if per_token else part / sum(m)
+        return total / normalizer
+
+    x = flat(lp0).requires_grad_()
+    batch = MicroBatch(
+        mask=flat(masks),
+        lengths=lengths,
+        normalizer=normalizer,
+        advantages=flat([[a] * n for a, n in zip(advs, lengths, strict=True)]),
+        old_log_probs=flat(old),
+        is_weights=flat(w),
+        is_masks=flat(keep),
+    )
+    loss, _ = micro_batch_loss(args, batch, {"log_probs": x, "entropy": torch.zeros_like(x)})
+    loss.backward()
+    assert loss.item() == pytest.approx(ref_objective(lp0), rel=1e-12)
+    h, pos = 1e-6, 0
+    for i, n in enumerate(lengths):
+        for t in range(n):
+            up = [row[:] for row in lp0]
+            down = [row[:] for row in lp0]
+            up[i][t] += h
+            down[i][t] -= h
+            fd = (ref_objective(up) - ref_objective(down)) / (2 * h)
+            assert x.grad[pos].item() == pytest.approx(fd, abs=1e-8)
+            pos += 1
+
+
 def test_sft_loss_is_the_masked_nll():
     from slime.trainer.loss import MicroBatch, micro_batch_loss
 

@@ -342,15 +342,15 @@ def test_keep_when_insufficient_keeps_rejected_groups_instead_of_sampling_more(
     assert sorted(g[0].group_index % 2 for g in out.samples) == [0, 0, 1, 1]
 
 
-def test_filter_verdict_keeps_an_insufficient_rejection_only_while_needed():
+def testfilter_verdict_keeps_an_insufficient_rejection_only_while_needed():
     from types import SimpleNamespace
 
     from slime.rollout.filter_hub.base_types import DynamicFilterOutput
-    from slime.rollout.sglang_rollout import _filter_verdict
+    from slime.rollout.sglang_rollout import filter_verdict
 
     def reject(args, group):
         return DynamicFilterOutput(keep=False, reason="zero_std_0.0", keep_when_insufficient=True)
 
     args = SimpleNamespace(dynamic_sampling_filter_path="f")
-    assert _filter_verdict(reject, args, [Sample()], alive=4, target=4) == (True, None)
-    assert _filter_verdict(reject, args, [Sample()], alive=5, target=4) == (False, "zero_std_0.0")
+    assert filter_verdict(reject, args, [Sample()], alive=4, target=4) == (True, None)
+    assert filter_verdict(reject, args, [Sample()], alive=5, target=4) == (False, "zero_std_0.0")
