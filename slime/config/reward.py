@@ -63,6 +63,8 @@ def validate_reward(args: Any, parser: argparse.ArgumentParser) -> None:
     needs = grades and args.compute_advantages_and_returns and not args.load_debug_rollout_data
     if needs and not args.rm_type and not args.custom_rm_path:
         parser.error("set --rm-type (e.g. math) or --custom-rm-path so samples get rewards")
+    if (args.custom_rm_path or "").startswith("slime.rollout.on_policy_distillation") and not args.rm_url:
+        parser.error(f"--custom-rm-path {args.custom_rm_path} asks a teacher server: give its --rm-url (…/generate)")
     if args.rm_type == "remote_rm" and not args.rm_url:
         parser.error("--rm-type remote_rm needs --rm-url")
     if args.rm_type and args.rm_type != "remote_rm":

@@ -304,6 +304,11 @@ class EmbeddedEngine:
             self._set_version(str(weight_version))
         return count
 
+    def prompt_logprobs(self, input_ids: list[int], start: int, temperature: float) -> list[float | None]:
+        """log p(token_j | tokens before j) for j = start .. len(input_ids) - 1, by SGLang's convention
+        (`log_softmax(logits / temperature)`, plain for greedy) and with None for position 0 (nothing predicts it)."""
+        return self._on_engine_thread(self._prompt_logprobs, input_ids, start, temperature)
+
     def shutdown(self) -> None:
         self.abort(abort_all=True, message="engine shut down")
         with self._cv:
@@ -312,6 +317,22 @@ class EmbeddedEngine:
         self._thread.join(timeout=30)
 
     # ------------------------------------------------------------------ engine thread
+    @torch.no_grad()
+    def _prompt_logprobs(self, input_ids: list[int], start: int, temperature: float) -> list[float | None]:
+        if self._released:
+            raise ValueError("the engine released its weights (a colocated trainer is training); retry after the sync")
+        if not 0 <= start < len(input_ids):
+            raise ValueError(f"logprob_start_len {start} is outside the {len(input_ids)} input tokens")
+        first = max(start, 1)  # the first position with a predictor
+        ids = torch.tensor([input_ids], device=self.device)
+        # one plain forward (no KV cache of the running batch is touched); logits only for the rows wanted
+        rows = torch.arange(first - 1, len(input_ids) - 1, device=self.device)
+        logits = self.model(input_ids=ids, use_cache=False, logits_to_keep=rows).logits[0].float()
+        if temperature > 1e-6:
+            logits = logits / temperature
+        picked = torch.log_softmax(logits, dim=-1).gather(1, ids[0, first:, None])[:, 0]
+        return [None] * (first - start) + picked.cpu().tolist()
+
     def _set_version(self, version: str) -> None:
         with self._cv:
             for r in itertools.chain(self._rows, self._waiting):

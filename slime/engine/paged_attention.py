@@ -93,8 +93,10 @@ def paged_attention(
 ) -> tuple[torch.Tensor, None]:
     """query [B, H, S, D], key/value [B, Hkv, S, D] (after rotary embeddings), the T = B * S new tokens in order
     (prefill: B = 1, packed; decode: S = 1, one row per sequence). Returns ([B, S, H, D], None)."""
-    if paged is None:
-        raise RuntimeError(f"attention {ATTN_NAME!r} needs the `paged` metadata of the slime paged engine")
+    if paged is None:  # a plain forward outside the paged cache (prompt scoring): causal SDPA over the given tokens
+        from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+        return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling)
     b, heads, s, dim = query.shape
     layer = module.layer_idx
     kc, vc = paged.k_cache[layer], paged.v_cache[layer]

@@ -79,17 +79,36 @@ async def generate(request: web.Request) -> web.Response:
         rids = (rids if isinstance(rids, list) else [rids]) if rids is not None else [None] * n
         if len(rids) != n:
             raise BadRequest(f"{len(rids)} rids for {n} prompts")
+        starts = body.get("logprob_start_len", -1)
+        starts = [int(s) for s in (starts if isinstance(starts, list) else [starts] * n)]
+        if len(starts) != n:
+            raise BadRequest(f"{len(starts)} logprob_start_len values for {n} prompts")
     except (BadRequest, SamplingParamsError, ValueError, TypeError) as exc:
         return web.json_response({"error": {"message": str(exc)}}, status=400)
 
     loop = asyncio.get_running_loop()
+    return_logprob = bool(body.get("return_logprob"))
+    try:  # prompt log-probs (logprob_start_len >= 0): one scoring pass each, e.g. a distillation teacher's
+        prompt_lps = await asyncio.gather(
+            *(
+                asyncio.to_thread(engine.prompt_logprobs, prompt, s, p.temperature)
+                if return_logprob and s >= 0
+                else asyncio.sleep(0, result=None)
+                for prompt, p, s in zip(ids, params, starts, strict=True)
+            )
+        )
+    except ValueError as exc:
+        return web.json_response({"error": {"message": str(exc)}}, status=400)
     futures, reqs = [], []
     try:
         for prompt, p, rid in zip(ids, params, rids, strict=True):
             fut = loop.create_future()
             futures.append(fut)
-            reqs.append(engine.submit(prompt, p, _resolver(loop, fut), rid=rid))
-        done: list[Request] = await asyncio.gather(*futures)
+            if p.max_new_tokens == 0:  # nothing to generate: answered at once (prompt scoring)
+                fut.set_result(None)
+            else:
+                reqs.append(engine.submit(prompt, p, _resolver(loop, fut), rid=rid))
+        done: list[Request | None] = await asyncio.gather(*futures)
     except asyncio.CancelledError:  # client went away: free the engine
         for r in reqs:
             engine.abort(r.rid)
@@ -99,8 +118,30 @@ async def generate(request: web.Request) -> web.Response:
             engine.abort(r.rid)
         return web.json_response({"error": {"message": str(exc)}}, status=400)
     want_text = bool(body.get("return_text_in_logprobs"))
-    out = [_response(engine, r, bool(body.get("return_logprob")), want_text) for r in done]
+    out = []
+    for prompt, r, lps in zip(ids, done, prompt_lps, strict=True):
+        res = _response(engine, r, return_logprob, want_text) if r is not None else _scored(engine, prompt)
+        if lps is not None:
+            scored = prompt[len(prompt) - len(lps) :]
+            texts = [engine.tokenizer.decode([t]) if want_text else None for t in scored]
+            res["meta_info"]["input_token_logprobs"] = [list(x) for x in zip(lps, scored, texts, strict=True)]
+        out.append(res)
     return web.json_response(out if is_batch else out[0])
+
+
+def _scored(engine: EmbeddedEngine, prompt: list[int]) -> dict:
+    """The answer to a request with max_new_tokens 0: no output (the prompt's log-probs are added by the caller)."""
+    meta = {
+        "id": None,
+        "finish_reason": {"type": "length", "length": 0},
+        "prompt_tokens": len(prompt),
+        "completion_tokens": 0,
+        "cached_tokens": 0,
+        "weight_version": engine.weight_version,
+        "output_token_logprobs": [],
+        "output_token_logprobs_length": 0,
+    }
+    return {"text": "", "output_ids": [], "meta_info": meta}
 
 
 def _resolver(loop: asyncio.AbstractEventLoop, fut: asyncio.Future):

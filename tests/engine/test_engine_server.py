@@ -97,6 +97,51 @@ def test_logprobs_equal_transformers_recomputation(server, tiny_model_path):
     assert ref.std() > 0.05  # the check is not vacuous: logprobs vary along the response
 
 
+def test_prompt_logprobs_from_logprob_start_len(server, tiny_model_path):
+    """SGLang's prompt scoring: max_new_tokens 0 with logprob_start_len answers at once with the log-prob of every
+    input token from that position (None for position 0), equal to a transformers forward; with generation, both
+    input and output log-probs come back."""
+    from transformers import AutoModelForCausalLM
+
+    prompt, temperature = [1, 9690, 198, 2683, 359, 253, 4491, 30], 0.8
+    params = {"max_new_tokens": 0, "temperature": temperature}
+    status, whole = call(
+        server,
+        "/generate",
+        {"input_ids": prompt, "sampling_params": params, "return_logprob": True, "logprob_start_len": 0},
+    )
+    assert status == 200 and whole["output_ids"] == [] and whole["meta_info"]["finish_reason"]["type"] == "length"
+    entries = whole["meta_info"]["input_token_logprobs"]
+    assert [e[1] for e in entries] == prompt and entries[0][0] is None
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_path, dtype=torch.float32).eval()
+    with torch.no_grad():
+        logits = model(torch.tensor([prompt])).logits[0, :-1].double()
+    ref = torch.log_softmax(logits / temperature, -1).gather(1, torch.tensor(prompt[1:])[:, None])[:, 0]
+    got = torch.tensor([e[0] for e in entries[1:]], dtype=torch.float64)
+    assert torch.allclose(got, ref, atol=1e-4), (got - ref).abs().max()
+    _, tail = call(
+        server,
+        "/generate",
+        {
+            "input_ids": prompt,
+            "sampling_params": params | {"max_new_tokens": 3},
+            "return_logprob": True,
+            "logprob_start_len": 5,
+        },
+    )
+    assert [e[1] for e in tail["meta_info"]["input_token_logprobs"]] == prompt[5:]
+    assert torch.allclose(
+        torch.tensor([e[0] for e in tail["meta_info"]["input_token_logprobs"]]).double(), ref[4:], atol=1e-4
+    )
+    assert len(tail["output_ids"]) == 3
+    status, bad = call(
+        server,
+        "/generate",
+        {"input_ids": prompt, "sampling_params": params, "return_logprob": True, "logprob_start_len": 99},
+    )
+    assert status == 400 and "logprob_start_len 99" in bad["error"]["message"]
+
+
 def test_concurrent_requests_are_batched(server):
     async def many():
         payload = {"input_ids": [1, 2, 3], "sampling_params": {"max_new_tokens": 40, "ignore_eos": True}}
