@@ -176,8 +176,11 @@ def reinforce_plus_plus(rewards: torch.Tensor, data: TokenColumns, args: Any) ->
 
 @register_advantage("reinforce_plus_plus_baseline", whiten=True)
 def reinforce_plus_plus_baseline(rewards: torch.Tensor, data: TokenColumns, args: Any) -> tuple[Tokens, None]:
-    """REINFORCE++ with the group-mean reward as baseline: as `reinforce_plus_plus` on group-centred rewards."""
-    return reinforce_plus_plus(group_scores(rewards, args, False, data.group_sizes), data, args)
+    """REINFORCE++-baseline as slime defines it: the group-centred reward on every token minus that token's KL
+    penalty, A_t = (r - mean of the group's r) - kl_coef * kl_t, without discounting (`--gamma` does not apply).
+    Whitened over the whole batch afterwards (`--normalize-advantages` is implied)."""
+    centred = group_scores(rewards, args, False, data.group_sizes)
+    return [torch.full_like(k, float(c)) - args.kl_coef * k for c, k in zip(centred, data.kl, strict=True)], None
 
 
 @register_advantage("ppo", needs_critic=True)

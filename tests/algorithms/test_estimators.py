@@ -155,6 +155,9 @@ def test_reinforce_plus_plus(baseline, gamma):
         rewards = [r - m for r, m in zip(rewards, means, strict=True)]
     returns = []
     for i, r in enumerate(rewards):
+        if baseline:  # slime's definition: the centred reward on every token minus that token's KL penalty
+            returns.append([r - coef * k for k in d["kl"][i]])
+            continue
         tr = ref_token_rewards(r, d["kl"][i], d["masks"][i], coef)
         row, running = [0.0] * len(tr), 0.0
         for t in reversed(range(len(tr))):
