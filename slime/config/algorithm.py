@@ -200,7 +200,7 @@ def settle_algorithm(args: Any, parser: argparse.ArgumentParser) -> None:
     if not 0 < args.gamma <= 1 or not 0 <= args.lambd <= 1:
         parser.error(f"--gamma must be in (0, 1] and --lambd in [0, 1], got {args.gamma} and {args.lambd}")
     if args.gamma != 1 and args.advantage_estimator == "reinforce_plus_plus_baseline":
-        log.warning("--gamma %s has no effect on reinforce_plus_plus_baseline (no discounting, as in slime)", args.gamma)
+        log.warning("--gamma %s: reinforce_plus_plus_baseline does not discount (as in slime)", args.gamma)
     if estimator.whiten and not args.normalize_advantages:
         args.normalize_advantages = True  # the estimator is defined with batch whitening; raw returns are unscaled
         log.info("--advantage-estimator %s implies --normalize-advantages", args.advantage_estimator)
