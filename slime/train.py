@@ -36,6 +36,8 @@ def train(args: Settings) -> dict:
             trainer = TrainGroup(args, wait=False)  # loads while the manager starts engines
         shared = [g for ids in trainer.gpu_ids for g in ids] if args.engines_share_trainer_gpus else None
         own_gpus = args.rollout_num_engines if args.rollout_device == "cuda" and not shared else 0
+        if args.rollout_external_engine_addrs:  # engines elsewhere take no GPU of this cluster
+            own_gpus = 0
         manager = RolloutManager.options(num_cpus=0, num_gpus=own_gpus).remote(args, shared)
         if trainer is not None:
             trainer.wait_ready()

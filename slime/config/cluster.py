@@ -43,6 +43,13 @@ def add_cluster_arguments(p: argparse.ArgumentParser) -> None:
         help="engines on the training GPUs, taking turns: engines release weights and KV cache while the trainer "
         "trains, the trainer moves to CPU while engines generate (implies --offload-train and --offload-rollout)",
     )
+    g.add_argument(
+        "--rollout-external-engine-addrs",
+        nargs="+",
+        default=None,
+        help="HOST:PORT of engine servers started elsewhere (slime-serve, or servers speaking the same protocol): "
+        "the run uses them instead of starting engines, registers them with the router and syncs weights to them",
+    )
     g.add_argument("--sglang-server-concurrency", type=int, default=512, help="in-flight requests per engine, at most")
     g.add_argument("--router-policy", default="cache_aware", help="sglang-router policy (cache_aware, round_robin, …)")
     g.add_argument(
@@ -88,6 +95,18 @@ def validate_cluster(args: Any, parser: argparse.ArgumentParser) -> None:
         parser.error(f"--sglang-mem-fraction-static must be in (0, 1], got {fraction}")
     if args.colocate and args.rollout_num_gpus:
         parser.error("--colocate puts engines on the training GPUs; drop --rollout-num-gpus (or --colocate)")
+    if args.rollout_external_engine_addrs:
+        if args.colocate or args.rollout_num_gpus:
+            parser.error(
+                "--rollout-external-engine-addrs uses engines started elsewhere: drop --colocate and --rollout-num-gpus"
+            )
+        if args.use_fault_tolerance:
+            parser.error(
+                "--use-fault-tolerance restarts engines; external ones (--rollout-external-engine-addrs) cannot be"
+            )
+        args.rollout_external_engine_addrs = [
+            a.rstrip("/") if "://" in a else f"http://{a.rstrip('/')}" for a in args.rollout_external_engine_addrs
+        ]
     if args.sglang_router_ip and args.sglang_router_port is None:
         parser.error("--sglang-router-ip names a running router: give its --sglang-router-port too")
     if args.colocate and not args.debug_train_only:  # as in slime: colocated engines and trainer take turns
@@ -108,6 +127,11 @@ def place(args: Any, cluster_gpus: int) -> None:
     """
     args.cluster_gpus = cluster_gpus
     trainer_gpus = 0 if args.debug_rollout_only else args.world_size
+    if args.rollout_external_engine_addrs:  # engines elsewhere: none to place, weights go over the network
+        args.rollout_num_engines = len(args.rollout_external_engine_addrs)
+        args.rollout_device, args.engines_share_trainer_gpus = ("cuda" if cluster_gpus else "cpu"), False
+        args.update_weight_mode = args.update_weight_mode or ("distributed" if cluster_gpus else "tensor")
+        return
     if cluster_gpus == 0:
         args.rollout_device, args.engines_share_trainer_gpus = "cpu", False
         args.update_weight_mode = args.update_weight_mode or "tensor"
@@ -175,6 +199,8 @@ def settle_router(args: Any) -> None:
 def placement_line(args: Any) -> str:
     """The placement, as the run prints it at start."""
     mode, n = args.update_weight_mode, args.rollout_num_engines
+    if args.rollout_external_engine_addrs:
+        return f"engines: {n} external ({', '.join(args.rollout_external_engine_addrs)}); weight sync by {mode}"
     if args.rollout_device == "cpu":
         how = ", memory released during training" if args.offload_rollout else ""  # --colocate implies it
         return f"engines: {n} on CPU{how}; weight sync by {mode}"

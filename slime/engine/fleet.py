@@ -16,7 +16,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from slime.engine.launch import ServerProcess, launch_engine
+from slime.engine.launch import ExternalEngine, ServerProcess, launch_engine
 from slime.engine.options import train_values
 from slime.router.router import launch_router, register_worker, remove_worker
 from slime.utils.http_utils import request_sync
@@ -47,7 +47,13 @@ class EngineFleet:
         self.restarts: list[float] = []  # seconds each engine restart took
         self._monitor_error: BaseException | None = None
         try:
-            self.engines = [self._launch(i, wait=False) for i in range(args.rollout_num_engines)]
+            if args.rollout_external_engine_addrs:
+                self.engines = [
+                    ExternalEngine(f"external-engine-{i}", url)
+                    for i, url in enumerate(args.rollout_external_engine_addrs)
+                ]
+            else:
+                self.engines = [self._launch(i, wait=False) for i in range(args.rollout_num_engines)]
             if args.launch_router:
                 self.router = launch_router(
                     self.log_dir, args.sglang_router_ip, args.sglang_router_port, policy=args.router_policy
@@ -113,7 +119,7 @@ class EngineFleet:
     def _health_problem(self, engine: ServerProcess) -> str | None:
         """Why `engine` must be restarted, or None when it answers a 1-token generation in time."""
         if not engine.alive():
-            return f"exited with code {engine.proc.returncode}"
+            return f"is down ({engine.exit_note()})"
         timeout = self.args.rollout_health_check_timeout
         try:
             status, body = request_sync("GET", f"{engine.url}/health_generate", timeout=timeout)
@@ -124,6 +130,11 @@ class EngineFleet:
     def _restart(self, index: int, why: str) -> None:
         """Replace engine `index`: out of the router, killed, started again, given the current weights, back in."""
         old, start = self.engines[index], time.monotonic()
+        if isinstance(old, ExternalEngine):
+            raise RuntimeError(
+                f"{old.name} at {old.url} {why}; it is external (--rollout-external-engine-addrs), "
+                "so this run cannot restart it"
+            )
         logger.warning("%s at %s %s; restarting it. Log tail:\n%s", old.name, old.url, why, old.log_tail(800))
         try:
             remove_worker(self.router_url, old.url)
@@ -148,7 +159,7 @@ class EngineFleet:
                 f"{self.router.log_tail(1500)}"
             )
         if not self.args.use_fault_tolerance:
-            dead = [f"{e.name} (exit {e.proc.returncode}):\n{e.log_tail(1500)}" for e in self.engines if not e.alive()]
+            dead = [f"{e.name} ({e.exit_note()}):\n{e.log_tail(1500)}" for e in self.engines if not e.alive()]
             if dead:
                 raise RuntimeError("engine server(s) died (--use-fault-tolerance restarts them): " + "\n".join(dead))
             return 0

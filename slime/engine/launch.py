@@ -54,6 +54,9 @@ class ServerProcess:
             f"{self.log_tail()}"
         )
 
+    def exit_note(self) -> str:
+        return f"exit {self.proc.returncode}"
+
     def terminate(self) -> None:
         if self.alive():
             self.proc.terminate()
@@ -67,6 +70,47 @@ class ServerProcess:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait(5)
+
+
+@dataclass
+class ExternalEngine:
+    """An engine server this run did not start (--rollout-external-engine-addrs): used, health-checked and given
+    weights like the others, never started, stopped or restarted."""
+
+    name: str
+    url: str
+    proc: None = None
+    log_path: str = "(an external engine: its log is where it was started)"
+    started: float = field(default_factory=time.monotonic)
+
+    def alive(self) -> bool:
+        try:
+            return request_sync("GET", self.url + "/health", timeout=10)[0] == 200
+        except ConnectionError:
+            return False
+
+    def log_tail(self, chars: int = 3000) -> str:
+        return self.log_path
+
+    def exit_note(self) -> str:
+        return "no answer to /health"
+
+    def wait_ready(self, path: str, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                if request_sync("GET", self.url + path, timeout=5)[0] == 200:
+                    return
+            except ConnectionError:
+                pass
+            time.sleep(0.5)
+        raise TimeoutError(f"external engine {self.url} did not answer GET {path} with 200 within {timeout:.0f}s")
+
+    def terminate(self) -> None:
+        pass
+
+    def stop(self, grace: float = 10.0) -> None:
+        pass
 
 
 def _die_with_parent() -> None:

@@ -141,7 +141,7 @@ class RolloutManager:
         logging.basicConfig(level=os.environ.get("SLIME_LOG_LEVEL", "INFO"), format="%(asctime)s %(name)s %(message)s")
         self.args = args
         gpus: list[str | None] = [None] * args.rollout_num_engines
-        if args.rollout_device == "cuda":
+        if args.rollout_device == "cuda" and not args.rollout_external_engine_addrs:
             gpus = list(engine_gpus or [str(i) for i in ray.get_gpu_ids()])
             if len(gpus) < args.rollout_num_engines:
                 raise RuntimeError(f"{args.rollout_num_engines} GPU engines need as many GPUs; got {gpus}")
