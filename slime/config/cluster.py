@@ -94,7 +94,13 @@ def validate_cluster(args: Any, parser: argparse.ArgumentParser) -> None:
     if fraction is not None and not 0 < fraction <= 1:
         parser.error(f"--sglang-mem-fraction-static must be in (0, 1], got {fraction}")
     if args.colocate and args.rollout_num_gpus:
-        parser.error("--colocate puts engines on the training GPUs; drop --rollout-num-gpus (or --colocate)")
+        trainer_gpus = args.actor_num_nodes * args.actor_num_gpus_per_node
+        if args.rollout_num_gpus != trainer_gpus:  # slime's scripts pass the training GPU count here
+            parser.error(
+                f"--colocate puts one engine on each of the {trainer_gpus} training GPUs; --rollout-num-gpus "
+                f"{args.rollout_num_gpus} asks for another count: drop it (or --colocate)"
+            )
+        args.rollout_num_gpus = None  # the colocated layout, as if it were not given
     if args.rollout_external_engine_addrs:
         if args.colocate or args.rollout_num_gpus:
             parser.error(

@@ -83,7 +83,9 @@ class Sample:
     def append_response(
         self, token_ids: list[int], text: str = "", loss_mask: int = 1, log_probs: list[float] | None = None
     ) -> None:
-        """Extend the response with tokens, keeping tokens / loss_mask / rollout_log_probs aligned."""
+        """Extend the response with tokens, keeping tokens / loss_mask / rollout_log_probs aligned. The lists are
+        extended in place, as in slime: a generate function holding `sample.loss_mask` (slime's retool example does)
+        sees the new entries."""
         self.check_alignment()
         if log_probs is not None and len(log_probs) != len(token_ids):
             raise SampleAlignmentError(f"{len(log_probs)} log_probs for {len(token_ids)} tokens")
@@ -91,12 +93,12 @@ class Sample:
             self.loss_mask = [1] * self.response_length
         if self.rollout_log_probs is None and (log_probs is not None or self.response_length == 0):
             self.rollout_log_probs = [0.0] * self.response_length
-        self.tokens = self.tokens + list(token_ids)
+        self.tokens += list(token_ids)
         self.response += text
         self.response_length += len(token_ids)
-        self.loss_mask = self.loss_mask + [loss_mask] * len(token_ids)
+        self.loss_mask += [loss_mask] * len(token_ids)
         if self.rollout_log_probs is not None:
-            self.rollout_log_probs = self.rollout_log_probs + (list(log_probs) if log_probs else [0.0] * len(token_ids))
+            self.rollout_log_probs += list(log_probs) if log_probs else [0.0] * len(token_ids)
         self.check_alignment()
 
     def append_response_tokens(

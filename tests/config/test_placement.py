@@ -30,6 +30,13 @@ def test_colocate_shares_every_training_gpu_and_implies_both_offloads():
     assert args.sglang_mem_fraction_static == 0.6 and args.sglang_max_running_requests == 256
 
 
+def test_colocate_accepts_the_training_gpu_count_as_rollout_num_gpus():
+    """slime's scripts pass --colocate with --rollout-num-gpus equal to the training GPUs: the same layout."""
+    flags = ("--colocate", "--actor-num-gpus-per-node", "4", "--global-batch-size", "4")
+    args = _args(*flags, "--rollout-num-gpus", "4", gpus=8)
+    assert (args.rollout_num_engines, args.engines_share_trainer_gpus) == (4, True)
+
+
 def test_colocate_on_cpu_still_releases_engine_memory():
     args = _args("--colocate")
     assert args.offload_train and args.offload_rollout and "memory released" in placement_line(args)
@@ -83,5 +90,5 @@ def test_layouts_the_cluster_cannot_hold_name_the_flags(capsys, flags, gpus, mes
 
 def test_colocate_with_own_engine_gpus_is_refused_at_parse_time(capsys):
     with pytest.raises(SystemExit):
-        _args("--colocate", "--rollout-num-gpus", "1")
-    assert "drop --rollout-num-gpus" in capsys.readouterr().err
+        _args("--colocate", "--rollout-num-gpus", "2")
+    assert "--rollout-num-gpus 2 asks for another count" in capsys.readouterr().err

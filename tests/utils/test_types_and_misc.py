@@ -97,3 +97,16 @@ def test_math_dapo_utils_compute_score(response, strict, score):
 
     out = compute_score(response, "1/2", strict_box_verify=strict)
     assert out["score"] == score and out["acc"] == (score > 0)
+
+
+def test_append_response_tokens_extends_the_lists_in_place():
+    """slime's retool example keeps `loss_masks = sample.loss_mask` and assigns it back at the end: the appended
+    entries must be in that list."""
+    s = Sample(tokens=[1, 2])
+    s.loss_mask = []
+    held = s.loss_mask
+    s.append_response_tokens(None, tokens=[5, 6], log_probs=[-0.1, -0.2])
+    s.append_response_tokens(None, tokens=[7], trainable=False)
+    s.loss_mask = held
+    assert held == [1, 1, 0] and s.tokens == [1, 2, 5, 6, 7]
+    s.check_alignment()
