@@ -22,6 +22,7 @@ class EngineOption:
     switch: bool = False  # a store_true flag
     train_flag: str | None = None  # the trainer's flag for this option; None: set by the launcher only
     train_help: str = ""  # what the trainer's default is, when it differs from the server's
+    aliases: tuple[str, ...] = ()  # SGLang's launch_server spelling, accepted by the server too
 
     @property
     def flag(self) -> str:
@@ -84,6 +85,15 @@ ENGINE_OPTIONS: tuple[EngineOption, ...] = (
         0,
         int,
         train_flag="--sglang-chunked-prefill-size",
+        aliases=("--chunked-prefill-size",),
+    ),
+    EngineOption(
+        "tp_size",
+        "tensor-parallel size (SGLang's --tp); the embedded engine runs on one device, so only 1",
+        1,
+        int,
+        choices=(1,),
+        aliases=("--tp",),
     ),
     EngineOption("page_size", "paged backend: tokens per KV cache block", 16, int, train_flag="--sglang-page-size"),
     EngineOption(
@@ -124,11 +134,12 @@ ENGINE_OPTIONS: tuple[EngineOption, ...] = (
 OPTIONS_BY_NAME = {o.name: o for o in ENGINE_OPTIONS}
 
 
-def _add(group: Any, flag: str, option: EngineOption, default: Any, help_text: str) -> None:
+def _add(group: Any, flag: str | list[str], option: EngineOption, default: Any, help_text: str) -> None:
+    flags = [flag] if isinstance(flag, str) else flag
     if option.switch:
-        group.add_argument(flag, action="store_true", help=help_text)
+        group.add_argument(*flags, action="store_true", help=help_text)
     else:
-        group.add_argument(flag, type=option.type, default=default, choices=option.choices, help=help_text)
+        group.add_argument(*flags, type=option.type, default=default, choices=option.choices, help=help_text)
 
 
 def add_server_arguments(parser: argparse.ArgumentParser) -> None:
@@ -137,7 +148,7 @@ def add_server_arguments(parser: argparse.ArgumentParser) -> None:
         if o.name == "model_path":
             parser.add_argument(o.flag, required=True, help=o.help)
         else:
-            _add(parser, o.flag, o, o.default, o.help)
+            _add(parser, [o.flag, *o.aliases], o, o.default, o.help)
 
 
 def add_train_arguments(group: Any) -> None:

@@ -57,7 +57,10 @@ class MetricsLogger:
         if self._tb is not None:
             self._tb.close()
         if self._wandb is not None:
+            import wandb
+
             self._wandb.finish()
+            wandb.teardown()  # the service process writes the run's files; wait for it before the run returns
 
 
 def tensorboard_dir(args: Any) -> str | None:

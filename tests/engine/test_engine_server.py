@@ -300,3 +300,15 @@ def test_release_and_resume_memory_for_a_colocated_trainer(tiny_model_path, tmp_
         assert status == 200 and out["output_ids"] == before and out["meta_info"]["weight_version"] == "2"
     finally:
         srv.stop()
+
+
+def test_server_takes_sglang_launch_server_spelling():
+    """A teacher launched as slime's OPD example launches SGLang (`--tp`, `--chunked-prefill-size`) starts here with
+    slime-serve swapped in; a tensor-parallel size the engine cannot honour is refused by argparse."""
+    from slime.engine.server import parse_args
+
+    flags = "--model-path m --host 0.0.0.0 --port 13141 --tp 1 --chunked-prefill-size 4096 --mem-fraction-static 0.6"
+    args = parse_args(flags.split())
+    assert (args.max_prefill_tokens, args.tp_size, args.mem_fraction_static) == (4096, 1, 0.6)
+    with pytest.raises(SystemExit):
+        parse_args(flags.replace("--tp 1", "--tp 2").split())
