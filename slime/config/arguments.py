@@ -24,7 +24,7 @@ from slime.config.cluster import (
 )
 from slime.config.data import add_data_arguments, settle_num_rollout, validate_data
 from slime.config.eval import add_eval_arguments, settle_eval
-from slime.config.megatron import add_megatron_arguments, check_architecture, settle_megatron
+from slime.config.megatron import add_megatron_arguments, check_architecture, check_tensor_parallel, settle_megatron
 from slime.config.observe import add_observe_arguments, validate_observe
 from slime.config.reward import add_reward_arguments, validate_reward
 from slime.config.rollout import add_rollout_arguments, validate_rollout
@@ -155,6 +155,9 @@ def settle(args: Settings, parser: argparse.ArgumentParser, cluster_gpus: int, r
             dropout_overrides(args.hf_checkpoint, args.attention_dropout, args.hidden_dropout)
         except ValueError as exc:
             parser.error(str(exc))
+        why = check_tensor_parallel(args, args.hf_checkpoint)
+        if why:
+            parser.error(f"--tensor-model-parallel-size {args.tensor_model_parallel_size}: {why}")
         mismatches = check_architecture(args, args.hf_checkpoint)
         if mismatches:
             logging.getLogger("slime.config").warning(

@@ -177,7 +177,14 @@ def add_megatron_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--no-offload-rollout", action="store_true", help="engines keep their memory under --colocate")
     g.add_argument("--sequence-parallel", action="store_true", help="Megatron sequence parallelism (inert at TP 1)")
     g.add_argument("--enable-mtp-training", action="store_true", help="multi-token prediction training (refused)")
-    for dest in PARALLEL_SIZES:
+    g.add_argument(
+        "--tensor-model-parallel-size",
+        type=int,
+        default=1,
+        help="training ranks that split each layer by the model's tensor-parallel plan (transformers' tp_plan); "
+        "FSDP2 shards over the world size / this many data-parallel ranks",
+    )
+    for dest in PARALLEL_SIZES[1:]:
         g.add_argument(flag(dest), type=int, default=1, help="Megatron parallel size; only 1 is supported here")
     for dest in ARCHITECTURE_VALUES:
         g.add_argument(flag(dest), default=None, help="Megatron model description (checked against config.json)")
@@ -192,14 +199,19 @@ def add_megatron_arguments(p: argparse.ArgumentParser) -> None:
 def settle_megatron(args: Any, parser: argparse.ArgumentParser) -> None:
     """Refuse what cannot be honoured, derive what is honoured, and warn once about the rest."""
     for dest in PARALLEL_SIZES:
-        if getattr(args, dest) != 1:
-            why = (
-                "tensor parallelism is not implemented in this trainer yet; FSDP2 already shards the weights over "
-                "every training GPU"
-                if dest == "tensor_model_parallel_size"
-                else "this trainer has no pipeline, context or expert parallelism"
+        value = getattr(args, dest)
+        if value < 1:
+            parser.error(f"{flag(dest)} must be at least 1, got {value}")
+        if value != 1 and dest != "tensor_model_parallel_size":
+            parser.error(f"{flag(dest)} {value}: this trainer has no pipeline, context or expert parallelism; use 1")
+    if args.tensor_model_parallel_size > 1:
+        from slime.algorithms.advantages import ADVANTAGE_ESTIMATORS
+
+        if ADVANTAGE_ESTIMATORS[args.advantage_estimator].needs_critic:
+            parser.error(
+                f"--tensor-model-parallel-size {args.tensor_model_parallel_size}: the critic "
+                f"(--advantage-estimator {args.advantage_estimator}) trains without tensor parallelism here; use 1"
             )
-            parser.error(f"{flag(dest)} {getattr(args, dest)}: {why}; use 1")
     if args.optimizer != "adam":
         parser.error(f"--optimizer {args.optimizer}: only adam (AdamW) is implemented")
     if args.enable_mtp_training:
@@ -237,6 +249,24 @@ def settle_megatron(args: Any, parser: argparse.ArgumentParser) -> None:
             "without effect: %s",
             " ".join(architecture),
         )
+
+
+def check_tensor_parallel(args: Any, model_path: str) -> str | None:
+    """Why --tensor-model-parallel-size cannot split this model (None when it can): the model needs a
+    tensor-parallel plan in transformers and head counts the size divides."""
+    tp = args.tensor_model_parallel_size
+    if tp == 1:
+        return None
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(model_path)
+    if not getattr(config, "base_model_tp_plan", None):
+        return f"{config.model_type} models have no tensor-parallel plan in transformers"
+    for key in ("num_attention_heads", "num_key_value_heads"):
+        heads = getattr(config, key, None)
+        if heads is not None and heads % tp:
+            return f"{key} {heads} of {model_path} is not divisible by {tp}"
+    return None
 
 
 def check_architecture(args: Any, model_path: str) -> list[str]:

@@ -112,6 +112,10 @@ def settle_batch_plan(args: Any, parser: argparse.ArgumentParser) -> None:
     )
     world = args.actor_num_nodes * args.actor_num_gpus_per_node
     args.world_size = world
+    tp = args.tensor_model_parallel_size
+    if world % tp:
+        parser.error(f"--tensor-model-parallel-size {tp} does not divide the {world} training ranks")
+    args.data_parallel_size = dp = world // tp  # a tensor-parallel group of tp ranks takes one data share
     if args.lr_warmup_fraction is not None:
         if args.lr_warmup_iters:
             parser.error("--lr-warmup-fraction and --lr-warmup-iters both set the warm-up: choose one")
@@ -119,12 +123,12 @@ def settle_batch_plan(args: Any, parser: argparse.ArgumentParser) -> None:
             parser.error(f"--lr-warmup-fraction must be in [0, 1], got {args.lr_warmup_fraction}")
         decay = args.lr_decay_iters or args.num_rollout * args.num_steps_per_rollout
         args.lr_warmup_iters = int(args.lr_warmup_fraction * decay)
-    if args.global_batch_size % world:
+    if args.global_batch_size % dp:
         parser.error(
-            f"--global-batch-size {args.global_batch_size} does not split evenly over {world} training "
-            f"ranks (--actor-num-nodes x --actor-num-gpus-per-node)"
+            f"--global-batch-size {args.global_batch_size} does not split evenly over {dp} data-parallel "
+            f"ranks (--actor-num-nodes x --actor-num-gpus-per-node / --tensor-model-parallel-size)"
         )
-    per_rank = args.global_batch_size // world
+    per_rank = args.global_batch_size // dp
     require_at_least_one(args, parser, "max_tokens_per_gpu", "log_probs_max_tokens_per_gpu")
     if args.use_dynamic_batch_size:
         if not args.max_tokens_per_gpu:
@@ -133,14 +137,14 @@ def settle_batch_plan(args: Any, parser: argparse.ArgumentParser) -> None:
         logging.getLogger(__name__).warning("--max-tokens-per-gpu has no effect without --use-dynamic-batch-size")
     elif per_rank % args.micro_batch_size:
         parser.error(
-            f"--global-batch-size {args.global_batch_size} over {world} rank(s) gives {per_rank} samples "
+            f"--global-batch-size {args.global_batch_size} over {dp} data-parallel rank(s) gives {per_rank} samples "
             f"per rank, not a multiple of --micro-batch-size {args.micro_batch_size}"
         )
 
 
 def batch_plan(args: Any) -> str:
     """The plan printed at start: prompts -> samples -> optimizer steps -> samples per rank -> micro-batches."""
-    samples, world = args.rollout_batch_size * args.n_samples_per_prompt, args.world_size
+    samples, world = args.rollout_batch_size * args.n_samples_per_prompt, args.data_parallel_size
     per_rank = args.global_batch_size // world
     split = "token-balanced (--balance-data)" if args.balance_data else "round-robin"
     if args.use_dynamic_batch_size:
@@ -153,7 +157,9 @@ def batch_plan(args: Any) -> str:
         f"  rollout      {args.rollout_batch_size} prompts x {args.n_samples_per_prompt} samples = {samples} samples, "
         f"responses <= {args.rollout_max_response_len} tokens",
         f"  training     {args.num_steps_per_rollout} optimizer step(s) of {args.global_batch_size} samples, "
-        f"{per_rank} per rank on {world} rank(s), {split}",
+        f"{per_rank} per rank on {world} data-parallel rank(s)"
+        + (f" x tensor-parallel {args.tensor_model_parallel_size}" if args.tensor_model_parallel_size > 1 else "")
+        + f", {split}",
         f"  micro-batch  {micro}",
         "  log-probs    " + (f"packed to <= {no_grad} tokens per pass" if no_grad else "as the micro-batches"),
         f"  run          {args.num_rollout} rollout(s) = {args.num_rollout * args.num_steps_per_rollout} optimizer "

@@ -28,7 +28,7 @@ from slime.algorithms.losses import KL_ESTIMATORS
 from slime.sync.syncer import WeightSyncer
 from slime.trainer import checkpoint
 from slime.trainer.loss import MicroBatch, critic_loss, micro_batch_loss, takes_pg_loss
-from slime.trainer.models import copy_weights, dropout_overrides, load_critic, load_policy
+from slime.trainer.models import copy_weights, dropout_overrides, load_critic, load_policy, total_norm
 from slime.trainer.optimizer import build_optimizer
 from slime.trainer.packing import (
     forward_log_probs,
@@ -77,7 +77,12 @@ class TrainActor:
         )
         from torch.distributed.device_mesh import init_device_mesh
 
-        mesh = init_device_mesh(self.device.type, (self.world_size,))
+        self.tp = args.tensor_model_parallel_size  # ranks r // tp form data-parallel rank r // tp's TP group
+        self.dp = self.world_size // self.tp
+        if self.tp > 1:
+            mesh = init_device_mesh(self.device.type, (self.dp, self.tp), mesh_dim_names=("dp", "tp"))
+        else:
+            mesh = init_device_mesh(self.device.type, (self.world_size,))
         torch.manual_seed(args.seed)
         dropout = dropout_overrides(args.hf_checkpoint, args.attention_dropout, args.hidden_dropout)
         self.model = load_policy(args.hf_checkpoint, self.device, mesh, True, args.activation_checkpointing, dropout)
@@ -283,10 +288,14 @@ class TrainActor:
         )
 
     # ------------------------------------------------------------------ public
+    def _per_rank(self, dp_shares: list[list[int]]) -> list[list[int]]:
+        """Data-parallel shares -> one per rank: the ranks of a tensor-parallel group process the same samples."""
+        return [dp_shares[r // self.tp] for r in range(self.world_size)]
+
     def log_probs(self, data: TrainBatch) -> list[list[float]]:
         """Current policy's log-probs of every sample's response tokens (all ranks must call; every rank gets all)."""
         n = len(data)
-        shares = [list(range(r, n, self.world_size)) for r in range(self.world_size)]
+        shares = self._per_rank([list(range(r, n, self.dp)) for r in range(self.dp)])
         merged = self._gather({"lp": self._per_sample(self.model, data, shares)}, n)["lp"]
         return [t.tolist() for t in merged]
 
@@ -297,7 +306,7 @@ class TrainActor:
         critic_only = rollout_id < a.num_critic_only_steps  # --num-critic-only-steps: the policy waits
         steps, denominators = trajectory_steps(data, g)
         lengths = [len(t) for t in data.tokens]
-        shares = [rank_shares(step, lengths, world, a.balance_data) for step in steps]
+        shares = [self._per_rank(rank_shares(step, lengths, self.dp, a.balance_data)) for step in steps]
         everything = [[i for step in shares for i in step[r]] for r in range(world)]
         rank_tokens = [[sum(lengths[i] for i in share) for share in step] for step in shares]
         if a.compute_advantages_and_returns:
@@ -341,10 +350,10 @@ class TrainActor:
                 )
                 loss, shares_ = micro_batch_loss(a, batch, out)
                 if not critic_only:
-                    (loss * world).backward()  # FSDP averages over ranks; the loss is a share of a global sum
+                    (loss * self.dp).backward()  # FSDP averages over dp ranks; the loss is a share of a global sum
                 if self.critic is not None:
                     closs, cshares = critic_loss(a, batch, forward_values(self.critic, *inputs))
-                    (closs * world).backward()
+                    (closs * self.dp).backward()
                     shares_ |= {f"critic/{k}": v for k, v in cshares.items()}
                 for k, v in shares_.items():
                     sums[k] = sums.get(k, 0.0) + v
@@ -378,10 +387,11 @@ class TrainActor:
         return out
 
     def _sum_over_ranks(self, values: dict[str, float]) -> dict[str, float]:
+        """Sum over data-parallel ranks (the ranks of a tensor-parallel group hold the same values: counted once)."""
         parts = [None] * self.world_size
         dist.all_gather_object(parts, values)
         keys = sorted({k for p in parts for k in p})
-        return {k: sum(p.get(k, 0.0) for p in parts) for k in keys}
+        return {k: sum(p.get(k, 0.0) for p in parts) / self.tp for k in keys}
 
     def _mismatch_metrics(self, cols: TokenColumns) -> dict[str, float]:
         """--get-mismatch-metrics: how far the engine's log-probs are from the trainer's, over counted tokens."""
@@ -457,8 +467,11 @@ class TrainActor:
         stops."""
         params = [p for p in model.parameters() if p.grad is not None]
         max_norm = self.args.clip_grad if self.args.clip_grad > 0 else float("inf")
-        norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
-        norm = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
+        norm = total_norm([p.grad for p in params])  # each shard once, over FSDP and tensor-parallel meshes alike
+        if math.isfinite(norm) and norm > max_norm:
+            with torch.no_grad():
+                for p in params:
+                    p.grad.mul_(max_norm / (norm + 1e-6))  # a float: the same on every shard and mesh
         if math.isfinite(norm):
             optimizer.step()
             scheduler.step()
@@ -480,13 +493,9 @@ class TrainActor:
         optimizer.zero_grad(set_to_none=True)
         return norm
 
+    @torch.no_grad()
     def _param_norm(self) -> float:
-        local = torch.zeros(1, dtype=torch.float64, device=self.device)
-        for p in self.model.parameters():
-            shard = p.data.to_local() if hasattr(p.data, "to_local") else p.data
-            local += shard.double().square().sum()
-        dist.all_reduce(local)
-        return float(local.sqrt())
+        return total_norm([p.detach() for p in self.model.parameters()])
 
     def _new_syncer(self, engine_urls: list[str], folder: str) -> WeightSyncer:
         a = self.args

@@ -63,16 +63,20 @@ def load_policy(
     overrides: dict | None = None,
 ) -> torch.nn.Module:
     """A causal LM in fp32 (the policy, or a frozen reference / teacher); `overrides`: config values (dropout),
-    `checkpointing`: see `checkpoint_layers` (trained models only)."""
+    `checkpointing`: see `checkpoint_layers` (trained models only). On a 2-D ("dp", "tp") mesh the model is first
+    split by its own tensor-parallel plan over "tp" (transformers' `tp_plan`), then FSDP2-sharded over "dp"."""
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(
-        path, dtype=torch.float32, attn_implementation="sdpa", **(overrides or {})
-    ).to(device)
+    kwargs = dict(dtype=torch.float32, attn_implementation="sdpa", **(overrides or {}))
+    tensor_parallel = mesh.ndim == 2
+    if tensor_parallel:
+        model = AutoModelForCausalLM.from_pretrained(path, tp_plan="auto", device_mesh=mesh["tp"], **kwargs)
+    else:
+        model = AutoModelForCausalLM.from_pretrained(path, **kwargs).to(device)
     layer_classes = set(getattr(model, "_no_split_modules", None) or [])
     if trainable and checkpointing:
         checkpoint_layers(model, layer_classes, checkpointing)
-    model = shard(model, layer_classes, device, mesh)
+    model = shard(model, layer_classes, device, mesh["dp"] if tensor_parallel else mesh)
     if not trainable:
         model.eval().requires_grad_(False)
     return model
@@ -113,3 +117,18 @@ def copy_weights(src: torch.nn.Module, dst: torch.nn.Module) -> None:
     for name, p in src.named_parameters():
         q = target[name]
         (q.to_local() if hasattr(q, "to_local") else q).copy_(p.to_local() if hasattr(p, "to_local") else p)
+
+
+def total_norm(tensors: list[torch.Tensor]) -> float:
+    """The 2-norm of all `tensors` together, each counted once however it is sharded: DTensors are grouped by mesh
+    (FSDP2 alone, or tensor-parallel and FSDP2 layers on different meshes) and each group's norm is reduced over its
+    own mesh."""
+    groups: dict = {}
+    for t in tensors:
+        groups.setdefault(getattr(t, "device_mesh", None), []).append(t)
+    squares = 0.0
+    for part in groups.values():
+        norm = torch.nn.utils.get_total_norm(part, 2.0)
+        norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm
+        squares += float(norm.double()) ** 2
+    return squares**0.5

@@ -102,7 +102,7 @@ def test_batch_plan_fills_in_the_missing_side(extra, gbs, steps):
         ),
         (
             ["--rollout-batch-size", "3", "--n-samples-per-prompt", "1", "--actor-num-gpus-per-node", "2"],
-            "does not split evenly over 2 training ranks",
+            "does not split evenly over 2 data-parallel ranks",
         ),
         (
             ["--rollout-batch-size", "4", "--n-samples-per-prompt", "1", "--micro-batch-size", "3"],

@@ -44,7 +44,11 @@ def test_a_run_scripts_flag_set_starts_and_says_what_has_no_effect(caplog):
 @pytest.mark.parametrize(
     "extra, message",
     [
-        (["--tensor-model-parallel-size", "2"], "--tensor-model-parallel-size 2: tensor parallelism"),
+        (["--tensor-model-parallel-size", "2"], "--tensor-model-parallel-size 2 does not divide the 1 training ranks"),
+        (
+            ["--tensor-model-parallel-size", "2", "--actor-num-gpus-per-node", "2", "--advantage-estimator", "ppo"],
+            "the critic (--advantage-estimator ppo) trains without tensor parallelism",
+        ),
         (["--pipeline-model-parallel-size", "4"], "--pipeline-model-parallel-size 4: this trainer has no pipeline"),
         (["--context-parallel-size", "2"], "--context-parallel-size 2"),
         (["--expert-model-parallel-size", "8"], "--expert-model-parallel-size 8"),
@@ -138,3 +142,14 @@ def test_compatibility_doc_lists_every_flag():
     flags = {s for a in build_parser()._actions for s in a.option_strings if s.startswith("--") and s != "--help"}
     missing = sorted(f for f in flags if f"`{f}`" not in doc)
     assert missing == []
+
+
+def test_tensor_parallel_needs_a_plan_and_divisible_heads(tiny_model_path):
+    """The tiny Llama has 4 attention heads and 2 key/value heads: tensor-parallel 2 splits it, 4 cannot."""
+    from types import SimpleNamespace
+
+    from slime.config.megatron import check_tensor_parallel
+
+    assert check_tensor_parallel(SimpleNamespace(tensor_model_parallel_size=2), tiny_model_path) is None
+    why = check_tensor_parallel(SimpleNamespace(tensor_model_parallel_size=4), tiny_model_path)
+    assert "num_key_value_heads 2" in why and "not divisible by 4" in why

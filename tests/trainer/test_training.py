@@ -350,3 +350,38 @@ def test_weights_sync_every_n_rollouts_from_a_start_id(ray_cluster, tiny_model_p
     assert ["sync/seconds" in s for s in steps] == [True, False, True, True]
     # the rollout function returned groups alone: the standard rollout metrics are still there
     assert all("rollout/reward_mean" in s and s["rollout/tokens"] > 0 for s in steps)
+
+
+def test_tensor_parallel_two_matches_one_rank(ray_cluster, tiny_model_path, tmp_path):
+    """--tensor-model-parallel-size 2 on two ranks (the model split by its transformers tp plan, FSDP2 over the one
+    data-parallel rank) against one plain rank: equal metrics (gradient clipping active, KL to a tensor-parallel
+    reference) and equal weights after two optimizer steps; a checkpoint written by the two ranks loads on one."""
+    data = _synthetic_batch(16)
+    common = ["--rollout-batch-size", "4", "--n-samples-per-prompt", "4", "--global-batch-size", "8", "--lr", "0.01"]
+    common += ["--train-threads", "1", "--use-kl-loss", "--kl-loss-coef", "0.1", "--clip-grad", "0.5"]
+    runs = {}
+    for name, extra in {
+        "ws1": [],
+        "tp2": ["--actor-num-gpus-per-node", "2", "--tensor-model-parallel-size", "2", "--sequence-parallel"],
+    }.items():
+        group = TrainGroup(_args(tiny_model_path, tmp_path / name, *common, *extra))
+        try:
+            metrics = group.train(0, data)
+            runs[name] = metrics, torch.tensor([x for lp in group.call("log_probs", data)[0] for x in lp])
+            if name == "tp2":
+                group.call("save", str(tmp_path / "ckpt"))
+        finally:
+            group.shutdown()
+    (m1, lp1), (m2, lp2) = runs.values()
+    assert m1["train/grad_norm"] > 0.5  # clipping is active
+    for key in m1:
+        if key.startswith("train/") and key not in ("train/seconds", "train/tokens_per_s"):
+            assert m2[key] == pytest.approx(m1[key], rel=1e-4, abs=1e-7), key
+    assert torch.allclose(lp1, lp2, atol=1e-5)
+    group = TrainGroup(_args(tiny_model_path, tmp_path / "reload", *common))
+    try:
+        group.call("load", str(tmp_path / "ckpt"))
+        reloaded = torch.tensor([x for lp in group.call("log_probs", data)[0] for x in lp])
+    finally:
+        group.shutdown()
+    assert torch.allclose(reloaded, lp2, atol=1e-5)
