@@ -120,15 +120,16 @@ def copy_weights(src: torch.nn.Module, dst: torch.nn.Module) -> None:
 
 
 def total_norm(tensors: list[torch.Tensor]) -> float:
-    """The 2-norm of all `tensors` together, each counted once however it is sharded: DTensors are grouped by mesh
-    (FSDP2 alone, or tensor-parallel and FSDP2 layers on different meshes) and each group's norm is reduced over its
-    own mesh."""
+    """The 2-norm of all `tensors` together in float64, each element counted once however it is sharded: a DTensor's
+    sum of squares is partial over the mesh dimensions it is sharded on and replicated over the others, so sums are
+    added up per (mesh, placements) (FSDP2 alone, or tensor-parallel and FSDP2 layers on different meshes) and each
+    group is reduced once over its own mesh."""
     groups: dict = {}
     for t in tensors:
-        groups.setdefault(getattr(t, "device_mesh", None), []).append(t)
-    squares = 0.0
-    for part in groups.values():
-        norm = torch.nn.utils.get_total_norm(part, 2.0)
-        norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm
-        squares += float(norm.double()) ** 2
-    return squares**0.5
+        square = t.detach().to(torch.float64).square().sum()
+        key = (getattr(square, "device_mesh", None), getattr(square, "placements", None))
+        groups[key] = groups[key] + square if key in groups else square
+    total = 0.0
+    for square in groups.values():
+        total += float(square.full_tensor() if hasattr(square, "full_tensor") else square)
+    return total**0.5
