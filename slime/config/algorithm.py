@@ -10,6 +10,8 @@ import argparse
 import logging
 from typing import Any
 
+from slime.config.checks import require_at_least_one
+
 
 def add_algorithm_arguments(p: argparse.ArgumentParser) -> None:
     from slime.algorithms.advantages import ADVANTAGE_ESTIMATORS
@@ -206,11 +208,9 @@ def settle_algorithm(args: Any, parser: argparse.ArgumentParser) -> None:
         log.info("--advantage-estimator %s implies --normalize-advantages", args.advantage_estimator)
     if args.critic_lr is None:
         args.critic_lr = args.lr
-    if args.ref_update_interval is not None:
-        if args.ref_update_interval < 1:
-            parser.error(f"--ref-update-interval must be at least 1, got {args.ref_update_interval}")
-        if not (args.use_kl_loss or args.kl_coef):
-            parser.error("--ref-update-interval moves the KL reference: use it with --use-kl-loss or --kl-coef")
+    require_at_least_one(args, parser, "ref_update_interval")
+    if args.ref_update_interval is not None and not (args.use_kl_loss or args.kl_coef):
+        parser.error("--ref-update-interval moves the KL reference: use it with --use-kl-loss or --kl-coef")
     if args.num_critic_only_steps < 0:
         parser.error(f"--num-critic-only-steps must be at least 0, got {args.num_critic_only_steps}")
     if args.num_critic_only_steps and not estimator.needs_critic:

@@ -20,7 +20,7 @@ import logging
 import os
 from typing import Any
 
-from slime.config.checks import flag
+from slime.config.checks import flag, require_at_least_one
 
 # value flags of Megatron's model description, with the Hugging Face config key they must agree with (None: no key)
 ARCHITECTURE_VALUES: dict[str, str | None] = {
@@ -198,12 +198,13 @@ def add_megatron_arguments(p: argparse.ArgumentParser) -> None:
 
 def settle_megatron(args: Any, parser: argparse.ArgumentParser) -> None:
     """Refuse what cannot be honoured, derive what is honoured, and warn once about the rest."""
-    for dest in PARALLEL_SIZES:
-        value = getattr(args, dest)
-        if value < 1:
-            parser.error(f"{flag(dest)} must be at least 1, got {value}")
-        if value != 1 and dest != "tensor_model_parallel_size":
-            parser.error(f"{flag(dest)} {value}: this trainer has no pipeline, context or expert parallelism; use 1")
+    require_at_least_one(args, parser, *PARALLEL_SIZES)
+    for dest in PARALLEL_SIZES[1:]:  # all but tensor parallelism
+        if getattr(args, dest) != 1:
+            parser.error(
+                f"{flag(dest)} {getattr(args, dest)}: this trainer has no pipeline, context or expert parallelism; "
+                "use 1"
+            )
     if args.tensor_model_parallel_size > 1:
         from slime.algorithms.advantages import ADVANTAGE_ESTIMATORS
 

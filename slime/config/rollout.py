@@ -215,6 +215,8 @@ def validate_rollout(args: Any, parser: argparse.ArgumentParser) -> None:
         "num_rollout",
         "over_sampling_batch_size",
         "dynamic_sampling_max_prompts",
+        "num_epoch",
+        "update_weights_interval",
     )
     if args.dynamic_sampling_max_prompts is not None and args.dynamic_sampling_max_prompts < args.rollout_batch_size:
         parser.error(
@@ -234,8 +236,6 @@ def validate_rollout(args: Any, parser: argparse.ArgumentParser) -> None:
             )
     if args.debug_train_only and args.debug_rollout_only:
         parser.error("--debug-train-only and --debug-rollout-only exclude each other")
-    if args.num_epoch is not None and args.num_epoch < 1:
-        parser.error(f"--num-epoch must be at least 1, got {args.num_epoch}")
     sub = args.load_debug_rollout_data_subsample
     if sub is not None and not 0 < sub <= 1:
         parser.error(f"--load-debug-rollout-data-subsample must be in (0, 1], got {sub}")
@@ -245,8 +245,6 @@ def validate_rollout(args: Any, parser: argparse.ArgumentParser) -> None:
             parser.error(f"{flag(dest)} {path}: the path needs a {{rollout_id}} placeholder, one file per rollout")
     if args.start_rollout_id is not None and not 0 <= args.start_rollout_id < args.num_rollout:
         parser.error(f"--start-rollout-id {args.start_rollout_id} must be in [0, --num-rollout {args.num_rollout})")
-    if args.update_weights_interval < 1:
-        parser.error(f"--update-weights-interval must be at least 1, got {args.update_weights_interval}")
     if args.update_weights_interval > 1 and args.offload_rollout:
         parser.error(
             "--update-weights-interval > 1 with --offload-rollout/--colocate: engines that release their weights "
