@@ -20,7 +20,7 @@ from slime.rollout.base_types import RolloutFnEvalOutput, RolloutFnTrainOutput
 from slime.rollout.scoring import reward_key
 from slime.rollout.sglang_rollout import rollout_metrics
 from slime.utils.misc import load_function
-from slime.utils.types import Sample, TrainBatch
+from slime.utils.types import Sample, TrainBatch, trajectory_numbers
 
 logger = logging.getLogger(__name__)
 
@@ -33,20 +33,17 @@ def to_train_data(groups: list[list[Sample]], args: Any, post_process: Callable 
 
     Groups normally hold `--n-samples-per-prompt` samples; one whose trajectories came back as several samples
     (`Sample.rollout_id` shared) is larger, and the batch records every group's size and each sample's trajectory."""
-    trajectories, numbers = [], {}
-    for g in groups:
-        for s in g:
-            key = ("trajectory", s.rollout_id) if s.rollout_id is not None else ("sample", id(s))
-            trajectories.append(numbers.setdefault(key, len(numbers)))
-    per_group = []
+    samples = [s for g in groups for s in g]
+    trajectories = trajectory_numbers([s.rollout_id for s in samples])
+    per_group, start = set(), 0
     for g in groups:  # trajectories per group
-        per_group.append(len({("t", s.rollout_id) if s.rollout_id is not None else id(s) for s in g}))
-    if set(per_group) != {args.n_samples_per_prompt}:
+        per_group.add(len(set(trajectories[start : start + len(g)])))
+        start += len(g)
+    if per_group != {args.n_samples_per_prompt}:
         raise ValueError(
-            f"the rollout function returned groups of {sorted(set(per_group))} trajectories; training needs groups "
+            f"the rollout function returned groups of {sorted(per_group)} trajectories; training needs groups "
             f"of exactly --n-samples-per-prompt {args.n_samples_per_prompt}"
         )
-    samples = [s for g in groups for s in g]
     if post_process is None:
         rewards = [float(s.get_reward_value(args)) for s in samples]
     else:  # first: it may mark samples remove_sample
@@ -99,10 +96,6 @@ def train_batch_from_dict(data: Any, flag: str) -> TrainBatch:
                 f"{flag}: {name}[{bad[0]}] has {len(col[bad[0]])} entries, response_lengths says {lengths[bad[0]]}"
             )
     ids = column("rollout_ids", False)
-    trajectories = []
-    if ids:
-        numbers: dict[Any, int] = {}
-        trajectories = [numbers.setdefault(i if i is not None else ("own", k), len(numbers)) for k, i in enumerate(ids)]
     return TrainBatch(
         tokens=[[int(t) for t in seq] for seq in data["tokens"]],
         response_lengths=lengths,
@@ -110,7 +103,7 @@ def train_batch_from_dict(data: Any, flag: str) -> TrainBatch:
         rewards=[float(r) for r in data["rewards"]],
         rollout_log_probs=column("rollout_log_probs", True),
         teacher_log_probs=column("teacher_log_probs", True),
-        trajectories=trajectories,
+        trajectories=trajectory_numbers(ids) if ids else [],
     )
 
 

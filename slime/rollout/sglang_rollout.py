@@ -29,7 +29,7 @@ from slime.utils.eval_config import EvalDatasetConfig, resolve
 from slime.utils.http_utils import HTTPError, get, post
 from slime.utils.misc import load_function
 from slime.utils.processing_utils import load_tokenizer
-from slime.utils.types import FINISH_STATUS, Sample
+from slime.utils.types import FINISH_STATUS, Sample, trajectory_numbers
 
 logger = logging.getLogger(__name__)
 
@@ -308,9 +308,9 @@ def for_buffer(group: list[Sample], partial: bool) -> list[Sample]:
     several samples, which cannot resume) one fresh sample per trajectory."""
     if partial and all(s.rollout_id is None for s in group):
         return group
-    firsts: dict[Any, Sample] = {}
-    for s in group:
-        firsts.setdefault(s.rollout_id if s.rollout_id is not None else id(s), s)
+    firsts: dict[int, Sample] = {}
+    for number, s in zip(trajectory_numbers([s.rollout_id for s in group]), group, strict=True):
+        firsts.setdefault(number, s)
     return [_fresh(s) for s in firsts.values()]
 
 

@@ -161,6 +161,14 @@ class Sample:
         return cls(**data)
 
 
+def trajectory_numbers(rollout_ids: list[Any]) -> list[int]:
+    """Number the trajectories of samples in order from their `rollout_id`s: equal ids share a number, a None id is
+    a trajectory of its own. [B] -> [B], numbers 0, 1, ... by first appearance."""
+    numbers: dict[Any, int] = {}
+    keys = [("id", r) if r is not None else ("own", k) for k, r in enumerate(rollout_ids)]
+    return [numbers.setdefault(key, len(numbers)) for key in keys]
+
+
 FINISH_STATUS = {"stop": Sample.Status.COMPLETED, "length": Sample.Status.TRUNCATED, "abort": Sample.Status.ABORTED}
 
 
