@@ -39,6 +39,14 @@ def level_log_ratio(log_ratio: torch.Tensor, mask: torch.Tensor, level: str) -> 
     raise ValueError(f"importance-ratio level must be token, sequence or geometric, not {level!r}")
 
 
+def mismatch_metrics(train_log_probs: Tokens, rollout_log_probs: Tokens) -> dict[str, Tokens]:
+    """Per-token measures of how far the engine's log-probs are from the trainer's, B tensors [r_i] each, averaged
+    by the trainer like the loss: the k3 estimate exp(d) - 1 - d of the KL and |d|, with d = log pi_old - log
+    pi_rollout."""
+    raw = [t - r for t, r in zip(train_log_probs, rollout_log_probs, strict=True)]
+    return {"mismatch_k3_kl": [torch.exp(d) - 1 - d for d in raw], "mismatch_logprob_abs_diff": [d.abs() for d in raw]}
+
+
 def importance_weights(
     args: Any, *, train_log_probs: Tokens, rollout_log_probs: Tokens, loss_masks: Tokens
 ) -> tuple[Tokens, Tokens, dict[str, Tokens]]:
@@ -48,10 +56,13 @@ def importance_weights(
     masks multiply it too (0 where MIS rejects a token). Metrics map a name to B tensors [r_i] that the trainer
     averages like the loss (a per-sample value is repeated over the sample's tokens).
     """
-    weights, masks, metrics = [], [], {"mismatch_k3_kl": [], "tis_clipped_fraction": [], "mis_rejected_fraction": []}
+    metrics = mismatch_metrics(train_log_probs, rollout_log_probs) | {
+        "tis_clipped_fraction": [],
+        "mis_rejected_fraction": [],
+    }
+    weights, masks = [], []
     for train, rollout, mask in zip(train_log_probs, rollout_log_probs, loss_masks, strict=True):
         raw = train - rollout
-        metrics["mismatch_k3_kl"].append(torch.exp(raw) - 1 - raw)
         weight, keep = torch.ones_like(raw), mask.clone()
         if args.use_tis:
             ratio = level_log_ratio(raw, mask, args.tis_level).clamp(-LOG_RATIO_BOUND, LOG_RATIO_BOUND).exp()

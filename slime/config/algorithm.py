@@ -68,8 +68,8 @@ def add_algorithm_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--get-mismatch-metrics",
         action="store_true",
-        help="report how far the engine's log-probs are from the trainer's (mean |diff| and k3 KL over loss tokens), "
-        "recomputing the trainer's under --use-rollout-logprobs",
+        help="report how far the engine's log-probs are from the trainer's (train/mismatch_logprob_abs_diff and "
+        "train/mismatch_k3_kl, averaged like the loss), recomputing the trainer's under --use-rollout-logprobs",
     )
     g.add_argument(
         "--use-rollout-entropy",

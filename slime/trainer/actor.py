@@ -23,7 +23,7 @@ import torch
 import torch.distributed as dist
 
 from slime.algorithms.advantages import ADVANTAGE_ESTIMATORS, compute_advantages
-from slime.algorithms.corrections import importance_weights
+from slime.algorithms.corrections import importance_weights, mismatch_metrics
 from slime.algorithms.losses import KL_ESTIMATORS
 from slime.sync.syncer import WeightSyncer
 from slime.trainer import checkpoint
@@ -274,6 +274,9 @@ class TrainActor:
     def _corrections(self, cols: TokenColumns) -> tuple[Tokens | None, Tokens | None, dict[str, Tokens]]:
         a = self.args
         if not (a.use_tis or a.use_mis or self.hooks["tis"]):
+            if a.get_mismatch_metrics and cols.rollout_log_probs is not None:  # measured, nothing corrected
+                train = self._rollout_extras.get("train_log_probs", cols.old_log_probs)
+                return None, None, mismatch_metrics(train, cols.rollout_log_probs)
             return None, None, {}
         if cols.rollout_log_probs is None:
             raise ValueError(
@@ -371,7 +374,7 @@ class TrainActor:
             copy_weights(self.model, self.ref_model)  # --ref-update-interval: the KL anchor moves to the policy
         seconds = time.monotonic() - start
         out = {(k if "/" in k else f"train/{k}"): v for k, v in totals.items()}
-        out |= self._advantage_stats(cols) | self._mismatch_metrics(cols)
+        out |= self._advantage_stats(cols)
         out.update(
             {
                 "train/lr": self.scheduler.get_last_lr()[0],
@@ -392,20 +395,6 @@ class TrainActor:
         dist.all_gather_object(parts, values)
         keys = sorted({k for p in parts for k in p})
         return {k: sum(p.get(k, 0.0) for p in parts) / self.tp for k in keys}
-
-    def _mismatch_metrics(self, cols: TokenColumns) -> dict[str, float]:
-        """--get-mismatch-metrics: how far the engine's log-probs are from the trainer's, over counted tokens."""
-        if not self.args.get_mismatch_metrics or cols.rollout_log_probs is None or cols.old_log_probs is None:
-            return {}
-        train = self._rollout_extras.get("train_log_probs", cols.old_log_probs)
-        mask = torch.cat(cols.loss_masks).bool()
-        diff = (torch.cat(train) - torch.cat(cols.rollout_log_probs))[mask].double()  # log pi_train - log pi_rollout
-        if not diff.numel():
-            return {}
-        return {
-            "train/mismatch_logprob_abs_diff": float(diff.abs().mean()),
-            "train/mismatch_k3_kl": float((torch.exp(-diff) - 1 + diff).mean()),  # KL(rollout || train), k3
-        }
 
     @staticmethod
     def _advantage_stats(cols: TokenColumns) -> dict[str, float]:
