@@ -14,6 +14,14 @@ from slime.engine.options import command_flags
 from slime.utils.http_utils import free_port, request_sync
 
 
+def answers(url: str, timeout: float = 5.0) -> bool:
+    """Whether GET `url` answers 200 within `timeout` seconds."""
+    try:
+        return request_sync("GET", url, timeout=timeout)[0] == 200
+    except ConnectionError:
+        return False
+
+
 @dataclass
 class ServerProcess:
     """A child HTTP server (engine or router) with its URL and log file."""
@@ -42,11 +50,8 @@ class ServerProcess:
                     f"{self.name} exited with code {self.proc.returncode} before serving {self.url}; "
                     f"log {self.log_path}:\n{self.log_tail()}"
                 )
-            try:
-                if request_sync("GET", self.url + path, timeout=5)[0] == 200:
-                    return
-            except ConnectionError:
-                pass
+            if answers(self.url + path):
+                return
             time.sleep(0.25)
         self.stop()
         raise TimeoutError(
@@ -84,10 +89,7 @@ class ExternalEngine:
     started: float = field(default_factory=time.monotonic)
 
     def alive(self) -> bool:
-        try:
-            return request_sync("GET", self.url + "/health", timeout=10)[0] == 200
-        except ConnectionError:
-            return False
+        return answers(self.url + "/health", timeout=10)
 
     def log_tail(self, chars: int = 3000) -> str:
         return self.log_path
@@ -98,11 +100,8 @@ class ExternalEngine:
     def wait_ready(self, path: str, timeout: float) -> None:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            try:
-                if request_sync("GET", self.url + path, timeout=5)[0] == 200:
-                    return
-            except ConnectionError:
-                pass
+            if answers(self.url + path):
+                return
             time.sleep(0.5)
         raise TimeoutError(f"external engine {self.url} did not answer GET {path} with 200 within {timeout:.0f}s")
 

@@ -218,20 +218,18 @@ class RolloutManager:
         if self.args.save_debug_rollout_data:
             save_debug_rollout_data(self.args.save_debug_rollout_data, rollout_id, groups)
         seconds = time.monotonic() - start
+        samples = [s for g in groups for s in g]
         if "rollout/reward_mean" not in metrics:  # a function that returned none gets the standard ones
             metrics = rollout_metrics(groups, seconds, key=reward_key(self.args)) | metrics
         if getattr(self.data_source, "dataset", None) is not None:
             metrics.setdefault("rollout/epoch", self.data_source.epoch)
         if self.hooks["rollout_log"] is not None:
-            samples = [s for g in groups for s in g]
             if self.hooks["rollout_log"](rollout_id, self.args, samples, metrics, seconds):
                 metrics = {}  # the function logged the rollout itself
         metrics |= health
-        for g in groups:
-            for s in g:
-                s.check_alignment()
+        for s in samples:
+            s.check_alignment()
         if self.hooks["convert"] is not None:
-            samples = [s for g in groups for s in g]
             flag = "--custom-convert-samples-to-train-data-path"
             train_data = train_batch_from_dict(self.hooks["convert"](self.args, samples), flag)
         else:
