@@ -293,6 +293,20 @@ def test_ppo_gradient_matches_finite_differences():
     assert torch.autograd.gradcheck(objective, (lp,), eps=1e-7, atol=1e-6)
 
 
+def assert_grad_matches_finite_differences(grad, ref_objective, lp0, abs_tol: float, h: float = 1e-6) -> None:
+    """grad (flat over the ragged rows of lp0) equals the central finite differences of ref_objective at lp0."""
+    pos = 0
+    for i, row in enumerate(lp0):
+        for t in range(len(row)):
+            up = [r[:] for r in lp0]
+            down = [r[:] for r in lp0]
+            up[i][t] += h
+            down[i][t] -= h
+            fd = (ref_objective(up) - ref_objective(down)) / (2 * h)
+            assert grad[pos].item() == pytest.approx(fd, abs=abs_tol)
+            pos += 1
+
+
 def test_gspo_gradient_matches_the_sequence_objective():
     """With one advantage per sequence (GRPO's), the token-level trick's gradient equals the finite-difference
     gradient of the plain sequence objective mean_t f(exp(mean_u (lp_u - old_u)), A)."""
@@ -318,16 +332,7 @@ def test_gspo_gradient_matches_the_sequence_objective():
     loss = sum((c * m).sum() / m.sum() for c, m in zip(got.split(lengths), flat(masks).split(lengths), strict=True))
     (loss / len(lengths)).backward()
     assert (loss / len(lengths)).item() == pytest.approx(ref_objective(lp0), rel=1e-12)
-    h, pos = 1e-6, 0
-    for i, n in enumerate(lengths):
-        for t in range(n):
-            up = [row[:] for row in lp0]
-            down = [row[:] for row in lp0]
-            up[i][t] += h
-            down[i][t] -= h
-            fd = (ref_objective(up) - ref_objective(down)) / (2 * h)
-            assert x.grad[pos].item() == pytest.approx(fd, abs=1e-7)
-            pos += 1
+    assert_grad_matches_finite_differences(x.grad, ref_objective, lp0, abs_tol=1e-7)
 
 
 # ---------------------------------------------------------------- value loss
@@ -556,16 +561,7 @@ def test_gspo_with_tis_weights_and_mis_masks_matches_slime(per_token):
     loss, _ = micro_batch_loss(args, batch, {"log_probs": x, "entropy": torch.zeros_like(x)})
     loss.backward()
     assert loss.item() == pytest.approx(ref_objective(lp0), rel=1e-12)
-    h, pos = 1e-6, 0
-    for i, n in enumerate(lengths):
-        for t in range(n):
-            up = [row[:] for row in lp0]
-            down = [row[:] for row in lp0]
-            up[i][t] += h
-            down[i][t] -= h
-            fd = (ref_objective(up) - ref_objective(down)) / (2 * h)
-            assert x.grad[pos].item() == pytest.approx(fd, abs=1e-8)
-            pos += 1
+    assert_grad_matches_finite_differences(x.grad, ref_objective, lp0, abs_tol=1e-8)
 
 
 def test_sft_loss_is_the_masked_nll():
