@@ -126,11 +126,6 @@ def kl_low_var(log_probs: torch.Tensor, ref_log_probs: torch.Tensor) -> torch.Te
     return (torch.exp(log_ratio) - 1 - log_ratio).clamp(-10.0, 10.0)
 
 
-def entropy_from_log_probs(log_p: torch.Tensor) -> torch.Tensor:
-    """Entropy of a distribution given as log-probabilities along the last dim: [..., V] -> [...]."""
-    return -(log_p.exp() * log_p).sum(dim=-1)
-
-
 def aggregate(
     values: torch.Tensor,
     mask: torch.Tensor,

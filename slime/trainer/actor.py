@@ -29,6 +29,7 @@ from slime.sync.syncer import WeightSyncer
 from slime.trainer import checkpoint
 from slime.trainer.loss import MicroBatch, critic_loss, micro_batch_loss, takes_pg_loss
 from slime.trainer.models import copy_weights, dropout_overrides, load_critic, load_policy, total_norm
+from slime.trainer.offload import HostOffload, resident_tensors
 from slime.trainer.optimizer import build_optimizer
 from slime.trainer.packing import (
     forward_log_probs,
@@ -110,6 +111,7 @@ class TrainActor:
         self.syncer: WeightSyncer | None = None
         self._rollout_extras: dict[str, Tokens] = {}  # per-token columns only hooks and metrics read
         self.step = 0
+        self.host = HostOffload()  # --offload-train's pinned host copies
         self.skipped_steps = 0  # optimizer steps skipped for a non-finite gradient norm, over the whole run
 
     def _load_reference(self, mesh) -> torch.nn.Module:
@@ -513,34 +515,40 @@ class TrainActor:
         return out
 
     def offload(self) -> dict[str, float]:
-        """--offload-train: every model's weights and the optimizer state go to CPU, so the rollout has the GPU."""
-        return self._move(torch.device("cpu"), "offload")
+        """--offload-train: every model's weights and the optimizer state go to pinned host memory, so the rollout
+        has the GPU (slime.trainer.offload)."""
+        return self._move("offload")
 
     def onload(self) -> dict[str, float]:
-        return self._move(self.device, "onload")
+        return self._move("onload")
 
-    def _move(self, device: torch.device, what: str) -> dict[str, float]:
+    def _move(self, what: str) -> dict[str, float]:
         if self.device.type != "cuda":  # nothing to free on a CPU rank
             return {}
         start, before = time.monotonic(), torch.cuda.memory_allocated()
-        for model in (self.model, self.ref_model, self.teacher, self.critic, self.old_actor):
-            if model is not None:
-                model.to(device)
-        for _, _, optimizer, _ in self._trained():
-            for state in optimizer.state.values():
-                for key, value in state.items():
-                    if torch.is_tensor(value) and key != "step":  # AdamW keeps its step counter on CPU
-                        state[key] = value.to(device, non_blocking=True)
-        torch.cuda.synchronize()
-        torch.cuda.empty_cache()
-        after = torch.cuda.memory_allocated()
+        if what == "offload":
+            models = [
+                m for m in (self.model, self.ref_model, self.teacher, self.critic, self.old_actor) if m is not None
+            ]
+            moved = self.host.offload(resident_tensors(models, [opt for _, _, opt, _ in self._trained()]))
+            torch.cuda.empty_cache()  # back to the driver: the engine is another process
+        else:
+            moved = self.host.onload()
+        after, seconds = torch.cuda.memory_allocated(), time.monotonic() - start
         logger.info(
-            "rank %d %s: torch.cuda.memory_allocated %.2f GB -> %.2f GB", self.rank, what, before / 1e9, after / 1e9
+            "rank %d %s: %.2f GB in %.3f s, GPU allocated %.2f -> %.2f GB",
+            self.rank,
+            what,
+            moved / 1e9,
+            seconds,
+            before / 1e9,
+            after / 1e9,
         )
         return {
             f"perf/{what}_gpu_gb_before": before / 1e9,
             f"perf/{what}_gpu_gb_after": after / 1e9,
-            f"perf/{what}_seconds": time.monotonic() - start,
+            f"perf/{what}_seconds": seconds,
+            f"perf/{what}_gb_per_s": moved / 1e9 / max(seconds, 1e-9),
         }
 
     def push_weights(self, engine_urls: list[str], version: str) -> dict[str, float]:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import torch
 
+from slime.trainer.attention import implementation_for
+
 
 def shard(model: torch.nn.Module, layer_classes: set[str], device: torch.device, mesh) -> torch.nn.Module:
     """FSDP2 `fully_shard` on every decoder layer, then on the root (bf16 compute / fp32 reduce on GPU)."""
@@ -17,6 +19,14 @@ def shard(model: torch.nn.Module, layer_classes: set[str], device: torch.device,
             fully_shard(module, **kwargs)
     fully_shard(model, **kwargs)
     return model
+
+
+def attention_for(path: str) -> str:
+    """The attention implementation the trainer loads `path` with: packed (per-sample, no dense mask) where the
+    model's attention allows it (slime.trainer.attention)."""
+    from transformers import AutoConfig
+
+    return implementation_for(AutoConfig.from_pretrained(path))
 
 
 def dropout_overrides(path: str, attention: float | None, hidden: float | None) -> dict[str, float]:
@@ -67,7 +77,7 @@ def load_policy(
     split by its own tensor-parallel plan over "tp" (transformers' `tp_plan`), then FSDP2-sharded over "dp"."""
     from transformers import AutoModelForCausalLM
 
-    kwargs = dict(dtype=torch.float32, attn_implementation="sdpa", **(overrides or {}))
+    kwargs = dict(dtype=torch.float32, attn_implementation=attention_for(path), **(overrides or {}))
     tensor_parallel = mesh.ndim == 2
     if tensor_parallel:
         model = AutoModelForCausalLM.from_pretrained(path, tp_plan="auto", device_mesh=mesh["tp"], **kwargs)
@@ -93,9 +103,10 @@ class ValueModel(torch.nn.Module):
         torch.nn.init.zeros_(self.value_head.weight)
         torch.nn.init.zeros_(self.value_head.bias)
 
-    def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
-        """input_ids, position_ids: [1, T] -> values [1, T]."""
-        hidden = self.backbone(input_ids=input_ids, position_ids=position_ids, use_cache=False).last_hidden_state
+    def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor, **kwargs) -> torch.Tensor:
+        """input_ids, position_ids: [1, T] -> values [1, T]; kwargs go to the backbone (packed attention)."""
+        hidden = self.backbone(input_ids=input_ids, position_ids=position_ids, use_cache=False, **kwargs)
+        hidden = hidden.last_hidden_state
         return self.value_head(hidden).sum(-1)  # not squeeze: FSDP warns that in-place ops on a view skip hooks
 
 
@@ -103,7 +114,7 @@ def load_critic(path: str, device: torch.device, mesh) -> ValueModel:
     """The critic, its backbone initialised from the causal LM at `path` (the LM head is not used)."""
     from transformers import AutoModel
 
-    backbone = AutoModel.from_pretrained(path, dtype=torch.float32, attn_implementation="sdpa")
+    backbone = AutoModel.from_pretrained(path, dtype=torch.float32, attn_implementation=attention_for(path))
     critic = ValueModel(backbone).to(device)
     critic = shard(critic, set(getattr(backbone, "_no_split_modules", None) or []), device, mesh)
     critic.train()

@@ -9,7 +9,8 @@ import itertools
 
 import torch
 
-from slime.algorithms.losses import entropy_from_log_probs
+from slime.trainer.attention import PACKED, packed_kwargs
+from slime.trainer.log_probs import token_log_probs
 from slime.utils.types import TrainBatch
 
 
@@ -117,17 +118,15 @@ def forward_log_probs(
     """Log-probabilities of every response token under `model`, as the engine computes them:
     log_softmax(logits / temperature). Returns log_probs [R], the entropy [R] of that distribution (detached
     unless `entropy_grad`) and, with `keep_logits`, the raw logits [R, V]. Only the rows predicting response
-    tokens go through the LM head."""
+    tokens go through the LM head, and no float32 [R, V] tensor is kept for backward (`token_log_probs`)."""
     device = next(model.parameters()).device
     ids, pos = pack(token_lists, device)
     rows = response_positions([len(t) for t in token_lists], response_lengths, device)
-    logits = model(input_ids=ids, position_ids=pos, use_cache=False, logits_to_keep=rows).logits[0].float()
-    log_p = torch.log_softmax(logits / temperature, dim=-1)
-    out = {
-        "log_probs": log_p.gather(-1, ids[0, rows + 1][:, None])[:, 0],
-        "entropy": entropy_from_log_probs(log_p if entropy_grad else log_p.detach()),
-    }
-    return out | ({"logits": logits} if keep_logits else {})
+    logits = model(
+        input_ids=ids, position_ids=pos, use_cache=False, logits_to_keep=rows, **_attention_kwargs(model, token_lists)
+    ).logits[0]
+    log_probs, entropy = token_log_probs(logits, ids[0, rows + 1], temperature, entropy_grad)
+    return {"log_probs": log_probs, "entropy": entropy} | ({"logits": logits.float()} if keep_logits else {})
 
 
 def forward_values(critic: torch.nn.Module, token_lists: list[list[int]], response_lengths: list[int]) -> torch.Tensor:
@@ -135,7 +134,15 @@ def forward_values(critic: torch.nn.Module, token_lists: list[list[int]], respon
     device = next(critic.parameters()).device
     ids, pos = pack(token_lists, device)
     rows = response_positions([len(t) for t in token_lists], response_lengths, device)
-    return critic(input_ids=ids, position_ids=pos)[0, rows].float()
+    return critic(input_ids=ids, position_ids=pos, **_attention_kwargs(critic, token_lists))[0, rows].float()
+
+
+def _attention_kwargs(model: torch.nn.Module, token_lists: list[list[int]]) -> dict:
+    """The sample boundaries for packed attention, when the model runs it (see slime.trainer.attention)."""
+    config = getattr(model, "config", None) or model.backbone.config
+    if getattr(config, "_attn_implementation", None) != PACKED:
+        return {}
+    return packed_kwargs([len(t) for t in token_lists], next(model.parameters()).device)
 
 
 def trajectory_steps(

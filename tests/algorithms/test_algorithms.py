@@ -7,7 +7,8 @@ import random
 import pytest
 import torch
 
-from slime.algorithms.losses import KL_ESTIMATORS, aggregate, entropy_from_log_probs
+from slime.algorithms.losses import KL_ESTIMATORS, aggregate
+from slime.trainer.log_probs import token_log_probs
 from slime.trainer.optimizer import lr_at
 
 
@@ -42,13 +43,41 @@ def test_kl_k3_is_unbiased_for_the_true_kl():
     assert expected_k1 == pytest.approx(true_kl, rel=1e-12)
 
 
-def test_entropy_matches_reference():
+def test_token_log_probs_and_entropy_match_reference():
+    """Log-prob of the target and entropy of softmax(z / T), against sums over exp written out in float64."""
     logits = torch.tensor(_rand(5 * 7, 2.0, 6), dtype=torch.float64).reshape(5, 7)
-    got = entropy_from_log_probs(torch.log_softmax(logits, -1))
+    targets = torch.tensor([0, 6, 3, 3, 1])
+    log_probs, entropy = token_log_probs(logits, targets, temperature=0.7)
     for r in range(5):
-        z = [math.exp(x) for x in logits[r].tolist()]
+        z = [math.exp(x / 0.7) for x in logits[r].tolist()]
         ps = [x / sum(z) for x in z]
-        assert got[r].item() == pytest.approx(-sum(p * math.log(p) for p in ps), rel=1e-12)
+        assert entropy[r].item() == pytest.approx(-sum(p * math.log(p) for p in ps), rel=1e-12)
+        assert log_probs[r].item() == pytest.approx(math.log(ps[targets[r]]), rel=1e-12)
+
+
+@pytest.mark.parametrize("chunk", [1, 3, 100])
+def test_token_log_probs_gradients_match_autograd(monkeypatch, chunk):
+    """The hand-written backward (recomputed per chunk of rows) against float64 autograd through log_softmax, for the
+    log-prob alone, the entropy alone and both, with rows split across chunks."""
+    import slime.trainer.log_probs as lp
+
+    monkeypatch.setattr(lp, "CHUNK_ELEMENTS", chunk * 9)
+    logits = torch.tensor(_rand(7 * 9, 3.0, 11), dtype=torch.float64).reshape(7, 9).requires_grad_()
+    targets = torch.tensor([0, 8, 4, 4, 1, 2, 7])
+    g_lp, g_ent = (
+        torch.tensor(_rand(7, 1.0, 12), dtype=torch.float64),
+        torch.tensor(_rand(7, 1.0, 13), dtype=torch.float64),
+    )
+    log_p = torch.log_softmax(logits / 1.3, -1)
+    ref_lp, ref_ent = log_p.gather(-1, targets[:, None])[:, 0], -(log_p.exp() * log_p).sum(-1)
+    for use_lp, use_ent in ((1, 0), (0, 1), (1, 1)):
+        got_lp, got_ent = token_log_probs(logits, targets, 1.3, entropy_grad=True)
+        want = torch.autograd.grad(
+            use_lp * (ref_lp * g_lp).sum() + use_ent * (ref_ent * g_ent).sum(), logits, retain_graph=True
+        )[0]
+        got = torch.autograd.grad(use_lp * (got_lp * g_lp).sum() + use_ent * (got_ent * g_ent).sum(), logits)[0]
+        assert torch.allclose(got, want, rtol=1e-10, atol=1e-12)
+    assert torch.autograd.gradcheck(lambda x: token_log_probs(x, targets, 1.3, True), (logits,))
 
 
 @pytest.mark.parametrize("per_token", [False, True])

@@ -3,6 +3,7 @@ import random
 import pytest
 import torch
 
+from slime.trainer.attention import PACKED
 from slime.trainer.packing import (
     balanced_partition,
     forward_log_probs,
@@ -61,10 +62,12 @@ def test_response_positions_point_at_the_predicting_logits():
     assert response_positions([5, 3], [2, 1], torch.device("cpu")).tolist() == [2, 3, 6]
 
 
-def test_packed_log_probs_equal_one_sequence_at_a_time(tiny_model_path):
+@pytest.mark.parametrize("attention", ["sdpa", PACKED])
+def test_packed_log_probs_equal_one_sequence_at_a_time(tiny_model_path, attention):
+    """transformers' own masks for packed rows, and the trainer's packed attention (no mask, per-sample kernels)."""
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(tiny_model_path, dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_path, dtype=torch.float32, attn_implementation=attention)
     rng = random.Random(1)
     seqs = [[rng.randrange(100, 40000) for _ in range(n)] for n in (7, 12, 3)]
     resp = [4, 5, 2]
@@ -73,7 +76,7 @@ def test_packed_log_probs_equal_one_sequence_at_a_time(tiny_model_path):
         packed, entropy = out["log_probs"], out["entropy"]
         for_each = []
         for s, r in zip(seqs, resp, strict=True):  # plain per-sequence reference, whole logits, no packing
-            logits = model(torch.tensor([s])).logits[0].double() / 0.7
+            logits = model(torch.tensor([s])).logits[0].double() / 0.7  # one plain sequence: causal attention
             lp = torch.log_softmax(logits, -1)
             for_each += [lp[j - 1, s[j]].item() for j in range(len(s) - r, len(s))]
     assert packed.shape == entropy.shape == (11,)
@@ -88,7 +91,7 @@ def test_packed_values_equal_one_sequence_at_a_time(tiny_model_path):
 
     from slime.trainer.models import ValueModel
 
-    critic = ValueModel(AutoModel.from_pretrained(tiny_model_path, dtype=torch.float32))
+    critic = ValueModel(AutoModel.from_pretrained(tiny_model_path, dtype=torch.float32, attn_implementation=PACKED))
     torch.nn.init.normal_(critic.value_head.weight)  # a zero head (the initial state) would hide any mistake
     rng = random.Random(2)
     seqs = [[rng.randrange(100, 40000) for _ in range(n)] for n in (5, 9, 2)]
@@ -116,8 +119,8 @@ def test_loss_and_gradients_do_not_depend_on_the_micro_batch_split(tiny_model_pa
     from slime.trainer.models import ValueModel
 
     torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_pretrained(tiny_model_path, dtype=torch.float32)
-    critic = ValueModel(AutoModel.from_pretrained(tiny_model_path, dtype=torch.float32))
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_path, dtype=torch.float32, attn_implementation=PACKED)
+    critic = ValueModel(AutoModel.from_pretrained(tiny_model_path, dtype=torch.float32, attn_implementation=PACKED))
     torch.nn.init.normal_(critic.value_head.weight, std=0.1)
     rng = random.Random(3)
     lengths = [9, 4, 12, 6, 7, 3]

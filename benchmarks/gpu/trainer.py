@@ -1,0 +1,191 @@
+"""The trainer alone on one GPU: tokens/s and MFU on RL-shaped batches, configuration against configuration in one
+run, and the colocated offload/onload time.
+
+Usage (repo root, on the GPU machine): python benchmarks/gpu/trainer.py TOKENIZER_DIR OUT_DIR [--quick]
+Writes OUT_DIR/trainer_benchmark.json after every measurement. One rank (FSDP2 over a mesh of one), bf16 compute
+with fp32 master weights, random weights of the Qwen3-0.6B and SmolLM2-135M shapes (benchmarks/gpu/run.py).
+
+A rollout here is 128 samples: prompts of 64-512 tokens and log-normal responses of 20-3,600 tokens (RL's long
+tail), 100-4,000 tokens in all. One measurement = what the trainer does with one rollout: the no-gradient log-prob
+pass, then forward+backward of every micro-batch and one AdamW step. FLOPs are counted as issued: linear layers at
+every position, the LM head only at response positions (the only rows that reach it), causal attention within each
+sample; x4 (log-prob pass 1, forward 1, backward 2). MFU is against the bf16 matmul peak measured at the start.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import sys
+import tempfile
+import time
+import traceback
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+from benchmarks.gpu.run import MODELS, bf16_peak, build_model  # noqa: E402
+from slime.trainer import models as trainer_models  # noqa: E402
+from slime.trainer.offload import HostOffload, resident_tensors  # noqa: E402
+from slime.trainer.packing import forward_log_probs, split_micro_batches  # noqa: E402
+
+SAMPLES = 128
+MFU_TARGET = {"qwen3-0.6b": 0.35, "smollm2-135m": 0.20}
+OFFLOAD_TARGET_S = 0.3  # offload + onload, 0.6B shape
+
+
+def rl_batch(vocab: int, seed: int = 0) -> tuple[list[list[int]], list[int]]:
+    rng = random.Random(seed)
+    tokens, responses = [], []
+    for _ in range(SAMPLES):
+        prompt = rng.randint(64, 512)
+        response = min(3600, max(20, int(rng.lognormvariate(5.8, 0.9))))
+        response = min(response, 4000 - prompt)
+        tokens.append([rng.randrange(100, min(vocab, 49152)) for _ in range(prompt + response)])
+        responses.append(response)
+    return tokens, responses
+
+
+def flops(path: str, tokens: list[list[int]], responses: list[int]) -> float:
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(path)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    head = model.get_output_embeddings().weight.numel()
+    body = sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear)) - head
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    per_pair = 4 * config.num_hidden_layers * config.num_attention_heads * head_dim
+    fwd = sum(
+        2 * body * len(t) + 2 * head * r + per_pair * len(t) * (len(t) + 1) / 2
+        for t, r in zip(tokens, responses, strict=True)
+    )
+    return 4 * fwd
+
+
+def load(path: str, attention: str, fused: bool, compile_layers: bool):
+    from torch.distributed.device_mesh import init_device_mesh
+
+    original = trainer_models.attention_for
+    trainer_models.attention_for = lambda p: attention  # the configuration under test
+    try:
+        mesh = init_device_mesh("cuda", (1,))
+        model = trainer_models.load_policy(path, torch.device("cuda"), mesh, True)
+    finally:
+        trainer_models.attention_for = original
+    if compile_layers:
+        for m in model.modules():
+            if type(m).__name__ in set(model._no_split_modules or []):
+                m.compile(dynamic=True)
+    model.train()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-6, fused=fused)
+    return model, opt
+
+
+def one_rollout(model, opt, tokens, responses, budget: int, no_grad_budget: int) -> float:
+    lengths = [len(t) for t in tokens]
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    with torch.no_grad():
+        for mb in split_micro_batches(lengths, 1, no_grad_budget):
+            forward_log_probs(model, [tokens[i] for i in mb], [responses[i] for i in mb], 1.0)
+    total = sum(responses)
+    for mb in split_micro_batches(lengths, 1, budget):
+        out = forward_log_probs(model, [tokens[i] for i in mb], [responses[i] for i in mb], 1.0, entropy_grad=True)
+        loss = -(out["log_probs"].sum() + 0.01 * out["entropy"].sum()) / total
+        loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    torch.cuda.synchronize()
+    return time.perf_counter() - start
+
+
+def offload_roundtrip(model, opt) -> dict:
+    host = HostOffload()
+    out = {}
+    for i in range(3):  # the first offload allocates and pins the host buffers; later ones reuse them
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        moved = host.offload(resident_tensors([model], [opt]))
+        torch.cuda.empty_cache()
+        t1 = time.perf_counter()
+        host.onload()
+        t2 = time.perf_counter()
+        out[f"round_{i}"] = {"gb": moved / 1e9, "offload_s": t1 - t0, "onload_s": t2 - t1, "total_s": t2 - t0}
+    return out
+
+
+CONFIGS = {
+    # name: attention, train token budget, no-grad budget, fused AdamW, compiled layers
+    "before (sdpa masks, 4k budget)": ("sdpa", 4096, 4096, False, False),
+    "packed, 4k": ("slime_packed", 4096, 4096, False, False),
+    "packed, 16k": ("slime_packed", 16384, 32768, False, False),
+    "packed, 32k, fused adam": ("slime_packed", 32768, 65536, True, False),
+    "packed, 32k, fused adam, compiled": ("slime_packed", 32768, 65536, True, True),
+}
+
+
+def main() -> None:
+    tokenizer_dir, out = sys.argv[1], sys.argv[2]
+    os.makedirs(out, exist_ok=True)
+    dist.init_process_group("nccl", init_method="tcp://127.0.0.1:29533", rank=0, world_size=1)
+    torch.cuda.set_device(0)
+    results: dict = {
+        "device": torch.cuda.get_device_name(0),
+        "date": time.strftime("%Y-%m-%d"),
+        "torch": torch.__version__,
+    }
+    results["bf16_peak_tflops"] = peak = bf16_peak() / 1e12
+    path_out = Path(out) / "trainer_benchmark.json"
+    work = tempfile.mkdtemp(prefix="trainer-bench-")
+    for name in MODELS:
+        path = build_model(name, tokenizer_dir, os.path.join(work, name))
+        tokens, responses = rl_batch(MODELS[name]["vocab_size"])
+        f = flops(path, tokens, responses)
+        entry = results[name] = {"tokens": sum(map(len, tokens)), "response_tokens": sum(responses), "tflop": f / 1e12}
+        for label, (attention, budget, ng_budget, fused, compiled) in CONFIGS.items():
+            try:
+                torch.cuda.reset_peak_memory_stats()
+                model, opt = load(path, attention, fused, compiled)
+                warm = one_rollout(model, opt, tokens, responses, budget, ng_budget)
+                seconds = min(one_rollout(model, opt, tokens, responses, budget, ng_budget) for _ in range(2))
+                entry[label] = {
+                    "seconds": seconds,
+                    "warmup_seconds": warm,
+                    "tokens_per_s": entry["tokens"] / seconds,
+                    "mfu": f / seconds / (peak * 1e12),
+                    "peak_memory_gb": torch.cuda.max_memory_allocated() / 1e9,
+                }
+                if label.startswith("packed, 32k, fused adam") and "offload" not in entry:
+                    entry["offload"] = offload_roundtrip(model, opt)
+                    entry[label]["after_offload_seconds"] = one_rollout(
+                        model, opt, tokens, responses, budget, ng_budget
+                    )
+                del model, opt
+            except Exception as exc:  # noqa: BLE001 - record and go on
+                entry[label] = {"error": f"{type(exc).__name__}: {exc}"[:2000], "tb": traceback.format_exc()[-3000:]}
+            torch.cuda.empty_cache()
+            print(name, label, json.dumps(entry[label])[:400], flush=True)
+            path_out.write_text(json.dumps(results, indent=1))
+    checks = []
+    for name, target in MFU_TARGET.items():
+        best = max((v.get("mfu", 0) for v in results[name].values() if isinstance(v, dict)), default=0)
+        results[name]["best_mfu"] = best
+        if best < target:
+            checks.append(f"{name}: best MFU {best:.1%} < {target:.0%}")
+    rounds = results["qwen3-0.6b"].get("offload", {})
+    if rounds and rounds["round_2"]["total_s"] > OFFLOAD_TARGET_S:
+        checks.append(f"qwen3-0.6b offload+onload {rounds['round_2']['total_s']:.3f} s > {OFFLOAD_TARGET_S} s")
+    results["failed_checks"] = checks
+    path_out.write_text(json.dumps(results, indent=1))
+    print(json.dumps(results, indent=1))
+    dist.destroy_process_group()
+    sys.exit(1 if checks else 0)
+
+
+if __name__ == "__main__":
+    main()

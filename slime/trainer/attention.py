@@ -1,0 +1,130 @@
+"""Attention over packed rows without a dense mask: the trainer packs a micro-batch's samples back to back into one
+row, so attention must stay inside each sample. transformers would build a [T, T] block-diagonal mask for that
+(memory and FLOPs quadratic in the row, not in the samples); this implementation attends sample by sample instead:
+on GPU with the variable-length flash kernel (`torch.nn.attention.varlen`), elsewhere one causal SDPA call per
+sample. The sample boundaries travel as forward kwargs (`packed_kwargs`), computed once per row on the host.
+"""
+
+from __future__ import annotations
+
+import inspect
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+PACKED = "slime_packed"
+
+
+def _varlen():
+    try:
+        from torch.nn.attention.varlen import varlen_attn
+    except ImportError:
+        return None, set()
+    return varlen_attn, set(inspect.signature(varlen_attn).parameters)
+
+
+_VARLEN, _VARLEN_PARAMS = _varlen()
+
+
+def packed_kwargs(lengths: list[int], device: torch.device) -> dict[str, Any]:
+    """Forward kwargs that tell `packed_attention` where each of the row's samples starts (`lengths` in order)."""
+    bounds = [0]
+    for n in lengths:
+        bounds.append(bounds[-1] + n)
+    return {
+        "packed_bounds": bounds,
+        "packed_cu_seqlens": torch.tensor(bounds, dtype=torch.int32, device=device),
+        "packed_max_len": max(lengths, default=0),
+    }
+
+
+def _flash_varlen(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, cu: torch.Tensor, longest: int, scale):
+    """[T, H, D] queries, [T, Hkv, D] keys/values -> [T, H, D], causal within each cu-delimited sample."""
+    if "enable_gqa" in _VARLEN_PARAMS:
+        gqa = {"enable_gqa": key.shape[1] != query.shape[1]}
+    else:  # older kernels want as many key/value heads as query heads
+        repeat = query.shape[1] // key.shape[1]
+        key, value, gqa = key.repeat_interleave(repeat, 1), value.repeat_interleave(repeat, 1), {}
+    causal = {"is_causal": True} if "is_causal" in _VARLEN_PARAMS else {"window_size": (-1, 0)}
+    return _VARLEN(query, key, value, cu, cu, longest, longest, scale=scale, **causal, **gqa)
+
+
+def packed_attention(
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    dropout: float = 0.0,
+    scaling: float | None = None,
+    **kwargs: Any,
+) -> tuple[torch.Tensor, None]:
+    """transformers attention interface: query [1, H, T, D], key/value [1, Hkv, T, D] -> [1, T, H, D]. Without
+    `packed_kwargs` (one plain sequence, e.g. a caller outside the trainer) it is causal SDPA over the row."""
+    bounds = kwargs.get("packed_bounds") or [0, query.shape[2]]
+    if query.shape[0] != 1 or attention_mask is not None:
+        raise ValueError("packed attention takes one packed row without an attention mask")
+    flash = (
+        _VARLEN is not None
+        and query.is_cuda
+        and query.dtype in (torch.bfloat16, torch.float16)
+        and not (module.training and dropout > 0)
+        and "packed_cu_seqlens" in kwargs
+    )
+    if flash:
+        out = _flash_varlen(
+            query[0].transpose(0, 1),
+            key[0].transpose(0, 1),
+            value[0].transpose(0, 1),
+            kwargs["packed_cu_seqlens"],
+            kwargs["packed_max_len"],
+            scaling,
+        )
+        return out[None], None
+    p = dropout if module.training else 0.0
+    parts = [
+        F.scaled_dot_product_attention(
+            query[:, :, s:e],
+            key[:, :, s:e],
+            value[:, :, s:e],
+            dropout_p=p,
+            is_causal=True,
+            scale=scaling,
+            enable_gqa=key.shape[1] != query.shape[1],
+        )
+        for s, e in zip(bounds[:-1], bounds[1:], strict=True)
+    ]
+    return torch.cat(parts, dim=2).transpose(1, 2).contiguous(), None
+
+
+def _no_mask(*args: Any, **kwargs: Any) -> None:
+    return None  # samples are kept apart by packed_attention itself
+
+
+def register() -> None:
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface
+
+    AttentionInterface.register(PACKED, packed_attention)
+    AttentionMaskInterface.register(PACKED, _no_mask)
+
+
+def implementation_for(config: Any) -> str:
+    """`PACKED` for models whose every layer is plain causal attention; "sdpa" (transformers' own masks) for models
+    with sliding-window layers or logit soft-capping, which the packed kernels here do not implement."""
+    for c in (config, getattr(config, "text_config", None)):
+        if c is None:
+            continue
+        if getattr(c, "attn_logit_softcapping", None):
+            return "sdpa"
+        layer_types = getattr(c, "layer_types", None)
+        if layer_types is not None:
+            if any(t != "full_attention" for t in layer_types):
+                return "sdpa"
+        elif getattr(c, "sliding_window", None) and getattr(c, "use_sliding_window", True):
+            return "sdpa"
+    return PACKED
+
+
+register()
