@@ -51,13 +51,28 @@ def add_training_arguments(p: argparse.ArgumentParser) -> None:
         action="store_true",
         help="pack micro-batches by tokens (--max-tokens-per-gpu) instead of --micro-batch-size samples",
     )
-    g.add_argument("--max-tokens-per-gpu", type=int, default=None, help="tokens per packed micro-batch on one rank")
+    g.add_argument(
+        "--max-tokens-per-gpu",
+        type=int,
+        default=None,
+        help="tokens per packed micro-batch on one rank (with --use-dynamic-batch-size; unset: sized from the GPU's "
+        "free memory at the first step, 2048 on CPU)",
+    )
     g.add_argument(
         "--log-probs-max-tokens-per-gpu",
         type=int,
         default=None,
         help="tokens per packed pass when computing old/ref/teacher log-probs and values (no gradient, so it can be "
-        "larger; default --max-tokens-per-gpu, or --micro-batch-size samples)",
+        "larger; default --max-tokens-per-gpu (twice the sized budget when that is unset), or --micro-batch-size "
+        "samples)",
+    )
+    g.add_argument(
+        "--train-compute-dtype",
+        choices=["auto", "float32", "bfloat16"],
+        default="auto",
+        help="dtype of the trainer's forward and backward passes; weights, optimizer state and gradient reduction "
+        "stay float32. auto: bfloat16 on GPU, float32 on CPU (bfloat16 there pays only with AMX: 2.2x on the "
+        "SmolLM2 trainer, docs/benchmarks.md, at a larger trainer-vs-engine log-prob gap)",
     )
     g.add_argument(
         "--balance-data",
@@ -131,8 +146,7 @@ def settle_batch_plan(args: Any, parser: argparse.ArgumentParser) -> None:
     per_rank = args.global_batch_size // dp
     require_at_least_one(args, parser, "max_tokens_per_gpu", "log_probs_max_tokens_per_gpu")
     if args.use_dynamic_batch_size:
-        if not args.max_tokens_per_gpu:
-            parser.error("--use-dynamic-batch-size needs --max-tokens-per-gpu")
+        pass  # without --max-tokens-per-gpu each rank sizes its budget at its first step (slime.trainer.budget)
     elif args.max_tokens_per_gpu:  # slime scripts pass it either way; say what it does here
         logging.getLogger(__name__).warning("--max-tokens-per-gpu has no effect without --use-dynamic-batch-size")
     elif per_rank % args.micro_batch_size:
@@ -147,11 +161,12 @@ def batch_plan(args: Any) -> str:
     samples, world = args.rollout_batch_size * args.n_samples_per_prompt, args.data_parallel_size
     per_rank = args.global_batch_size // world
     split = "token-balanced (--balance-data)" if args.balance_data else "round-robin"
+    budget = args.max_tokens_per_gpu or "a budget sized at the first step"
     if args.use_dynamic_batch_size:
-        micro = f"packed to <= {args.max_tokens_per_gpu} tokens each (a longer sample is a micro-batch of its own)"
+        micro = f"packed to <= {budget} tokens each (a longer sample is a micro-batch of its own)"
     else:
         micro = f"{per_rank // args.micro_batch_size} of {args.micro_batch_size} sample(s) each, packed without padding"
-    no_grad = args.log_probs_max_tokens_per_gpu or (args.max_tokens_per_gpu if args.use_dynamic_batch_size else None)
+    no_grad = args.log_probs_max_tokens_per_gpu or (budget if args.use_dynamic_batch_size else None)
     lines = [
         "batch plan:",
         f"  rollout      {args.rollout_batch_size} prompts x {args.n_samples_per_prompt} samples = {samples} samples, "

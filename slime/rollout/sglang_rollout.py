@@ -353,6 +353,7 @@ async def _train_rollout(args: Any, rollout_id: int, data_source: Any) -> Rollou
     drops: Counter[str] = Counter()
     pending: set[asyncio.Task] = set()
     submitted = resumed = 0
+    start, finished = time.monotonic(), []  # seconds from the start at which each kept group was graded
     try:
         while len(kept) < target:
             while len(kept) + len(pending) < target:
@@ -384,6 +385,7 @@ async def _train_rollout(args: Any, rollout_id: int, data_source: Any) -> Rollou
                     dropped.append(group)
                 elif len(kept) < target:
                     kept.append(group)
+                    finished.append(time.monotonic() - start)
                 else:
                     extra.append(group)
         state.aborted = True
@@ -412,6 +414,10 @@ async def _train_rollout(args: Any, rollout_id: int, data_source: Any) -> Rollou
         "rollout/aborted_groups": aborted,
         "rollout/resumed_samples": resumed,
         "rollout/buffer_groups": len(getattr(data_source, "buffer", [])),
+        # the long tail: when the last kept group was graded against when the average one was
+        "rollout/group_seconds_mean": sum(finished) / max(len(finished), 1),
+        "rollout/group_seconds_last": max(finished, default=0.0),
+        "rollout/tail_ratio": max(finished, default=0.0) / max(sum(finished) / max(len(finished), 1), 1e-9),
     }
     metrics |= {f"rollout/dropped/{reason}": n for reason, n in drops.items()}
     return RolloutFnTrainOutput(samples=kept, metrics=metrics)

@@ -27,8 +27,16 @@ from slime.algorithms.corrections import importance_weights, mismatch_metrics
 from slime.algorithms.losses import KL_ESTIMATORS
 from slime.sync.syncer import WeightSyncer
 from slime.trainer import checkpoint
+from slime.trainer.budget import token_budget
 from slime.trainer.loss import MicroBatch, critic_loss, micro_batch_loss, takes_pg_loss
-from slime.trainer.models import copy_weights, dropout_overrides, load_critic, load_policy, total_norm
+from slime.trainer.models import (
+    compute_dtype,
+    copy_weights,
+    dropout_overrides,
+    load_critic,
+    load_policy,
+    total_norm,
+)
 from slime.trainer.offload import HostOffload, resident_tensors
 from slime.trainer.optimizer import build_optimizer
 from slime.trainer.packing import (
@@ -86,17 +94,22 @@ class TrainActor:
             mesh = init_device_mesh(self.device.type, (self.world_size,))
         torch.manual_seed(args.seed)
         dropout = dropout_overrides(args.hf_checkpoint, args.attention_dropout, args.hidden_dropout)
-        self.model = load_policy(args.hf_checkpoint, self.device, mesh, True, args.activation_checkpointing, dropout)
+        self.dtype = compute_dtype(self.device, args.train_compute_dtype)
+        self.model = load_policy(
+            args.hf_checkpoint, self.device, mesh, True, args.activation_checkpointing, dropout, self.dtype
+        )
         self.model.train()
         self.optimizer, self.scheduler = build_optimizer(self.model, args, args.lr)
         needs_ref = args.use_kl_loss or args.kl_coef != 0
         self.ref_model = self._load_reference(mesh) if needs_ref else None
-        self.teacher = load_policy(args.opd_teacher_load, self.device, mesh, False) if args.opd_teacher_load else None
+        teacher = args.opd_teacher_load
+        self.teacher = load_policy(teacher, self.device, mesh, False, dtype=self.dtype) if teacher else None
         # --keep-old-actor: the weights the engines serve (copied at every weight sync), for the old log-probs
-        self.old_actor = load_policy(args.hf_checkpoint, self.device, mesh, False) if args.keep_old_actor else None
+        keep = args.keep_old_actor
+        self.old_actor = load_policy(args.hf_checkpoint, self.device, mesh, False, dtype=self.dtype) if keep else None
         self.critic = None
         if ADVANTAGE_ESTIMATORS[args.advantage_estimator].needs_critic:
-            self.critic = load_critic(args.critic_load or args.hf_checkpoint, self.device, mesh)
+            self.critic = load_critic(args.critic_load or args.hf_checkpoint, self.device, mesh, self.dtype)
             self.critic_optimizer, self.critic_scheduler = build_optimizer(self.critic, args, args.critic_lr)
         self.hooks = {
             name: load_function(path, flag) if path else None
@@ -112,14 +125,15 @@ class TrainActor:
         self._rollout_extras: dict[str, Tokens] = {}  # per-token columns only hooks and metrics read
         self.step = 0
         self.host = HostOffload()  # --offload-train's pinned host copies
+        self.budget: int | None = None  # tokens per packed micro-batch (--max-tokens-per-gpu, or sized at first use)
         self.skipped_steps = 0  # optimizer steps skipped for a non-finite gradient norm, over the whole run
 
     def _load_reference(self, mesh) -> torch.nn.Module:
         """The frozen reference: a Hugging Face folder, or the policy weights of a slime checkpoint (--ref-load)."""
         path = self.args.ref_load or self.args.hf_checkpoint
         if not checkpoint.is_checkpoint(path):
-            return load_policy(path, self.device, mesh, False)
-        model = load_policy(self.args.hf_checkpoint, self.device, mesh, False)
+            return load_policy(path, self.device, mesh, False, dtype=self.dtype)
+        model = load_policy(self.args.hf_checkpoint, self.device, mesh, False, dtype=self.dtype)
         checkpoint.load_model(model, None, checkpoint.latest(path)[1] / "policy")
         return model
 
@@ -128,7 +142,11 @@ class TrainActor:
         """This rank's micro-batches (lists of sample indices), padded with [] up to the largest count of any rank.
         Passes without gradient pack to `--log-probs-max-tokens-per-gpu` when it is set."""
         a = self.args
-        max_tokens = a.max_tokens_per_gpu if a.use_dynamic_batch_size else None
+        max_tokens = None
+        if a.use_dynamic_batch_size:
+            if self.budget is None:
+                self.budget = a.max_tokens_per_gpu or token_budget(self.model, self.optimizer, self.dtype)
+            max_tokens = self.budget if (a.max_tokens_per_gpu or not no_grad) else 2 * self.budget
         if no_grad and a.log_probs_max_tokens_per_gpu:
             max_tokens = a.log_probs_max_tokens_per_gpu
         plans = [
@@ -161,9 +179,13 @@ class TrainActor:
             if values:
                 result = forward_values(model, tokens, rlens)
             else:
-                result = forward_log_probs(model, tokens, rlens, self.args.rollout_temperature)[key]
+                temperature = self.args.rollout_temperature
+                result = forward_log_probs(model, tokens, rlens, temperature, entropy=key == "entropy")[key]
             for i, chunk in zip(mb, result.split(rlens) if mb else [], strict=True):
                 out[i] = chunk.cpu()
+        # FSDP2 leaves the root's parameters gathered (in the compute dtype) after a forward without backward:
+        # shard them again, so later reads and copies (sync, checkpoints, copy_weights) see the float32 shards
+        model.reshard()
         return out
 
     def _gather(self, mine: dict[str, dict[int, torch.Tensor]], n: int) -> dict[str, Tokens]:
@@ -384,6 +406,7 @@ class TrainActor:
                 "train/param_norm": self._param_norm(),
                 "train/tokens_per_s": self._sum_over_ranks({"t": tokens})["t"] / seconds,
                 "train/optimizer_steps": self.step,
+                "train/token_budget": float(self.budget or 0),
                 "train/skipped_steps": self.skipped_steps - skipped_before,
                 "train/skipped_steps_total": self.skipped_steps,
                 "perf/rank_tokens_max_over_min": max(max(t) / max(min(t), 1) for t in rank_tokens),

@@ -83,19 +83,18 @@ def packed_attention(
         )
         return out[None], None
     p = dropout if module.training else 0.0
-    parts = [
+    dtype = query.dtype
+    if not query.is_cuda and dtype in (torch.bfloat16, torch.float16):
+        # CPU kernels: half-precision flash attention's backward ran 2.7x slower than float32's (docs/benchmarks.md)
+        query, key, value = query.float(), key.float(), value.float()
+    sizes = [e - s for s, e in zip(bounds[:-1], bounds[1:], strict=True)]  # split, not slices: one concatenating
+    parts = [  # backward instead of a zero-filled full-size gradient per sample
         F.scaled_dot_product_attention(
-            query[:, :, s:e],
-            key[:, :, s:e],
-            value[:, :, s:e],
-            dropout_p=p,
-            is_causal=True,
-            scale=scaling,
-            enable_gqa=key.shape[1] != query.shape[1],
+            q, k, v, dropout_p=p, is_causal=True, scale=scaling, enable_gqa=k.shape[1] != q.shape[1]
         )
-        for s, e in zip(bounds[:-1], bounds[1:], strict=True)
+        for q, k, v in zip(query.split(sizes, 2), key.split(sizes, 2), value.split(sizes, 2), strict=True)
     ]
-    return torch.cat(parts, dim=2).transpose(1, 2).contiguous(), None
+    return torch.cat(parts, dim=2).transpose(1, 2).to(dtype).contiguous(), None
 
 
 def _no_mask(*args: Any, **kwargs: Any) -> None:

@@ -7,12 +7,19 @@ import torch
 from slime.trainer.attention import implementation_for
 
 
-def shard(model: torch.nn.Module, layer_classes: set[str], device: torch.device, mesh) -> torch.nn.Module:
-    """FSDP2 `fully_shard` on every decoder layer, then on the root (bf16 compute / fp32 reduce on GPU)."""
+def compute_dtype(device: torch.device, choice: str = "auto") -> torch.dtype:
+    """--train-compute-dtype resolved for `device`: auto is bfloat16 on GPU and float32 on CPU."""
+    if choice == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return getattr(torch, choice)
+
+
+def shard(model: torch.nn.Module, layer_classes: set[str], mesh, dtype: torch.dtype) -> torch.nn.Module:
+    """FSDP2 `fully_shard` on every decoder layer, then on the root; a `dtype` other than float32 is the compute
+    dtype of the forward and backward (float32 master weights, gradients reduced in float32)."""
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
-    # bf16 compute on CPU measured ~10x slower in backward than fp32 (docs/benchmarks.md): keep fp32 there
-    mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if device.type == "cuda" else None
+    mp = MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32) if dtype != torch.float32 else None
     kwargs = {"mesh": mesh} | ({"mp_policy": mp} if mp else {})
     for module in model.modules():
         if type(module).__name__ in layer_classes:
@@ -71,9 +78,11 @@ def load_policy(
     trainable: bool,
     checkpointing: str | int | None = None,
     overrides: dict | None = None,
+    dtype: torch.dtype | None = None,
 ) -> torch.nn.Module:
-    """A causal LM in fp32 (the policy, or a frozen reference / teacher); `overrides`: config values (dropout),
-    `checkpointing`: see `checkpoint_layers` (trained models only). On a 2-D ("dp", "tp") mesh the model is first
+    """A causal LM with fp32 weights (the policy, or a frozen reference / teacher) computing in `dtype` (default:
+    `compute_dtype(device)`); `overrides`: config values (dropout), `checkpointing`: see `checkpoint_layers`
+    (trained models only). On a 2-D ("dp", "tp") mesh the model is first
     split by its own tensor-parallel plan over "tp" (transformers' `tp_plan`), then FSDP2-sharded over "dp"."""
     from transformers import AutoModelForCausalLM
 
@@ -86,7 +95,7 @@ def load_policy(
     layer_classes = set(getattr(model, "_no_split_modules", None) or [])
     if trainable and checkpointing:
         checkpoint_layers(model, layer_classes, checkpointing)
-    model = shard(model, layer_classes, device, mesh["dp"] if tensor_parallel else mesh)
+    model = shard(model, layer_classes, mesh["dp"] if tensor_parallel else mesh, dtype or compute_dtype(device))
     if not trainable:
         model.eval().requires_grad_(False)
     return model
@@ -110,13 +119,15 @@ class ValueModel(torch.nn.Module):
         return self.value_head(hidden).sum(-1)  # not squeeze: FSDP warns that in-place ops on a view skip hooks
 
 
-def load_critic(path: str, device: torch.device, mesh) -> ValueModel:
-    """The critic, its backbone initialised from the causal LM at `path` (the LM head is not used)."""
+def load_critic(path: str, device: torch.device, mesh, dtype: torch.dtype | None = None) -> ValueModel:
+    """The critic, its backbone initialised from the causal LM at `path` (the LM head is not used), computing in
+    `dtype` as `load_policy`."""
     from transformers import AutoModel
 
     backbone = AutoModel.from_pretrained(path, dtype=torch.float32, attn_implementation=attention_for(path))
     critic = ValueModel(backbone).to(device)
-    critic = shard(critic, set(getattr(backbone, "_no_split_modules", None) or []), device, mesh)
+    layers = set(getattr(backbone, "_no_split_modules", None) or [])
+    critic = shard(critic, layers, mesh, dtype or compute_dtype(device))
     critic.train()
     return critic
 

@@ -114,19 +114,21 @@ def forward_log_probs(
     temperature: float,
     entropy_grad: bool = False,
     keep_logits: bool = False,
+    entropy: bool = True,
 ) -> dict[str, torch.Tensor]:
     """Log-probabilities of every response token under `model`, as the engine computes them:
-    log_softmax(logits / temperature). Returns log_probs [R], the entropy [R] of that distribution (detached
-    unless `entropy_grad`) and, with `keep_logits`, the raw logits [R, V]. Only the rows predicting response
+    log_softmax(logits / temperature). Returns log_probs [R], with `entropy` the entropy [R] of that distribution
+    (detached unless `entropy_grad`) and, with `keep_logits`, the raw logits [R, V]. Only the rows predicting response
     tokens go through the LM head, and no float32 [R, V] tensor is kept for backward (`token_log_probs`)."""
     device = next(model.parameters()).device
     ids, pos = pack(token_lists, device)
     rows = response_positions([len(t) for t in token_lists], response_lengths, device)
     logits = model(
         input_ids=ids, position_ids=pos, use_cache=False, logits_to_keep=rows, **_attention_kwargs(model, token_lists)
-    ).logits[0]
-    log_probs, entropy = token_log_probs(logits, ids[0, rows + 1], temperature, entropy_grad)
-    return {"log_probs": log_probs, "entropy": entropy} | ({"logits": logits.float()} if keep_logits else {})
+    ).logits.squeeze(0)  # squeeze, not [0]: select's backward zero-fills a full [1, R, V] gradient
+    log_probs, ent = token_log_probs(logits, ids[0, rows + 1], temperature, entropy_grad, entropy)
+    out = {"log_probs": log_probs} | ({"entropy": ent} if ent is not None else {})
+    return out | ({"logits": logits.float()} if keep_logits else {})
 
 
 def forward_values(critic: torch.nn.Module, token_lists: list[list[int]], response_lengths: list[int]) -> torch.Tensor:

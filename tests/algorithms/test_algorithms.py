@@ -55,29 +55,31 @@ def test_token_log_probs_and_entropy_match_reference():
         assert log_probs[r].item() == pytest.approx(math.log(ps[targets[r]]), rel=1e-12)
 
 
+@pytest.mark.parametrize("temperature", [1.0, 1.3])
 @pytest.mark.parametrize("chunk", [1, 3, 100])
-def test_token_log_probs_gradients_match_autograd(monkeypatch, chunk):
+def test_token_log_probs_gradients_match_autograd(monkeypatch, chunk, temperature):
     """The hand-written backward (recomputed per chunk of rows) against float64 autograd through log_softmax, for the
     log-prob alone, the entropy alone and both, with rows split across chunks."""
     import slime.trainer.log_probs as lp
 
-    monkeypatch.setattr(lp, "CHUNK_ELEMENTS", chunk * 9)
+    monkeypatch.setitem(lp.CHUNK_ELEMENTS, "cpu", chunk * 9)
     logits = torch.tensor(_rand(7 * 9, 3.0, 11), dtype=torch.float64).reshape(7, 9).requires_grad_()
     targets = torch.tensor([0, 8, 4, 4, 1, 2, 7])
     g_lp, g_ent = (
         torch.tensor(_rand(7, 1.0, 12), dtype=torch.float64),
         torch.tensor(_rand(7, 1.0, 13), dtype=torch.float64),
     )
-    log_p = torch.log_softmax(logits / 1.3, -1)
+    log_p = torch.log_softmax(logits / temperature, -1)
     ref_lp, ref_ent = log_p.gather(-1, targets[:, None])[:, 0], -(log_p.exp() * log_p).sum(-1)
     for use_lp, use_ent in ((1, 0), (0, 1), (1, 1)):
-        got_lp, got_ent = token_log_probs(logits, targets, 1.3, entropy_grad=True)
+        got_lp, got_ent = token_log_probs(logits, targets, temperature, entropy_grad=True)
         want = torch.autograd.grad(
             use_lp * (ref_lp * g_lp).sum() + use_ent * (ref_ent * g_ent).sum(), logits, retain_graph=True
         )[0]
         got = torch.autograd.grad(use_lp * (got_lp * g_lp).sum() + use_ent * (got_ent * g_ent).sum(), logits)[0]
         assert torch.allclose(got, want, rtol=1e-10, atol=1e-12)
-    assert torch.autograd.gradcheck(lambda x: token_log_probs(x, targets, 1.3, True), (logits,))
+    assert torch.autograd.gradcheck(lambda x: token_log_probs(x, targets, temperature, True), (logits,))
+    assert token_log_probs(logits, targets, temperature, want_entropy=False)[1] is None
 
 
 @pytest.mark.parametrize("per_token", [False, True])

@@ -1,4 +1,5 @@
 import pytest
+import torch
 
 from slime.config.arguments import parse_args
 
@@ -108,7 +109,6 @@ def test_batch_plan_fills_in_the_missing_side(extra, gbs, steps):
             ["--rollout-batch-size", "4", "--n-samples-per-prompt", "1", "--micro-batch-size", "3"],
             "not a multiple of --micro-batch-size 3",
         ),
-        (["--use-dynamic-batch-size"], "--use-dynamic-batch-size needs --max-tokens-per-gpu"),
         (["--advantage-estimator", "nope"], "argument --advantage-estimator: invalid choice: 'nope'"),
         (["--eps-clip-c", "0.5"], "--eps-clip-c must be greater than 1"),
     ],
@@ -117,6 +117,31 @@ def test_inconsistent_batch_settings_are_refused_naming_the_flags(capsys, extra,
     with pytest.raises(SystemExit):
         parse_args(BASE + extra)
     assert message in capsys.readouterr().err
+
+
+def test_dynamic_batch_size_without_a_budget_is_sized_by_the_trainer():
+    from slime.config.arguments import batch_plan
+
+    a = parse_args(BASE + ["--use-dynamic-batch-size"])
+    assert a.max_tokens_per_gpu is None and "packed to <= a budget sized at the first step" in batch_plan(a)
+
+
+def test_activation_estimate_scales_with_the_model_and_the_dtype():
+    """The budget's per-token estimate: linear in layers, larger for float32, dominated by the head for big vocabs."""
+    from types import SimpleNamespace
+
+    from slime.trainer.budget import activation_bytes_per_token
+
+    small = SimpleNamespace(
+        hidden_size=64, num_attention_heads=4, intermediate_size=256, num_hidden_layers=2, vocab_size=1000
+    )
+    deep = SimpleNamespace(**(vars(small) | {"num_hidden_layers": 4}))
+    wide_vocab = SimpleNamespace(**(vars(small) | {"vocab_size": 100_000}))
+    per = activation_bytes_per_token
+    head = 2 * 2 * 1000
+    assert per(deep, torch.bfloat16) - head - 8 * 64 == 2 * (per(small, torch.bfloat16) - head - 8 * 64)
+    assert per(small, torch.float32) > per(small, torch.bfloat16)
+    assert per(wide_vocab, torch.bfloat16) - per(small, torch.bfloat16) == 2 * 2 * 99_000
 
 
 def test_algorithm_defaults_and_implications():
