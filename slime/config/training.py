@@ -71,7 +71,7 @@ def add_training_arguments(p: argparse.ArgumentParser) -> None:
         choices=["auto", "float32", "bfloat16"],
         default="auto",
         help="dtype of the trainer's forward and backward passes; weights, optimizer state and gradient reduction "
-        "stay float32. auto: bfloat16 on GPU, float32 on CPU (bfloat16 there pays only with AMX: 2.2x on the "
+        "stay float32. auto: bfloat16 on GPU, float32 on CPU (bfloat16 there pays only with AMX: 2.1x on the "
         "SmolLM2 trainer, docs/benchmarks.md, at a larger trainer-vs-engine log-prob gap)",
     )
     g.add_argument(

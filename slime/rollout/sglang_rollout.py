@@ -417,7 +417,8 @@ async def _train_rollout(args: Any, rollout_id: int, data_source: Any) -> Rollou
         # the long tail: when the last kept group was graded against when the average one was
         "rollout/group_seconds_mean": sum(finished) / max(len(finished), 1),
         "rollout/group_seconds_last": max(finished, default=0.0),
-        "rollout/tail_ratio": max(finished, default=0.0) / max(sum(finished) / max(len(finished), 1), 1e-9),
+        "rollout/group_seconds_last_over_mean": max(finished, default=0.0)
+        / max(sum(finished) / max(len(finished), 1), 1e-9),
     }
     metrics |= {f"rollout/dropped/{reason}": n for reason, n in drops.items()}
     return RolloutFnTrainOutput(samples=kept, metrics=metrics)

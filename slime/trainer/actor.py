@@ -406,7 +406,7 @@ class TrainActor:
                 "train/param_norm": self._param_norm(),
                 "train/tokens_per_s": self._sum_over_ranks({"t": tokens})["t"] / seconds,
                 "train/optimizer_steps": self.step,
-                "train/token_budget": float(self.budget or 0),
+                "perf/token_budget": float(self.budget or 0),
                 "train/skipped_steps": self.skipped_steps - skipped_before,
                 "train/skipped_steps_total": self.skipped_steps,
                 "perf/rank_tokens_max_over_min": max(max(t) / max(min(t), 1) for t in rank_tokens),

@@ -47,7 +47,8 @@ def _flash_varlen(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, c
         repeat = query.shape[1] // key.shape[1]
         key, value, gqa = key.repeat_interleave(repeat, 1), value.repeat_interleave(repeat, 1), {}
     causal = {"is_causal": True} if "is_causal" in _VARLEN_PARAMS else {"window_size": (-1, 0)}
-    return _VARLEN(query, key, value, cu, cu, longest, longest, scale=scale, **causal, **gqa)
+    scaled = {"scale": scale} if "scale" in _VARLEN_PARAMS else {}  # else the kernel's 1/sqrt(D): checked by caller
+    return _VARLEN(query, key, value, cu, cu, longest, longest, **scaled, **causal, **gqa)
 
 
 def packed_attention(
@@ -71,6 +72,7 @@ def packed_attention(
         and query.dtype in (torch.bfloat16, torch.float16)
         and not (module.training and dropout > 0)
         and "packed_cu_seqlens" in kwargs
+        and ("scale" in _VARLEN_PARAMS or scaling is None or abs(scaling * query.shape[-1] ** 0.5 - 1) < 1e-6)
     )
     if flash:
         out = _flash_varlen(

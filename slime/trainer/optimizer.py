@@ -27,8 +27,15 @@ def build_optimizer(
     """AdamW over the trainable parameters with peak rate `lr` (--lr, or --critic-lr for the critic) and the
     schedule of the --lr-* flags, scaled to that peak."""
     params = [p for p in model.parameters() if p.requires_grad]
+    # the fused kernel: one pass over each tensor instead of a dozen (CPU: 0.13 s vs 0.45 s a step for SmolLM2)
+    fused = all(p.device.type in ("cpu", "cuda") and p.is_floating_point() for p in params)
     opt = torch.optim.AdamW(
-        params, lr=lr, betas=(args.adam_beta1, args.adam_beta2), eps=args.adam_eps, weight_decay=args.weight_decay
+        params,
+        lr=lr,
+        betas=(args.adam_beta1, args.adam_beta2),
+        eps=args.adam_eps,
+        weight_decay=args.weight_decay,
+        fused=fused or None,
     )
     total = args.num_rollout * args.num_steps_per_rollout
     decay_iters = args.lr_decay_iters or total

@@ -27,7 +27,7 @@ def test_colocate_shares_every_training_gpu_and_implies_both_offloads():
     assert "4 on the 4 training GPU(s), colocated" in placement_line(args)
     assert (args.rollout_device, args.rollout_num_engines, args.engines_share_trainer_gpus) == ("cuda", 4, True)
     assert args.update_weight_mode == "tensor" and args.rollout_engine_dtype == "bfloat16"
-    assert args.sglang_mem_fraction_static == 0.6 and args.sglang_max_running_requests == 256
+    assert args.sglang_mem_fraction_static == 0.6 and args.sglang_max_running_requests == 512
 
 
 def test_colocate_accepts_the_training_gpu_count_as_rollout_num_gpus():

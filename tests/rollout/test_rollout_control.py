@@ -341,7 +341,10 @@ def test_keep_when_insufficient_keeps_rejected_groups_instead_of_sampling_more(
     assert m["rollout/kept_groups"] == 4 and m["rollout/submitted_groups"] == 4 and m["rollout/dropped_groups"] == 0
     assert sorted(g[0].group_index % 2 for g in out.samples) == [0, 0, 1, 1]
     # the tail: the last kept group came no earlier than the average one
-    assert 0 < m["rollout/group_seconds_mean"] <= m["rollout/group_seconds_last"] and m["rollout/tail_ratio"] >= 1
+    assert (
+        0 < m["rollout/group_seconds_mean"] <= m["rollout/group_seconds_last"]
+        and m["rollout/group_seconds_last_over_mean"] >= 1
+    )
 
 
 def testfilter_verdict_keeps_an_insufficient_rejection_only_while_needed():

@@ -241,7 +241,7 @@ def test_rl_loop_trains_and_engines_serve_new_weights(ray_cluster, tiny_model_pa
     train(args)
     steps = [json.loads(x) for x in open(out / "metrics.jsonl")]
     assert [s["step"] for s in steps] == [0, 1, 2]
-    assert all(s["train/token_budget"] == 2048 for s in steps)
+    assert all(s["perf/token_budget"] == 2048 for s in steps)
     assert all("perf/engine_release_seconds" in s and "perf/engine_resume_weights_seconds" in s for s in steps)
     # the engine generated rollout k with the weights of sync k (version "0" is the initial checkpoint)
     assert [s["rollout/weight_version"] for s in steps] == [0, 1, 2]
