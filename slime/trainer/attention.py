@@ -8,6 +8,7 @@ sample. The sample boundaries travel as forward kwargs (`packed_kwargs`), comput
 from __future__ import annotations
 
 import inspect
+import logging
 from typing import Any
 
 import torch
@@ -25,6 +26,8 @@ def _varlen():
 
 
 _VARLEN, _VARLEN_PARAMS = _varlen()
+_FLASH_FAILED: list[Exception] = []  # set once the kernel raised in this process: the SDPA path is used from then on
+logger = logging.getLogger(__name__)
 
 
 def packed_kwargs(lengths: list[int], device: torch.device) -> dict[str, Any]:
@@ -74,16 +77,22 @@ def packed_attention(
         and "packed_cu_seqlens" in kwargs
         and ("scale" in _VARLEN_PARAMS or scaling is None or abs(scaling * query.shape[-1] ** 0.5 - 1) < 1e-6)
     )
-    if flash:
-        out = _flash_varlen(
-            query[0].transpose(0, 1),
-            key[0].transpose(0, 1),
-            value[0].transpose(0, 1),
-            kwargs["packed_cu_seqlens"],
-            kwargs["packed_max_len"],
-            scaling,
-        )
-        return out[None], None
+    if flash and not _FLASH_FAILED:
+        try:
+            out = _flash_varlen(
+                query[0].transpose(0, 1).contiguous(),
+                key[0].transpose(0, 1).contiguous(),
+                value[0].transpose(0, 1).contiguous(),
+                kwargs["packed_cu_seqlens"],
+                kwargs["packed_max_len"],
+                scaling,
+            )
+            return out[None], None
+        except (RuntimeError, TypeError, ValueError) as exc:  # a kernel this GPU/torch lacks: same result, slower
+            if isinstance(exc, torch.OutOfMemoryError):
+                raise
+            _FLASH_FAILED.append(exc)
+            logger.warning("packed attention: the varlen flash kernel failed (%s); using per-sample SDPA", exc)
     p = dropout if module.training else 0.0
     dtype = query.dtype
     if not query.is_cuda and dtype in (torch.bfloat16, torch.float16):
