@@ -45,7 +45,7 @@ DEMO_FLAGS = [
     "--use-rollout-logprobs",
     "--use-dynamic-batch-size",
     "--max-tokens-per-gpu",
-    "512",
+    "2048",
     "--eval-prompt-data",
     "arithmetic_test",
     "builtin:arithmetic:test:64:0",
