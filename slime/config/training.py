@@ -145,9 +145,10 @@ def settle_batch_plan(args: Any, parser: argparse.ArgumentParser) -> None:
         )
     per_rank = args.global_batch_size // dp
     require_at_least_one(args, parser, "max_tokens_per_gpu", "log_probs_max_tokens_per_gpu")
+    # with --use-dynamic-batch-size and no --max-tokens-per-gpu each rank sizes its budget (slime.trainer.budget)
     if args.use_dynamic_batch_size:
-        pass  # without --max-tokens-per-gpu each rank sizes its budget at its first step (slime.trainer.budget)
-    elif args.max_tokens_per_gpu:  # slime scripts pass it either way; say what it does here
+        return
+    if args.max_tokens_per_gpu:  # slime scripts pass it either way; say what it does here
         logging.getLogger(__name__).warning("--max-tokens-per-gpu has no effect without --use-dynamic-batch-size")
     elif per_rank % args.micro_batch_size:
         parser.error(

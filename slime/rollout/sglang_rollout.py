@@ -407,6 +407,7 @@ async def _train_rollout(args: Any, rollout_id: int, data_source: Any) -> Rollou
         )
     if extra:
         data_source.add_samples([for_buffer(g, args.partial_rollout) for g in extra])
+    mean_finish, last_finish = sum(finished) / max(len(finished), 1), max(finished, default=0.0)
     metrics = {
         "rollout/submitted_groups": submitted,
         "rollout/kept_groups": len(kept),
@@ -415,10 +416,9 @@ async def _train_rollout(args: Any, rollout_id: int, data_source: Any) -> Rollou
         "rollout/resumed_samples": resumed,
         "rollout/buffer_groups": len(getattr(data_source, "buffer", [])),
         # the long tail: when the last kept group was graded against when the average one was
-        "rollout/group_seconds_mean": sum(finished) / max(len(finished), 1),
-        "rollout/group_seconds_last": max(finished, default=0.0),
-        "rollout/group_seconds_last_over_mean": max(finished, default=0.0)
-        / max(sum(finished) / max(len(finished), 1), 1e-9),
+        "rollout/group_seconds_mean": mean_finish,
+        "rollout/group_seconds_last": last_finish,
+        "rollout/group_seconds_last_over_mean": last_finish / max(mean_finish, 1e-9),
     }
     metrics |= {f"rollout/dropped/{reason}": n for reason, n in drops.items()}
     return RolloutFnTrainOutput(samples=kept, metrics=metrics)

@@ -7,6 +7,8 @@ import logging
 
 import torch
 
+from slime.trainer.models import local_shard
+
 logger = logging.getLogger(__name__)
 CPU_BUDGET = 2048  # packed attention makes longer rows no slower per token on CPU; this bounds their memory
 SMALLEST, LARGEST = 1024, 131072
@@ -34,8 +36,7 @@ def token_budget(model: torch.nn.Module, optimizer: torch.optim.Optimizer, dtype
         return CPU_BUDGET
     free, _ = torch.cuda.mem_get_info()
     free += torch.cuda.memory_reserved() - torch.cuda.memory_allocated()  # our own cache is free for us too
-    local = [p.to_local() if hasattr(p, "to_local") else p for p in model.parameters() if p.requires_grad]
-    numel = sum(p.numel() for p in local)
+    numel = sum(local_shard(p).numel() for p in model.parameters() if p.requires_grad)
     pending = 4 * numel + (0 if optimizer.state else 8 * numel)  # float32 gradients; AdamW's moments, once
     per_token = activation_bytes_per_token(model.config, dtype)
     budget = int(USABLE * max(0, free - pending) // per_token) // 1024 * 1024

@@ -43,7 +43,7 @@ class _TokenLogProbs(torch.autograd.Function):
             log_probs[s : s + step] = z.gather(-1, targets[s : s + step, None])[:, 0] - lse[s : s + step]
             if want_entropy:
                 entropy[s : s + step] = ent
-        ctx.save_for_backward(logits, targets, lse, entropy if want_entropy else lse)
+        ctx.save_for_backward(logits, targets, lse, entropy)
         ctx.temperature = temperature
         return log_probs, entropy
 

@@ -7,6 +7,11 @@ import torch
 from slime.trainer.attention import implementation_for
 
 
+def local_shard(t: torch.Tensor) -> torch.Tensor:
+    """The part of `t` this rank holds: a DTensor's local tensor (the object owning the storage), else `t`."""
+    return t._local_tensor if hasattr(t, "_local_tensor") else t
+
+
 def compute_dtype(device: torch.device, choice: str = "auto") -> torch.dtype:
     """--train-compute-dtype resolved for `device`: auto is bfloat16 on GPU and float32 on CPU."""
     if choice == "auto":
@@ -138,7 +143,7 @@ def copy_weights(src: torch.nn.Module, dst: torch.nn.Module) -> None:
     target = dict(dst.named_parameters())
     for name, p in src.named_parameters():
         q = target[name]
-        (q.to_local() if hasattr(q, "to_local") else q).copy_(p.to_local() if hasattr(p, "to_local") else p)
+        local_shard(q).copy_(local_shard(p))
 
 
 def total_norm(tensors: list[torch.Tensor]) -> float:

@@ -11,21 +11,19 @@ from __future__ import annotations
 
 import torch
 
-
-def _local(t: torch.Tensor) -> torch.Tensor:
-    return t._local_tensor if hasattr(t, "_local_tensor") else t  # a DTensor's shard on this rank
+from slime.trainer.models import local_shard
 
 
 def resident_tensors(
     models: list[torch.nn.Module], optimizers: list[torch.optim.Optimizer], device_type: str = "cuda"
 ) -> list[torch.Tensor]:
     """The tensors on `device_type` that hold the models' parameters and the optimizers' state, each storage once
-    (AdamW's step counter stays on the host and is left alone)."""
+    (a step counter kept on the host is left alone)."""
     out, seen = [], set()
     tensors = [p for m in models for p in m.parameters()]
     tensors += [v for opt in optimizers for state in opt.state.values() for v in state.values() if torch.is_tensor(v)]
     for t in tensors:
-        local = _local(t.data)
+        local = local_shard(t.data)
         if local.device.type != device_type:
             continue
         key = local.untyped_storage().data_ptr()
