@@ -274,16 +274,19 @@ class EmbeddedEngine:
     def _load_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]], weight_version: str | None) -> int:
         params = dict(self.model.named_parameters(remove_duplicate=False))  # tied weights answer to both names
         params.update(dict(self.model.named_buffers()))
-        count = 0
-        with torch.no_grad():
-            for name, tensor in named_tensors:
-                target = params.get(name)
-                if target is None:
-                    raise KeyError(f"weight {name!r} is not a parameter of the served model")
-                if tuple(target.shape) != tuple(tensor.shape):
-                    raise ValueError(f"weight {name!r}: shape {tuple(tensor.shape)} != {tuple(target.shape)}")
-                target.copy_(tensor)
-                count += 1
+        targets, sources = [], []
+        for name, tensor in named_tensors:  # check every tensor before changing any weight
+            target = params.get(name)
+            if target is None:
+                raise KeyError(f"weight {name!r} is not a parameter of the served model")
+            if tuple(target.shape) != tuple(tensor.shape):
+                raise ValueError(f"weight {name!r}: shape {tuple(tensor.shape)} != {tuple(target.shape)}")
+            targets.append(target)
+            sources.append(tensor)
+        if targets:
+            with torch.no_grad():
+                torch._foreach_copy_(targets, sources)  # hundreds of tensors in a few kernel launches
+        count = len(targets)
         if weight_version is not None:
             self._set_version(str(weight_version))
         self.stats["weight_updates"] += 1

@@ -13,20 +13,28 @@ def full_tensor(param: torch.Tensor) -> torch.Tensor:
     """The whole tensor behind a (possibly FSDP-sharded DTensor) parameter. A collective when sharded: every rank
     must call it for the same parameters in the same order."""
     data = param.data if isinstance(param, torch.nn.Parameter) else param
-    return data.full_tensor() if hasattr(data, "full_tensor") else data
+    if not hasattr(data, "full_tensor"):
+        return data
+    if data.device_mesh.size() == 1:  # one rank holds it all: skip a collective per parameter
+        return data.to_local()
+    return data.full_tensor()
+
+
+def travel_dtype(tensor: torch.Tensor, dtype: torch.dtype | None) -> torch.dtype:
+    """The dtype `tensor` travels in: `dtype` (the engine's) for floating-point tensors when given, else its own."""
+    return dtype if dtype is not None and tensor.is_floating_point() else tensor.dtype
 
 
 def iter_buckets(
     model: torch.nn.Module, buffer_bytes: int, dtype: torch.dtype | None = None
 ) -> Iterator[list[tuple[str, torch.Tensor]]]:
-    """Yield lists of (name, full tensor) of at most `buffer_bytes` each (a larger tensor travels alone).
-    `dtype`: floating-point tensors are cast to it first (the engine's dtype: fewer bytes to move)."""
+    """Yield lists of (name, full tensor) of at most `buffer_bytes` each once cast to their `travel_dtype` (a larger
+    tensor travels alone). The tensors are yielded as the trainer holds them: `flatten_bucket` and `cast_bucket`
+    cast them, all of a bucket at once."""
     bucket, size = [], 0
     for name, param in model.named_parameters():
         tensor = full_tensor(param).detach()
-        if dtype is not None and tensor.is_floating_point():
-            tensor = tensor.to(dtype)
-        nbytes = tensor.numel() * tensor.element_size()
+        nbytes = tensor.numel() * travel_dtype(tensor, dtype).itemsize
         if bucket and size + nbytes > buffer_bytes:
             yield bucket
             bucket, size = [], 0
@@ -36,18 +44,25 @@ def iter_buckets(
         yield bucket
 
 
-def bucket_layout(named: list[tuple[str, torch.Tensor]]) -> tuple[list[dict], int]:
+def cast_bucket(named: list[tuple[str, torch.Tensor]], dtype: torch.dtype | None) -> list[tuple[str, torch.Tensor]]:
+    """The bucket's tensors in their travel dtype, contiguous."""
+    return [(n, t.to(travel_dtype(t, dtype)).contiguous()) for n, t in named]
+
+
+def bucket_layout(named: list[tuple[str, torch.Tensor]], dtype: torch.dtype | None = None) -> tuple[list[dict], int]:
     """Where each tensor goes in the flat byte buffer, in the field names of SGLang's flattened-bucket format (name,
-    shape, dtype, start_idx, end_idx, numel), and the buffer's total size in bytes."""
+    shape, dtype, start_idx, end_idx, numel), and the buffer's total size in bytes. Tensors are laid out in their
+    travel dtype (see `travel_dtype`)."""
     metadata, offset = [], 0
     for name, t in named:
+        travel = travel_dtype(t, dtype)
         start = -(-offset // ALIGN) * ALIGN
-        end = start + t.numel() * t.element_size()
+        end = start + t.numel() * travel.itemsize
         metadata.append(
             {
                 "name": name,
                 "shape": list(t.shape),
-                "dtype": str(t.dtype).removeprefix("torch."),
+                "dtype": str(travel).removeprefix("torch."),
                 "start_idx": start,
                 "end_idx": end,
                 "numel": t.numel(),
@@ -58,17 +73,19 @@ def bucket_layout(named: list[tuple[str, torch.Tensor]]) -> tuple[list[dict], in
 
 
 def flatten_bucket(
-    named: list[tuple[str, torch.Tensor]], out: torch.Tensor | None = None
+    named: list[tuple[str, torch.Tensor]], out: torch.Tensor | None = None, dtype: torch.dtype | None = None
 ) -> tuple[torch.Tensor, list[dict]]:
-    """Pack tensors (any dtypes) into one uint8 tensor (`out` when given and large enough, else a new one).
-    Returns it and the bucket_layout metadata."""
-    metadata, size = bucket_layout(named)
+    """Pack tensors (any dtypes, cast to their travel dtype on the way) into one uint8 tensor (`out` when given and
+    large enough, else a new one on the tensors' device). Returns it and the bucket_layout metadata.
+    One multi-tensor copy: a bucket of hundreds of small parameters costs a few kernel launches, not hundreds."""
+    metadata, size = bucket_layout(named, dtype)
     if out is not None and out.numel() >= size:
         flat = out[:size]
     else:
         flat = torch.empty(size, dtype=torch.uint8, device=named[0][1].device if named else "cpu")
-    for meta, (_, t) in zip(metadata, named, strict=True):
-        flat[meta["start_idx"] : meta["end_idx"]].copy_(t.contiguous().reshape(-1).view(torch.uint8))
+    views = unflatten_bucket(flat, metadata)
+    if views:
+        torch._foreach_copy_([v for _, v in views], [t for _, t in named])
     return flat, metadata
 
 

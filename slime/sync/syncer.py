@@ -9,6 +9,7 @@ rank 0 talks to engines. Modes (`--update-weight-mode`):
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import os
@@ -17,7 +18,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
-from slime.sync.buckets import bucket_layout, dtype_from_name, flatten_bucket, iter_buckets
+from slime.sync.buckets import bucket_layout, cast_bucket, dtype_from_name, flatten_bucket, iter_buckets, travel_dtype
 from slime.sync.transport import (
     broadcast,
     new_weight_group,
@@ -85,35 +86,53 @@ class WeightSyncer:
 
     # ------------------------------------------------------------------ the sync
     def sync(self, model: torch.nn.Module, version: str, rank: int) -> dict:
-        """Push `model`'s parameters to every engine as weight version `version`. Returns timing and size."""
-        start, nbytes, count = time.monotonic(), 0, 0
+        """Push `model`'s parameters to every engine as weight version `version`. Returns timing and size:
+        sync/seconds in all, of which sync/gather_seconds gathering and casting the full tensors, sync/send_seconds
+        handing buckets to the engines (they answer once they hold a copy), the rest pausing and resuming them."""
+        start, nbytes, count, gather, send = time.monotonic(), 0, 0, 0.0, 0.0
         if rank == 0:
             self._all("/pause_generation", {"mode": "abort"})
             self._all("/flush_cache", None)
             if self.mode == "distributed" and self.group is None:
                 self._connect()
         try:
-            for index, bucket in enumerate(iter_buckets(model, self.buffer_bytes, self.dtype)):  # all ranks: collective
+            buckets = iter_buckets(model, self.buffer_bytes, self.dtype)
+            for index in itertools.count():
+                t0 = time.monotonic()
+                bucket = next(buckets, None)  # all ranks: a collective per sharded parameter
+                t1 = time.monotonic()
+                gather += t1 - t0
+                if bucket is None:
+                    break
                 count += len(bucket)
-                nbytes += sum(t.numel() * t.element_size() for _, t in bucket)
+                nbytes += sum(t.numel() * travel_dtype(t, self.dtype).itemsize for _, t in bucket)
                 if rank == 0:
                     self._send(index, bucket, version)
+                    send += time.monotonic() - t1
             if rank == 0:
                 if self.mode == "disk":
+                    t1 = time.monotonic()
                     folder = publish_folder(self._disk_tmp, os.path.join(self.disk_dir, "latest"))
                     self._all("/update_weights_from_disk", {"model_path": folder, "weight_version": version})
+                    send += time.monotonic() - t1
                 self._all("/update_weight_version", {"new_version": version, "abort_all_requests": False})
         finally:
             if rank == 0:
                 self._all("/continue_generation", {})
-        return {"sync/seconds": time.monotonic() - start, "sync/bytes": nbytes, "sync/tensors": count}
+        return {
+            "sync/seconds": time.monotonic() - start,
+            "sync/gather_seconds": gather,
+            "sync/send_seconds": send,
+            "sync/bytes": nbytes,
+            "sync/tensors": count,
+        }
 
     def _send(self, index: int, bucket: list[tuple[str, torch.Tensor]], version: str) -> None:
         if self.mode == "disk":  # shards stream into a temporary folder, published whole after the last one
-            write_shard(bucket, self._disk_tmp, index)
+            write_shard(cast_bucket(bucket, self.dtype), self._disk_tmp, index)
             return
         if self.mode == "tensor":
-            flat, metadata = flatten_bucket(bucket, self._shared_buffer(index, bucket))
+            flat, metadata = flatten_bucket(bucket, self._shared_buffer(index, bucket), self.dtype)
             payload = {
                 "serialized_named_tensors": [serialize_shared({"flattened_tensor": flat, "metadata": metadata})],
                 "load_format": "flattened_bucket",
@@ -123,6 +142,7 @@ class WeightSyncer:
             self._all("/update_weights_from_tensor", payload)
             del flat  # engines answered, so they copied out of it: the buffer may be refilled or freed
             return
+        bucket = cast_bucket(bucket, self.dtype)
         payload = {
             "names": [n for n, _ in bucket],
             "dtypes": [str(t.dtype).removeprefix("torch.") for _, t in bucket],
@@ -146,7 +166,7 @@ class WeightSyncer:
         (an engine may answer before its device copy has finished)."""
         if bucket[0][1].is_cuda:
             return None
-        need = bucket_layout(bucket)[1]
+        need = bucket_layout(bucket, self.dtype)[1]
         while len(self.shared) <= index:
             self.shared.append(torch.empty(0, dtype=torch.uint8))
         if self.shared[index].numel() < need:

@@ -100,6 +100,7 @@ def test_engine_logprobs_equal_trainer_logprobs_after_sync(mode, ray_cluster, en
         assert _max_diff(stale, group.call("log_probs", stale)[0]) > 1e-2  # trained weights not yet on the engine
         sync = group.update_weights(f"{mode}-1")
         assert sync["sync/tensors"] > 0 and sync["sync/bytes"] > 0
+        assert 0 < sync["sync/gather_seconds"] + sync["sync/send_seconds"] <= sync["sync/seconds"]
         fresh, version = _generate(engine.url, 8, seed=2)
         assert version == f"{mode}-1"
         assert _max_diff(fresh, group.call("log_probs", fresh)[0]) < 1e-4  # fp32, same tokens, same temperature
