@@ -1,4 +1,5 @@
-"""The synchronous RL loop: rollout -> train -> weight sync -> eval. Entry point of `slime-train` and `train.py`."""
+"""The RL loop: rollout -> train -> weight sync -> eval, one after the other or with the next rollout generating
+during training (--async). Entry point of `slime-train`, `train.py` and `train_async.py`."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import logging
 import os
 import sys
 import time
+from collections.abc import Iterator
 
 import ray
 from tqdm import tqdm
@@ -63,8 +65,10 @@ def train(args: Settings) -> dict:
         has_eval = bool(args.eval_datasets) and not args.debug_train_only
         if has_eval and not args.skip_eval_before_train and not saved_at:  # a fresh run, not a resumed one
             last["eval_before"] = log(metrics_log, start, evaluate(args, manager, start))
-        for rollout_id in tqdm(range(start, args.num_rollout), desc="rollout", unit="step", file=sys.stdout):
-            last["rollout"] = log(metrics_log, rollout_id, step(args, rollout_id, trainer, manager))
+        steps = overlapped_steps if args.async_train else synchronous_steps
+        progress = dict(total=args.num_rollout - start, desc="rollout", unit="step", file=sys.stdout)
+        for rollout_id, metrics in tqdm(steps(args, start, trainer, manager), **progress):
+            last["rollout"] = log(metrics_log, rollout_id, metrics)
             done = rollout_id + 1
             if args.save and ((args.save_interval and done % args.save_interval == 0) or done == args.num_rollout):
                 save(args, rollout_id, trainer, manager)
@@ -93,26 +97,85 @@ def wait(ref, timeout: float, what: str):
         raise TimeoutError(f"waited {timeout:.0f}s for {what}") from exc
 
 
+def synchronous_steps(args, start: int, trainer: TrainGroup | None, manager) -> Iterator[tuple[int, dict]]:
+    """Rollout, train, sync, one after the other: every sample is trained on the weights that generated it."""
+    for rollout_id in range(start, args.num_rollout):
+        yield rollout_id, step(args, rollout_id, trainer, manager)
+
+
 def step(args, rollout_id: int, trainer: TrainGroup | None, manager) -> dict:
     """One rollout, the training on it and the weight sync; returns the step's metrics. Under --offload-rollout
     engines free their memory for the training, under --offload-train the trainer comes back from CPU for it."""
     start = time.monotonic()
     rollout = wait(manager.generate.remote(rollout_id), args.rollout_timeout, f"rollout {rollout_id}")
-    metrics = dict(rollout["metrics"]) | {"perf/rollout_seconds": time.monotonic() - start}
+    rollout_seconds = time.monotonic() - start
+    metrics = without_stamps(rollout) | {"perf/rollout_seconds": rollout_seconds}
     if trainer is not None:
         if args.offload_rollout:
             metrics |= wait(manager.release_memory.remote(), 600, "engines to release their memory")
         if args.offload_train:
             metrics |= trainer.call("onload", what="training ranks to move back to the GPU")[0]
         metrics |= trainer.train(rollout_id, ray.put(rollout["train_data"]))
-        done = rollout_id + 1
-        due = done % args.update_weights_interval == 0 or done == args.num_rollout
-        if due and not args.debug_train_only:
-            metrics |= sync_weights(args, trainer, manager, str(done))
+        if sync_due(args, rollout_id):
+            metrics |= sync_weights(args, trainer, manager, str(rollout_id + 1))
         if args.offload_train:
             metrics |= trainer.call("offload", what="training ranks to move to CPU")[0]
-    metrics["perf/step_seconds"] = time.monotonic() - start
-    return metrics
+    seconds = time.monotonic() - start
+    return metrics | {
+        "perf/step_seconds": seconds,
+        "perf/samples_per_s": sum(map(len, rollout["samples"])) / seconds,
+        "perf/trainer_idle_seconds": rollout_seconds if trainer is not None else 0.0,
+        "perf/engine_idle_seconds": seconds - rollout_seconds,
+    }
+
+
+def overlapped_steps(args, start: int, trainer: TrainGroup, manager) -> Iterator[tuple[int, dict]]:
+    """--async (train_async.py): rollout k + 1 generates while rollout k trains. The weights change only between
+    rollouts (the sync waits for the rollout in flight), so rollout k + 1 is generated on the weights of step k and
+    trained at step k + 1: one step stale. The manager keeps a rollout generated ahead until it is trained, so a
+    checkpoint taken meanwhile holds it."""
+    pending = manager.generate.remote(start)
+    last_end = time.time()
+    previous_train = (last_end, last_end)  # (start, end) wall times of the last training, to measure the overlap
+    for rollout_id in range(start, args.num_rollout):
+        begin = step_start = time.monotonic()
+        rollout = wait(pending, args.rollout_timeout, f"rollout {rollout_id}")
+        trainer_idle = time.monotonic() - begin
+        generated = (rollout["metrics"]["perf/generate_started_at"], rollout["metrics"]["perf/generate_finished_at"])
+        nxt = rollout_id + 1
+        pending = manager.generate.remote(nxt) if nxt < args.num_rollout else None
+        metrics = without_stamps(rollout) | {"perf/rollout_seconds": generated[1] - generated[0]}
+        # the share of this rollout's generation that ran during the last training (none before the first)
+        overlap = max(0.0, min(generated[1], previous_train[1]) - max(generated[0], previous_train[0]))
+        metrics["perf/overlap_ratio"] = overlap / max(generated[1] - generated[0], 1e-9)
+        metrics["perf/engine_idle_seconds"] = max(0.0, generated[0] - last_end)
+        train_start = time.time()
+        metrics |= trainer.train(rollout_id, ray.put(rollout["train_data"]))
+        previous_train = (train_start, time.time())
+        if sync_due(args, rollout_id) and not args.debug_train_only:
+            if pending is not None:  # never change the weights inside a rollout
+                begin = time.monotonic()
+                if not ray.wait([pending], timeout=args.rollout_timeout)[0]:
+                    raise TimeoutError(f"waited {args.rollout_timeout:.0f}s for rollout {nxt} before the weight sync")
+                trainer_idle += time.monotonic() - begin
+            metrics |= sync_weights(args, trainer, manager, str(nxt))
+        manager.trained.remote(rollout_id)
+        last_end = generated[1]
+        seconds = time.monotonic() - step_start
+        metrics["perf/step_seconds"] = seconds
+        metrics["perf/samples_per_s"] = sum(map(len, rollout["samples"])) / seconds
+        metrics["perf/trainer_idle_seconds"] = trainer_idle
+        yield rollout_id, metrics
+
+
+def without_stamps(rollout: dict) -> dict:
+    """The rollout's metrics without the manager's wall-clock stamps (kept for the overlap arithmetic)."""
+    return {k: v for k, v in rollout["metrics"].items() if not k.startswith("perf/generate_")}
+
+
+def sync_due(args, rollout_id: int) -> bool:
+    done = rollout_id + 1
+    return done % args.update_weights_interval == 0 or done == args.num_rollout
 
 
 def evaluate(args, manager, rollout_id: int) -> dict:

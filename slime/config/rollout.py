@@ -151,6 +151,28 @@ def add_rollout_arguments(p: argparse.ArgumentParser) -> None:
         default=1,
         help="push the trainer's weights to the engines every this many rollouts (and after the last)",
     )
+    g.add_argument(
+        "--async",
+        dest="async_train",
+        action="store_true",
+        help="one-step overlap (what train_async.py runs): rollout k + 1 generates while rollout k trains, and the "
+        "weights reach the engines between rollouts, so every sample is trained one step after the weights that "
+        "generated it; not with --colocate or --offload-* (engines and trainer must run at the same time)",
+    )
+    g.add_argument(
+        "--max-staleness",
+        type=int,
+        default=None,
+        help="drop groups with a sample generated more than this many training steps before the step that trains "
+        "it (counted in rollout/stale_dropped_groups; fully asynchronous rollouts draw replacements); default: no "
+        "bound",
+    )
+    g.add_argument(
+        "--keep-stale-samples",
+        action="store_true",
+        help="with --max-staleness: keep and count stale groups instead of dropping them; needs --use-tis or "
+        "--use-mis to correct for the engine's older policy",
+    )
     g.add_argument("--debug-rollout-only", action="store_true", help="run rollouts only (no training); report tok/s")
     g.add_argument(
         "--debug-train-only",
@@ -250,6 +272,25 @@ def validate_rollout(args: Any, parser: argparse.ArgumentParser) -> None:
             "--update-weights-interval > 1 with --offload-rollout/--colocate: engines that release their weights "
             "for training get them back only through the weight sync; sync every rollout"
         )
+    if args.async_train and (args.debug_rollout_only or args.debug_train_only):
+        parser.error("--async overlaps generation with training: --debug-rollout-only/--debug-train-only run only one")
+    if args.async_train and (args.offload_rollout or args.offload_train):
+        parser.error(
+            "--async overlaps generation with training, but --colocate/--offload-rollout/--offload-train make the "
+            "engines and the trainer take turns on the GPU: drop them (on one GPU the engines and the trainer then "
+            "share it as separate processes)"
+        )
+    if args.max_staleness is not None and args.max_staleness < (1 if args.async_train else 0):
+        parser.error(
+            f"--max-staleness {args.max_staleness}: "
+            + (
+                "every --async sample is one step old, so the bound must be at least 1"
+                if args.async_train
+                else "must be at least 0"
+            )
+        )
+    if args.keep_stale_samples and (args.max_staleness is None or not (args.use_tis or args.use_mis)):
+        parser.error("--keep-stale-samples needs --max-staleness and an off-policy correction (--use-tis or --use-mis)")
     if args.mask_offpolicy_in_partial_rollout and not args.partial_rollout:
         parser.error("--mask-offpolicy-in-partial-rollout needs --partial-rollout")
     check_sampling(

@@ -11,7 +11,9 @@ step waits for the slowest group. Groups that finish beyond what a step takes wa
   source: resumed under `--partial-rollout`, else as fresh prompts; it is never trained as it is.
 - `--dynamic-sampling-filter-path` judges each finished group; rejected groups are dropped and counted.
 - Groups in the queue were generated with the weights of their time: the staleness is visible in the samples'
-  `weight_versions` and in `rollout/weight_version_lag` (the newest minus the oldest version of the step).
+  `weight_versions`, in `rollout/weight_version_lag` (the newest minus the oldest version of the step) and in
+  `train/staleness_*`. Under `--max-staleness N` a group more than N steps old is dropped when a rollout call takes
+  it, and a newer one is taken instead (`rollout/stale_dropped_groups`).
 - A generate or reward function that raises (rather than failing one sample) stops the next rollout call with its
   error; a rollout call waiting on the queue logs what it waits for every 30 s.
 - Evaluation runs the default rollout (`slime.rollout.sglang_rollout.generate_rollout`).
@@ -41,6 +43,7 @@ from slime.rollout.sglang_rollout import (
     rollout_metrics,
     sampling_params,
 )
+from slime.rollout.staleness import split_stale
 from slime.utils.async_utils import background_loop, run
 from slime.utils.misc import load_function
 from slime.utils.types import Sample
@@ -144,8 +147,12 @@ def worker_for(args: Any, data_source: Any) -> AsyncRolloutWorker:
         return worker
 
 
-async def _collect(worker: AsyncRolloutWorker, rollout_id: int, target: int) -> list[list[Sample]]:
+async def _collect(worker: AsyncRolloutWorker, rollout_id: int, target: int) -> tuple[list[list[Sample]], int]:
+    """`target` finished groups, oldest first, and how many were dropped on the way as older than --max-staleness
+    allows (replaced by newer ones)."""
     groups: list[list[Sample]] = []
+    stale_dropped = 0
+    bound = None if worker.args.keep_stale_samples else worker.args.max_staleness
     start = last_log = time.monotonic()
     while len(groups) < target:
         if worker.error is not None:
@@ -153,7 +160,9 @@ async def _collect(worker: AsyncRolloutWorker, rollout_id: int, target: int) -> 
                 f"rollout {rollout_id}: the fully-async rollout worker stopped: {type(worker.error).__name__}: "
                 f"{worker.error}"
             ) from worker.error
-        groups += worker.get_completed_groups(target - len(groups))
+        fresh, stale = split_stale(worker.get_completed_groups(target - len(groups)), rollout_id, bound)
+        groups += fresh
+        stale_dropped += len(stale)
         if len(groups) < target:
             await asyncio.sleep(0.05)
         if time.monotonic() - last_log > 30:
@@ -169,7 +178,7 @@ async def _collect(worker: AsyncRolloutWorker, rollout_id: int, target: int) -> 
                 sum(worker.dropped.values()),
                 worker.requeued,
             )
-    return groups
+    return groups, stale_dropped
 
 
 def generate_rollout_fully_async(
@@ -180,7 +189,7 @@ def generate_rollout_fully_async(
         return generate_rollout(args, rollout_id, data_source, evaluation=True)
     start = time.monotonic()
     worker = worker_for(args, data_source)
-    groups = run(_collect(worker, rollout_id, args.rollout_batch_size), timeout=args.rollout_timeout)
+    groups, stale_dropped = run(_collect(worker, rollout_id, args.rollout_batch_size), timeout=args.rollout_timeout)
     groups.sort(key=lambda g: g[0].index)
     check_rollout(rollout_id, groups)
     metrics = rollout_metrics(groups, time.monotonic() - start, key=reward_key(args))
@@ -192,4 +201,6 @@ def generate_rollout_fully_async(
         "rollout/dropped_groups": sum(worker.dropped.values()),
         "rollout/weight_version_lag": (max(versions) - min(versions)) if versions else 0,
     }
+    if args.max_staleness is not None:
+        metrics["rollout/stale_dropped_groups"] = stale_dropped
     return RolloutFnTrainOutput(samples=groups, metrics=metrics)

@@ -19,6 +19,7 @@ from slime.observe.eval_metrics import dataset_metrics
 from slime.rollout.base_types import RolloutFnEvalOutput, RolloutFnTrainOutput
 from slime.rollout.scoring import reward_key
 from slime.rollout.sglang_rollout import rollout_metrics
+from slime.rollout.staleness import split_stale, staleness_metrics
 from slime.utils.misc import load_function
 from slime.utils.types import Sample, TrainBatch, trajectory_numbers
 
@@ -140,6 +141,7 @@ class RolloutManager:
                 raise RuntimeError(f"{args.rollout_num_engines} GPU engines need as many GPUs; got {gpus}")
         self.trainer_actors: list = []  # set by attach_trainer: they push weights to a restarted engine
         self.weight_version: str | None = None  # None: engines still serve --hf-checkpoint
+        self.untrained: dict[int, dict] = {}  # --async: rollouts generated ahead of the step that trains them
         self.data_source = load_function(args.data_source_path, "--data-source-path")(args)
         self.fleet = None  # --debug-train-only: nothing generates
         if not args.debug_train_only:
@@ -206,7 +208,9 @@ class RolloutManager:
         """One training rollout. Returns {"samples": [[Sample]], "metrics": {...}, "train_data": {...}}."""
         if hasattr(self.data_source, "begin_rollout"):  # the buffer filter gets the rollout id its flag promises
             self.data_source.begin_rollout(rollout_id)
-        start = time.monotonic()
+        if rollout_id in self.untrained:  # generated before a checkpoint this run resumed from
+            return self.untrained[rollout_id]
+        start, started_at = time.monotonic(), time.time()
         if self.args.load_debug_rollout_data:
             out, health = load_debug_rollout_data(self.args, rollout_id), {}
         else:
@@ -215,6 +219,20 @@ class RolloutManager:
             groups, metrics = out.samples, dict(out.metrics)
         else:  # a custom rollout function may return the groups alone
             groups, metrics = out, {}
+        fresh, stale = split_stale(groups, rollout_id, self.args.max_staleness)
+        if self.args.max_staleness is not None:
+            metrics["rollout/stale_dropped_groups"] = metrics.get("rollout/stale_dropped_groups", 0) + (
+                0 if self.args.keep_stale_samples else len(stale)
+            )
+            metrics["rollout/stale_groups"] = metrics.get("rollout/stale_groups", 0) + len(stale)
+            if not self.args.keep_stale_samples:
+                groups = fresh
+                if not groups:
+                    raise RuntimeError(
+                        f"rollout {rollout_id}: every group was more than --max-staleness {self.args.max_staleness} "
+                        "steps old; nothing is left to train on"
+                    )
+        metrics |= staleness_metrics(groups, rollout_id)
         if self.args.save_debug_rollout_data:
             save_debug_rollout_data(self.args.save_debug_rollout_data, rollout_id, groups)
         seconds = time.monotonic() - start
@@ -234,7 +252,16 @@ class RolloutManager:
             train_data = train_batch_from_dict(self.hooks["convert"](self.args, samples), flag)
         else:
             train_data = to_train_data(groups, self.args, self.post_process)
-        return {"samples": groups, "metrics": metrics, "train_data": train_data}
+        metrics |= {"perf/generate_started_at": started_at, "perf/generate_finished_at": time.time()}
+        rollout = {"samples": groups, "metrics": metrics, "train_data": train_data}
+        if self.args.async_train:  # generated ahead of its training: a checkpoint taken meanwhile must hold it
+            self.untrained[rollout_id] = rollout
+        return rollout
+
+    def trained(self, rollout_id: int) -> None:
+        """Rollouts up to `rollout_id` are trained: checkpoints no longer need to hold them."""
+        for k in [k for k in self.untrained if k <= rollout_id]:
+            del self.untrained[k]
 
     def eval(self, rollout_id: int) -> dict[str, Any]:
         """Every eval dataset once. Returns {"metrics": the function's own metrics plus, per dataset, reward mean,
@@ -261,6 +288,10 @@ class RolloutManager:
         """Write the rollout side of checkpoint `rollout_id` into the staging `folder`: the data source's state
         (position and buffered groups) and, last, rollout.json."""
         save_data_source(self.data_source, Path(folder), rollout_id)
+        ahead = {k: v for k, v in self.untrained.items() if k > rollout_id}
+        if ahead:  # the data source has moved past their prompts: without them a resumed run would skip them
+            with open(Path(folder) / "untrained_rollouts.pkl", "wb") as f:
+                pickle.dump(ahead, f)
         meta = {"rollout_id": rollout_id, "weight_version": self.weight_version, "saved_at": time.time()}
         (Path(folder) / "rollout.json").write_text(json.dumps(meta))
 
@@ -268,6 +299,10 @@ class RolloutManager:
         """Restore the data source from a checkpoint; returns rollout.json."""
         meta = json.loads((Path(folder) / "rollout.json").read_text())
         load_data_source(self.data_source, Path(folder), meta["rollout_id"])
+        ahead = Path(folder) / "untrained_rollouts.pkl"
+        if ahead.exists():
+            with open(ahead, "rb") as f:
+                self.untrained = pickle.load(f)
         return meta
 
     def shutdown(self) -> None:

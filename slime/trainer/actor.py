@@ -127,6 +127,7 @@ class TrainActor:
         self.host = HostOffload()  # --offload-train's pinned host copies
         self.budget: int | None = None  # tokens per packed micro-batch (--max-tokens-per-gpu, or sized at first use)
         self.skipped_steps = 0  # optimizer steps skipped for a non-finite gradient norm, over the whole run
+        self.trained_through: int | None = None  # the last rollout this process trained on
 
     def _load_reference(self, mesh) -> torch.nn.Module:
         """The frozen reference: a Hugging Face folder, or the policy weights of a slime checkpoint (--ref-load)."""
@@ -412,6 +413,7 @@ class TrainActor:
                 "perf/rank_tokens_max_over_min": max(max(t) / max(min(t), 1) for t in rank_tokens),
             }
         )
+        self.trained_through = rollout_id
         return out
 
     def _sum_over_ranks(self, values: dict[str, float]) -> dict[str, float]:
@@ -575,7 +577,11 @@ class TrainActor:
         }
 
     def push_weights(self, engine_urls: list[str], version: str) -> dict[str, float]:
-        """Sync the current weights to some engines only (a restarted one), leaving the others' requests alone."""
+        """Sync the current weights to some engines only (a restarted one), leaving the others' requests alone.
+        They are labelled with the version they are: `version` (the last sync's) unless this process has trained
+        since (with --async a restart during a rollout can land after the step that overlaps it)."""
+        if self.trained_through is not None:
+            version = str(self.trained_through + 1)
         syncer = self._new_syncer(engine_urls, "weight_sync_recovery")
         try:
             out = syncer.sync(self.model, version, self.rank)

@@ -20,13 +20,13 @@ FLAGS = (
 
 def test_fully_async_rollout_trains_with_a_warm_queue(ray_cluster, tiny_model_path, tmp_path):
     """Three steps: the worker keeps groups generating while the trainer trains (the queue is never empty after
-    the first step), aborted groups at each sync go back to the data source, and evaluation runs the default
-    rollout."""
+    the first step), aborted groups at each sync go back to the data source, groups beyond --max-staleness are not
+    trained, and evaluation runs the default rollout."""
     from slime.train import train
 
     out = tmp_path / "run"
     flags = f"--hf-checkpoint {tiny_model_path} {FLAGS} --num-rollout 3 --output-dir {out} --colocate "
-    flags += "--eval-prompt-data small builtin:arithmetic:test:2:0 --eval-interval 3"
+    flags += "--eval-prompt-data small builtin:arithmetic:test:2:0 --eval-interval 3 --max-staleness 1"
     train(parse_args(flags.split()))
     lines = [json.loads(x) for x in open(out / "metrics.jsonl")]
     steps = [s for s in lines if "train/loss" in s]
@@ -36,6 +36,8 @@ def test_fully_async_rollout_trains_with_a_warm_queue(ray_cluster, tiny_model_pa
     # (groups already generating may still land: at most 2 more)
     assert all(0 <= s["rollout/queued_groups"] <= 4 and s["rollout/generating_groups"] <= 2 for s in steps)
     assert all(s["rollout/weight_version_lag"] >= 0 for s in steps)
+    # queued groups older than one step are dropped when a step takes them, never trained
+    assert all(s["train/staleness_max"] <= 1 and s["rollout/stale_dropped_groups"] >= 0 for s in steps)
     assert any("eval/small/reward_mean" in s for s in lines)
 
 

@@ -33,6 +33,12 @@ def test_defaults_follow_slime():
         (["--rm-type", "boxed_f1"], "--rm-type: unknown rm_type 'boxed_f1'"),
         (["--rm-type", "maths"], "--rm-type: unknown rm_type 'maths'; built-in: ['dapo'"),
         (["--rm-timeout", "0"], "--rm-timeout must be positive"),
+        (["--async", "--colocate"], "--async overlaps generation with training, but --colocate"),
+        (["--async", "--offload-train"], "take turns on the GPU: drop them"),
+        (["--async", "--max-staleness", "0"], "every --async sample is one step old"),
+        (["--max-staleness", "-1"], "--max-staleness -1: must be at least 0"),
+        (["--max-staleness", "2", "--keep-stale-samples"], "--keep-stale-samples needs --max-staleness and an off"),
+        (["--async", "--debug-rollout-only"], "--debug-rollout-only/--debug-train-only run only one"),
     ],
 )
 def test_bad_flags_are_refused_naming_them(capsys, extra, message):

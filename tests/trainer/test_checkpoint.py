@@ -23,7 +23,7 @@ from slime.utils.types import Sample
 from tests.trainer.test_training import _synthetic_batch
 
 ROOT = Path(__file__).resolve().parents[2]
-TIMING = ("seconds", "per_s", "time")  # wall-clock metrics: the only ones allowed to differ between runs
+TIMING = ("seconds", "per_s", "time", "overlap")  # wall-clock metrics: the only ones allowed to differ between runs
 
 
 def _loop_args(model: str, out: Path, *extra: str) -> list[str]:
@@ -56,7 +56,7 @@ def _metrics(out: Path) -> list[dict]:
     return [json.loads(line) for line in open(out / "metrics.jsonl")]
 
 
-def _train_cmd(model: str, out: Path) -> list[str]:
+def _train_cmd(model: str, out: Path, entry: str = "train.py") -> list[str]:
     ckpt = str(out / "ckpt")
     extra = [
         "--rollout-shuffle",
@@ -70,17 +70,24 @@ def _train_cmd(model: str, out: Path) -> list[str]:
         "--load",
         ckpt,
     ]
-    return [sys.executable, "-m", "slime.train", *_loop_args(model, out, *extra)]
+    return [sys.executable, entry, *_loop_args(model, out, *extra)]
 
 
 def test_killed_run_resumes_to_the_uninterrupted_runs_metrics(tiny_model_path, tmp_path):
     """The same command, run whole and run killed (-9) right after its first checkpoint then started again:
-    every metric of every step is equal, timings aside."""
+    every metric of every step is equal, timings aside. The run overlaps generation with training
+    (train_async.py), the harder case for a checkpoint, whose save and resume code the synchronous loop shares:
+    the checkpoint after step 1 also holds rollout 2, generated during step 1's training, and the resumed run
+    trains it, as the whole run does, one step after the weights that generated it."""
+    entry = "train_async.py"
     whole, killed = tmp_path / "whole", tmp_path / "killed"
-    subprocess.run(_train_cmd(tiny_model_path, whole), cwd=ROOT, check=True, capture_output=True, timeout=600)
+    cmd = _train_cmd(tiny_model_path, whole, entry)
+    done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     killed.mkdir()
     with open(killed / "first.log", "w") as log:
-        proc = subprocess.Popen(_train_cmd(tiny_model_path, killed), cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
+        cmd = _train_cmd(tiny_model_path, killed, entry)
+        proc = subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
         pointer = killed / "ckpt" / checkpoint.POINTER
         deadline = time.monotonic() + 300
         while not pointer.exists():
@@ -89,7 +96,7 @@ def test_killed_run_resumes_to_the_uninterrupted_runs_metrics(tiny_model_path, t
         proc.send_signal(signal.SIGKILL)
         proc.wait()
     assert pointer.read_text() == "1" and len(_metrics(killed)) == 2  # killed in rollout 2, before its metrics
-    second = subprocess.run(_train_cmd(tiny_model_path, killed), cwd=ROOT, capture_output=True, text=True, timeout=600)
+    second = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
     assert "next rollout 2" in second.stdout
     a, b = _metrics(whole), _metrics(killed)
@@ -98,7 +105,11 @@ def test_killed_run_resumes_to_the_uninterrupted_runs_metrics(tiny_model_path, t
         assert ma.keys() == mb.keys()
         differ = {k: (ma[k], mb[k]) for k in ma if not any(t in k for t in TIMING) and ma[k] != mb[k]}
         assert not differ, f"step {ma['step']}: {differ}"
-    assert a[3]["train/optimizer_steps"] == 8 and a[3]["rollout/weight_version"] == 3
+    for k, m in enumerate(a):  # rollout k (k > 0) is generated on the weights after step k - 2, version k - 1
+        assert m["rollout/weight_version"] == max(k - 1, 0)
+        assert m["train/staleness_mean"] == m["train/staleness_max"] == min(k, 1)
+    assert a[3]["train/optimizer_steps"] == 8
+    assert all(0 < m["perf/overlap_ratio"] <= 1 for m in a[1:])  # rollouts 1-3 generated during a training
     assert sorted(os.listdir(killed / "ckpt")) == ["iter_0000001", "iter_0000003", checkpoint.POINTER]
 
 
