@@ -5,7 +5,8 @@ Usage (repo root, on the GPU machine): python benchmarks/gpu/async_loop.py MODEL
 MODEL_DIR: real weights (SmolLM2-135M-Instruct converted by slime.hub.provision.convert_gguf); DATA_DIR: slime-format
 JSONL files (the MAWPS split of the shared data). One GPU, engine and trainer sharing it as separate processes,
 32 prompts x 8 samples, <= 256 new tokens (the configuration where rollout and training take similar time).
-Samples per second = trained samples over the wall time of steps 2..STEPS-1 (the first steps pay for warm-up).
+Samples per second = trained samples over the wall time of steps 2..STEPS-2: the first steps pay for warm-up, and
+the last one has no next rollout to overlap with.
 Writes OUT_DIR/async_benchmark.json; exits non-zero when --async is below ONE_STEP_TARGET x the synchronous loop or
 the fully asynchronous rollout below FULLY_TARGET x.
 """
@@ -63,7 +64,7 @@ def main() -> None:
             train(settled_args(flags))
             metrics = [json.loads(x) for x in open(os.path.join(run_dir, "metrics.jsonl"))]
             metrics = [m for m in metrics if "perf/step_seconds" in m]
-            timed = metrics[2:]
+            timed = metrics[2:-1]
             results[mode] = {
                 "samples_per_s": 256 * len(timed) / sum(m["perf/step_seconds"] for m in timed),
                 "wall_seconds": time.monotonic() - start,
