@@ -18,8 +18,8 @@ step waits for the slowest group. Groups that finish beyond what a step takes wa
   error; a rollout call waiting on the queue logs what it waits for every 30 s.
 - Evaluation runs the default rollout (`slime.rollout.sglang_rollout.generate_rollout`).
 
-The worker runs on the rollout process's shared event loop, one per data source. Prompts a checkpoint sees as
-served but that are still generating or queued are not part of the checkpoint: a resumed run skips them.
+The worker runs on the rollout process's shared event loop, one per data source. A checkpoint puts the groups still
+generating or queued back into the data source's buffer as fresh prompts: a resumed run generates them again.
 """
 
 from __future__ import annotations
@@ -65,6 +65,7 @@ class AsyncRolloutWorker:
         self.concurrency = max(1, concurrency)
         self.completed: collections.deque[list[Sample]] = collections.deque()
         self.in_flight = 0
+        self.generating: dict[asyncio.Task, list[Sample]] = {}  # each task's group as the data source drew it
         self.dropped: collections.Counter[str] = collections.Counter()
         self.requeued = 0
         self.error: BaseException | None = None
@@ -104,13 +105,17 @@ class AsyncRolloutWorker:
                     if not groups:
                         break
                     for group in groups:
-                        pending.add(asyncio.create_task(generate_and_rm_group(self.args, group, params)))
+                        fresh = for_buffer(group, partial=False)  # drawn before generation changes the samples
+                        task = asyncio.create_task(generate_and_rm_group(self.args, group, params))
+                        self.generating[task] = fresh
+                        pending.add(task)
                 self.in_flight = len(pending)
                 if not pending:
                     await asyncio.sleep(0.5)  # the data source is empty for now (e.g. a custom one)
                     continue
                 done, pending = await asyncio.wait(pending, timeout=0.5, return_when=asyncio.FIRST_COMPLETED)
                 for task in done:
+                    self.generating.pop(task, None)
                     self._finished(task.result())
         except asyncio.CancelledError:
             raise
@@ -133,6 +138,20 @@ class AsyncRolloutWorker:
             self.completed.append(group)
         else:
             self.dropped[reason] += 1
+
+
+def unserved_groups(data_source: Any) -> list[list[Sample]]:
+    """The groups a running worker drew from `data_source` that no rollout has taken (queued or generating), as
+    fresh groups: a checkpoint puts them back into the data source, so a resumed run generates them again instead of
+    skipping their prompts. Empty when no worker runs for it."""
+    worker = _workers.get(id(data_source))
+    if worker is None or worker.data_source is not data_source:
+        return []
+
+    async def snapshot() -> list[list[Sample]]:  # on the worker's loop: nothing changes while it is taken
+        return [for_buffer(g, partial=False) for g in worker.completed] + list(worker.generating.values())
+
+    return asyncio.run_coroutine_threadsafe(snapshot(), background_loop()).result(timeout=60)
 
 
 def worker_for(args: Any, data_source: Any) -> AsyncRolloutWorker:

@@ -17,6 +17,7 @@ import ray
 from slime.engine.fleet import Endpoints, EngineFleet
 from slime.observe.eval_metrics import dataset_metrics
 from slime.rollout.base_types import RolloutFnEvalOutput, RolloutFnTrainOutput
+from slime.rollout.fully_async_rollout import unserved_groups
 from slime.rollout.scoring import reward_key
 from slime.rollout.sglang_rollout import rollout_metrics
 from slime.rollout.staleness import split_stale, staleness_metrics
@@ -287,7 +288,7 @@ class RolloutManager:
     def save(self, folder: str, rollout_id: int) -> None:
         """Write the rollout side of checkpoint `rollout_id` into the staging `folder`: the data source's state
         (position and buffered groups) and, last, rollout.json."""
-        save_data_source(self.data_source, Path(folder), rollout_id)
+        save_data_source(self.data_source, Path(folder), rollout_id, unserved_groups(self.data_source))
         ahead = {k: v for k, v in self.untrained.items() if k > rollout_id}
         if ahead:  # the data source has moved past their prompts: without them a resumed run would skip them
             with open(Path(folder) / "untrained_rollouts.pkl", "wb") as f:
@@ -310,12 +311,21 @@ class RolloutManager:
             self.fleet.shutdown()
 
 
-def save_data_source(source: Any, folder: Path, rollout_id: int) -> None:
+def save_data_source(source: Any, folder: Path, rollout_id: int, unserved: list[list[Sample]] = ()) -> None:
     """The data source's part of a checkpoint: `state_dict()` pickled into the checkpoint folder, or, for a
-    slime-style data source, its own `save(rollout_id)` (it writes under --save itself)."""
+    slime-style data source, its own `save(rollout_id)` (it writes under --save itself). `unserved`: groups drawn
+    but not yet trained (a fully-async worker's), saved at the head of the buffer so a resumed run serves them."""
     if hasattr(source, "state_dict"):
+        state = source.state_dict()
+        if unserved:
+            if "buffer" not in state:
+                logger.warning(
+                    "%s keeps no buffer: %d drawn, untrained groups are not saved", type(source), len(unserved)
+                )
+            else:
+                state["buffer"] = [[s.to_dict() for s in g] for g in unserved] + state["buffer"]
         with open(folder / "data_source.pkl", "wb") as f:
-            pickle.dump(source.state_dict(), f)
+            pickle.dump(state, f)
     elif hasattr(source, "save"):
         source.save(rollout_id)
     else:

@@ -2,6 +2,7 @@
 groups that finished first."""
 
 import json
+import pickle
 from types import SimpleNamespace
 
 import pytest
@@ -26,7 +27,8 @@ def test_fully_async_rollout_trains_with_a_warm_queue(ray_cluster, tiny_model_pa
 
     out = tmp_path / "run"
     flags = f"--hf-checkpoint {tiny_model_path} {FLAGS} --num-rollout 3 --output-dir {out} --colocate "
-    flags += "--eval-prompt-data small builtin:arithmetic:test:2:0 --eval-interval 3 --max-staleness 1"
+    flags += "--eval-prompt-data small builtin:arithmetic:test:2:0 --eval-interval 3 --max-staleness 1 "
+    flags += f"--save {tmp_path / 'ckpt'} --save-debug-rollout-data {tmp_path / 'trained_{rollout_id}.pkl'}"
     train(parse_args(flags.split()))
     lines = [json.loads(x) for x in open(out / "metrics.jsonl")]
     steps = [s for s in lines if "train/loss" in s]
@@ -39,6 +41,19 @@ def test_fully_async_rollout_trains_with_a_warm_queue(ray_cluster, tiny_model_pa
     # queued groups older than one step are dropped when a step takes them, never trained
     assert all(s["train/staleness_max"] <= 1 and s["rollout/stale_dropped_groups"] >= 0 for s in steps)
     assert any("eval/small/reward_mean" in s for s in lines)
+    # the checkpoint hands the groups still queued or generating back to the data source, as fresh prompts: every
+    # group drawn so far was trained, is in the saved buffer, or was dropped as stale
+    with open(tmp_path / "ckpt" / "iter_0000002" / "data_source.pkl", "rb") as f:
+        state = pickle.load(f)
+    buffered = {g[0]["group_index"] for g in state["buffer"]}
+    assert buffered and all(not any(s["tokens"] or s["response"] for s in g) for g in state["buffer"])
+    trained = set()
+    for k in range(3):
+        with open(tmp_path / f"trained_{k}.pkl", "rb") as f:
+            trained |= {g[0]["group_index"] for g in pickle.load(f)["samples"]}
+    assert not trained & buffered
+    lost = set(range(state["group_index"])) - trained - buffered
+    assert len(lost) == sum(s["rollout/stale_dropped_groups"] for s in steps)
 
 
 def test_a_broken_generate_function_stops_the_fully_async_rollout(ray_cluster, tiny_model_path, tmp_path):
