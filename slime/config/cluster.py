@@ -178,8 +178,14 @@ def settle_engine_options(args: Any) -> None:
     """The engine options left unset, from the placement: every engine of the run is launched with these."""
     on_gpu = args.rollout_device == "cuda"
     args.rollout_engine_dtype = args.rollout_engine_dtype or ("bfloat16" if on_gpu else "float32")
+    cores = os.cpu_count() or 1
+    # --async on CPU: engines and trainer compute at the same time, so each side gets half the cores (two sides with
+    # all of them oversubscribe the cores and the threads spin against each other)
+    engine_cores = max(1, cores // 2) if args.async_train and not on_gpu else cores
     if not args.rollout_engine_threads:  # after placement: it decides how many engines share the cores
-        args.rollout_engine_threads = max(1, (os.cpu_count() or 1) // args.rollout_num_engines)
+        args.rollout_engine_threads = max(1, engine_cores // args.rollout_num_engines)
+    if args.async_train and not on_gpu and not args.train_threads:
+        args.train_threads = max(1, (cores - engine_cores) // max(1, args.world_size))
     if args.sglang_enable_deterministic_inference:  # one request at a time: results do not depend on batching
         args.sglang_max_running_requests = 1
     elif args.sglang_max_running_requests is None:

@@ -73,6 +73,16 @@ def test_engine_threads_follow_the_placed_engine_count():
     assert args.rollout_engine_threads == max(1, (os.cpu_count() or 1) // 4)
 
 
+def test_async_on_cpu_splits_the_cores_between_engines_and_trainer(monkeypatch):
+    """--async on CPU: engines and trainer compute at once, so together they take the cores once, not twice."""
+    monkeypatch.setattr("os.cpu_count", lambda: 8)
+    sync, overlapped = _args(), _args("--async")
+    assert (sync.rollout_engine_threads, sync.train_threads) == (8, 0)  # 0: the rank takes cores / ranks
+    assert (overlapped.rollout_engine_threads, overlapped.train_threads) == (4, 4)
+    two = _args("--async", "--actor-num-gpus-per-node", "2", "--rollout-num-engines", "2")
+    assert (two.rollout_engine_threads, two.train_threads) == (2, 2)
+
+
 @pytest.mark.parametrize(
     "flags, gpus, message",
     [

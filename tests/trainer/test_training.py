@@ -257,7 +257,15 @@ def test_rl_loop_trains_and_engines_serve_new_weights(ray_cluster, tiny_model_pa
 
 ESTIMATOR_RUNS = {
     "gspo": ["--advantage-estimator", "gspo", "--eps-clip", "3e-3", "--eps-clip-high", "4e-3", "--offload-train"],
-    "reinforce_plus_plus": ["--advantage-estimator", "reinforce_plus_plus", "--kl-coef", "0.01", "--gamma", "0.99"],
+    "reinforce_plus_plus, async": [
+        "--advantage-estimator",
+        "reinforce_plus_plus",
+        "--kl-coef",
+        "0.01",
+        "--gamma",
+        "0.99",
+        "--async",
+    ],
     "reinforce_plus_plus_baseline, custom loss": [
         "--advantage-estimator",
         "reinforce_plus_plus_baseline",
@@ -321,6 +329,7 @@ def test_every_estimator_runs_the_loop(name, ray_cluster, tiny_model_path, tiny_
     assert steps[0]["train/param_norm"] != steps[1]["train/param_norm"]
     assert all(math.isfinite(s["train/loss"]) and s["train/grad_norm"] > 0 for s in steps)
     assert all(s["train/advantage_abs_max"] > 0 for s in steps)
+    assert [s["train/staleness_max"] for s in steps] == ([0, 1] if "async" in name else [0, 0])
     if name == "ppo":
         assert all(s["critic/value_loss"] > 0 and s["critic/grad_norm"] > 0 for s in steps)
     if name.startswith("reinforce"):  # whitened over the batch
