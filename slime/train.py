@@ -116,7 +116,7 @@ def step(args, rollout_id: int, trainer: TrainGroup | None, manager) -> dict:
         if args.offload_train:
             metrics |= trainer.call("onload", what="training ranks to move back to the GPU")[0]
         metrics |= trainer.train(rollout_id, ray.put(rollout["train_data"]))
-        if sync_due(args, rollout_id):
+        if sync_due(args, rollout_id) and not args.debug_train_only:
             metrics |= sync_weights(args, trainer, manager, str(rollout_id + 1))
         if args.offload_train:
             metrics |= trainer.call("offload", what="training ranks to move to CPU")[0]
