@@ -152,7 +152,7 @@ def overlapped_steps(args, start: int, trainer: TrainGroup, manager) -> Iterator
         train_start = time.time()
         metrics |= trainer.train(rollout_id, ray.put(rollout["train_data"]))
         previous_train = (train_start, time.time())
-        if sync_due(args, rollout_id) and not args.debug_train_only:
+        if sync_due(args, rollout_id):
             if pending is not None:  # never change the weights inside a rollout
                 begin = time.monotonic()
                 if not ray.wait([pending], timeout=args.rollout_timeout)[0]:
