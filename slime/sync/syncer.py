@@ -133,13 +133,21 @@ class WeightSyncer:
             return
         if self.mode == "tensor":
             flat, metadata = flatten_bucket(bucket, self._shared_buffer(index, bucket), self.dtype)
-            payload = {
-                "serialized_named_tensors": [serialize_shared({"flattened_tensor": flat, "metadata": metadata})],
-                "load_format": "flattened_bucket",
-                "flush_cache": False,
-                "weight_version": version,
-            }
-            self._all("/update_weights_from_tensor", payload)
+            # one pickle per engine: pickling takes a reference on the shared segment and each unpickling releases
+            # one, so a single pickle read by two engines would drop the segment's count to zero and unlink it
+            payloads = [
+                {
+                    "serialized_named_tensors": [serialize_shared({"flattened_tensor": flat, "metadata": metadata})],
+                    "load_format": "flattened_bucket",
+                    "flush_cache": False,
+                    "weight_version": version,
+                }
+                for _ in self.engine_urls
+            ]
+            calls = zip(self.engine_urls, payloads, strict=True)
+            futures = [self.pool.submit(self._call, url, "/update_weights_from_tensor", p) for url, p in calls]
+            for f in futures:
+                f.result()
             del flat  # engines answered, so they copied out of it: the buffer may be refilled or freed
             return
         bucket = cast_bucket(bucket, self.dtype)
@@ -218,3 +226,4 @@ class WeightSyncer:
                 except WeightSyncError:
                     pass
         self.pool.shutdown(wait=False)
+        self.shared.clear()  # torch removes a buffer's /dev/shm file when its last mapping closes

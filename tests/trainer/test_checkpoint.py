@@ -369,10 +369,13 @@ def test_nan_updates_are_skipped_then_stop_the_run_naming_rank_and_rollout(ray_c
     assert step0["train/param_norm"] == pytest.approx(float(norm), rel=1e-6)  # nothing was applied
 
 
-def test_engines_killed_or_hung_mid_rollout_are_restarted_and_lose_no_sample(ray_cluster, tiny_model_path, tmp_path):
+@pytest.mark.parametrize("overlap", [False, True], ids=["sync", "async"])
+def test_engines_killed_or_hung_mid_rollout_are_restarted_and_lose_no_sample(
+    overlap, ray_cluster, tiny_model_path, tmp_path
+):
     """Rollout 1: engine 0 is SIGKILLed; rollout 2: engine 1 is SIGSTOPped (alive, silent). Each is detected,
     replaced, given the current weights and re-registered; the requests it held are retried; every step trains on
-    all 16 samples with the current weights."""
+    all 16 samples with the current weights. With --async the rollouts die while the previous step trains."""
     from slime.train import train
 
     out = tmp_path / "run"
@@ -393,12 +396,16 @@ def test_engines_killed_or_hung_mid_rollout_are_restarted_and_lose_no_sample(ray
             "tests.custom_hooks.sabotage_engines_generate",
             "--rollout-max-response-len",
             "24",
+            *(["--async"] if overlap else []),
         )
     )
     train(args)
     steps = _metrics(out)
     assert [s["rollout/engine_restarts"] for s in steps] == [0, 1, 1]
     assert all(s["rollout/failed"] == 0 and s["rollout/kept_groups"] == 4 for s in steps)
+    if overlap:  # each rollout was generated on the weights before the step it overlapped
+        assert [s["train/staleness_max"] for s in steps] == [0, 1, 1]
+        return
     assert [s["rollout/weight_version"] for s in steps] == [0, 1, 2]
     # the restarted engines generated with the trainer's weights: the trainer reproduces their log-probs
     assert all(s["train/logprob_abs_diff_vs_rollout"] < 1e-4 for s in steps)

@@ -265,6 +265,8 @@ ESTIMATOR_RUNS = {
         "--gamma",
         "0.99",
         "--async",
+        "--rollout-num-engines",
+        "2",
     ],
     "reinforce_plus_plus_baseline, custom loss": [
         "--advantage-estimator",
