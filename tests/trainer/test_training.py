@@ -1,5 +1,6 @@
 """The trainer through Ray on the tiny model: step-0 logprob agreement per sync mode, world size 1 == 2."""
 
+import glob
 import json
 import math
 import random
@@ -239,7 +240,10 @@ def test_rl_loop_trains_and_engines_serve_new_weights(ray_cluster, tiny_model_pa
             "--use-dynamic-batch-size",  # no --max-tokens-per-gpu: the rank sizes its budget (CPU: a fixed one)
         ]
     )
+    segments = set(glob.glob("/dev/shm/torch_*"))
     train(args)
+    # the weight-sync buffers (shared memory: RAM) are gone with the run
+    assert set(glob.glob("/dev/shm/torch_*")) <= segments
     steps = [json.loads(x) for x in open(out / "metrics.jsonl")]
     assert [s["step"] for s in steps] == [0, 1, 2]
     assert all(s["perf/token_budget"] == 2048 for s in steps)
