@@ -109,7 +109,7 @@ def step(args, rollout_id: int, trainer: TrainGroup | None, manager) -> dict:
     start = time.monotonic()
     rollout = wait(manager.generate.remote(rollout_id), args.rollout_timeout, f"rollout {rollout_id}")
     rollout_seconds = time.monotonic() - start
-    metrics = without_stamps(rollout) | {"perf/rollout_seconds": rollout_seconds}
+    metrics = dict(rollout["metrics"]) | {"perf/rollout_seconds": rollout_seconds}
     if trainer is not None:
         if args.offload_rollout:
             metrics |= wait(manager.release_memory.remote(), 600, "engines to release their memory")
@@ -141,10 +141,10 @@ def overlapped_steps(args, start: int, trainer: TrainGroup, manager) -> Iterator
         begin = step_start = time.monotonic()
         rollout = wait(pending, args.rollout_timeout, f"rollout {rollout_id}")
         trainer_idle = time.monotonic() - begin
-        generated = (rollout["metrics"]["perf/generate_started_at"], rollout["metrics"]["perf/generate_finished_at"])
+        generated = rollout["generated"]
         nxt = rollout_id + 1
         pending = manager.generate.remote(nxt) if nxt < args.num_rollout else None
-        metrics = without_stamps(rollout) | {"perf/rollout_seconds": generated[1] - generated[0]}
+        metrics = dict(rollout["metrics"]) | {"perf/rollout_seconds": generated[1] - generated[0]}
         # the share of this rollout's generation that ran during the last training (none before the first)
         overlap = max(0.0, min(generated[1], previous_train[1]) - max(generated[0], previous_train[0]))
         metrics["perf/overlap_ratio"] = overlap / max(generated[1] - generated[0], 1e-9)
@@ -166,11 +166,6 @@ def overlapped_steps(args, start: int, trainer: TrainGroup, manager) -> Iterator
         metrics["perf/samples_per_s"] = sum(map(len, rollout["samples"])) / seconds
         metrics["perf/trainer_idle_seconds"] = trainer_idle
         yield rollout_id, metrics
-
-
-def without_stamps(rollout: dict) -> dict:
-    """The rollout's metrics without the manager's wall-clock stamps (kept for the overlap arithmetic)."""
-    return {k: v for k, v in rollout["metrics"].items() if not k.startswith("perf/generate_")}
 
 
 def sync_due(args, rollout_id: int) -> bool:

@@ -206,7 +206,8 @@ class RolloutManager:
 
     # ------------------------------------------------------------------ rollouts
     def generate(self, rollout_id: int) -> dict[str, Any]:
-        """One training rollout. Returns {"samples": [[Sample]], "metrics": {...}, "train_data": {...}}."""
+        """One training rollout. Returns {"samples": [[Sample]], "metrics": {...}, "train_data": {...},
+        "generated": (start, end) wall-clock seconds}."""
         if hasattr(self.data_source, "begin_rollout"):  # the buffer filter gets the rollout id its flag promises
             self.data_source.begin_rollout(rollout_id)
         if rollout_id in self.untrained:  # generated before a checkpoint this run resumed from
@@ -220,13 +221,12 @@ class RolloutManager:
             groups, metrics = out.samples, dict(out.metrics)
         else:  # a custom rollout function may return the groups alone
             groups, metrics = out, {}
-        fresh, stale = split_stale(groups, rollout_id, self.args.max_staleness)
-        if self.args.max_staleness is not None:
-            metrics["rollout/stale_dropped_groups"] = metrics.get("rollout/stale_dropped_groups", 0) + (
-                0 if self.args.keep_stale_samples else len(stale)
-            )
+        if self.args.max_staleness is not None:  # any rollout function: e.g. partial rollouts resumed from long ago
+            fresh, stale = split_stale(groups, rollout_id, self.args.max_staleness)
             metrics["rollout/stale_groups"] = metrics.get("rollout/stale_groups", 0) + len(stale)
+            metrics.setdefault("rollout/stale_dropped_groups", 0)
             if not self.args.keep_stale_samples:
+                metrics["rollout/stale_dropped_groups"] += len(stale)
                 groups = fresh
                 if not groups:
                     raise RuntimeError(
@@ -253,8 +253,12 @@ class RolloutManager:
             train_data = train_batch_from_dict(self.hooks["convert"](self.args, samples), flag)
         else:
             train_data = to_train_data(groups, self.args, self.post_process)
-        metrics |= {"perf/generate_started_at": started_at, "perf/generate_finished_at": time.time()}
-        rollout = {"samples": groups, "metrics": metrics, "train_data": train_data}
+        rollout = {
+            "samples": groups,
+            "metrics": metrics,
+            "train_data": train_data,
+            "generated": (started_at, time.time()),
+        }
         if self.args.async_train:  # generated ahead of its training: a checkpoint taken meanwhile must hold it
             self.untrained[rollout_id] = rollout
         return rollout

@@ -14,6 +14,7 @@ import json
 import logging
 import os
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 
 import torch
@@ -80,8 +81,12 @@ class WeightSyncer:
         except json.JSONDecodeError:
             return {}
 
-    def _all(self, endpoint: str, payload: dict | None, method: str = "POST") -> list:
-        futures = [self.pool.submit(self._call, url, endpoint, payload, method) for url in self.engine_urls]
+    def _all(self, endpoint: str, payload: dict | Callable[[], dict] | None, method: str = "POST") -> list:
+        """Call `endpoint` on every engine at once. `payload`: one dict for all, or a function making each its own."""
+        futures = [
+            self.pool.submit(self._call, url, endpoint, payload() if callable(payload) else payload, method)
+            for url in self.engine_urls
+        ]
         return [f.result() for f in futures]
 
     # ------------------------------------------------------------------ the sync
@@ -135,19 +140,15 @@ class WeightSyncer:
             flat, metadata = flatten_bucket(bucket, self._shared_buffer(index, bucket), self.dtype)
             # one pickle per engine: pickling takes a reference on the shared segment and each unpickling releases
             # one, so a single pickle read by two engines would drop the segment's count to zero and unlink it
-            payloads = [
-                {
+            self._all(
+                "/update_weights_from_tensor",
+                lambda: {
                     "serialized_named_tensors": [serialize_shared({"flattened_tensor": flat, "metadata": metadata})],
                     "load_format": "flattened_bucket",
                     "flush_cache": False,
                     "weight_version": version,
-                }
-                for _ in self.engine_urls
-            ]
-            calls = zip(self.engine_urls, payloads, strict=True)
-            futures = [self.pool.submit(self._call, url, "/update_weights_from_tensor", p) for url, p in calls]
-            for f in futures:
-                f.result()
+                },
+            )
             del flat  # engines answered, so they copied out of it: the buffer may be refilled or freed
             return
         bucket = cast_bucket(bucket, self.dtype)
