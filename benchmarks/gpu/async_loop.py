@@ -21,7 +21,8 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-from benchmarks.gpu.real_weights import split  # noqa: E402
+from benchmarks.gpu.real_weights import grpo_flags, split  # noqa: E402
+from benchmarks.gpu.run import finish  # noqa: E402
 
 ONE_STEP_TARGET, FULLY_TARGET = 1.4, 1.6
 MODES = {
@@ -52,13 +53,7 @@ def main() -> None:
     results: dict = {"date": time.strftime("%Y-%m-%d"), "model": model, "steps": steps}
     for mode, extra in MODES.items():
         run_dir = os.path.join(work, mode)
-        flags = [
-            "--hf-checkpoint", model, "--prompt-data", train_path, "--input-key", "prompt", "--label-key", "label",
-            "--apply-chat-template", "--rollout-shuffle", "--rm-type", "math", "--rollout-batch-size", "32",
-            "--n-samples-per-prompt", "8", "--rollout-max-response-len", "256", "--rollout-temperature", "1.0",
-            "--num-rollout", str(steps), "--global-batch-size", "256", "--lr", "1e-6", "--use-dynamic-batch-size",
-            "--output-dir", run_dir, *extra,
-        ]  # fmt: skip
+        flags = grpo_flags(model, train_path, run_dir, 32, 256, steps, "1e-6") + extra
         start = time.monotonic()
         try:
             train(settled_args(flags))
@@ -86,10 +81,7 @@ def main() -> None:
                 checks.append(f"{mode}: {rate / base:.2f} x sync < {target}")
         else:
             checks.append(f"{mode}: not measured ({results.get(mode, {}).get('error', 'no sync baseline')[:200]})")
-    results["failed_checks"] = checks
-    Path(out, "async_benchmark.json").write_text(json.dumps(results, indent=1))
-    print("checks:", checks or "all passed")
-    sys.exit(1 if checks else 0)
+    finish(results, Path(out, "async_benchmark.json"), checks)
 
 
 if __name__ == "__main__":

@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-from benchmarks.gpu.run import build_model  # noqa: E402
+from benchmarks.gpu.run import build_model, finish  # noqa: E402
 from slime.config.arguments import parse_args  # noqa: E402
 
 WORKLOADS = [(64, 8, 384), (128, 8, 1024)]  # 512 x 384 and 1,024 x 1,024
@@ -122,10 +122,7 @@ def main() -> None:
             checks.append(f"{key}: {entry['error'][:200]}")
         print(key, json.dumps(entry)[:1500], flush=True)
         Path(out, "loop_benchmark.json").write_text(json.dumps(results, indent=1))
-    results["failed_checks"] = checks
-    Path(out, "loop_benchmark.json").write_text(json.dumps(results, indent=1))
-    print("checks:", checks or "all passed")
-    sys.exit(1 if checks else 0)
+    finish(results, Path(out, "loop_benchmark.json"), checks)
 
 
 if __name__ == "__main__":

@@ -40,9 +40,24 @@ def split(data_dir: str, work: str) -> tuple[str, str, int]:
     return os.path.join(work, "train.jsonl"), os.path.join(work, "held_out.jsonl"), len(train)
 
 
+def grpo_flags(
+    model: str, prompt_data: str, run_dir: str, prompts: int, max_len: int, steps: int, lr: str
+) -> list[str]:
+    """GRPO on chat-formatted math word problems graded by math-verify: `prompts` x 8 samples of <= `max_len` new
+    tokens per step at temperature 1, one optimizer step per rollout, the layout slime picks for the machine."""
+    return [
+        "--hf-checkpoint", model, "--prompt-data", prompt_data, "--input-key", "prompt", "--label-key", "label",
+        "--apply-chat-template", "--rollout-shuffle", "--rm-type", "math", "--rollout-batch-size", str(prompts),
+        "--n-samples-per-prompt", "8", "--rollout-max-response-len", str(max_len), "--rollout-temperature", "1.0",
+        "--num-rollout", str(steps), "--global-batch-size", str(prompts * 8), "--lr", lr, "--use-dynamic-batch-size",
+        "--output-dir", run_dir,
+    ]  # fmt: skip
+
+
 def main() -> None:
     import ray
 
+    from benchmarks.gpu.run import finish
     from slime.train import settled_args, train
 
     model, data_dir, out = sys.argv[1], sys.argv[2], sys.argv[3]
@@ -51,13 +66,9 @@ def main() -> None:
     work = tempfile.mkdtemp(prefix="real-weights-")
     train_path, held_path, n_train = split(data_dir, work)
     run_dir = os.path.join(work, "run")
-    flags = [
-        "--hf-checkpoint", model, "--prompt-data", train_path, "--input-key", "prompt", "--label-key", "label",
-        "--apply-chat-template", "--rollout-shuffle", "--rm-type", "math", "--rollout-batch-size", "64",
-        "--n-samples-per-prompt", "8", "--rollout-max-response-len", "384", "--rollout-temperature", "1.0",
-        "--num-rollout", str(steps), "--global-batch-size", "512", "--lr", "1e-5", "--use-dynamic-batch-size",
+    flags = grpo_flags(model, train_path, run_dir, 64, 384, steps, "1e-5") + [
         "--eval-prompt-data", "held_out", held_path, "--eval-interval", str(steps), "--eval-temperature", "0",
-        "--eval-max-response-len", "384", "--output-dir", run_dir,
+        "--eval-max-response-len", "384",
     ]  # fmt: skip
     start = time.monotonic()
     try:
@@ -79,12 +90,10 @@ def main() -> None:
         "steps": [{k: s.get(k) for k in KEEP if k in s} for s in metrics if "rollout/tokens" in s],
     }
     checks = [] if before is not None and after is not None and after > before else [f"accuracy {before} -> {after}"]
-    report["failed_checks"] = checks
-    Path(out, "real_weights.json").write_text(json.dumps(report, indent=1))
     print(json.dumps({k: v for k, v in report.items() if k != "steps"}, indent=1))
     for s in report["steps"]:
         print({k: round(v, 3) if isinstance(v, float) else v for k, v in s.items()})
-    sys.exit(1 if checks else 0)
+    finish(report, Path(out, "real_weights.json"), checks)
 
 
 if __name__ == "__main__":

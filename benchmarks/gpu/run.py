@@ -26,6 +26,7 @@ import tempfile
 import time
 import traceback
 from pathlib import Path
+from typing import NoReturn
 
 import ray
 import torch
@@ -300,6 +301,15 @@ def grpo_steps(name: str, path: str, out: str, colocate: bool) -> dict:
         "wall_seconds": time.perf_counter() - start,
         "steps": [{k: v for k, v in s.items() if k.startswith(keep)} for s in steps],
     }
+
+
+def finish(results: dict, path: Path, checks: list[str]) -> NoReturn:
+    """End a benchmark: the failed checks into the results, the results to `path`, a line, and a non-zero exit
+    status when a check failed (so a regression is seen)."""
+    results["failed_checks"] = checks
+    path.write_text(json.dumps(results, indent=1))
+    print("checks:", checks or "all passed")
+    sys.exit(1 if checks else 0)
 
 
 def run_section(results: dict, path: Path, key: str, fn, *args) -> None:

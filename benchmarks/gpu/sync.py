@@ -23,7 +23,7 @@ import ray
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-from benchmarks.gpu.run import MODELS, build_model, logprob_gaps, synthetic_rollout, train_args  # noqa: E402
+from benchmarks.gpu.run import MODELS, build_model, finish, logprob_gaps, synthetic_rollout, train_args  # noqa: E402
 from slime.engine.launch import launch_engine  # noqa: E402
 from slime.ray.train_group import TrainGroup  # noqa: E402
 from tests.trainer.test_training import _generate  # noqa: E402
@@ -88,11 +88,8 @@ def main() -> None:
     steady = results.get("qwen3-0.6b", {}).get("steady_ms_per_gb")
     if steady is not None and steady > MS_PER_GB_TARGET:
         checks.append(f"qwen3-0.6b: {steady:.0f} ms/GB > {MS_PER_GB_TARGET:.0f}")
-    results["failed_checks"] = checks
-    Path(out, "sync_benchmark.json").write_text(json.dumps(results, indent=1))
     ray.shutdown()
-    print("checks:", checks or "all passed")
-    sys.exit(1 if checks else 0)
+    finish(results, Path(out, "sync_benchmark.json"), checks)
 
 
 if __name__ == "__main__":

@@ -27,7 +27,7 @@ import torch
 import torch.distributed as dist
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-from benchmarks.gpu.run import MODELS, bf16_peak, build_model  # noqa: E402
+from benchmarks.gpu.run import MODELS, bf16_peak, build_model, finish  # noqa: E402
 from slime.trainer import models as trainer_models  # noqa: E402
 from slime.trainer.offload import HostOffload, resident_tensors  # noqa: E402
 from slime.trainer.packing import forward_log_probs, split_micro_batches  # noqa: E402
@@ -180,11 +180,9 @@ def main() -> None:
     rounds = results["qwen3-0.6b"].get("offload", {})
     if rounds and rounds["round_2"]["total_s"] > OFFLOAD_TARGET_S:
         checks.append(f"qwen3-0.6b offload+onload {rounds['round_2']['total_s']:.3f} s > {OFFLOAD_TARGET_S} s")
-    results["failed_checks"] = checks
-    path_out.write_text(json.dumps(results, indent=1))
     print(json.dumps(results, indent=1))
     dist.destroy_process_group()
-    sys.exit(1 if checks else 0)
+    finish(results, path_out, checks)
 
 
 if __name__ == "__main__":
