@@ -280,14 +280,13 @@ def validate_rollout(args: Any, parser: argparse.ArgumentParser) -> None:
             "engines and the trainer take turns on the GPU: drop them (on one GPU the engines and the trainer then "
             "share it as separate processes)"
         )
-    if args.max_staleness is not None and args.max_staleness < (1 if args.async_train else 0):
+    lag = args.update_weights_interval - 1 + int(args.async_train)  # steps the engines' weights may trail by
+    if args.max_staleness is not None and args.max_staleness < lag:
         parser.error(
-            f"--max-staleness {args.max_staleness}: "
-            + (
-                "every --async sample is one step old, so the bound must be at least 1"
-                if args.async_train
-                else "must be at least 0"
-            )
+            f"--max-staleness {args.max_staleness}: with --update-weights-interval {args.update_weights_interval}"
+            + (" and --async" if args.async_train else "")
+            + f" the engines generate on weights up to {lag} steps old, so every such sample would be dropped: "
+            f"use at least {lag}"
         )
     if args.keep_stale_samples and (args.max_staleness is None or not (args.use_tis or args.use_mis)):
         parser.error("--keep-stale-samples needs --max-staleness and an off-policy correction (--use-tis or --use-mis)")

@@ -5,8 +5,13 @@ A worker keeps a fixed number of groups generating at all times, across rollout 
 trains, generation goes on, and each rollout call takes the `--rollout-batch-size` groups that finished first, so no
 step waits for the slowest group. Groups that finish beyond what a step takes wait in a queue for the next one.
 
-- In flight: `--sglang-server-concurrency` x engines groups at most, and no more prompts are drawn while as many
-  finished groups are queued (the queue is the back-pressure).
+- How far ahead: a group starts only if the step that will train it is at most N versions past the weights the
+  engines serve now (N = `--max-staleness`, 1 when unset). Groups are trained in the order they finish, so the
+  position of a new group behind the ones queued, generating and being collected tells its step. In the synchronous
+  loop with N = 1 the engines generate the next rollout while the trainer trains; a larger N lets them run further
+  ahead (more requests in flight when a rollout outlasts a training step) at the price of staler samples. Nothing
+  is generated only to be dropped as too old, except partial rollouts resumed across several syncs.
+- In flight: also at most `--sglang-server-concurrency` x engines groups.
 - A group that comes back aborted (engines pause and abort at a weight sync or a memory release) returns to the data
   source: resumed under `--partial-rollout`, else as fresh prompts; it is never trained as it is.
 - `--dynamic-sampling-filter-path` judges each finished group; rejected groups are dropped and counted.
@@ -43,7 +48,7 @@ from slime.rollout.sglang_rollout import (
     rollout_metrics,
     sampling_params,
 )
-from slime.rollout.staleness import split_stale
+from slime.rollout.staleness import engine_version, split_stale
 from slime.utils.async_utils import background_loop, run
 from slime.utils.misc import load_function
 from slime.utils.types import Sample
@@ -63,6 +68,9 @@ class AsyncRolloutWorker:
         self.args = args
         self.data_source = data_source
         self.concurrency = max(1, concurrency)
+        self.ahead = 1 if args.max_staleness is None else args.max_staleness
+        self.next_rollout = 0  # the rollout the next finished group goes to
+        self.collected = 0  # groups the rollout call under way holds already
         self.completed: collections.deque[list[Sample]] = collections.deque()
         self.in_flight = 0
         self.generating: dict[asyncio.Task, list[Sample]] = {}  # each task's group as the data source drew it
@@ -84,6 +92,12 @@ class AsyncRolloutWorker:
         if self._future is not None:
             self._future.cancel()
 
+    def room(self) -> int:
+        """How many more groups may start now without any of them being trained more than `ahead` versions after
+        the weights it starts on."""
+        steps = engine_version() + self.ahead + 1 - self.next_rollout
+        return steps * self.args.rollout_batch_size - (self.collected + len(self.generating) + len(self.completed))
+
     def queue_size(self) -> int:
         return len(self.completed)
 
@@ -100,7 +114,7 @@ class AsyncRolloutWorker:
         pending: set[asyncio.Task] = set()
         try:
             while self.running:
-                while len(pending) < self.concurrency and len(self.completed) < self.concurrency:
+                while len(pending) < self.concurrency and self.room() > 0:
                     groups = self.data_source.get_samples(1)
                     if not groups:
                         break
@@ -154,12 +168,13 @@ def unserved_groups(data_source: Any) -> list[list[Sample]]:
     return asyncio.run_coroutine_threadsafe(snapshot(), background_loop()).result(timeout=60)
 
 
-def worker_for(args: Any, data_source: Any) -> AsyncRolloutWorker:
-    """The running worker of `data_source`, started on first use."""
+def worker_for(args: Any, data_source: Any, rollout_id: int) -> AsyncRolloutWorker:
+    """The running worker of `data_source`, started on first use (by rollout `rollout_id`: a resumed run's first)."""
     with _workers_lock:
         worker = _workers.get(id(data_source))
         if worker is None or worker.data_source is not data_source:
             worker = AsyncRolloutWorker(args, data_source, args.sglang_server_concurrency * args.rollout_num_engines)
+            worker.next_rollout = rollout_id
             _workers[id(data_source)] = worker
         if worker.error is None:
             worker.start()
@@ -173,6 +188,7 @@ async def _collect(worker: AsyncRolloutWorker, rollout_id: int, target: int) -> 
     stale_dropped = 0
     bound = None if worker.args.keep_stale_samples else worker.args.max_staleness
     start = last_log = time.monotonic()
+    worker.next_rollout, worker.collected = rollout_id, 0
     while len(groups) < target:
         if worker.error is not None:
             raise RuntimeError(
@@ -181,7 +197,14 @@ async def _collect(worker: AsyncRolloutWorker, rollout_id: int, target: int) -> 
             ) from worker.error
         fresh, stale = split_stale(worker.get_completed_groups(target - len(groups)), rollout_id, bound)
         groups += fresh
+        worker.collected = len(groups)
         stale_dropped += len(stale)
+        if len(groups) < target and worker.room() <= 0 and not worker.generating and not worker.completed:
+            raise RuntimeError(
+                f"rollout {rollout_id}: the engines serve weights of version {engine_version()}, so a group started "
+                f"now would be trained more than {worker.ahead} steps after them (--max-staleness): no group can "
+                "start until the next weight sync (is --update-weights-interval larger than --max-staleness + 1?)"
+            )
         if len(groups) < target:
             await asyncio.sleep(0.05)
         if time.monotonic() - last_log > 30:
@@ -197,6 +220,7 @@ async def _collect(worker: AsyncRolloutWorker, rollout_id: int, target: int) -> 
                 sum(worker.dropped.values()),
                 worker.requeued,
             )
+    worker.next_rollout, worker.collected = rollout_id + 1, 0
     return groups, stale_dropped
 
 
@@ -207,7 +231,7 @@ def generate_rollout_fully_async(
     if evaluation:
         return generate_rollout(args, rollout_id, data_source, evaluation=True)
     start = time.monotonic()
-    worker = worker_for(args, data_source)
+    worker = worker_for(args, data_source, rollout_id)
     groups, stale_dropped = run(_collect(worker, rollout_id, args.rollout_batch_size), timeout=args.rollout_timeout)
     groups.sort(key=lambda g: g[0].index)
     check_rollout(rollout_id, groups)

@@ -20,7 +20,7 @@ from slime.rollout.base_types import RolloutFnEvalOutput, RolloutFnTrainOutput
 from slime.rollout.fully_async_rollout import unserved_groups
 from slime.rollout.scoring import reward_key
 from slime.rollout.sglang_rollout import rollout_metrics
-from slime.rollout.staleness import split_stale, staleness_metrics
+from slime.rollout.staleness import set_engine_version, split_stale, staleness_metrics
 from slime.utils.misc import load_function
 from slime.utils.types import Sample, TrainBatch, trajectory_numbers
 
@@ -175,6 +175,7 @@ class RolloutManager:
     def set_weight_version(self, version: str) -> None:
         """The version the trainer last synced to every engine; a restarted engine gets the same."""
         self.weight_version = version
+        set_engine_version(version)  # rollout functions in this process bound how far ahead they generate by it
 
     def _give_weights(self, url: str, engine_urls: list[str]) -> None:
         """A restarted engine at `url` gets the current weights; the trainer learns the new engine set."""

@@ -13,6 +13,19 @@ import collections
 
 from slime.utils.types import Sample
 
+_engine_version = 0  # this process's view of the engines' weights (set by the rollout manager after each sync)
+
+
+def set_engine_version(version: str | None) -> None:
+    """Record that every engine now serves weight `version` (None: the starting weights)."""
+    global _engine_version
+    _engine_version = version_number(version) if version is not None else 0
+
+
+def engine_version() -> int:
+    """The version the engines serve now, as a step count: generation that starts now is at least this new."""
+    return _engine_version
+
 
 def version_number(version: str) -> int:
     """A weight version as a step count ("default", or anything not a number, is the starting weights: 0)."""
