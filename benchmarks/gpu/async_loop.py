@@ -30,7 +30,7 @@ MODES = {
     "one_step": ["--async"],
     "fully_async": [
         "--rollout-function-path", "slime.rollout.fully_async_rollout.generate_rollout_fully_async",
-        "--partial-rollout", "--max-staleness", "2",
+        "--partial-rollout", "--max-staleness", "2", "--weight-sync-pause-mode", "in_place",
     ],
 }  # fmt: skip
 KEEP = (

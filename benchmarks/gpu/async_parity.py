@@ -1,11 +1,12 @@
 """Learning parity of the synchronous loop, one-step overlap (--async) and fully asynchronous rollouts (issue 24):
 held-out accuracy after the same number of samples, several seeds per mode, in one device call.
 
-Usage (repo root, on the GPU machine): python benchmarks/gpu/async_parity.py MODEL_DIR OUT_DIR [STEPS] [SEEDS]
+Usage (repo root, on the GPU machine): python benchmarks/gpu/async_parity.py MODEL_DIR OUT_DIR [STEPS] [SEEDS] [MODES]
 MODEL_DIR: real weights (SmolLM2-135M-Instruct converted by slime.hub.provision.convert_gguf). The task is the
 built-in arithmetic word problems (the README demo's, where this model learns within a few steps; the MAWPS split
 stays near 2 % for a model this small): 32 prompts x 8 samples of <= 128 tokens per step, STEPS steps (default 20),
-greedy accuracy on 256 built-in test problems before and after. SEEDS: comma-separated (default 1,2).
+greedy accuracy on 256 built-in test problems before and after. SEEDS: comma-separated (default 1,2); MODES:
+comma-separated names from async_loop.MODES (default all; the comparison with sync needs sync among them).
 Writes OUT_DIR/async_parity.json after every run; exits non-zero when a run fails, a run does not improve on the
 starting accuracy, or a mode's mean final accuracy is below the synchronous mean by more than TOLERANCE or the
 synchronous runs' own seed-to-seed spread, whichever is larger.
@@ -37,12 +38,13 @@ def main() -> None:
     model, out = sys.argv[1], sys.argv[2]
     steps = int(sys.argv[3]) if len(sys.argv) > 3 else 20
     seeds = [int(s) for s in (sys.argv[4] if len(sys.argv) > 4 else "1,2").split(",")]
+    modes = {m: MODES[m] for m in (sys.argv[5].split(",") if len(sys.argv) > 5 else MODES)}
     os.makedirs(out, exist_ok=True)
     work = tempfile.mkdtemp(prefix="async-parity-")
     results: dict = {"date": time.strftime("%Y-%m-%d"), "model": model, "steps": steps, "seeds": seeds, "runs": []}
     checks = []
     for seed in seeds:
-        for mode, extra in MODES.items():
+        for mode, extra in modes.items():
             run_dir = os.path.join(work, f"{mode}-{seed}")
             flags = grpo_flags(model, "builtin:arithmetic:train:4000:0", run_dir, 32, 128, steps, "3e-5") + [
                 "--eval-prompt-data", "held_out", "builtin:arithmetic:test:256:0", "--eval-interval", str(steps),
@@ -72,14 +74,14 @@ def main() -> None:
             Path(out, "async_parity.json").write_text(json.dumps(results, indent=1))
     finals = {
         mode: [r["after"] for r in results["runs"] if r["mode"] == mode and r.get("after") is not None]
-        for mode in MODES
+        for mode in modes
     }
     results["mean_after"] = {m: sum(v) / len(v) for m, v in finals.items() if v}
     sync = finals.get("sync", [])
     if sync:
         spread = max(sync) - min(sync)
         results["sync_seed_spread"] = spread
-        for mode in MODES:
+        for mode in modes:
             mean = results["mean_after"].get(mode)
             if mode != "sync" and mean is not None and mean < results["mean_after"]["sync"] - max(TOLERANCE, spread):
                 checks.append(f"{mode}: mean accuracy {mean:.3f} < sync {results['mean_after']['sync']:.3f} - margin")

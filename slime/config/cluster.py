@@ -78,6 +78,16 @@ def add_cluster_arguments(p: argparse.ArgumentParser) -> None:
         "--update-weight-buffer-size", type=int, default=512 * 1024**2, help="bytes of weights sent per bucket"
     )
     g.add_argument("--update-weight-timeout", type=float, default=600.0, help="seconds any weight-sync step may take")
+    g.add_argument(
+        "--weight-sync-pause-mode",
+        default="abort",
+        choices=["abort", "in_place"],
+        help="what engines do with running requests during a weight sync: abort (they end with finish reason abort "
+        "and go back to the data source, resumed from their partial response under --partial-rollout) or in_place "
+        "(they stop between decode steps and go on with the new weights, nothing recomputed; a response then "
+        "spans two versions, both recorded in the sample's weight_versions). Only matters when requests run "
+        "across a sync: with the fully-asynchronous rollout function",
+    )
 
 
 def validate_cluster(args: Any, parser: argparse.ArgumentParser) -> None:

@@ -339,7 +339,7 @@ class EmbeddedEngine:
     def _set_version(self, version: str) -> None:
         with self._cv:
             for r in itertools.chain(self._rows, self._waiting):
-                if r.output_ids:
+                if r.output_ids and r.weight_version != version:  # every bucket of a sync names the same version
                     if not r.version_spans:
                         r.version_spans.append({"version": r.weight_version, "start": 0})
                     r.version_spans[-1]["end"] = len(r.output_ids)

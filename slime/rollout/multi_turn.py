@@ -138,10 +138,10 @@ class ChatTrajectory:
         if params["max_new_tokens"] <= 0:
             self.sample.status = Sample.Status.TRUNCATED
             return "length"
-        ids, lps, _, version, finish = await call_engine(args, self.sample.tokens, params)
+        ids, lps, _, versions, finish = await call_engine(args, self.sample.tokens, params)
         self.add_model_tokens(ids, lps)
         if ids:
-            self.sample.weight_versions.append(version)
+            self.sample.weight_versions += versions
         self.turns += 1
         self.sample.status = finish_status(finish)
         return finish

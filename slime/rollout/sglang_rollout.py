@@ -29,7 +29,7 @@ from slime.utils.eval_config import EvalDatasetConfig, resolve
 from slime.utils.http_utils import HTTPError, get, post
 from slime.utils.misc import load_function
 from slime.utils.processing_utils import load_tokenizer
-from slime.utils.types import FINISH_STATUS, Sample, trajectory_numbers
+from slime.utils.types import FINISH_STATUS, Sample, trajectory_numbers, weight_versions_of
 
 logger = logging.getLogger(__name__)
 
@@ -67,16 +67,18 @@ def sampling_params(args: Any, evaluation: bool = False, dataset: EvalDatasetCon
     return params
 
 
-async def call_engine(args: Any, input_ids: list[int], params: dict[str, Any]) -> tuple[list, list, str, str, str]:
-    """One POST /generate on the router. Returns (new token ids, their log-probs, text, weight version, finish
-    reason type: stop / length / abort)."""
+async def call_engine(
+    args: Any, input_ids: list[int], params: dict[str, Any]
+) -> tuple[list, list, str, list[str], str]:
+    """One POST /generate on the router. Returns (new token ids, their log-probs, text, the weight versions they
+    were generated with (two when the weights changed mid-way), finish reason type: stop / length / abort)."""
     out = await post(
         f"{router_url(args)}/generate", {"input_ids": input_ids, "sampling_params": params, "return_logprob": True}
     )
     meta = out["meta_info"]
     ids = [int(t[1]) for t in meta["output_token_logprobs"]]
     lps = [float(t[0]) for t in meta["output_token_logprobs"]]
-    return ids, lps, out["text"], str(meta.get("weight_version")), meta["finish_reason"]["type"]
+    return ids, lps, out["text"], weight_versions_of(meta), meta["finish_reason"]["type"]
 
 
 def finish_status(finish: str) -> Sample.Status:
@@ -98,10 +100,10 @@ async def generate(args: Any, sample: Sample, sampling_params: dict[str, Any]) -
     if params["max_new_tokens"] <= 0:
         sample.status = Sample.Status.TRUNCATED
         return sample
-    ids, lps, text, version, finish = await call_engine(args, sample.tokens, params)
+    ids, lps, text, versions, finish = await call_engine(args, sample.tokens, params)
     sample.append_response(ids, text, loss_mask=1, log_probs=lps)
     if ids:
-        sample.weight_versions.append(version)
+        sample.weight_versions += versions
     sample.status = finish_status(finish)
     return sample
 

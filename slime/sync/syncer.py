@@ -1,5 +1,9 @@
 """Trainer side of weight sync: pause engines, push every parameter by the chosen mode, set the version, resume.
 
+Pausing (`--weight-sync-pause-mode`) either aborts the running requests and flushes the prefix cache (abort), or
+only stops the engines between decode steps (in_place): running requests keep their KV cache and go on with the new
+weights, and the engine forgets cached prefixes as it loads them, so no new request reuses the old ones.
+
 Every rank of the training group calls `WeightSyncer.sync` (gathering a sharded parameter is a collective); only
 rank 0 talks to engines. Modes (`--update-weight-mode`):
 - tensor: buckets in process-shared memory (CPU) or CUDA IPC handles (GPU) via /update_weights_from_tensor;
@@ -55,8 +59,13 @@ class WeightSyncer:
         timeout_s: float,
         disk_dir: str,
         dtype: str | None = None,
+        pause_mode: str = "abort",
     ):
-        """`dtype`: the engines' weight dtype; floating-point weights travel in it (None: as the trainer holds them)."""
+        """`dtype`: the engines' weight dtype; floating-point weights travel in it (None: as the trainer holds them).
+        `pause_mode`: abort or in_place (module docstring)."""
+        if pause_mode not in ("abort", "in_place"):
+            raise ValueError(f"--weight-sync-pause-mode must be abort or in_place, not {pause_mode!r}")
+        self.pause_mode = pause_mode
         if mode not in MODES:
             raise ValueError(f"--update-weight-mode must be one of {MODES}, not {mode!r}")
         self.engine_urls, self.mode, self.buffer_bytes = list(engine_urls), mode, buffer_bytes
@@ -96,8 +105,9 @@ class WeightSyncer:
         handing buckets to the engines (they answer once they hold a copy), the rest pausing and resuming them."""
         start, nbytes, count, gather, send = time.monotonic(), 0, 0, 0.0, 0.0
         if rank == 0:
-            self._all("/pause_generation", {"mode": "abort"})
-            self._all("/flush_cache", None)
+            self._all("/pause_generation", {"mode": self.pause_mode})
+            if self.pause_mode == "abort":  # in place, requests still hold cache blocks: the load forgets prefixes
+                self._all("/flush_cache", None)
             if self.mode == "distributed" and self.group is None:
                 self._connect()
         try:

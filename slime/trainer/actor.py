@@ -523,6 +523,7 @@ class TrainActor:
             a.update_weight_timeout,
             disk_dir,
             dtype=a.rollout_engine_dtype,
+            pause_mode=a.weight_sync_pause_mode,
         )
 
     def connect_engines(self, engine_urls: list[str]) -> None:

@@ -129,8 +129,8 @@ class Sample:
             )
         self.append_response(tokens, text or "", loss_mask=int(trainable), log_probs=log_probs)
         if meta_info:
-            if tokens and meta_info.get("weight_version") is not None:
-                self.weight_versions.append(str(meta_info["weight_version"]))
+            if tokens:
+                self.weight_versions += weight_versions_of(meta_info)
             finish = (meta_info.get("finish_reason") or {}).get("type")
             if update_terminal_info and finish in FINISH_STATUS:
                 self.status = FINISH_STATUS[finish]
@@ -167,6 +167,16 @@ def trajectory_numbers(rollout_ids: list[Any]) -> list[int]:
     numbers: dict[Any, int] = {}
     keys = [("id", r) if r is not None else ("own", k) for k, r in enumerate(rollout_ids)]
     return [numbers.setdefault(key, len(numbers)) for key in keys]
+
+
+def weight_versions_of(meta_info: dict[str, Any]) -> list[str]:
+    """The weight versions one /generate answer was produced with: every span's version when the weights changed
+    while it ran (our engine's `weight_versions`: [{version, start, end}]), else its `weight_version`."""
+    spans = meta_info.get("weight_versions")
+    if spans:
+        return [str(span["version"]) for span in spans]
+    version = meta_info.get("weight_version")
+    return [] if version is None else [str(version)]
 
 
 FINISH_STATUS = {"stop": Sample.Status.COMPLETED, "length": Sample.Status.TRUNCATED, "abort": Sample.Status.ABORTED}

@@ -203,6 +203,36 @@ def test_pause_abort_holds_new_requests_until_continue(server):
     assert later[0][0] == 200 and len(later[0][1]["output_ids"]) >= 1
 
 
+def test_a_weight_sync_in_place_lets_running_requests_go_on(server, tiny_model_path, tmp_path):
+    """--weight-sync-pause-mode in_place: a request running during the sync is not aborted; it goes on with the new
+    weights, and its answer names both versions (read into the sample's weight_versions by weight_versions_of)."""
+    from transformers import AutoModelForCausalLM
+
+    from slime.sync.syncer import WeightSyncer
+    from slime.utils.types import weight_versions_of
+
+    old = call(server, "/model_info", method="GET")[1]["weight_version"]
+    result = []
+    t = threading.Thread(target=_long_request, args=(server, "long-in-place", result))
+    t.start()
+    _wait_running(server)
+    syncer = WeightSyncer([server.url], "tensor", 1 << 20, 60, str(tmp_path), pause_mode="in_place")
+    try:
+        stats = syncer.sync(AutoModelForCausalLM.from_pretrained(tiny_model_path), "5", rank=0)
+    finally:
+        syncer.close()
+    assert stats["sync/tensors"] > 0
+    time.sleep(0.3)
+    assert call(server, "/v1/loads", method="GET")[1]["loads"][0]["num_running_reqs"] == 1  # still generating
+    call(server, "/abort_request", {"rid": "long-in-place"})
+    t.join(60)
+    meta = result[0][1]["meta_info"]
+    spans = meta["weight_versions"]
+    assert [s["version"] for s in spans] == [old, "5"] and meta["weight_version"] == "5"
+    assert 0 < spans[0]["end"] == spans[1]["start"] < spans[1]["end"] == len(result[0][1]["output_ids"])
+    assert weight_versions_of(meta) == [old, "5"]
+
+
 def test_control_endpoints(server):
     assert call(server, "/health", method="GET")[0] == 200
     assert call(server, "/health_generate", method="GET")[0] == 200
