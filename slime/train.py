@@ -75,11 +75,13 @@ def train(args: Settings) -> dict:
             if has_eval and args.eval_interval and (done % args.eval_interval == 0 or done == args.num_rollout):
                 last["eval"] = log(metrics_log, done, evaluate(args, manager, done))
     finally:
+        # Ctrl-C: --async always has a rollout in flight, which the manager would finish before shutting down
+        patience = 5 if isinstance(sys.exc_info()[1], KeyboardInterrupt) else 60
         if trainer is not None:
             trainer.shutdown()
         if manager is not None:
-            try:  # the manager may still be inside a rollout that timed out: then it is killed (servers follow)
-                ray.get(manager.shutdown.remote(), timeout=60)
+            try:  # the manager may still be inside a rollout: then it is killed (engines and router die with it)
+                ray.get(manager.shutdown.remote(), timeout=patience)
             except (ray.exceptions.GetTimeoutError, ray.exceptions.RayError):
                 pass
             ray.kill(manager)
@@ -270,6 +272,11 @@ def main(argv: list[str] | None = None) -> None:
     args = settled_args(argv)
     try:
         train(args)
+    except KeyboardInterrupt:  # train() has stopped the trainer, the engines and the router on its way out
+        found = checkpoint.latest(args.save) if args.save else None
+        resume_hint = f"; the last checkpoint is {found[1]}: continue with --load {args.save}" if found else ""
+        print(f"\ninterrupted: trainer, engines and router stopped{resume_hint}", file=sys.stderr, flush=True)
+        sys.exit(130)
     finally:
         ray.shutdown()
 

@@ -113,6 +113,49 @@ def test_killed_run_resumes_to_the_uninterrupted_runs_metrics(tiny_model_path, t
     assert sorted(os.listdir(killed / "ckpt")) == ["iter_0000001", "iter_0000003", checkpoint.POINTER]
 
 
+def _processes(*words: str) -> set[tuple[int, str]]:
+    """(pid, command line) of every process whose command line holds one of `words`."""
+    found = set()
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        if any(w in cmdline for w in words):
+            found.add((int(pid), cmdline[:200]))
+    return found
+
+
+def test_ctrl_c_stops_an_async_run_cleanly(tiny_model_path, tmp_path):
+    """Ctrl-C (SIGINT to the whole process group, as a terminal sends it) during a train_async.py run: exit status
+    130 within seconds, a line naming the last checkpoint instead of a traceback, and no engine, router or Ray
+    process of the run left behind."""
+    words = ("slime.engine.server", "raylet", "router", "ray::", "gcs_server")
+    before = _processes(*words)
+    out = tmp_path / "run"
+    cmd = [sys.executable, "train_async.py", *_loop_args(tiny_model_path, out, "--num-rollout", "100")]
+    cmd += ["--save", str(out / "ckpt"), "--save-interval", "1"]
+    with open(tmp_path / "log", "w") as log:
+        proc = subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        try:
+            deadline = time.monotonic() + 300
+            while not (out / "metrics.jsonl").exists() or len(_metrics(out)) < 2:
+                assert proc.poll() is None and time.monotonic() < deadline, (tmp_path / "log").read_text()[-3000:]
+                time.sleep(0.1)
+            os.killpg(proc.pid, signal.SIGINT)
+            assert proc.wait(timeout=90) == 130
+        finally:
+            if proc.poll() is None:  # a failed check must not leave the run going
+                os.killpg(proc.pid, signal.SIGKILL)
+    text = (tmp_path / "log").read_text()
+    assert "Traceback" not in text, text[-3000:]
+    assert f"continue with --load {out / 'ckpt'}" in text and "interrupted: trainer, engines and router stopped" in text
+    deadline = time.monotonic() + 30
+    while (left := _processes(*words) - before) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert not left
+
+
 KILL_DURING_SAVE = textwrap.dedent("""
     import sys, time, torch, torch.distributed as dist
     from torch.distributed.device_mesh import init_device_mesh
