@@ -268,21 +268,43 @@ class EmbeddedEngine:
             time.sleep(0.01)
 
     def update_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]], weight_version: str | None) -> int:
-        """Copy tensors into the model's parameters in place, between decode steps. Returns how many were loaded."""
+        """Copy tensors into the model's parameters in place, between decode steps, all or none: every tensor is
+        checked (a known name, its shape, a float for a float weight, finite values) before the first is copied;
+        on an error the model and its weight version stay as they were. Returns how many were loaded."""
         return self._on_engine_thread(self._load_weights, named_tensors, weight_version)
 
-    def _load_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]], weight_version: str | None) -> int:
+    def _load_weights(
+        self, named_tensors: Iterable[tuple[str, torch.Tensor]], weight_version: str | None, complete: bool = False
+    ) -> int:
         params = dict(self.model.named_parameters(remove_duplicate=False))  # tied weights answer to both names
         params.update(dict(self.model.named_buffers()))
-        targets, sources = [], []
+        names, targets, sources = [], [], []
         for name, tensor in named_tensors:  # check every tensor before changing any weight
             target = params.get(name)
             if target is None:
                 raise KeyError(f"weight {name!r} is not a parameter of the served model")
+            if not isinstance(tensor, torch.Tensor):
+                raise TypeError(f"weight {name!r}: a {type(tensor).__name__}, not a tensor")
             if tuple(target.shape) != tuple(tensor.shape):
                 raise ValueError(f"weight {name!r}: shape {tuple(tensor.shape)} != {tuple(target.shape)}")
+            if tensor.dtype.is_floating_point != target.dtype.is_floating_point or tensor.dtype == torch.bool:
+                raise TypeError(f"weight {name!r}: dtype {tensor.dtype} cannot replace {target.dtype}")
+            names.append(name)
             targets.append(target)
             sources.append(tensor)
+        floats = [(n, s) for n, s in zip(names, sources, strict=True) if s.dtype.is_floating_point]
+        if floats:  # a NaN or an infinity makes its tensor's norm one: one reduction per tensor, one sync in all
+            norms = torch.stack([n.float() for n in torch._foreach_norm([s for _, s in floats])]).cpu()
+            bad = (~torch.isfinite(norms)).nonzero()
+            if len(bad):
+                raise ValueError(f"weight {floats[int(bad[0])][0]!r} holds NaN or infinite values")
+        if complete:  # a whole-model update must name every weight (a tied pair once is enough)
+            given = {id(t) for t in targets}
+            missing = sorted({n for n, p in params.items() if id(p) not in given and isinstance(p, torch.nn.Parameter)})
+            if missing:
+                raise ValueError(
+                    f"{len(missing)} weights of the served model are missing from the update, e.g. {missing[:3]}"
+                )
         if targets:
             with torch.no_grad():
                 torch._foreach_copy_(targets, sources)  # hundreds of tensors in a few kernel launches
@@ -292,20 +314,15 @@ class EmbeddedEngine:
         self.stats["weight_updates"] += 1
         return count
 
-    def update_weights_from_disk(self, model_path: str, weight_version: str | None) -> int:
-        return self._on_engine_thread(self._load_weights_from_disk, model_path, weight_version)
-
-    def _load_weights_from_disk(self, model_path: str, weight_version: str | None) -> int:
+    def update_weights_from_disk(self, model_path: str, weight_version: str | None, partial: bool = False) -> int:
+        """Load every safetensors file under `model_path` as one update, all or none (see `update_weights`); it must
+        cover the whole model unless `partial`."""
         from safetensors.torch import load_file
 
         from slime.hub.provision import safetensors_files
 
-        count = 0
-        for path in safetensors_files(model_path):
-            count += self._load_weights(load_file(path).items(), None)
-        if weight_version is not None:
-            self._set_version(str(weight_version))
-        return count
+        tensors = [item for path in safetensors_files(model_path) for item in load_file(path).items()]
+        return self._on_engine_thread(self._load_weights, tensors, weight_version, not partial)
 
     def prompt_logprobs(self, input_ids: list[int], start: int, temperature: float) -> list[float | None]:
         """log p(token_j | tokens before j) for j = start .. len(input_ids) - 1, by SGLang's convention

@@ -102,8 +102,8 @@ class PagedEngine(EmbeddedEngine):
     def _free_graphs(self) -> None:
         self.runner.free_graphs()
 
-    def _load_weights(self, named_tensors, weight_version: str | None) -> int:
-        count = super()._load_weights(named_tensors, weight_version)
+    def _load_weights(self, named_tensors, weight_version: str | None, complete: bool = False) -> int:
+        count = super()._load_weights(named_tensors, weight_version, complete)
         self._forget_prefixes()
         return count
 

@@ -18,6 +18,7 @@ import time
 
 import torch
 from aiohttp import web
+from safetensors import SafetensorError
 
 from slime.engine.embedded import EmbeddedEngine, Request
 from slime.engine.options import add_server_arguments
@@ -328,9 +329,11 @@ async def update_weights_from_disk(request: web.Request) -> web.Response:
         return web.json_response({"success": False, "message": "model_path is required"}, status=400)
     if body.get("abort_all_requests"):
         engine.abort(abort_all=True, message="Aborted by weight update")
-    try:
-        n = await asyncio.to_thread(engine.update_weights_from_disk, body["model_path"], _version(body))
-    except (OSError, KeyError, ValueError) as exc:
+    try:  # "partial": ours, a folder holding only some of the weights (otherwise every weight must be there)
+        n = await asyncio.to_thread(
+            engine.update_weights_from_disk, body["model_path"], _version(body), bool(body.get("partial"))
+        )
+    except (OSError, KeyError, ValueError, TypeError, SafetensorError) as exc:
         return web.json_response({"success": False, "message": f"{type(exc).__name__}: {exc}"}, status=400)
     msg = f"Loaded {n} tensors from {body['model_path']}"
     return web.json_response({"success": True, "message": msg, "num_paused_requests": 0})
@@ -346,7 +349,14 @@ async def update_weights_from_tensor(request: web.Request) -> web.Response:
         engine.abort(abort_all=True, message="Aborted by weight update")
 
     def load() -> int:
-        tensors = deserialize_named_tensors(payloads[0], body.get("load_format"))  # tp_rank 0: one rank here
+        try:
+            tensors = list(deserialize_named_tensors(payloads[0], body.get("load_format")))  # tp_rank 0: one here
+        except Exception as exc:  # noqa: BLE001 - whatever a malformed payload raises, the caller gets a 400
+            raise ValueError(f"serialized_named_tensors[0] could not be read: {type(exc).__name__}: {exc}") from exc
+        if not tensors:
+            raise ValueError("serialized_named_tensors[0] holds no tensors")
+        if not all(isinstance(item, (tuple, list)) and len(item) == 2 for item in tensors):
+            raise ValueError("serialized_named_tensors[0] must hold (name, tensor) pairs")
         return engine.update_weights(tensors, _version(body))
 
     try:

@@ -122,7 +122,7 @@ class WeightSyncer:
                 count += len(bucket)
                 nbytes += sum(t.numel() * travel_dtype(t, self.dtype).itemsize for _, t in bucket)
                 if rank == 0:
-                    self._send(index, bucket, version)
+                    self._send(index, bucket)
                     send += time.monotonic() - t1
             if rank == 0:
                 if self.mode == "disk":
@@ -130,6 +130,7 @@ class WeightSyncer:
                     folder = publish_folder(self._disk_tmp, os.path.join(self.disk_dir, "latest"))
                     self._all("/update_weights_from_disk", {"model_path": folder, "weight_version": version})
                     send += time.monotonic() - t1
+                # the version changes once every bucket is in: a sync that fails half-way leaves the old one
                 self._all("/update_weight_version", {"new_version": version, "abort_all_requests": False})
         finally:
             if rank == 0:
@@ -142,7 +143,7 @@ class WeightSyncer:
             "sync/tensors": count,
         }
 
-    def _send(self, index: int, bucket: list[tuple[str, torch.Tensor]], version: str) -> None:
+    def _send(self, index: int, bucket: list[tuple[str, torch.Tensor]]) -> None:
         if self.mode == "disk":  # shards stream into a temporary folder, published whole after the last one
             write_shard(cast_bucket(bucket, self.dtype), self._disk_tmp, index)
             return
@@ -156,7 +157,6 @@ class WeightSyncer:
                     "serialized_named_tensors": [serialize_shared({"flattened_tensor": flat, "metadata": metadata})],
                     "load_format": "flattened_bucket",
                     "flush_cache": False,
-                    "weight_version": version,
                 },
             )
             del flat  # engines answered, so they copied out of it: the buffer may be refilled or freed
@@ -168,7 +168,6 @@ class WeightSyncer:
             "shapes": [list(t.shape) for _, t in bucket],
             "group_name": GROUP_NAME,
             "flush_cache": False,
-            "weight_version": version,
             "timeout": self.timeout_s,
         }
         pending = [

@@ -276,6 +276,53 @@ def test_update_weights_from_disk_changes_outputs_and_version(server, smollm2_pa
     assert call(server, "/generate", greedy)[1]["output_ids"] == before
 
 
+def _tensor_update(server, named, version="bad"):
+    import base64
+    import pickle
+
+    payload = base64.b64encode(pickle.dumps(named)).decode()
+    body = {"serialized_named_tensors": [payload], "weight_version": version}
+    return call(server, "/update_weights_from_tensor", body)
+
+
+def test_a_rejected_weight_update_changes_nothing(server, smollm2_path, tiny_model_path, tmp_path):
+    """Every weight update is checked whole before the first byte is copied: a refused one (400 naming the problem)
+    leaves the greedy output and the weight version exactly as they were."""
+    from safetensors.torch import save_file
+    from transformers import AutoModelForCausalLM
+
+    greedy = {"input_ids": [1, 2, 3], "sampling_params": {"max_new_tokens": 8, "temperature": 0, "ignore_eos": True}}
+    call(server, "/update_weights_from_disk", {"model_path": tiny_model_path, "weight_version": "base"})
+    before = call(server, "/generate", greedy)[1]["output_ids"]
+    state = AutoModelForCausalLM.from_pretrained(tiny_model_path).state_dict()
+    name, weight = next((n, t) for n, t in state.items() if n.endswith("q_proj.weight"))
+    changed = weight + 1.0
+    two_layers = tmp_path / "two"
+    two_layers.mkdir()
+    save_file({n: t.contiguous() + 1.0 for n, t in list(state.items())[:2]}, str(two_layers / "model.safetensors"))
+    nan = changed.clone()
+    nan[0, 0] = float("nan")
+    refused = [
+        (call(server, "/update_weights_from_disk", {"model_path": smollm2_path}), "shape"),
+        (call(server, "/update_weights_from_disk", {"model_path": str(two_layers)}), "missing from the update"),
+        (_tensor_update(server, [(name, changed), ("model.no_such.weight", changed)]), "no_such"),
+        (_tensor_update(server, [(name, changed), (name.replace("layers.0.", "layers.1."), nan)]), "NaN or infinite"),
+        (_tensor_update(server, [(name, changed.long())]), "dtype"),
+        (_tensor_update(server, [(name, "a string")]), "not a tensor"),
+        (_tensor_update(server, []), "holds no tensors"),
+        (call(server, "/update_weights_from_tensor", {"serialized_named_tensors": ["not base64 !"]}), "could not"),
+    ]
+    for (status, out), message in refused:
+        assert status == 400 and not out["success"] and message in out["message"], out
+        assert call(server, "/model_info", method="GET")[1]["weight_version"] == "base"
+        assert call(server, "/generate", greedy)[1]["output_ids"] == before
+    # the same two tensors, declared partial, are taken; the whole model then restores the outputs
+    status, out = call(server, "/update_weights_from_disk", {"model_path": str(two_layers), "partial": True})
+    assert status == 200 and out["success"], out
+    status, out = call(server, "/update_weights_from_disk", {"model_path": tiny_model_path, "weight_version": "9"})
+    assert status == 200 and call(server, "/generate", greedy)[1]["output_ids"] == before
+
+
 def test_stop_string_ends_generation_and_is_trimmed_from_text_only(server, tiny_model_path):
     from transformers import AutoTokenizer
 
