@@ -23,6 +23,8 @@ from slime.trainer import checkpoint
 def train(args: Settings) -> dict:
     """Run rollouts `start..--num-rollout-1` (start > 0 when --load holds a checkpoint) with settled `args`; returns
     the last rollout, train, sync and eval metrics."""
+    if args.load and (found := checkpoint.latest(args.load)) is not None:
+        checkpoint.verify(found[1])  # before anything starts: a damaged checkpoint fails in seconds, not minutes
     own_ray = start_ray()  # a cluster the caller started is left running
     trainer, manager, metrics_log = None, None, None
     last: dict = {}
@@ -273,7 +275,10 @@ def main(argv: list[str] | None = None) -> None:
     try:
         train(args)
     except KeyboardInterrupt:  # train() has stopped the trainer, the engines and the router on its way out
-        found = checkpoint.latest(args.save) if args.save else None
+        try:
+            found = checkpoint.latest(args.save) if args.save else None
+        except (OSError, ValueError):
+            found = None
         resume_hint = f"; the last checkpoint is {found[1]}: continue with --load {args.save}" if found else ""
         print(f"\ninterrupted: trainer, engines and router stopped{resume_hint}", file=sys.stderr, flush=True)
         sys.exit(130)

@@ -341,9 +341,12 @@ def load_data_source(source: Any, folder: Path, rollout_id: int) -> None:
     """Restore what `save_data_source` kept for checkpoint `rollout_id`."""
     state_file = folder / "data_source.pkl"
     if hasattr(source, "load_state_dict"):
-        if state_file.exists():
-            with open(state_file, "rb") as f:
-                source.load_state_dict(pickle.load(f))
+        if not state_file.exists():
+            raise FileNotFoundError(
+                f"{state_file} is missing: the data position and buffer of checkpoint {rollout_id} cannot be restored"
+            )
+        with open(state_file, "rb") as f:
+            source.load_state_dict(pickle.load(f))
     elif hasattr(source, "load"):
         source.load(rollout_id)
 

@@ -10,19 +10,23 @@ Layout of `--save DIR`:
         rng/rank_<r>.pt  every training rank's RNG states
         rollout.json     data position, partial-rollout buffer, rollout id, weight version
         hf_config/       the policy's config and tokenizer, so `slime convert` needs nothing else
+        manifest.json    every other file's size and sha256, written last; `verify` checks them before a resume
 
 Every rank writes its DCP shards into `iter_XXXXXXX.incomplete/`; once all parts are in, the folder is renamed to its
 final name and only then is the pointer file replaced (write + fsync + rename). A process killed at any moment leaves
-the pointer naming a complete checkpoint. DCP shards are resharded on load, so a checkpoint written by N ranks loads
-into any number of ranks.
+the pointer naming a complete checkpoint; a file damaged or removed later is caught by the manifest, and a folder of
+checkpoints whose pointer is gone is refused rather than taken for an empty one. DCP shards are resharded on load,
+so a checkpoint written by N ranks loads into any number of ranks.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
 import warnings
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +34,11 @@ import torch
 
 POINTER = "latest_checkpointed_iteration.txt"
 INCOMPLETE = ".incomplete"
+MANIFEST = "manifest.json"
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that must not be loaded: a file missing, truncated or changed since it was saved."""
 
 
 def iter_dir(save_dir: str | os.PathLike, rollout_id: int) -> Path:
@@ -46,7 +55,9 @@ def staging_dir(save_dir: str | os.PathLike, rollout_id: int) -> Path:
 
 
 def commit(save_dir: str | os.PathLike, rollout_id: int, staged: Path) -> Path:
-    """Publish a fully written staging folder as checkpoint `rollout_id` and point "latest" at it."""
+    """Publish a fully written staging folder as checkpoint `rollout_id` (with its manifest) and point "latest"
+    at it."""
+    write_manifest(staged)
     final = iter_dir(save_dir, rollout_id)
     if final.exists():  # saving the same rollout again (a resumed run): replace it whole
         old = Path(str(final) + ".old")
@@ -83,6 +94,12 @@ def latest(load_dir: str | os.PathLike) -> tuple[int, Path] | None:
         return int(json.loads((load_dir / "rollout.json").read_text())["rollout_id"]), load_dir
     pointer = load_dir / POINTER
     if not pointer.exists():
+        saved = sorted(p for p in load_dir.glob("iter_*") if (p / "rollout.json").exists())
+        if saved:  # starting fresh here would train from scratch and overwrite them
+            raise FileNotFoundError(
+                f"{pointer} is missing, but {load_dir} holds {len(saved)} checkpoint(s): pass --load {saved[-1]} "
+                f"to resume from the newest, or move them away to start fresh"
+            )
         return None
     text = pointer.read_text().strip()
     try:
@@ -93,6 +110,52 @@ def latest(load_dir: str | os.PathLike) -> tuple[int, Path] | None:
     if not (folder / "rollout.json").exists():
         raise FileNotFoundError(f"{pointer} names rollout {rollout_id}, but {folder} is missing or incomplete")
     return rollout_id, folder
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 24):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _files(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.rglob("*") if p.is_file() and p.name != MANIFEST)
+
+
+def write_manifest(folder: Path) -> None:
+    """manifest.json: every file of `folder` with its size and sha256 (hashed in parallel: hashlib frees the GIL)."""
+    files = _files(folder)
+    with ThreadPoolExecutor(max(1, min(8, os.cpu_count() or 1))) as pool:
+        digests = list(pool.map(_sha256, files))
+    entries = {
+        p.relative_to(folder).as_posix(): {"bytes": p.stat().st_size, "sha256": d}
+        for p, d in zip(files, digests, strict=True)
+    }
+    write_json(folder / MANIFEST, {"files": entries})
+
+
+def verify(folder: str | os.PathLike) -> None:
+    """Raise CheckpointError naming the first file of checkpoint `folder` that is missing or differs from its
+    manifest entry (size, then sha256). A checkpoint saved before manifests existed is loaded with a warning."""
+    folder = Path(folder)
+    manifest = folder / MANIFEST
+    if not manifest.exists():
+        warnings.warn(f"{folder} has no {MANIFEST} (an older version saved it): files unchecked", stacklevel=2)
+        return
+    entries = json.loads(manifest.read_text())["files"]
+    for rel, entry in entries.items():
+        path = folder / rel
+        if not path.is_file():
+            raise CheckpointError(f"{path}: missing (listed in {manifest}); this checkpoint cannot be resumed")
+        if path.stat().st_size != entry["bytes"]:
+            raise CheckpointError(f"{path}: {path.stat().st_size} bytes, but {entry['bytes']} were saved")
+    paths = [folder / rel for rel in entries]
+    with ThreadPoolExecutor(max(1, min(8, os.cpu_count() or 1))) as pool:
+        for path, digest in zip(paths, pool.map(_sha256, paths), strict=True):
+            if digest != entries[path.relative_to(folder).as_posix()]["sha256"]:
+                raise CheckpointError(f"{path}: contents changed since it was saved (sha256 differs from {manifest})")
 
 
 def is_checkpoint(path: str | os.PathLike) -> bool:

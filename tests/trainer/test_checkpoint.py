@@ -4,6 +4,7 @@ and Ray."""
 import json
 import os
 import pickle
+import shutil
 import signal
 import subprocess
 import sys
@@ -18,6 +19,7 @@ from slime.config.arguments import parse_args
 from slime.observe.metrics import MetricsLogger
 from slime.ray.train_group import TrainerError, TrainGroup
 from slime.rollout.data_source import RolloutDataSourceWithBuffer
+from slime.rollout.manager import load_data_source
 from slime.trainer import checkpoint
 from slime.utils.types import Sample
 from tests.trainer.test_training import _synthetic_batch
@@ -233,6 +235,32 @@ def test_latest_names_a_broken_pointer(tmp_path):
     assert result.returncode == 1 and "not a slime checkpoint" in result.stderr
 
 
+def test_a_damaged_checkpoint_or_a_lost_pointer_is_refused_naming_the_file(tmp_path):
+    """The manifest written at commit catches a file overwritten in place (same size), truncated or removed; a
+    --save folder whose pointer is gone is not taken for an empty one."""
+    staged = checkpoint.staging_dir(tmp_path, 3)
+    (staged / "policy").mkdir()
+    shard = staged / "policy" / "__0_0.distcp"
+    shard.write_bytes(os.urandom(1 << 20))
+    checkpoint.write_json(staged / "rollout.json", {"rollout_id": 3})
+    folder = checkpoint.commit(tmp_path, 3, staged)
+    checkpoint.verify(folder)
+    shard = folder / "policy" / "__0_0.distcp"
+    good = shard.read_bytes()
+    shard.write_bytes(good[:4096] + os.urandom(64 << 10) + good[4096 + (64 << 10) :])
+    with pytest.raises(checkpoint.CheckpointError, match=r"__0_0.distcp: contents changed"):
+        checkpoint.verify(folder)
+    shard.write_bytes(good[:-1])
+    with pytest.raises(checkpoint.CheckpointError, match=r"__0_0.distcp: 1048575 bytes, but 1048576"):
+        checkpoint.verify(folder)
+    shard.unlink()
+    with pytest.raises(checkpoint.CheckpointError, match=r"__0_0.distcp: missing"):
+        checkpoint.verify(folder)
+    (tmp_path / checkpoint.POINTER).unlink()
+    with pytest.raises(FileNotFoundError, match=f"pass --load {folder}"):
+        checkpoint.latest(tmp_path)
+
+
 def save_trainer_checkpoint(group: TrainGroup, save: Path, rollout_id: int) -> None:
     """The trainer's part of a checkpoint, published with a minimal rollout.json (no rollout manager here)."""
     staged = checkpoint.staging_dir(save, rollout_id)
@@ -318,7 +346,7 @@ def test_two_rank_checkpoint_loads_on_one_rank_and_exports_to_hugging_face(ray_c
         assert torch.allclose(torch.cat(lps), trained_lp, atol=1e-5), folder
 
 
-def test_buffer_and_position_survive_a_checkpoint(write_jsonl, tiny_model_path):
+def test_buffer_and_position_survive_a_checkpoint(write_jsonl, tiny_model_path, tmp_path):
     data = write_jsonl([{"input": f"q{i}"} for i in range(5)])
     args = parse_args(
         [
@@ -347,6 +375,8 @@ def test_buffer_and_position_survive_a_checkpoint(write_jsonl, tiny_model_path):
     a, b = source.get_samples(4), restored.get_samples(4)
     assert [[s.to_dict() for s in g] for g in a] == [[s.to_dict() for s in g] for g in b]
     assert a[0][0].response == "ab" and a[0][0].status == Sample.Status.ABORTED  # the buffer comes first
+    with pytest.raises(FileNotFoundError, match="data_source.pkl is missing"):  # never a silent restart
+        load_data_source(restored, Path(tmp_path), 0)
 
 
 def test_metrics_of_a_resumed_run_drop_what_the_crashed_run_logged_after_its_checkpoint(tmp_path):
@@ -551,6 +581,14 @@ def test_resume_restores_the_partial_rollout_buffer_and_the_critic(ray_cluster, 
         parked = [Sample.from_dict(s) for g in pickle.load(f)["buffer"] for s in g]
     partial = {s.index: s for s in parked if s.response_length > 0}
     assert partial and (ckpt / "iter_0000000" / "critic" / ".metadata").exists()
+    damaged = tmp_path / "damaged"  # a copy with one byte of a policy shard changed is refused before Ray starts
+    shutil.copytree(ckpt, damaged)
+    shard = next((damaged / "iter_0000000" / "policy").glob("*.distcp"))
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    with pytest.raises(checkpoint.CheckpointError, match=shard.name):
+        train(parse_args([*flags[:-1], str(damaged), "--num-rollout", "2"]))
     train(parse_args([*flags, "--num-rollout", "2"]))
     steps = _metrics(out)
     assert [s["step"] for s in steps] == [0, 1]
