@@ -80,7 +80,8 @@ def load_prompt_data(
     max_rows: int | None = None,
 ) -> PromptDataset:
     """Read every row of `path` (the first `max_rows` usable ones when set) into a Sample with `prompt` (templated
-    text), `label` and `metadata` set."""
+    text), `label` and `metadata` set. Without a `tokenizer` the rows are only checked: no chat template, no length
+    filter (how a run checks its data before anything starts)."""
     samples: list[Sample] = []
     skipped: dict[str, int] = {}
 
@@ -139,13 +140,14 @@ def load_prompt_data(
         tools = row.get(tool_key) if tool_key else metadata.get("tools")
         if tools is not None:  # generate functions and the SFT rollout read them here, as in slime
             metadata.setdefault("tools", tools)
-        if apply_chat_template:
+        if apply_chat_template and tokenizer is not None:
             text = tokenizer.apply_chat_template(
                 messages, tools=tools, tokenize=False, add_generation_prompt=True, **(apply_chat_template_kwargs or {})
             )
         else:  # chat messages stay messages: for a generate function (or the SFT rollout) that renders them
             text = prompt
-        if max_prompt_len is not None and _prompt_tokens(tokenizer, text, tools) > max_prompt_len:
+        check_length = max_prompt_len is not None and tokenizer is not None
+        if check_length and _prompt_tokens(tokenizer, text, tools) > max_prompt_len:
             skipped["over_max_prompt_len"] = skipped.get("over_max_prompt_len", 0) + 1
             continue
         metadata.setdefault("source_line", line)

@@ -62,6 +62,19 @@ def training_prompts(args: Any) -> PromptDataset:
     return load_prompt_data(args.prompt_data, **_load_kwargs(args), **keys)
 
 
+def check_training_prompts(args: Any) -> None:
+    """Read --prompt-data once, row by row, as the data source will (keys, types; no tokenizer): a broken row fails
+    the run in seconds with one line naming file, line and key, not after Ray, trainer and engines have started.
+    Built-in generators and custom data sources (their own formats) are left to themselves."""
+    ours = args.data_source_path.startswith(f"{__name__}.")
+    if not (ours and args.rollout_global_dataset and args.prompt_data) or args.prompt_data.startswith("builtin:"):
+        return
+    keys = dict(
+        input_key=args.input_key, label_key=args.label_key, metadata_key=args.metadata_key, tool_key=args.tool_key
+    )
+    load_prompt_data(args.prompt_data, None, skip_invalid=args.skip_invalid_data_rows, **keys)
+
+
 class RolloutDataSource(DataSource):
     """Cycles through `--prompt-data`; each epoch is reshuffled with `--rollout-seed` + epoch under
     `--rollout-shuffle`. With `--disable-rollout-global-dataset` there is no dataset and asking for prompts fails.

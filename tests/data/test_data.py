@@ -37,6 +37,25 @@ def test_bad_rows_fail_with_file_line_and_key(tok, write_jsonl, bad, match):
     assert path in str(err.value)
 
 
+def test_a_broken_training_row_stops_the_run_in_one_line_before_anything_starts(tiny_model_path, write_jsonl):
+    """train.py with a broken --prompt-data row: exit status 2 and one line naming file, line and key, before Ray,
+    trainer or engines start (they used to start first: 25-60 s, then a long Ray traceback)."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    path = write_jsonl([GOOD, GOOD, {"question": "x", "label": "1"}])
+    root = Path(__file__).resolve().parents[2]
+    cmd = [sys.executable, "train.py", "--hf-checkpoint", tiny_model_path, "--prompt-data", str(path)]
+    cmd += ["--label-key", "label", "--rm-type", "math", "--num-rollout", "1"]
+    done = subprocess.run(cmd, cwd=root, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2, done.stdout[-2000:] + done.stderr[-2000:]
+    assert done.stderr.strip().splitlines()[-1] == f"slime: {path}:3: missing key 'input' (--input-key); row has " + (
+        "['label', 'question']"
+    )
+    assert "Traceback" not in done.stderr and "rollout:" not in done.stdout  # no engine was started
+
+
 def test_bad_rows_skipped_and_counted_on_request(tok, write_jsonl):
     path = write_jsonl([GOOD, "{oops", {"input": ""}, {"x": 1}, GOOD])
     ds = load_prompt_data(path, tok, label_key="label", skip_invalid=True)
