@@ -115,6 +115,7 @@ class EmbeddedEngine:
         self.model.to(self.device).eval().requires_grad_(False)
         self.config = self.model.config
         self.max_context = int(getattr(self.config, "max_position_embeddings", 1 << 30))
+        self.vocab_size = int(self.model.get_input_embeddings().num_embeddings)
         self.eos_ids = _eos_ids(self.model, self.tokenizer)
         # unseeded rows sample where the logits are; a request's own seed (a CPU generator) brings its batch to CPU
         self.device_generator = torch.Generator(self.device).manual_seed(self.seed)
@@ -124,20 +125,29 @@ class EmbeddedEngine:
     def submit(
         self, input_ids: list[int], params: SamplingParams, on_done: Callable, rid: str | None = None
     ) -> Request:
+        self.check_request(input_ids, params)
         req = Request(rid or f"req-{next(self._rid_counter)}", list(input_ids), params, on_done)
         req.weight_version = self.weight_version
         if params.sampling_seed is not None:
             req.generator = torch.Generator().manual_seed(int(params.sampling_seed))
-        if len(input_ids) == 0:
-            raise ValueError("input_ids is empty")
-        if len(input_ids) >= self.max_context:
-            raise ValueError(f"prompt has {len(input_ids)} tokens; the model's context is {self.max_context}")
         with self._cv:
             if self._stopped:
                 raise RuntimeError("engine is shut down")
             self._waiting.append(req)
             self._cv.notify_all()
         return req
+
+    def check_request(self, input_ids: list[int], params: SamplingParams) -> None:
+        """Raise ValueError naming what this engine cannot serve (an empty or over-long prompt, a token id outside
+        the vocabulary): checked at the door, because inside a batched step it would fail every request running."""
+        if len(input_ids) == 0:
+            raise ValueError("input_ids is empty")
+        if len(input_ids) >= self.max_context:
+            raise ValueError(f"prompt has {len(input_ids)} tokens; the model's context is {self.max_context}")
+        for what, ids in (("input_ids", input_ids), ("sampling_params.stop_token_ids", params.stop_token_ids)):
+            for i, t in enumerate(ids):
+                if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < self.vocab_size:
+                    raise ValueError(f"{what}[{i}]={t!r} is not a token id of this model (0 .. {self.vocab_size - 1})")
 
     def abort(self, rid: str | None = None, abort_all: bool = False, message: str = "Abort requested") -> int:
         """Abort matching requests; each finishes with type `abort` and keeps its partial output."""

@@ -7,7 +7,9 @@ greedy decoding, whose logprobs are the plain `log_softmax(logits)`.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field, fields
+from typing import Any
 
 import torch
 
@@ -74,20 +76,33 @@ class SamplingParams:
         def bad(key: str, why: str) -> SamplingParamsError:
             return SamplingParamsError(f"sampling_params.{key}={getattr(self, key)!r}: {why}")
 
-        if not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 0:
+        def integer(v: Any) -> bool:  # JSON true/false are not counts
+            return isinstance(v, int) and not isinstance(v, bool)
+
+        def number(v: Any) -> bool:  # finite: NaN compares false with every bound and would pass them
+            return isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)
+
+        if not integer(self.max_new_tokens) or self.max_new_tokens < 0:
             raise bad("max_new_tokens", "must be a non-negative integer")
-        if not isinstance(self.temperature, int | float) or self.temperature < 0:
-            raise bad("temperature", "must be a number >= 0")
-        if not isinstance(self.top_p, int | float) or not 0 < self.top_p <= 1:
+        if not integer(self.min_new_tokens) or self.min_new_tokens < 0:
+            raise bad("min_new_tokens", "must be a non-negative integer")
+        if not number(self.temperature) or self.temperature < 0:
+            raise bad("temperature", "must be a finite number >= 0")
+        if not number(self.top_p) or not 0 < self.top_p <= 1:
             raise bad("top_p", "must be in (0, 1]")
-        if not isinstance(self.top_k, int):
+        if not integer(self.top_k):
             raise bad("top_k", "must be an integer (-1 for all)")
-        if not isinstance(self.min_p, int | float) or not 0 <= self.min_p <= 1:
+        if not number(self.min_p) or not 0 <= self.min_p <= 1:
             raise bad("min_p", "must be in [0, 1]")
         if not isinstance(self.stop, list) or not all(isinstance(s, str) and s for s in self.stop):
             raise bad("stop", "must be a non-empty string or a list of them")
-        if not isinstance(self.stop_token_ids, list) or not all(isinstance(t, int) for t in self.stop_token_ids):
+        if not isinstance(self.stop_token_ids, list) or not all(integer(t) for t in self.stop_token_ids):
             raise bad("stop_token_ids", "must be a list of token ids")
+        if self.sampling_seed is not None and not integer(self.sampling_seed):
+            raise bad("sampling_seed", "must be an integer")
+        for key in ("ignore_eos", "skip_special_tokens", "spaces_between_special_tokens", "no_stop_trim"):
+            if not isinstance(getattr(self, key), bool):
+                raise bad(key, "must be true or false")
 
     @property
     def greedy(self) -> bool:

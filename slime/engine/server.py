@@ -68,8 +68,8 @@ async def generate(request: web.Request) -> web.Response:
         if int(body.get("top_logprobs_num") or 0) > 0:
             raise BadRequest("top_logprobs_num > 0 is not supported by the embedded engine")
         ids, texts, is_batch = _batched(body)
-        if ids is None:
-            ids = [engine.tokenizer.encode(t, add_special_tokens=False) for t in texts]
+        if ids is None:  # off the event loop: a long text must not stall /health and every other request
+            ids = await asyncio.to_thread(lambda: [engine.tokenizer.encode(t, add_special_tokens=False) for t in texts])
         n = len(ids)
         raw_params = body.get("sampling_params") or {}
         raw_params = raw_params if isinstance(raw_params, list) else [raw_params] * n
@@ -84,6 +84,8 @@ async def generate(request: web.Request) -> web.Response:
         starts = [int(s) for s in (starts if isinstance(starts, list) else [starts] * n)]
         if len(starts) != n:
             raise BadRequest(f"{len(starts)} logprob_start_len values for {n} prompts")
+        for prompt, p in zip(ids, params, strict=True):  # before any of them runs: a bad one would fail its batch
+            engine.check_request(prompt, p)
     except (BadRequest, SamplingParamsError, ValueError, TypeError) as exc:
         return web.json_response({"error": {"message": str(exc)}}, status=400)
 

@@ -233,6 +233,46 @@ def test_a_weight_sync_in_place_lets_running_requests_go_on(server, tiny_model_p
     assert weight_versions_of(meta) == [old, "5"]
 
 
+def test_a_bad_request_is_refused_at_the_door_and_harms_no_other(server, tiny_model_path):
+    """Each bad field gets a 400 naming it before anything runs; four requests generating meanwhile all finish
+    whole (a bad id or value inside the batched step used to abort every one of them)."""
+    from transformers import AutoConfig
+
+    vocab = AutoConfig.from_pretrained(tiny_model_path).vocab_size
+    innocent = {"input_ids": [5, 6, 7], "sampling_params": {"max_new_tokens": 300, "ignore_eos": True}}
+    results = []
+    threads = [threading.Thread(target=lambda: results.append(call(server, "/generate", innocent))) for _ in range(4)]
+    for t in threads:
+        t.start()
+    _wait_running(server, 4)
+    bad = [
+        ({"input_ids": [1, vocab]}, f"input_ids[1]={vocab} is not a token id"),
+        ({"input_ids": [-1]}, "input_ids[0]=-1"),
+        ({"input_ids": [2**63]}, f"input_ids[0]={2**63}"),
+        ({"input_ids": [True, 3]}, "input_ids[0]=True"),
+        ({"input_ids": [1], "sampling_params": {"temperature": float("nan")}}, "temperature=nan"),
+        ({"input_ids": [1], "sampling_params": {"min_new_tokens": 1.5}}, "min_new_tokens=1.5"),
+        ({"input_ids": [1], "sampling_params": {"min_new_tokens": -1}}, "min_new_tokens=-1"),
+        ({"input_ids": [1], "sampling_params": {"min_new_tokens": float("inf")}}, "min_new_tokens=inf"),
+        ({"input_ids": [1], "sampling_params": {"max_new_tokens": True}}, "max_new_tokens=True"),
+        (
+            {"input_ids": [1], "sampling_params": {"stop_token_ids": [vocab + 5], "min_new_tokens": 2}},
+            f"stop_token_ids[0]={vocab + 5}",
+        ),
+    ]
+    for body, message in bad:
+        status, out = call(server, "/generate", body)
+        assert status == 400 and message in out["error"]["message"], (body, out)
+    status, out = call(server, "/generate", {"input_ids": [1, 2], "sampling_params": {"max_new_tokens": 0}})
+    assert status == 200 and out["output_ids"] == []
+    for t in threads:
+        t.join(120)
+    assert len(results) == 4
+    for status, out in results:
+        assert status == 200 and out["meta_info"]["finish_reason"]["type"] == "length"
+        assert len(out["output_ids"]) == 300
+
+
 def test_control_endpoints(server):
     assert call(server, "/health", method="GET")[0] == 200
     assert call(server, "/health_generate", method="GET")[0] == 200
