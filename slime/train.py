@@ -17,7 +17,7 @@ from slime.config.cluster import placement_line
 from slime.data.dataset import DataError
 from slime.observe.metrics import MetricsLogger, start_wandb, tensorboard_dir
 from slime.ray.train_group import TrainGroup
-from slime.rollout.data_source import check_training_prompts
+from slime.rollout.data_source import check_prompt_files
 from slime.rollout.manager import RolloutManager
 from slime.trainer import checkpoint
 
@@ -25,7 +25,7 @@ from slime.trainer import checkpoint
 def train(args: Settings) -> dict:
     """Run rollouts `start..--num-rollout-1` (start > 0 when --load holds a checkpoint) with settled `args`; returns
     the last rollout, train, sync and eval metrics."""
-    check_training_prompts(args)
+    check_prompt_files(args)
     if args.load and (found := checkpoint.latest(args.load)) is not None:
         checkpoint.verify(found[1])  # before anything starts: a damaged checkpoint fails in seconds, not minutes
     own_ray = start_ray()  # a cluster the caller started is left running

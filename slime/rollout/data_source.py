@@ -62,17 +62,24 @@ def training_prompts(args: Any) -> PromptDataset:
     return load_prompt_data(args.prompt_data, **_load_kwargs(args), **keys)
 
 
-def check_training_prompts(args: Any) -> None:
-    """Read --prompt-data once, row by row, as the data source will (keys, types; no tokenizer): a broken row fails
-    the run in seconds with one line naming file, line and key, not after Ray, trainer and engines have started.
-    Built-in generators and custom data sources (their own formats) are left to themselves."""
+def check_prompt_files(args: Any) -> None:
+    """Read --prompt-data and every eval dataset once, row by row, as the rollout manager will (keys, types; no
+    tokenizer): a broken row fails the run in seconds with one line naming file, line and key, not after Ray,
+    trainer and engines have started. Built-in generators and custom data sources (their own formats) are left
+    to themselves."""
+    skip = args.skip_invalid_data_rows
     ours = args.data_source_path.startswith(f"{__name__}.")
-    if not (ours and args.rollout_global_dataset and args.prompt_data) or args.prompt_data.startswith("builtin:"):
-        return
-    keys = dict(
-        input_key=args.input_key, label_key=args.label_key, metadata_key=args.metadata_key, tool_key=args.tool_key
-    )
-    load_prompt_data(args.prompt_data, None, skip_invalid=args.skip_invalid_data_rows, **keys)
+    if ours and args.rollout_global_dataset and args.prompt_data and not args.prompt_data.startswith("builtin:"):
+        keys = dict(
+            input_key=args.input_key, label_key=args.label_key, metadata_key=args.metadata_key, tool_key=args.tool_key
+        )
+        load_prompt_data(args.prompt_data, None, skip_invalid=skip, **keys)
+    for cfg in args.eval_datasets or []:
+        if not cfg.path.startswith("builtin:"):
+            keys = dict(
+                input_key=cfg.input_key, label_key=cfg.label_key, metadata_key=cfg.metadata_key, tool_key=cfg.tool_key
+            )
+            load_prompt_data(cfg.path, None, skip_invalid=skip, max_rows=cfg.max_prompts, **keys)
 
 
 class RolloutDataSource(DataSource):

@@ -56,6 +56,20 @@ def test_a_broken_training_row_stops_the_run_in_one_line_before_anything_starts(
     assert "Traceback" not in done.stderr and "rollout:" not in done.stdout  # no engine was started
 
 
+def test_eval_rows_are_checked_with_the_training_rows(tiny_model_path, write_jsonl):
+    """check_prompt_files reads the eval datasets too (only as many rows as max_prompts takes)."""
+    from slime.config.arguments import parse_args
+    from slime.rollout.data_source import check_prompt_files
+
+    train = write_jsonl([GOOD, GOOD], "train.jsonl")
+    held = write_jsonl([GOOD, GOOD, {"input": "q"}], "held.jsonl")
+    flags = ["--hf-checkpoint", tiny_model_path, "--prompt-data", str(train), "--label-key", "label"]
+    flags += ["--rm-type", "math", "--eval-prompt-data", "held", str(held)]
+    with pytest.raises(DataError, match=rf"{held}:3: missing key 'label'"):
+        check_prompt_files(parse_args(flags))
+    check_prompt_files(parse_args([*flags, "--eval-max-prompts", "2"]))  # the broken row is never read
+
+
 def test_bad_rows_skipped_and_counted_on_request(tok, write_jsonl):
     path = write_jsonl([GOOD, "{oops", {"input": ""}, {"x": 1}, GOOD])
     ds = load_prompt_data(path, tok, label_key="label", skip_invalid=True)
