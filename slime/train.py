@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import sys
+import threading
 import time
 from collections.abc import Iterator
 
@@ -20,6 +22,9 @@ from slime.ray.train_group import TrainGroup
 from slime.rollout.data_source import check_prompt_files
 from slime.rollout.manager import RolloutManager
 from slime.trainer import checkpoint
+
+STOP = threading.Event()  # set by a first Ctrl-C while steps run (see main): stop after this step's checkpoint
+STEPPING = threading.Event()  # steps are running: a Ctrl-C can wait for the step to end instead of cutting it
 
 
 def train(args: Settings) -> dict:
@@ -72,14 +77,19 @@ def train(args: Settings) -> dict:
             last["eval_before"] = log(metrics_log, start, evaluate(args, manager, start))
         steps = overlapped_steps if args.async_train else synchronous_steps
         progress = dict(total=args.num_rollout - start, desc="rollout", unit="step", file=sys.stdout)
+        STEPPING.set()
         for rollout_id, metrics in tqdm(steps(args, start, trainer, manager), **progress):
             last["rollout"] = log(metrics_log, rollout_id, metrics)
             done = rollout_id + 1
-            if args.save and ((args.save_interval and done % args.save_interval == 0) or done == args.num_rollout):
+            due = args.save and ((args.save_interval and done % args.save_interval == 0) or done == args.num_rollout)
+            if due or (STOP.is_set() and args.save):
                 save(args, rollout_id, trainer, manager)
+            if STOP.is_set():
+                raise KeyboardInterrupt
             if has_eval and args.eval_interval and (done % args.eval_interval == 0 or done == args.num_rollout):
                 last["eval"] = log(metrics_log, done, evaluate(args, manager, done))
     finally:
+        STEPPING.clear()
         # Ctrl-C: --async always has a rollout in flight, which the manager would finish before shutting down
         patience = 5 if isinstance(sys.exc_info()[1], KeyboardInterrupt) else 60
         if trainer is not None:
@@ -275,6 +285,15 @@ def settled_args(argv: list[str] | None) -> Settings:
 def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=os.environ.get("SLIME_LOG_LEVEL", "INFO"), format="%(asctime)s %(name)s %(message)s")
     args = settled_args(argv)
+
+    def on_ctrl_c(signum: int, frame: object) -> None:
+        if not STEPPING.is_set() or STOP.is_set():  # starting up, or a second Ctrl-C: stop now
+            raise KeyboardInterrupt
+        STOP.set()
+        then = "write a checkpoint and stop" if args.save else "stop"
+        print(f"\nCtrl-C: the step under way will finish, then {then}; Ctrl-C again to stop at once", flush=True)
+
+    signal.signal(signal.SIGINT, on_ctrl_c)
     try:
         train(args)
     except (DataError, checkpoint.CheckpointError) as exc:  # found before anything started: one line says it all

@@ -129,14 +129,14 @@ def _processes(*words: str) -> set[tuple[int, str]]:
 
 
 def test_ctrl_c_stops_an_async_run_cleanly(tiny_model_path, tmp_path):
-    """Ctrl-C (SIGINT to the whole process group, as a terminal sends it) during a train_async.py run: exit status
-    130 within seconds, a line naming the last checkpoint instead of a traceback, and no engine, router or Ray
-    process of the run left behind."""
+    """Ctrl-C (SIGINT to the whole process group, as a terminal sends it) during a train_async.py run: the step
+    under way finishes and is checkpointed (the run saves no other), exit status 130, a line naming that
+    checkpoint instead of a traceback, and no engine, router or Ray process of the run left behind."""
     words = ("slime.engine.server", "raylet", "router", "ray::", "gcs_server")
     before = _processes(*words)
     out = tmp_path / "run"
     cmd = [sys.executable, "train_async.py", *_loop_args(tiny_model_path, out, "--num-rollout", "100")]
-    cmd += ["--save", str(out / "ckpt"), "--save-interval", "1"]
+    cmd += ["--save", str(out / "ckpt"), "--save-interval", "1000"]
     with open(tmp_path / "log", "w") as log:
         proc = subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         try:
@@ -152,6 +152,9 @@ def test_ctrl_c_stops_an_async_run_cleanly(tiny_model_path, tmp_path):
     text = (tmp_path / "log").read_text()
     assert "Traceback" not in text, text[-3000:]
     assert f"continue with --load {out / 'ckpt'}" in text and "interrupted: trainer, engines and router stopped" in text
+    assert "Ctrl-C: the step under way will finish, then write a checkpoint and stop" in text
+    last = len(_metrics(out)) - 1
+    assert (out / "ckpt" / checkpoint.POINTER).read_text() == str(last) and last >= 1
     deadline = time.monotonic() + 30
     while (left := _processes(*words) - before) and time.monotonic() < deadline:
         time.sleep(0.5)
