@@ -54,12 +54,14 @@ def _load_kwargs(args: Any) -> dict[str, Any]:
     )
 
 
+def _row_keys(source: Any) -> dict[str, Any]:
+    """The row keys load_prompt_data takes, from the flags or from one eval dataset's settings (same names)."""
+    return {k: getattr(source, k) for k in ("input_key", "label_key", "metadata_key", "tool_key")}
+
+
 def training_prompts(args: Any) -> PromptDataset:
     """`--prompt-data` as the flags read it (keys, template, length filter)."""
-    keys = dict(
-        input_key=args.input_key, label_key=args.label_key, metadata_key=args.metadata_key, tool_key=args.tool_key
-    )
-    return load_prompt_data(args.prompt_data, **_load_kwargs(args), **keys)
+    return load_prompt_data(args.prompt_data, **_load_kwargs(args), **_row_keys(args))
 
 
 def check_prompt_files(args: Any) -> None:
@@ -70,16 +72,10 @@ def check_prompt_files(args: Any) -> None:
     skip = args.skip_invalid_data_rows
     ours = args.data_source_path.startswith(f"{__name__}.")
     if ours and args.rollout_global_dataset and args.prompt_data and not args.prompt_data.startswith("builtin:"):
-        keys = dict(
-            input_key=args.input_key, label_key=args.label_key, metadata_key=args.metadata_key, tool_key=args.tool_key
-        )
-        load_prompt_data(args.prompt_data, None, skip_invalid=skip, **keys)
+        load_prompt_data(args.prompt_data, None, skip_invalid=skip, **_row_keys(args))
     for cfg in args.eval_datasets or []:
         if not cfg.path.startswith("builtin:"):
-            keys = dict(
-                input_key=cfg.input_key, label_key=cfg.label_key, metadata_key=cfg.metadata_key, tool_key=cfg.tool_key
-            )
-            load_prompt_data(cfg.path, None, skip_invalid=skip, max_rows=cfg.max_prompts, **keys)
+            load_prompt_data(cfg.path, None, skip_invalid=skip, max_rows=cfg.max_prompts, **_row_keys(cfg))
 
 
 class RolloutDataSource(DataSource):
@@ -213,10 +209,7 @@ def eval_groups(args: Any) -> dict[str, list[list[Sample]]]:
             _EVAL_CACHE[key] = load_prompt_data(
                 cfg.path,
                 **(_load_kwargs(args) | {"max_prompt_len": cfg.max_prompt_len}),
-                input_key=cfg.input_key,
-                label_key=cfg.label_key,
-                metadata_key=cfg.metadata_key,
-                tool_key=cfg.tool_key,
+                **_row_keys(cfg),
                 max_rows=cfg.max_prompts,
             )
         n, groups = cfg.n_samples_per_eval_prompt, []

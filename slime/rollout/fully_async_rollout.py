@@ -72,7 +72,6 @@ class AsyncRolloutWorker:
         self.next_rollout = 0  # the rollout the next finished group goes to
         self.collected = 0  # groups the rollout call under way holds already
         self.completed: collections.deque[list[Sample]] = collections.deque()
-        self.in_flight = 0
         self.generating: dict[asyncio.Task, list[Sample]] = {}  # each task's group as the data source drew it
         self.dropped: collections.Counter[str] = collections.Counter()
         self.requeued = 0
@@ -96,7 +95,12 @@ class AsyncRolloutWorker:
         """How many more groups may start now without any of them being trained more than `ahead` versions after
         the weights it starts on."""
         steps = engine_version() + self.ahead + 1 - self.next_rollout
-        return steps * self.args.rollout_batch_size - (self.collected + len(self.generating) + len(self.completed))
+        return steps * self.args.rollout_batch_size - (self.collected + self.in_flight + len(self.completed))
+
+    @property
+    def in_flight(self) -> int:
+        """Groups generating now."""
+        return len(self.generating)
 
     def queue_size(self) -> int:
         return len(self.completed)
@@ -123,7 +127,6 @@ class AsyncRolloutWorker:
                         task = asyncio.create_task(generate_and_rm_group(self.args, group, params))
                         self.generating[task] = fresh
                         pending.add(task)
-                self.in_flight = len(pending)
                 if not pending:
                     await asyncio.sleep(0.5)  # the data source is empty for now (e.g. a custom one)
                     continue

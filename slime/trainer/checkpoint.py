@@ -120,18 +120,22 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
+def _digests(paths: list[Path]) -> list[str]:
+    """sha256 of each file, in parallel (hashlib frees the GIL while it hashes)."""
+    with ThreadPoolExecutor(max(1, min(8, os.cpu_count() or 1))) as pool:
+        return list(pool.map(_sha256, paths))
+
+
 def _files(folder: Path) -> list[Path]:
     return sorted(p for p in folder.rglob("*") if p.is_file() and p.name != MANIFEST)
 
 
 def write_manifest(folder: Path) -> None:
-    """manifest.json: every file of `folder` with its size and sha256 (hashed in parallel: hashlib frees the GIL)."""
+    """manifest.json: every file of `folder` with its size and sha256."""
     files = _files(folder)
-    with ThreadPoolExecutor(max(1, min(8, os.cpu_count() or 1))) as pool:
-        digests = list(pool.map(_sha256, files))
     entries = {
         p.relative_to(folder).as_posix(): {"bytes": p.stat().st_size, "sha256": d}
-        for p, d in zip(files, digests, strict=True)
+        for p, d in zip(files, _digests(files), strict=True)
     }
     write_json(folder / MANIFEST, {"files": entries})
 
@@ -152,10 +156,9 @@ def verify(folder: str | os.PathLike) -> None:
         if path.stat().st_size != entry["bytes"]:
             raise CheckpointError(f"{path}: {path.stat().st_size} bytes, but {entry['bytes']} were saved")
     paths = [folder / rel for rel in entries]
-    with ThreadPoolExecutor(max(1, min(8, os.cpu_count() or 1))) as pool:
-        for path, digest in zip(paths, pool.map(_sha256, paths), strict=True):
-            if digest != entries[path.relative_to(folder).as_posix()]["sha256"]:
-                raise CheckpointError(f"{path}: contents changed since it was saved (sha256 differs from {manifest})")
+    for path, entry, digest in zip(paths, entries.values(), _digests(paths), strict=True):
+        if digest != entry["sha256"]:
+            raise CheckpointError(f"{path}: contents changed since it was saved (sha256 differs from {manifest})")
 
 
 def is_checkpoint(path: str | os.PathLike) -> bool:
