@@ -56,6 +56,13 @@ def add_rollout_arguments(p: argparse.ArgumentParser) -> None:
         "(multi-turn, tools: slime.rollout.multi_turn)",
     )
     g.add_argument(
+        "--allow-weak-sandbox",
+        action="store_true",
+        help="let slime.rollout.sandbox run model-written code where the kernel cannot give it every layer "
+        "(namespaces, read-only root, unprivileged user, seccomp); without it such code is refused, naming the "
+        "missing layer",
+    )
+    g.add_argument(
         "--custom-config-path",
         default=None,
         help="YAML mapping read at start: each key becomes an attribute of args for custom functions to read (a key "

@@ -18,6 +18,7 @@ from slime.engine.fleet import Endpoints, EngineFleet
 from slime.observe.eval_metrics import dataset_metrics
 from slime.rollout.base_types import RolloutFnEvalOutput, RolloutFnTrainOutput
 from slime.rollout.fully_async_rollout import unserved_groups
+from slime.rollout.sandbox import allow_weak_sandbox
 from slime.rollout.scoring import reward_key
 from slime.rollout.sglang_rollout import rollout_metrics
 from slime.rollout.staleness import set_engine_version, split_stale, staleness_metrics
@@ -135,6 +136,8 @@ class RolloutManager:
         their own use the GPUs Ray gave this actor (see slime.config.cluster)."""
         logging.basicConfig(level=os.environ.get("SLIME_LOG_LEVEL", "INFO"), format="%(asctime)s %(name)s %(message)s")
         self.args = args
+        if args.allow_weak_sandbox:
+            allow_weak_sandbox(True)  # custom generate functions run here
         gpus: list[str | None] = [None] * args.rollout_num_engines
         if args.rollout_device == "cuda" and not args.rollout_external_engine_addrs:
             gpus = list(engine_gpus or [str(i) for i in ray.get_gpu_ids()])
