@@ -55,6 +55,8 @@ class Request:
     cached_tokens: int = 0  # prompt tokens served from the prefix cache at admission (meta_info.cached_tokens)
     created: float = field(default_factory=time.monotonic)
     finished: float = 0.0
+    strikes: int = 0  # failed steps this request was in (see EmbeddedEngine._quarantine)
+    probe_from: int | None = None  # under suspicion: runs alone until its output grows past this length
 
 
 class EmbeddedEngine:
@@ -95,12 +97,14 @@ class EmbeddedEngine:
         self._calls: deque[tuple[Future, Callable, tuple]] = deque()  # work handed to the engine thread
         self._rid_counter = itertools.count()
         self._done: list[Request] = []  # finished this iteration, callbacks not yet run
+        self._stepping: list[Request] = []  # admitted this iteration but not yet among the rows (padded backend)
         self.stats = {
             "generated_tokens": 0,
             "aborted_requests": 0,
             "finished_requests": 0,
             "weight_updates": 0,
             "max_batch_rows": 0,  # the most requests ever decoded in one step
+            "failed_steps": 0,  # steps that raised; their requests were retried alone (see _quarantine)
         }
         ready: Future = Future()
         self._thread = threading.Thread(target=self._main, args=(ready,), name="embedded-engine", daemon=True)
@@ -405,10 +409,12 @@ class EmbeddedEngine:
                 with torch.inference_mode():
                     self._retire_aborted()
                     if not (self._paused or self._released) or self._stopped:
+                        self._stepping = []
                         self._iteration()
-            except Exception as exc:  # a broken step must not hang its callers: fail what is running
+                        self._end_probes()
+            except Exception as exc:  # a broken step must not hang its callers, nor fail the innocent among them
                 logger.exception("engine step failed")
-                self._fail_all(f"engine error: {type(exc).__name__}: {exc}")
+                self._quarantine(f"engine error: {type(exc).__name__}: {exc}")
             self._deliver()
 
     def _on_engine_thread(self, fn: Callable[..., Any], *args: Any) -> Any:
@@ -506,6 +512,54 @@ class EmbeddedEngine:
                 r.on_done(r)
             except Exception:
                 logger.exception("completion callback for %s failed", r.rid)
+
+    def _admissible(self) -> list[Request]:
+        """The waiting requests a backend may admit now, in order. A request under suspicion runs alone: it joins
+        only an empty batch, and nothing joins it."""
+        with self._cv:
+            waiting = list(self._waiting)
+        if any(r.probe_from is not None for r in self._rows):
+            return []
+        if waiting and waiting[0].probe_from is not None:
+            return [] if self._rows else waiting[:1]
+        return list(itertools.takewhile(lambda r: r.probe_from is None, waiting))
+
+    def _quarantine(self, message: str) -> None:
+        """A step raised. If one request was in it, that request fails alone. Otherwise none fails yet: each goes
+        back to the front of the queue with its output so far (caches dropped, recomputed later) and runs alone
+        until it produces a token, so a step that fails again holds just the request that breaks it. A request
+        in two failed steps runs alone to its end. A failure with no request in the step fails every request."""
+        involved = list({id(r): r for r in self._rows + self._stepping if r.finish_reason is None}.values())
+        self.stats["failed_steps"] += 1
+        if not involved:
+            self._fail_all(message)
+            return
+        self._drop_all()
+        self._rows, self._stepping = [], []
+        if len(involved) == 1:
+            self._finish(involved[0], {"type": "abort", "message": message, "status_code": 500,
+                                       "err_type": "InternalError"})  # fmt: skip
+            return
+        logger.warning("%d requests were in the failed step; each now runs alone once", len(involved))
+        with self._cv:
+            for r in reversed(involved):
+                r.strikes += 1
+                r.probe_from = len(r.output_ids)
+                self._waiting.appendleft(r)
+
+    def _end_probes(self) -> None:
+        """A suspect that produced a token alone is cleared: it goes back in line behind the other suspects and
+        rejoins the batch from there. One with two strikes keeps running alone."""
+        cleared = [r for r in self._rows if r.probe_from is not None and r.strikes < 2
+                   and len(r.output_ids) > r.probe_from]  # fmt: skip
+        if not cleared:
+            return
+        self._select_rows([i for i, r in enumerate(self._rows) if r not in cleared])
+        with self._cv:
+            suspects = sum(1 for _ in itertools.takewhile(lambda r: r.probe_from is not None, self._waiting))
+            for k, r in enumerate(cleared):
+                r.probe_from = None
+                self._waiting.insert(suspects + k, r)
 
     def _fail_all(self, message: str) -> None:
         with self._cv:

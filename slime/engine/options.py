@@ -41,6 +41,13 @@ ENGINE_OPTIONS: tuple[EngineOption, ...] = (
     EngineOption("device", "where the model runs: cpu, cuda or cuda:N", "cpu"),
     EngineOption("seed", "seed of the sampling generator (a run gives engine i --seed + i)", 0, int),
     EngineOption(
+        "max_request_mb",
+        "largest /generate body accepted, in MiB; a larger one gets 413 before it is read (weight updates are not "
+        "limited by it)",
+        64,
+        int,
+    ),
+    EngineOption(
         "parent_pid",
         "exit when this process (the launcher) is gone, so a killed run leaves no orphan engine (0: never)",
         0,

@@ -37,21 +37,25 @@ class PaddedEngine(EmbeddedEngine):
     def _admit(self) -> None:
         batch: list[Request] = []
         tokens = 0
-        with self._cv:
-            while self._waiting and len(self._rows) + len(batch) < self.max_running_requests:
-                nxt = len(self._waiting[0].input_ids)
-                if batch and tokens + nxt > self.max_prefill_tokens:
-                    break
-                batch.append(self._waiting.popleft())
-                tokens += nxt
+        for r in self._admissible():
+            nxt = len(r.input_ids) + len(r.output_ids)
+            full = len(self._rows) + len(batch) >= self.max_running_requests
+            if full or (batch and tokens + nxt > self.max_prefill_tokens):
+                break
+            batch.append(r)
+            tokens += nxt
         if not batch:
             return
-        width = max(len(r.input_ids) for r in batch)
+        with self._cv:
+            for r in batch:
+                self._waiting.remove(r)
+        self._stepping = batch
+        # a request retried after a failed step (see EmbeddedEngine._quarantine) recomputes its output so far
+        seqs = [r.input_ids + r.output_ids for r in batch]
+        width = max(len(q) for q in seqs)
         pad = self.eos_ids[0] if self.eos_ids else 0
-        ids = torch.tensor([[pad] * (width - len(r.input_ids)) + r.input_ids for r in batch], device=self.device)
-        mask = torch.tensor(
-            [[0] * (width - len(r.input_ids)) + [1] * len(r.input_ids) for r in batch], device=self.device
-        )
+        ids = torch.tensor([[pad] * (width - len(q)) + q for q in seqs], device=self.device)
+        mask = torch.tensor([[0] * (width - len(q)) + [1] * len(q) for q in seqs], device=self.device)
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
         cache = DynamicCache(config=self.config)
         out = self.model(

@@ -128,10 +128,6 @@ class PagedEngine(EmbeddedEngine):
         with self._cv:
             self._waiting.appendleft(r)
 
-    def _waiting_now(self) -> list[Request]:
-        with self._cv:
-            return list(self._waiting)
-
     def _zero_fresh(self) -> None:
         self.runner.zero_blocks(self.scheduler.fresh)
         self.scheduler.fresh = []
@@ -140,7 +136,7 @@ class PagedEngine(EmbeddedEngine):
     def _iteration(self) -> None:
         if not self.runner.has_kv:
             self._alloc_kv()
-        chunks, admitted = self.scheduler.schedule_prefill(self._rows, self._waiting_now, self._requeue)
+        chunks, admitted = self.scheduler.schedule_prefill(self._rows, self._admissible, self._requeue)
         if admitted:
             with self._cv:
                 ids = {id(r) for r in admitted}

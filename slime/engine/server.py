@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import logging
 import os
 import pickle
@@ -31,6 +32,24 @@ ENGINE = web.AppKey("engine", EmbeddedEngine)
 ARGS = web.AppKey("args", argparse.Namespace)
 GROUPS = web.AppKey("weight_groups", dict)
 RECEIVE_LOCK = web.AppKey("receive_lock", threading.Lock)
+
+
+class PayloadTooLarge(Exception):
+    pass
+
+
+async def _read_at_most(request: web.Request, limit: int) -> bytes:
+    """The body, refused before reading when its declared length is over `limit`, or as soon as a chunked one grows
+    past it."""
+    message = f"request body is over the engine's limit of {limit} bytes (--max-request-mb)"
+    if (request.content_length or 0) > limit:
+        raise PayloadTooLarge(f"{message}: Content-Length {request.content_length}")
+    data = bytearray()
+    async for chunk in request.content.iter_chunked(1 << 16):
+        data += chunk
+        if len(data) > limit:
+            raise PayloadTooLarge(message)
+    return bytes(data)
 
 
 class BadRequest(ValueError):
@@ -59,8 +78,9 @@ def _batched(body: dict) -> tuple[list[list[int]] | None, list[str] | None, bool
 
 async def generate(request: web.Request) -> web.Response:
     engine = request.app[ENGINE]
+    limit = request.app[ARGS].max_request_mb << 20
     try:
-        body = await request.json()
+        body = json.loads(await _read_at_most(request, limit))
         if not isinstance(body, dict):
             raise BadRequest("request body must be a JSON object")
         if body.get("stream"):
@@ -86,6 +106,8 @@ async def generate(request: web.Request) -> web.Response:
             raise BadRequest(f"{len(starts)} logprob_start_len values for {n} prompts")
         for prompt, p in zip(ids, params, strict=True):  # before any of them runs: a bad one would fail its batch
             engine.check_request(prompt, p)
+    except PayloadTooLarge as exc:
+        return web.json_response({"error": {"message": str(exc), "type": "PayloadTooLarge"}}, status=413)
     except (BadRequest, SamplingParamsError, ValueError, TypeError) as exc:
         return web.json_response({"error": {"message": str(exc)}}, status=400)
 

@@ -273,6 +273,35 @@ def test_a_bad_request_is_refused_at_the_door_and_harms_no_other(server, tiny_mo
         assert len(out["output_ids"]) == 300
 
 
+def test_an_oversized_body_is_413_before_it_is_read(server):
+    """A /generate body over --max-request-mb (64 MiB) is refused with 413 naming the limit: at once when its
+    Content-Length says so, and as soon as a chunked one (no length) grows past it. The server serves on."""
+    import http.client
+    from urllib.parse import urlparse
+
+    url = urlparse(server.url)
+    big = json.dumps({"text": "x" * (65 << 20)}).encode()
+    for chunked in (False, True):
+        conn = http.client.HTTPConnection(url.hostname, url.port, timeout=60)
+        conn.putrequest("POST", "/generate")
+        conn.putheader("Content-Type", "application/json")
+        conn.putheader(*(("Transfer-Encoding", "chunked") if chunked else ("Content-Length", str(len(big)))))
+        conn.endheaders()
+        try:
+            for i in range(0, len(big), 1 << 20):
+                piece = big[i : i + (1 << 20)]
+                conn.send(b"%x\r\n%s\r\n" % (len(piece), piece) if chunked else piece)
+            conn.send(b"0\r\n\r\n" if chunked else b"")
+        except (BrokenPipeError, ConnectionResetError):
+            pass  # the server answered and closed before the whole body was sent
+        response = conn.getresponse()
+        body = json.loads(response.read())
+        conn.close()
+        assert response.status == 413 and "limit of 67108864 bytes (--max-request-mb)" in body["error"]["message"]
+    status, out = call(server, "/generate", {"input_ids": [1, 2], "sampling_params": {"max_new_tokens": 2}})
+    assert status == 200 and len(out["output_ids"]) == 2
+
+
 def test_control_endpoints(server):
     assert call(server, "/health", method="GET")[0] == 200
     assert call(server, "/health_generate", method="GET")[0] == 200

@@ -167,6 +167,50 @@ def test_greedy_equals_transformers_generate(tiny_model_path, greedy_reference, 
         engine.shutdown()
 
 
+POISON = 3  # a token id no reference prompt holds (they are drawn from 10 .. 2000)
+
+
+@pytest.mark.parametrize("backend,where", [("paged", "prefill"), ("paged", "decode"), ("padded", "prefill")])
+def test_a_request_that_breaks_a_step_fails_alone(tiny_model_path, greedy_reference, backend, where):
+    """One request makes every step it is in raise (its first token, in prefill or in decode). It fails alone, with
+    a 500 naming the error; the requests that shared its steps are retried alone, then batched again, and finish
+    with exactly the tokens they would have produced anyway."""
+    from slime.engine.padded import PaddedEngine
+    from slime.engine.paged import PagedEngine
+
+    prompts, ref = greedy_reference
+    bad = [POISON] + prompts[2] if where == "prefill" else prompts[2] + [POISON]
+    mixed = prompts[:5] + [bad] + prompts[5:8]
+    engine = PagedEngine(tiny_model_path, block_size=4) if backend == "paged" else PaddedEngine(tiny_model_path)
+
+    def poisoned(fn, tokens_of):
+        def wrapper(*args, **kw):
+            if POISON in tokens_of(*args, **kw):
+                raise RuntimeError("poisoned request in this step")
+            return fn(*args, **kw)
+
+        return wrapper
+
+    if backend == "padded":
+        engine.model.forward = poisoned(engine.model.forward, lambda **kw: kw["input_ids"].flatten().tolist())
+    elif where == "prefill":
+        engine.runner.prefill = poisoned(engine.runner.prefill, lambda ids, *a: ids)
+    else:
+        engine.runner.decode = poisoned(engine.runner.decode, lambda last, *a: last)
+    try:
+        out = _run(engine, mixed, SamplingParams(max_new_tokens=20, temperature=0.0, ignore_eos=True))
+        again = _run(engine, prompts[:3], SamplingParams(max_new_tokens=20, temperature=0.0, ignore_eos=True))
+    finally:
+        engine.shutdown()
+    failed = out.pop(5)
+    assert failed.finish_reason["type"] == "abort" and failed.finish_reason["status_code"] == 500
+    assert "poisoned request in this step" in failed.finish_reason["message"]
+    for i, r in enumerate(out + again):
+        assert r.finish_reason["type"] == "length" and r.output_ids == (ref[:5] + ref[5:8] + ref[:3])[i], i
+    assert engine.stats["failed_steps"] >= 2  # the batched step, then the poisoned request alone
+    assert engine.stats["aborted_requests"] == 1
+
+
 def test_sampled_logprobs_match_a_forward_pass(tiny_model_path):
     """Sampled tokens' logprobs (temperature 1, top-p through the eager sampler) equal the log-softmax of a plain
     transformers forward over prompt + response: the paged cache holds the right keys for every position."""
