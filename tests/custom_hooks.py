@@ -123,20 +123,31 @@ def _engine_pid(args, index: int) -> int:
     raise RuntimeError(f"engine {index} is not a child of {os.getpid()}")
 
 
-async def sabotage_engines_generate(args, sample: Sample, sampling_params: dict) -> Sample:
-    """The default generate; the first call of rollout 1 SIGKILLs engine 0 and the first of rollout 2 SIGSTOPs
-    engine 1 (hung: alive but silent), with the rollout's other requests in flight (4 x 4 samples per rollout)."""
+async def _sabotage_in_rollout_1(args, sample: Sample, sampling_params: dict, engine: int, sig: int) -> Sample:
+    """The default generate; the first call of rollout 1 sends `sig` to engine `engine`, with the rollout's other
+    requests in flight (4 x 4 samples per rollout)."""
     import os
-    import signal
 
     from slime.rollout.sglang_rollout import generate
 
     _GENERATE_CALLS[0] += 1
     if _GENERATE_CALLS[0] == 17:
-        os.kill(_engine_pid(args, 0), signal.SIGKILL)
-    elif _GENERATE_CALLS[0] == 33:
-        os.kill(_engine_pid(args, 1), signal.SIGSTOP)
+        os.kill(_engine_pid(args, engine), sig)
     return await generate(args, sample, sampling_params)
+
+
+async def kill_engine_generate(args, sample: Sample, sampling_params: dict) -> Sample:
+    """Rollout 1 SIGKILLs engine 0."""
+    import signal
+
+    return await _sabotage_in_rollout_1(args, sample, sampling_params, 0, signal.SIGKILL)
+
+
+async def hang_engine_generate(args, sample: Sample, sampling_params: dict) -> Sample:
+    """Rollout 1 SIGSTOPs engine 1: alive but silent."""
+    import signal
+
+    return await _sabotage_in_rollout_1(args, sample, sampling_params, 1, signal.SIGSTOP)
 
 
 def rank1_raises_loss(args, batch, logits, sum_of_sample_mean):

@@ -1,6 +1,6 @@
 """The GPU benchmark: one device call measures the embedded engine, the trainer, weight sync and whole GRPO steps.
 
-Usage (repo root, on the GPU machine): python benchmarks/gpu/run.py TOKENIZER_DIR OUT_DIR
+Usage (repo root, on the GPU machine): python benchmarks/gpu/run.py TOKENIZER_DIR OUT_DIR [--grpo-only]
 Writes OUT_DIR/gpu_benchmark.json after every section (a failing section is recorded and the rest still run; server
 logs and run folders stay in a temporary folder) and prints a table. Models are random-weight (no hub on the GPU
 machines): a Qwen3-0.6B-shaped model and a SmolLM2-135M-shaped model, with the tokenizer of TOKENIZER_DIR; the
@@ -342,7 +342,7 @@ def main() -> None:
     ray.init(num_gpus=torch.cuda.device_count(), num_cpus=os.cpu_count(), include_dashboard=False)
     work = tempfile.mkdtemp(prefix="gpu-bench-")
     paths = {name: build_model(name, tokenizer_dir, os.path.join(work, name)) for name in MODELS}
-    for name, path in paths.items():
+    for name, path in paths.items() if "--grpo-only" not in sys.argv else ():
         # the trainer shares this GPU in train_sync: the engine keeps to the share slime's placement gives it then
         engine = launch_engine(
             path,

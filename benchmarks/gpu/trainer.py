@@ -28,6 +28,7 @@ import torch.distributed as dist
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 from benchmarks.gpu.run import MODELS, bf16_peak, build_model, finish  # noqa: E402
+from slime.trainer import log_probs  # noqa: E402
 from slime.trainer import models as trainer_models  # noqa: E402
 from slime.trainer.offload import HostOffload, resident_tensors  # noqa: E402
 from slime.trainer.packing import forward_log_probs, split_micro_batches  # noqa: E402
@@ -66,7 +67,7 @@ def flops(path: str, tokens: list[list[int]], responses: list[int]) -> float:
     return 4 * fwd
 
 
-def load(path: str, attention: str, fused: bool, compile_layers: bool):
+def load(path: str, attention: str, fused: bool, compile_layers: bool | str):
     from torch.distributed.device_mesh import init_device_mesh
 
     original = trainer_models.attention_for
@@ -76,7 +77,9 @@ def load(path: str, attention: str, fused: bool, compile_layers: bool):
         model = trainer_models.load_policy(path, torch.device("cuda"), mesh, True)
     finally:
         trainer_models.attention_for = original
-    if compile_layers:
+    if compile_layers == "pointwise":
+        trainer_models.compile_pointwise(model)
+    elif compile_layers:
         for m in model.modules():
             if type(m).__name__ in set(model._no_split_modules or []):
                 m.compile(dynamic=True)
@@ -120,13 +123,56 @@ def offload_roundtrip(model, opt) -> dict:
 
 
 CONFIGS = {
-    # name: attention, train token budget, no-grad budget, fused AdamW, compiled layers
-    "before (sdpa masks, 4k budget)": ("sdpa", 4096, 4096, False, False),
-    "packed, 4k": ("slime_packed", 4096, 4096, False, False),
-    "packed, 16k": ("slime_packed", 16384, 32768, False, False),
-    "packed, 32k, fused adam": ("slime_packed", 32768, 65536, True, False),
-    "packed, 32k, fused adam, compiled": ("slime_packed", 32768, 65536, True, True),
+    # name: attention, train token budget, no-grad budget, fused AdamW, compiled layers, fused log-prob kernels
+    # (the sdpa-mask and 4k/16k-budget configurations of 2026-12-01 are in docs/benchmarks.md)
+    "packed, 32k, fused adam": ("slime_packed", 32768, 65536, True, False, False),
+    "packed, 32k, fused adam, fused log-probs": ("slime_packed", 32768, 65536, True, False, True),
+    "packed, 32k, fused adam, fused log-probs, compiled layers": ("slime_packed", 32768, 65536, True, True, True),
+    "packed, 32k, fused adam, fused log-probs, compiled pointwise": (
+        "slime_packed", 32768, 65536, True, "pointwise", True,
+    ),  # fmt: skip
 }
+OFFLOAD_AFTER = "packed, 32k, fused adam, fused log-probs"
+
+
+def log_probs_kernel_check(rows: int = 2048, vocab: int = 151936) -> dict:
+    """The fused Triton log-prob/entropy kernels against the chunked torch version: errors of both against float64
+    autograd (bf16 logits, temperature 0.7, gradients through log-probs and entropy) and forward+backward time."""
+    from slime.trainer import log_probs as lp
+
+    torch.manual_seed(0)
+    logits = (torch.randn(rows, vocab, device="cuda") * 3).to(torch.bfloat16).requires_grad_()
+    targets = torch.randint(0, vocab, (rows,), device="cuda")
+    gl, ge = torch.randn(rows, device="cuda"), torch.randn(rows, device="cuda")
+    x = logits.detach().double().requires_grad_()
+    log_p = torch.log_softmax(x / 0.7, -1)
+    ref_lp, ref_ent = log_p.gather(1, targets[:, None])[:, 0], -(log_p.exp() * log_p).sum(-1)
+    (ref_lp * gl.double() + ref_ent * ge.double()).sum().backward()
+    out = {"rows": rows, "vocab": vocab}
+    for fused in (False, True):
+        lp.FUSED_ON_CUDA = fused
+
+        def step():
+            logits.grad = None
+            a, e = lp.token_log_probs(logits, targets, 0.7, entropy_grad=True)
+            (a * gl + e * ge).sum().backward()
+            return a, e
+
+        a, e = step()
+        errors = {
+            "log_prob_max_abs_error": (a.double() - ref_lp).abs().max().item(),
+            "entropy_max_abs_error": (e.double() - ref_ent).abs().max().item(),
+            "grad_max_abs_error": (logits.grad.double() - x.grad).abs().max().item(),
+        }
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        for _ in range(5):
+            step()
+        torch.cuda.synchronize()
+        out["fused" if fused else "chunked"] = errors | {"seconds": (time.perf_counter() - start) / 5}
+    lp.FUSED_ON_CUDA = True
+    out["speedup"] = out["chunked"]["seconds"] / out["fused"]["seconds"]
+    return out
 
 
 def main() -> None:
@@ -142,13 +188,16 @@ def main() -> None:
     results["bf16_peak_tflops"] = peak = bf16_peak() / 1e12
     path_out = Path(out) / "trainer_benchmark.json"
     work = tempfile.mkdtemp(prefix="trainer-bench-")
+    results["log_probs_kernel"] = check = log_probs_kernel_check()
+    print("log_probs_kernel", json.dumps(check), flush=True)
     for name in MODELS:
         path = build_model(name, tokenizer_dir, os.path.join(work, name))
         tokens, responses = rl_batch(MODELS[name]["vocab_size"])
         f = flops(path, tokens, responses)
         entry = results[name] = {"tokens": sum(map(len, tokens)), "response_tokens": sum(responses), "tflop": f / 1e12}
-        for label, (attention, budget, ng_budget, fused, compiled) in CONFIGS.items():
+        for label, (attention, budget, ng_budget, fused, compiled, fused_log_probs) in CONFIGS.items():
             try:
+                log_probs.FUSED_ON_CUDA = fused_log_probs
                 torch.cuda.reset_peak_memory_stats()
                 model, opt = load(path, attention, fused, compiled)
                 warm = one_rollout(model, opt, tokens, responses, budget, ng_budget)
@@ -160,7 +209,7 @@ def main() -> None:
                     "mfu": f / seconds / (peak * 1e12),
                     "peak_memory_gb": torch.cuda.max_memory_allocated() / 1e9,
                 }
-                if label.startswith("packed, 32k, fused adam") and "offload" not in entry:
+                if label == OFFLOAD_AFTER:
                     entry["offload"] = offload_roundtrip(model, opt)
                     entry[label]["after_offload_seconds"] = one_rollout(
                         model, opt, tokens, responses, budget, ng_budget
@@ -171,7 +220,11 @@ def main() -> None:
             torch.cuda.empty_cache()
             print(name, label, json.dumps(entry[label])[:400], flush=True)
             path_out.write_text(json.dumps(results, indent=1))
+    log_probs.FUSED_ON_CUDA = True
     checks = []
+    for key in ("log_prob_max_abs_error", "entropy_max_abs_error", "grad_max_abs_error"):
+        if check["fused"][key] > 2 * check["chunked"][key] + 1e-6:
+            checks.append(f"fused log-prob kernels: {key} {check['fused'][key]:.2e} vs {check['chunked'][key]:.2e}")
     for name, target in MFU_TARGET.items():
         best = max((v.get("mfu", 0) for v in results[name].values() if isinstance(v, dict)), default=0)
         results[name]["best_mfu"] = best

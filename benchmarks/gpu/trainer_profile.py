@@ -51,7 +51,7 @@ def main() -> None:
     tokens, responses = rl_batch(MODELS[name]["vocab_size"])
     model, opt = load(path, "slime_packed", True, False)
     one_rollout(model, opt, tokens, responses, 32768, 65536)  # warm-up
-    with profile(activities=[ProfilerActivity.CUDA, ProfilerActivity.CPU]) as prof:
+    with profile(activities=[ProfilerActivity.CUDA, ProfilerActivity.CPU], record_shapes=True) as prof:
         start = time.perf_counter()
         one_rollout(model, opt, tokens, responses, 32768, 65536)
         wall = time.perf_counter() - start
@@ -76,7 +76,15 @@ def main() -> None:
         "seconds_by_kind": dict(sorted(by_kind.items(), key=lambda kv: -kv[1])),
         "top_kernels": [{"name": k[:160], "kind": kind_of(k), "seconds": sum(t), "calls": len(t)} for k, t in top],
     }
+    ops = prof.key_averages(group_by_input_shape=True)
+    result["top_ops"] = [
+        {"op": e.key, "shapes": str(e.input_shapes)[:200], "cuda_seconds": e.self_device_time_total / 1e6,
+         "calls": e.count}
+        for e in sorted(ops, key=lambda e: -e.self_device_time_total)[:40]
+    ]  # fmt: skip
     Path(out, f"trainer_profile_{name}.json").write_text(json.dumps(result, indent=1))
+    for t in result["top_ops"]:
+        print(f"{t['cuda_seconds']:8.3f}s {t['calls']:6d}x {t['op'][:40]:40s} {t['shapes'][:110]}")
     print(json.dumps({k: v for k, v in result.items() if k != "top_kernels"}, indent=1))
     for t in result["top_kernels"][:15]:
         print(f"{t['seconds']:8.3f}s {t['calls']:6d}x {t['kind']:14s} {t['name'][:100]}")

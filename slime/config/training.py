@@ -75,6 +75,14 @@ def add_training_arguments(p: argparse.ArgumentParser) -> None:
         "SmolLM2 trainer, docs/benchmarks.md, at a larger trainer-vs-engine log-prob gap)",
     )
     g.add_argument(
+        "--train-compile",
+        choices=["auto", "on", "off"],
+        default="auto",
+        help="torch.compile the trainer's normalisation layers, MLPs and rotary embedding into fused kernels "
+        "(attention stays eager); auto: on GPU only. Qwen3-0.6B shape on one H200: 2.66 s -> 1.70 s per rollout's "
+        "training (docs/benchmarks.md), for a one-time compile of 10-20 s",
+    )
+    g.add_argument(
         "--balance-data",
         action="store_true",
         help="split each optimizer step over ranks by token count (Karmarkar-Karp) instead of round-robin",

@@ -36,7 +36,8 @@ class Endpoints:
 class EngineFleet:
     def __init__(self, args: Any, engine_gpus: list[str | None]):
         """Start `args.rollout_num_engines` engines and, unless the flags name a running one, the router at the
-        settled address; returns once every engine serves and is registered."""
+        settled address; returns while they boot (`wait_ready` waits until every engine serves and is
+        registered)."""
         self.args = args
         self.engine_gpus = engine_gpus
         self.log_dir = os.path.join(args.output_dir, "server_logs")
@@ -58,6 +59,13 @@ class EngineFleet:
                 self.router = launch_router(
                     self.log_dir, args.sglang_router_ip, args.sglang_router_port, policy=args.router_policy
                 )
+        except BaseException:
+            self.shutdown()
+            raise
+
+    def wait_ready(self) -> None:
+        """Wait until every engine serves, then register it with the router; stops everything on failure."""
+        try:
             for e in self.engines:
                 e.wait_ready("/health", timeout=600)
                 register_worker(self.router_url, e.url)

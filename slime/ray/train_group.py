@@ -22,7 +22,7 @@ class TrainGroup:
 
     def __init__(self, args: Any, wait: bool = True):
         """Start the ranks and let them load the models; returns once loaded, or at once when not `wait` (then
-        `wait_ready` before the first call). `gpu_ids[r]`: rank r's GPU ids as Ray assigned them."""
+        `wait_ready` before the first call)."""
         self.timeout_s = args.train_timeout
         world = args.world_size
         use_gpu = bool(ray.cluster_resources().get("GPU", 0))
@@ -44,10 +44,16 @@ class TrainGroup:
             ).remote(args, r, world, *master)
             for r in range(world)
         ]
-        self.gpu_ids = self._get([a.gpu_ids.remote() for a in self.actors], "training ranks to start")
+        self._gpu_ids = [a.gpu_ids.remote() for a in self.actors]
         self._setup = [a.setup.remote() for a in self.actors]
         if wait:
             self.wait_ready()
+
+    @property
+    def gpu_ids(self) -> list[list[str]]:
+        """Rank r's GPU ids as Ray assigned them (waits for the ranks to start: only a layout that shares the
+        trainer's GPUs with engines needs them before the engines start)."""
+        return self._get(self._gpu_ids, "training ranks to start")
 
     def wait_ready(self) -> None:
         self._get(self._setup, "training ranks to load the model")

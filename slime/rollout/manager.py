@@ -146,11 +146,21 @@ class RolloutManager:
         self.trainer_actors: list = []  # set by attach_trainer: they push weights to a restarted engine
         self.weight_version: str | None = None  # None: engines still serve --hf-checkpoint
         self.untrained: dict[int, dict] = {}  # --async: rollouts generated ahead of the step that trains them
-        self.data_source = load_function(args.data_source_path, "--data-source-path")(args)
         self.fleet = None  # --debug-train-only: nothing generates
         if not args.debug_train_only:
-            self.fleet = EngineFleet(args, gpus)
+            self.fleet = EngineFleet(args, gpus)  # the engines boot while the data and the hooks load
             self.fleet.on_restart = self._give_weights
+        try:
+            self._load_hooks(args)
+            if self.fleet is not None:
+                self.fleet.wait_ready()
+        except BaseException:
+            if self.fleet is not None:
+                self.fleet.shutdown()
+            raise
+
+    def _load_hooks(self, args: Any) -> None:
+        self.data_source = load_function(args.data_source_path, "--data-source-path")(args)
         self.rollout_fn = load_function(args.rollout_function_path, "--rollout-function-path")
         self.eval_fn = self.rollout_fn
         if args.eval_function_path:

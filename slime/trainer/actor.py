@@ -30,6 +30,7 @@ from slime.trainer import checkpoint
 from slime.trainer.budget import token_budget
 from slime.trainer.loss import MicroBatch, critic_loss, micro_batch_loss, takes_pg_loss
 from slime.trainer.models import (
+    compile_pointwise,
     compute_dtype,
     copy_weights,
     dropout_overrides,
@@ -111,6 +112,10 @@ class TrainActor:
         if ADVANTAGE_ESTIMATORS[args.advantage_estimator].needs_critic:
             self.critic = load_critic(args.critic_load or args.hf_checkpoint, self.device, mesh, self.dtype)
             self.critic_optimizer, self.critic_scheduler = build_optimizer(self.critic, args, args.critic_lr)
+        if args.train_compile == "on" or (args.train_compile == "auto" and use_cuda):
+            for m in (self.model, self.ref_model, self.teacher, self.old_actor, self.critic):
+                if m is not None:
+                    compile_pointwise(m)
         self.hooks = {
             name: load_function(path, flag) if path else None
             for name, path, flag in [

@@ -7,6 +7,7 @@ sample. The sample boundaries travel as forward kwargs (`packed_kwargs`), comput
 
 from __future__ import annotations
 
+import functools
 import inspect
 import logging
 from typing import Any
@@ -17,7 +18,9 @@ import torch.nn.functional as F
 PACKED = "slime_packed"
 
 
-def _varlen():
+@functools.cache
+def _varlen() -> tuple[Any, set[str]]:
+    """The kernel and its parameter names, or (None, {}); imported on first GPU use (the import costs a second)."""
     try:
         from torch.nn.attention.varlen import varlen_attn
     except ImportError:
@@ -25,7 +28,6 @@ def _varlen():
     return varlen_attn, set(inspect.signature(varlen_attn).parameters)
 
 
-_VARLEN, _VARLEN_PARAMS = _varlen()
 _FLASH_FAILED: list[Exception] = []  # set once the kernel raised in this process: the SDPA path is used from then on
 logger = logging.getLogger(__name__)
 
@@ -44,14 +46,15 @@ def packed_kwargs(lengths: list[int], device: torch.device) -> dict[str, Any]:
 
 def _flash_varlen(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, cu: torch.Tensor, longest: int, scale):
     """[T, H, D] queries, [T, Hkv, D] keys/values -> [T, H, D], causal within each cu-delimited sample."""
-    if "enable_gqa" in _VARLEN_PARAMS:
+    kernel, params = _varlen()
+    if "enable_gqa" in params:
         gqa = {"enable_gqa": key.shape[1] != query.shape[1]}
     else:  # older kernels want as many key/value heads as query heads
         repeat = query.shape[1] // key.shape[1]
         key, value, gqa = key.repeat_interleave(repeat, 1), value.repeat_interleave(repeat, 1), {}
-    causal = {"is_causal": True} if "is_causal" in _VARLEN_PARAMS else {"window_size": (-1, 0)}
-    scaled = {"scale": scale} if "scale" in _VARLEN_PARAMS else {}  # else the kernel's 1/sqrt(D): checked by caller
-    return _VARLEN(query, key, value, cu, cu, longest, longest, **scaled, **causal, **gqa)
+    causal = {"is_causal": True} if "is_causal" in params else {"window_size": (-1, 0)}
+    scaled = {"scale": scale} if "scale" in params else {}  # else the kernel's 1/sqrt(D): checked by caller
+    return kernel(query, key, value, cu, cu, longest, longest, **scaled, **causal, **gqa)
 
 
 def packed_attention(
@@ -70,12 +73,12 @@ def packed_attention(
     if query.shape[0] != 1 or attention_mask is not None:
         raise ValueError("packed attention takes one packed row without an attention mask")
     flash = (
-        _VARLEN is not None
-        and query.is_cuda
+        query.is_cuda
         and query.dtype in (torch.bfloat16, torch.float16)
         and not (module.training and dropout > 0)
         and "packed_cu_seqlens" in kwargs
-        and ("scale" in _VARLEN_PARAMS or scaling is None or abs(scaling * query.shape[-1] ** 0.5 - 1) < 1e-6)
+        and _varlen()[0] is not None
+        and ("scale" in _varlen()[1] or scaling is None or abs(scaling * query.shape[-1] ** 0.5 - 1) < 1e-6)
     )
     if flash and not _FLASH_FAILED:
         try:

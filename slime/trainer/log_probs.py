@@ -1,7 +1,8 @@
 """Log-probabilities of the sampled tokens and the entropy of each row's distribution, from the LM head's logits,
 without keeping [rows x vocabulary] float32 tensors: rows are processed in chunks, in float32, and the backward pass
 recomputes each chunk's softmax from the (bf16 on GPU) logits instead of storing it. Exact: the same float32
-arithmetic as log_softmax + gather + entropy, with hand-written gradients checked against float64 autograd."""
+arithmetic as log_softmax + gather + entropy, with hand-written gradients checked against float64 autograd. On CUDA
+the same computation runs as two fused Triton kernels (`slime.trainer.log_probs_triton`)."""
 
 from __future__ import annotations
 
@@ -10,6 +11,19 @@ import torch
 # float32 elements per chunk of rows: on CPU a chunk that stays in cache (4 MB) ran the element-wise passes 3-4x
 # faster than a 64 MB one (docs/benchmarks.md); on GPU larger chunks mean fewer kernel launches
 CHUNK_ELEMENTS = {"cpu": 1 << 20, "cuda": 1 << 26}
+FUSED_ON_CUDA = True  # the Triton kernels of slime.trainer.log_probs_triton (benchmarks switch it off to compare)
+
+
+def _fused(logits: torch.Tensor) -> bool:
+    if not (FUSED_ON_CUDA and logits.is_cuda and logits.dim() == 2 and logits.stride(-1) == 1):
+        return False
+    if logits.dtype not in (torch.bfloat16, torch.float16, torch.float32):
+        return False
+    try:
+        import slime.trainer.log_probs_triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
 
 
 def _rows_per_chunk(x: torch.Tensor) -> int:
@@ -30,6 +44,13 @@ class _TokenLogProbs(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logits: torch.Tensor, targets: torch.Tensor, temperature: float, want_entropy: bool):
         ctx.set_materialize_grads(False)  # an unused output (the detached entropy) costs no backward work
+        ctx.temperature, ctx.fused = temperature, _fused(logits)
+        if ctx.fused:
+            from slime.trainer.log_probs_triton import forward
+
+            log_probs, entropy, lse = forward(logits, targets, temperature, want_entropy)
+            ctx.save_for_backward(logits, targets, lse, entropy)
+            return log_probs, entropy
         rows = logits.shape[0]
         work = torch.promote_types(logits.dtype, torch.float32)
         log_probs = torch.empty(rows, dtype=work, device=logits.device)
@@ -44,7 +65,6 @@ class _TokenLogProbs(torch.autograd.Function):
             if want_entropy:
                 entropy[s : s + step] = ent
         ctx.save_for_backward(logits, targets, lse, entropy)
-        ctx.temperature = temperature
         return log_probs, entropy
 
     @staticmethod
@@ -52,6 +72,11 @@ class _TokenLogProbs(torch.autograd.Function):
         logits, targets, lse, entropy = ctx.saved_tensors
         if grad_log_probs is None and grad_entropy is None:
             return None, None, None, None
+        if ctx.fused:
+            from slime.trainer.log_probs_triton import backward
+
+            grad = backward(logits, targets, lse, entropy, grad_log_probs, grad_entropy, ctx.temperature)
+            return grad, None, None, None
         grad = torch.empty_like(logits)
         t = ctx.temperature
         step = _rows_per_chunk(logits)

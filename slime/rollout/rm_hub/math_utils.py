@@ -9,13 +9,11 @@ trailing unit words.
 
 from __future__ import annotations
 
+import functools
 import logging
 import re
 
-from math_verify import ExprExtractionConfig, LatexExtractionConfig, parse, verify
-
 logging.getLogger("math_verify").setLevel(logging.ERROR)  # it warns on every call with our timeout=None
-_EXTRACT = [LatexExtractionConfig(boxed_match_priority=0), ExprExtractionConfig()]
 MAX_ANSWER_CHARS = 400  # a longer "answer" is not one; bounding it bounds math-verify's parse time
 TAIL_CHARS = 4000  # final-answer markers are searched only here, so a 100 kB response costs as much as a short one
 _MARKER = re.compile(
@@ -67,9 +65,19 @@ def normalize_answer(answer: str) -> str:
     return text
 
 
+@functools.cache
+def _math_verify() -> tuple:
+    """math-verify's parse, verify and extraction settings, imported on first use (the import costs half a second
+    in every process that merely imports the reward hub)."""
+    from math_verify import ExprExtractionConfig, LatexExtractionConfig, parse, verify
+
+    return parse, verify, [LatexExtractionConfig(boxed_match_priority=0), ExprExtractionConfig()]
+
+
 def _parse(text: str) -> list:
+    parse, _, extract = _math_verify()
     # parsing_timeout=None: math-verify's own timeout uses signals, which only work in the main thread
-    return parse(f"${text}$", extraction_config=_EXTRACT, parsing_timeout=None)
+    return parse(f"${text}$", extraction_config=extract, parsing_timeout=None)
 
 
 def is_equivalent(answer: str, label: str) -> bool:
@@ -80,7 +88,7 @@ def is_equivalent(answer: str, label: str) -> bool:
     if answer == label:
         return True
     gold, pred = _parse(label), _parse(answer)
-    return bool(gold and pred and verify(gold, pred, timeout_seconds=None))
+    return bool(gold and pred and _math_verify()[1](gold, pred, timeout_seconds=None))
 
 
 def grade_math(response: str, label: str) -> float:
