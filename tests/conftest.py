@@ -72,9 +72,10 @@ def write_jsonl(tmp_path):
     return write
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def ray_cluster():
-    """A local Ray cluster shared by one test module (slime.train.train reuses it and leaves it running)."""
+    """One local Ray cluster for the whole session (slime.train.train reuses it and leaves it running): starting
+    and stopping one per module cost ~5 s each."""
     import ray
 
     ray.init(num_cpus=2, include_dashboard=False, ignore_reinit_error=True)

@@ -113,12 +113,17 @@ def offload_roundtrip(model, opt) -> dict:
     for i in range(3):  # the first offload allocates and pins the host buffers; later ones reuse them
         torch.cuda.synchronize()
         t0 = time.perf_counter()
+        reserved = torch.cuda.memory_reserved()
         moved = host.offload(resident_tensors([model], [opt]))
+        t_copy = time.perf_counter()
         torch.cuda.empty_cache()
         t1 = time.perf_counter()
         host.onload()
         t2 = time.perf_counter()
-        out[f"round_{i}"] = {"gb": moved / 1e9, "offload_s": t1 - t0, "onload_s": t2 - t1, "total_s": t2 - t0}
+        out[f"round_{i}"] = {
+            "gb": moved / 1e9, "offload_s": t1 - t0, "onload_s": t2 - t1, "total_s": t2 - t0,
+            "copy_s": t_copy - t0, "empty_cache_s": t1 - t_copy, "reserved_gb_before": reserved / 1e9,
+        }  # fmt: skip
     return out
 
 
@@ -129,7 +134,12 @@ CONFIGS = {
     "packed, 32k, fused adam, fused log-probs": ("slime_packed", 32768, 65536, True, False, True),
     "packed, 32k, fused adam, fused log-probs, compiled layers": ("slime_packed", 32768, 65536, True, True, True),
     "packed, 32k, fused adam, fused log-probs, compiled pointwise": (
-        "slime_packed", 32768, 65536, True, "pointwise", True,
+        "slime_packed",
+        32768,
+        65536,
+        True,
+        "pointwise",
+        True,
     ),  # fmt: skip
 }
 OFFLOAD_AFTER = "packed, 32k, fused adam, fused log-probs"
@@ -188,6 +198,18 @@ def main() -> None:
     results["bf16_peak_tflops"] = peak = bf16_peak() / 1e12
     path_out = Path(out) / "trainer_benchmark.json"
     work = tempfile.mkdtemp(prefix="trainer-bench-")
+    if "--offload-only" in sys.argv:  # the offload round trip after the best configuration's training, alone
+        name = "qwen3-0.6b"
+        path = build_model(name, tokenizer_dir, os.path.join(work, name))
+        tokens, responses = rl_batch(MODELS[name]["vocab_size"])
+        model, opt = load(path, "slime_packed", True, "pointwise")
+        for _ in range(2):
+            one_rollout(model, opt, tokens, responses, 32768, 65536)
+        results["offload"] = offload_roundtrip(model, opt)
+        results["alloc_conf"] = os.environ.get("PYTORCH_CUDA_ALLOC_CONF", "")
+        print(json.dumps(results, indent=1))
+        path_out.write_text(json.dumps(results, indent=1))
+        return
     results["log_probs_kernel"] = check = log_probs_kernel_check()
     print("log_probs_kernel", json.dumps(check), flush=True)
     for name in MODELS:

@@ -28,13 +28,14 @@ def _forward_kernel(
     w = tl.zeros((), tl.float32)
     for start in range(0, V, BLOCK):
         cols = start + tl.arange(0, BLOCK)
-        z = tl.load(x_row + cols, mask=cols < V, other=float("-inf")).to(tl.float32) * inv_temp
-        m_new = tl.maximum(m, tl.max(z, 0))
+        mask = cols < V
+        z = tl.load(x_row + cols, mask=mask, other=0.0).to(tl.float32) * inv_temp
+        m_new = tl.maximum(m, tl.max(tl.where(mask, z, float("-inf")), 0))
         scale = tl.exp(m - m_new)
-        e = tl.exp(z - m_new)
+        e = tl.where(mask, tl.exp(z - m_new), 0.0)
         s = s * scale + tl.sum(e, 0)
         if WANT_ENTROPY:
-            w = w * scale + tl.sum(tl.where(cols < V, e * z, 0.0), 0)
+            w = w * scale + tl.sum(e * z, 0)
         m = m_new
     lse = m + tl.log(s)
     target = tl.load(T + row)

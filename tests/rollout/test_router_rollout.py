@@ -71,7 +71,7 @@ def _args(tiny_model_path, tmp_path, *extra):
     )
 
 
-def test_rollout_pipeline_through_ray(tiny_model_path, tmp_path):
+def test_rollout_pipeline_through_ray(ray_cluster, tiny_model_path, tmp_path):
     import ray
 
     from slime.rollout.manager import RolloutManager
@@ -93,7 +93,6 @@ def test_rollout_pipeline_through_ray(tiny_model_path, tmp_path):
         "held_out",
         "builtin:arithmetic:test:5:0",
     )
-    ray.init(num_cpus=2, include_dashboard=False, ignore_reinit_error=True)
     manager = RolloutManager.options(num_cpus=0).remote(args)
     try:
         out = ray.get(manager.generate.remote(0))
@@ -119,7 +118,6 @@ def test_rollout_pipeline_through_ray(tiny_model_path, tmp_path):
         assert 0 < ev["eval/short/response_len_mean"] <= 4 < ev["eval/held_out/response_len_mean"]
     finally:
         ray.get(manager.shutdown.remote())
-        ray.shutdown()
 
 
 def test_train_debug_rollout_only_logs_metrics(tiny_model_path, tmp_path):
