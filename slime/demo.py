@@ -53,6 +53,7 @@ DEMO_FLAGS = [
     "0",
     "--output-dir",
     "outputs/demo",
+    "--overwrite-output-dir",  # each demo run replaces the last one's metrics
 ]
 
 

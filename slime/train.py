@@ -17,7 +17,7 @@ from tqdm import tqdm
 from slime.config.arguments import Settings, batch_plan, parse_flags, settle
 from slime.config.cluster import placement_line
 from slime.data.dataset import DataError
-from slime.observe.metrics import MetricsLogger, start_wandb, tensorboard_dir
+from slime.observe.metrics import MetricsLogger, OutputDirError, claim_output_dir, start_wandb, tensorboard_dir
 from slime.ray.train_group import TrainGroup
 from slime.rollout.data_source import check_prompt_files
 from slime.rollout.manager import RolloutManager
@@ -31,6 +31,7 @@ def train(args: Settings) -> dict:
     """Run rollouts `start..--num-rollout-1` (start > 0 when --load holds a checkpoint) with settled `args`; returns
     the last rollout, train, sync and eval metrics."""
     check_prompt_files(args)
+    claim_output_dir(args)
     if args.load and (found := checkpoint.latest(args.load)) is not None:
         checkpoint.verify(found[1])  # before anything starts: a damaged checkpoint fails in seconds, not minutes
     own_ray = start_ray()  # a cluster the caller started is left running
@@ -296,7 +297,11 @@ def main(argv: list[str] | None = None) -> None:
     signal.signal(signal.SIGINT, on_ctrl_c)
     try:
         train(args)
-    except (DataError, checkpoint.CheckpointError) as exc:  # found before anything started: one line says it all
+    except (
+        DataError,
+        checkpoint.CheckpointError,
+        OutputDirError,
+    ) as exc:  # found before anything started: one line says it all
         print(f"slime: {exc}", file=sys.stderr, flush=True)
         sys.exit(2)
     except KeyboardInterrupt:  # train() has stopped the trainer, the engines and the router on its way out

@@ -20,6 +20,12 @@ def add_observe_arguments(p: argparse.ArgumentParser) -> None:
         help="folder of the TensorBoard events (default <--output-dir>/tensorboard; slime also reads TENSORBOARD_DIR)",
     )
     g.add_argument("--tb-experiment-name", default=None, help="sub-folder of --tb-project-name for this run")
+    g.add_argument(
+        "--overwrite-output-dir",
+        action="store_true",
+        help="start a new run in an --output-dir that holds an earlier run's metrics, deleting its metrics.jsonl, "
+        "TensorBoard events and W&B run id first (without it such a folder is refused, unless --load resumes the run)",
+    )
     g.add_argument("--use-wandb", action="store_true", help="also log every metric to Weights & Biases")
     g.add_argument(
         "--wandb-mode",

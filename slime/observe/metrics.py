@@ -1,9 +1,12 @@
-"""Metrics sink: one line per step to stdout, a JSONL file, TensorBoard and, with --use-wandb, Weights & Biases."""
+"""Metrics sink: a short line per step to stdout (`summary_line`), every metric to a JSONL file, TensorBoard and,
+with --use-wandb, Weights & Biases."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import shutil
 import time
 from typing import Any
 
@@ -49,8 +52,9 @@ class MetricsLogger:
         if self._wandb is not None:
             self._wandb.log(scalars, step=step)
         if echo:
-            shown = "  ".join(f"{k}={v:.4g}" for k, v in scalars.items())
-            print(f"[step {step}] {shown}", flush=True)
+            print(f"[step {step}] {summary_line(scalars)}", flush=True)
+            if os.environ.get("SLIME_LOG_LEVEL", "").upper() == "DEBUG":  # every metric, as the files hold them
+                print("  " + "  ".join(f"{k}={v:.4g}" for k, v in scalars.items()), flush=True)
 
     def close(self) -> None:
         self._file.close()
@@ -61,6 +65,58 @@ class MetricsLogger:
 
             self._wandb.finish()
             wandb.teardown()  # the service process writes the run's files; wait for it before the run returns
+
+
+class OutputDirError(ValueError):
+    """--output-dir holds an earlier run that this one would append to."""
+
+
+def claim_output_dir(args: Any) -> None:
+    """A new run does not write its curves after another run's: metrics.jsonl in --output-dir means an earlier run
+    logged there. With --load the run continues (MetricsLogger drops what came after the checkpoint);
+    --overwrite-output-dir deletes the earlier run's metrics, TensorBoard events and W&B run id; otherwise the folder
+    is refused, naming both ways out."""
+    metrics = os.path.join(args.output_dir, "metrics.jsonl")
+    if args.load or not os.path.exists(metrics) or os.path.getsize(metrics) == 0:
+        return
+    if not args.overwrite_output_dir:
+        with open(metrics) as f:
+            steps = sum(1 for line in f if line.strip())
+        raise OutputDirError(
+            f"--output-dir {args.output_dir} already holds a run ({metrics}: {steps} logged steps); resume it with "
+            "--load, replace it with --overwrite-output-dir, or choose another --output-dir"
+        )
+    os.remove(metrics)
+    shutil.rmtree(tensorboard_dir(args) or os.path.join(args.output_dir, "tensorboard"), ignore_errors=True)
+    with contextlib.suppress(FileNotFoundError):
+        os.remove(os.path.join(args.output_dir, "wandb_run_id"))
+
+
+def summary_line(m: dict[str, float]) -> str:
+    """What a person watches, in one short line: reward, response length, held-out accuracy, the step's seconds
+    split by phase, throughput, staleness. Metrics a step does not have are left out; metrics.jsonl, TensorBoard
+    and W&B hold every one (SLIME_LOG_LEVEL=DEBUG prints them too)."""
+    parts = []
+    if "rollout/reward_mean" in m:
+        parts.append(f"reward {m['rollout/reward_mean']:.3g}")
+    if "rollout/response_len_mean" in m:
+        truncated = m.get("rollout/truncated_ratio", 0.0)
+        parts.append(f"len {m['rollout/response_len_mean']:.0f}" + (f" ({truncated:.0%} cut)" if truncated else ""))
+    for k, v in m.items():
+        if k.startswith("eval/") and k.endswith("/accuracy"):
+            parts.append(f"{k.removeprefix('eval/').removesuffix('/accuracy')} {v:.1%}")
+    if "perf/step_seconds" in m:
+        phases = [(name, m.get(key)) for name, key in (("rollout", "perf/rollout_seconds"), ("train", "train/seconds"),
+                                                       ("sync", "sync/seconds"))]  # fmt: skip
+        split = " + ".join(f"{name} {v:.1f}" for name, v in phases if v is not None)
+        parts.append(f"{m['perf/step_seconds']:.1f} s" + (f" = {split}" if split else ""))
+    if "perf/samples_per_s" in m:
+        parts.append(f"{m['perf/samples_per_s']:.3g} samples/s")
+    if m.get("train/staleness_max"):
+        parts.append(f"staleness {m['train/staleness_mean']:.2g}")
+    if m.get("train/skipped_steps"):
+        parts.append(f"{m['train/skipped_steps']:.0f} updates skipped")
+    return " | ".join(parts) or f"{len(m)} metrics"
 
 
 def tensorboard_dir(args: Any) -> str | None:

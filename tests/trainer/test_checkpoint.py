@@ -398,6 +398,42 @@ def test_metrics_of_a_resumed_run_drop_what_the_crashed_run_logged_after_its_che
     assert _metrics(tmp_path) == []
 
 
+def test_a_new_run_does_not_append_to_an_earlier_runs_metrics(tmp_path, monkeypatch):
+    from types import SimpleNamespace
+
+    from slime.observe.metrics import OutputDirError, claim_output_dir
+
+    monkeypatch.delenv("TENSORBOARD_DIR", raising=False)
+    args = SimpleNamespace(output_dir=str(tmp_path), load=None, overwrite_output_dir=False, tb_project_name=None,
+                           tb_experiment_name=None)  # fmt: skip
+    claim_output_dir(args)  # an empty folder is free
+    log = MetricsLogger(str(tmp_path))
+    log.log(0, {"x": 0}, echo=False)
+    log.log(1, {"x": 1}, echo=False)
+    log.close()
+    (tmp_path / "wandb_run_id").write_text("abc")
+    with pytest.raises(OutputDirError, match="already holds a run .*2 logged steps.*--load.*--overwrite-output-dir"):
+        claim_output_dir(args)
+    claim_output_dir(SimpleNamespace(**{**vars(args), "load": str(tmp_path / "ckpt")}))  # resuming: it continues
+    assert len(_metrics(tmp_path)) == 2
+    claim_output_dir(SimpleNamespace(**{**vars(args), "overwrite_output_dir": True}))
+    assert not any((tmp_path / name).exists() for name in ("metrics.jsonl", "tensorboard", "wandb_run_id"))
+
+
+def test_the_console_line_holds_what_a_person_watches():
+    from slime.observe.metrics import summary_line
+
+    step = {"rollout/reward_mean": 0.4219, "rollout/response_len_mean": 87.4, "rollout/truncated_ratio": 0.05,
+            "perf/step_seconds": 12.31, "perf/rollout_seconds": 4.12, "train/seconds": 7.93, "sync/seconds": 0.11,
+            "perf/samples_per_s": 5.2, "train/staleness_max": 1.0, "train/staleness_mean": 0.75, "train/loss": 0.3,
+            "eval/gsm8k/accuracy": 0.3125, "sync/bytes": 2.7e8}  # fmt: skip
+    assert summary_line(step) == (
+        "reward 0.422 | len 87 (5% cut) | gsm8k 31.2% | 12.3 s = rollout 4.1 + train 7.9 + sync 0.1 | "
+        "5.2 samples/s | staleness 0.75"
+    )
+    assert summary_line({"rollout/reward_mean": 1.0, "perf/step_seconds": 3.0}) == "reward 1 | 3.0 s"
+
+
 @pytest.mark.parametrize(
     "flags, message",
     [
