@@ -92,7 +92,14 @@ def slime_steps(model: str, data: Path, out: Path, steps: int, extra: list[str])
     argv += ["--rollout-batch-size", str(PROMPTS), "--n-samples-per-prompt", str(SAMPLES)]
     argv += ["--rollout-max-response-len", str(NEW_TOKENS), "--rollout-temperature", "0.8"]
     argv += ["--global-batch-size", str(PROMPTS * SAMPLES), "--num-rollout", str(steps), "--lr", str(LR)]
-    argv += ["--use-rollout-logprobs", "--use-dynamic-batch-size", "--output-dir", str(run_dir), *extra]
+    argv += [
+        "--use-rollout-logprobs",
+        "--use-dynamic-batch-size",
+        "--output-dir",
+        str(run_dir),
+        "--overwrite-output-dir",
+    ]
+    argv += extra
     run = subprocess.run(argv, capture_output=True, text=True, cwd=REPO)
     (out / "slime.log").write_text(run.stdout + run.stderr)
     if run.returncode:

@@ -39,6 +39,7 @@ if __name__ == "__main__":
             "2e-6",
             "--output-dir",
             "outputs/retool",
+            "--overwrite-output-dir",  # each run of the example replaces the last one's metrics
             *sys.argv[1:],
         ]
     )
