@@ -72,7 +72,9 @@ def test_slime_hooks_are_called_in_the_loop(ray_cluster, tiny_model_path, tmp_pa
     for entry in seen:
         by_hook.setdefault(entry.pop("hook"), []).append(entry)
     assert by_hook["sample_filter"] == [{"groups": 2}] * 2
-    assert all(e["groups"] == 4 and e["source"] == "RolloutDataSourceWithBuffer" for e in by_hook["all_samples"])
+    # every group submitted (kept, dropped by the filter, or aborted once the step was full): at least the first
+    # over-sampling batch of 4; more when aborted odd groups came back from the buffer and needed another batch
+    assert all(e["groups"] >= 4 and e["source"] == "RolloutDataSourceWithBuffer" for e in by_hook["all_samples"])
     assert by_hook["rollout_log"] == [{"rollout_id": r, "samples": 4, "value": 7} for r in (0, 1)]
     assert by_hook["convert"] == [{"samples": 4}] * 2
     assert [e["rollout_id"] for e in by_hook["eval_log"]] == [0, 2]
