@@ -276,16 +276,21 @@ def cluster_gpus() -> int:
 
 
 def settled_args(argv: list[str] | None) -> Settings:
-    """Flags -> settled configuration: argparse errors and --help before Ray starts, the rest once the cluster's
-    GPUs are known."""
+    """Flags -> settled configuration: argparse errors, --help and an occupied --output-dir before Ray starts, the
+    rest once the cluster's GPUs are known."""
     args, parser = parse_flags(argv)
+    claim_output_dir(args)
     start_ray()
     return settle(args, parser, cluster_gpus(), resolve_model=True)
 
 
 def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=os.environ.get("SLIME_LOG_LEVEL", "INFO"), format="%(asctime)s %(name)s %(message)s")
-    args = settled_args(argv)
+    try:
+        args = settled_args(argv)
+    except OutputDirError as exc:
+        print(f"slime: {exc}", file=sys.stderr, flush=True)
+        sys.exit(2)
 
     def on_ctrl_c(signum: int, frame: object) -> None:
         if not STEPPING.is_set() or STOP.is_set():  # starting up, or a second Ctrl-C: stop now

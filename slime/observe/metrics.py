@@ -7,8 +7,11 @@ import contextlib
 import json
 import os
 import shutil
+import sys
 import time
 from typing import Any
+
+from tqdm import tqdm
 
 
 class MetricsLogger:
@@ -51,10 +54,10 @@ class MetricsLogger:
             self._tb.flush()
         if self._wandb is not None:
             self._wandb.log(scalars, step=step)
-        if echo:
-            print(f"[step {step}] {summary_line(scalars)}", flush=True)
+        if echo:  # tqdm.write: above the run's progress bar, not appended to it
+            tqdm.write(f"[step {step}] {summary_line(scalars)}", file=sys.stdout)
             if os.environ.get("SLIME_LOG_LEVEL", "").upper() == "DEBUG":  # every metric, as the files hold them
-                print("  " + "  ".join(f"{k}={v:.4g}" for k, v in scalars.items()), flush=True)
+                tqdm.write("  " + "  ".join(f"{k}={v:.4g}" for k, v in scalars.items()), file=sys.stdout)
 
     def close(self) -> None:
         self._file.close()
