@@ -302,11 +302,7 @@ def main(argv: list[str] | None = None) -> None:
     signal.signal(signal.SIGINT, on_ctrl_c)
     try:
         train(args)
-    except (
-        DataError,
-        checkpoint.CheckpointError,
-        OutputDirError,
-    ) as exc:  # found before anything started: one line says it all
+    except (DataError, checkpoint.CheckpointError) as exc:  # found before anything started: one line says it all
         print(f"slime: {exc}", file=sys.stderr, flush=True)
         sys.exit(2)
     except KeyboardInterrupt:  # train() has stopped the trainer, the engines and the router on its way out

@@ -152,12 +152,12 @@ class RolloutManager:
             self.fleet.on_restart = self._give_weights
         try:
             self._load_hooks(args)
-            if self.fleet is not None:
-                self.fleet.wait_ready()
         except BaseException:
             if self.fleet is not None:
                 self.fleet.shutdown()
             raise
+        if self.fleet is not None:
+            self.fleet.wait_ready()  # stops the engines and router itself if one fails
 
     def _load_hooks(self, args: Any) -> None:
         self.data_source = load_function(args.data_source_path, "--data-source-path")(args)

@@ -242,9 +242,9 @@ def _run_code(cfg: dict, mode: str, layers: dict, report_fd: int) -> None:
     code = sys.stdin.read()
     try:
         exec(compile(code, "<tool>", "exec"), {"__name__": "__main__"})
+    except SystemExit:
+        raise
     except BaseException as e:
-        if isinstance(e, SystemExit):
-            raise
         tb = e.__traceback__
         while tb is not None and tb.tb_frame.f_code.co_filename != "<tool>":
             tb = tb.tb_next  # the model sees its own frames only
@@ -255,15 +255,6 @@ def _run_code(cfg: dict, mode: str, layers: dict, report_fd: int) -> None:
         os._exit(1)
 
 
-def _wait_and_mirror(pid: int) -> int:
-    """waitpid that survives signals; the child's raw wait status."""
-    while True:
-        try:
-            return os.waitpid(pid, 0)[1]
-        except InterruptedError:
-            continue
-
-
 def main() -> None:
     cfg, report_fd = json.loads(sys.argv[1]), int(sys.argv[2])
     import resource
@@ -272,24 +263,21 @@ def main() -> None:
     layers: dict[str, str] = {}
     mode = _enter_namespaces(layers)
     root = "/tmp"  # mounted over only inside the new mount namespace
-    if mode:
+    if not mode:
+        layers["filesystem"] = "missing (no mount namespace)"
+    else:
         try:
             _build_root(root, cfg["tmp_mb"])
         except OSError as e:
             layers["filesystem"] = f"missing ({e})"
-            mode_fs = False
-        else:
-            mode_fs = True
-    else:
-        layers["filesystem"] = "missing (no mount namespace)"
-        mode_fs = False
+    built = "filesystem" not in layers
     status_r, status_w = os.pipe()
     init = os.fork()
     if init == 0:  # pid 1 of the new PID namespace (or a plain child without namespaces)
         os.close(status_r)
         libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
         try:
-            if mode_fs:
+            if built:
                 _switch_root(root, layers)
         except OSError as e:
             layers["filesystem"] = f"missing ({e})"
@@ -317,13 +305,13 @@ def main() -> None:
             os._exit(0)
         os.close(report_fd)
         os.close(0)
-        status = _wait_and_mirror(runner)
+        status = os.waitpid(runner, 0)[1]  # retried across signals (PEP 475)
         os.write(status_w, str(status).encode())
         os._exit(0)
     os.close(status_w)
     os.close(report_fd)
     os.close(0)
-    _wait_and_mirror(init)
+    os.waitpid(init, 0)
     raw = os.read(status_r, 64)
     status = int(raw) if raw else signal.SIGKILL  # init killed: report as killed
     if os.WIFSIGNALED(status):
