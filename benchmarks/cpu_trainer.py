@@ -45,7 +45,7 @@ def main() -> None:
     from slime.hub.provision import resolve_checkpoint
 
     torch.set_num_threads(a.threads)
-    dist.init_process_group("gloo", init_method="tcp://127.0.0.1:29581", rank=0, world_size=1)
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
     mesh = init_device_mesh("cpu", (1,))
     path = resolve_checkpoint("SmolLM2-135M-Instruct")
     rng = random.Random(0)

@@ -22,6 +22,7 @@ from slime.ray.train_group import TrainGroup
 from slime.rollout.data_source import check_prompt_files
 from slime.rollout.manager import RolloutManager
 from slime.trainer import checkpoint
+from slime.utils.http_utils import release_port
 
 STOP = threading.Event()  # set by a first Ctrl-C while steps run (see main): stop after this step's checkpoint
 STEPPING = threading.Event()  # steps are running: a Ctrl-C can wait for the step to end instead of cutting it
@@ -103,6 +104,7 @@ def train(args: Settings) -> dict:
             ray.kill(manager)
         if metrics_log is not None:
             metrics_log.close()
+        release_port(args.sglang_router_ip, args.sglang_router_port)  # reserved by settle_router
         if own_ray:
             ray.shutdown()
     return last

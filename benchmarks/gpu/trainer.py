@@ -188,7 +188,7 @@ def log_probs_kernel_check(rows: int = 2048, vocab: int = 151936) -> dict:
 def main() -> None:
     tokenizer_dir, out = sys.argv[1], sys.argv[2]
     os.makedirs(out, exist_ok=True)
-    dist.init_process_group("nccl", init_method="tcp://127.0.0.1:29533", rank=0, world_size=1)
+    dist.init_process_group("nccl", store=dist.HashStore(), rank=0, world_size=1)
     torch.cuda.set_device(0)
     results: dict = {
         "device": torch.cuda.get_device_name(0),

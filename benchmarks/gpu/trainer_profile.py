@@ -45,7 +45,7 @@ def main() -> None:
     tokenizer_dir, out = sys.argv[1], sys.argv[2]
     name = sys.argv[3] if len(sys.argv) > 3 else "qwen3-0.6b"
     os.makedirs(out, exist_ok=True)
-    dist.init_process_group("nccl", init_method="tcp://127.0.0.1:29534", rank=0, world_size=1)
+    dist.init_process_group("nccl", store=dist.HashStore(), rank=0, world_size=1)
     torch.cuda.set_device(0)
     path = build_model(name, tokenizer_dir, os.path.join(tempfile.mkdtemp(prefix="profile-"), name))
     tokens, responses = rl_batch(MODELS[name]["vocab_size"])

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
 import sys
 import time
@@ -11,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from slime.engine.options import command_flags
-from slime.utils.http_utils import free_port, request_sync
+from slime.utils.http_utils import request_sync
 
 
 def answers(url: str, timeout: float = 5.0) -> bool:
@@ -124,10 +125,17 @@ def _die_with_parent() -> None:
 
 
 def spawn(
-    name: str, cmd: list[str], url: str, log_dir: str | Path, env: dict | None = None, die_with_parent: bool = False
+    name: str,
+    cmd: list[str],
+    url: str,
+    log_dir: str | Path,
+    env: dict | None = None,
+    die_with_parent: bool = False,
+    pass_fds: tuple[int, ...] = (),
 ) -> ServerProcess:
     """Start `cmd` with its output in `log_dir/<name>.log`. `die_with_parent`: killed with the starting thread (for
-    servers started by a long-lived thread, on Linux), so a killed run leaves no orphan."""
+    servers started by a long-lived thread, on Linux), so a killed run leaves no orphan. `pass_fds`: file
+    descriptors the child inherits (a listening socket)."""
     log_dir = Path(log_dir)
     log_dir.mkdir(parents=True, exist_ok=True)
     log_path = log_dir / f"{name}.log"
@@ -139,6 +147,7 @@ def spawn(
         env={**os.environ, **(env or {})},
         start_new_session=True,
         preexec_fn=_die_with_parent if die_with_parent and sys.platform == "linux" else None,
+        pass_fds=pass_fds,
     )
     return ServerProcess(name, url, proc, log_path)
 
@@ -160,15 +169,20 @@ def launch_engine(
     log of a replacement for engine `index` (engine-<index>-restart<n>.log), so the dead one's log is kept. `gpu`:
     the physical GPU id it may see (CUDA_VISIBLE_DEVICES; it runs on cuda:0 then). `options`: engine options by
     name (slime.engine.options, e.g. dtype="bfloat16", num_threads=2, max_running_requests=32)."""
-    port = free_port(host)
+    sock = socket.create_server((host, 0))  # bound and listening now; the server inherits it (--listen-fd)
+    port = sock.getsockname()[1]
     cmd = [sys.executable, "-m", "slime.engine.server", "--model-path", model_path, "--host", host, "--port", str(port)]
+    cmd += ["--listen-fd", str(sock.fileno())]
     cmd += ["--seed", str(seed + index), "--parent-pid", str(os.getpid()), "--device", device, *command_flags(options)]
     threads = options.get("num_threads")
     env = {"OMP_NUM_THREADS": str(threads)} if threads else {}
     if gpu is not None:
         env["CUDA_VISIBLE_DEVICES"] = gpu
     name = f"engine-{index}" + (f"-restart{restart}" if restart else "")
-    server = spawn(name, cmd, f"http://{host}:{port}", log_dir, env)
+    try:
+        server = spawn(name, cmd, f"http://{host}:{port}", log_dir, env, pass_fds=(sock.fileno(),))
+    finally:
+        sock.close()  # the server holds its own copy
     if wait:
         server.wait_ready("/health", startup_timeout)
     return server

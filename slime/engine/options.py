@@ -38,6 +38,13 @@ ENGINE_OPTIONS: tuple[EngineOption, ...] = (
     EngineOption("model_path", "Hugging Face folder or built-in model name (e.g. SmolLM2-135M-Instruct)"),
     EngineOption("host", "interface to bind", "127.0.0.1"),
     EngineOption("port", "TCP port to bind", 30000, int),
+    EngineOption(
+        "listen_fd",
+        "serve on this listening socket inherited from the launcher instead of binding --host/--port: the launcher "
+        "binds port 0 itself, so no other process can take the port between its choice and the bind (-1: bind --port)",
+        -1,
+        int,
+    ),
     EngineOption("device", "where the model runs: cpu, cuda or cuda:N", "cpu"),
     EngineOption("seed", "seed of the sampling generator (a run gives engine i --seed + i)", 0, int),
     EngineOption(

@@ -14,6 +14,7 @@ import json
 import logging
 import os
 import pickle
+import socket
 import threading
 import time
 
@@ -25,7 +26,7 @@ from slime.engine.embedded import EmbeddedEngine, Request
 from slime.engine.options import add_server_arguments
 from slime.engine.sampling import SamplingParams, SamplingParamsError
 from slime.sync.buckets import dtype_from_name
-from slime.sync.transport import broadcast, deserialize_named_tensors, new_weight_group
+from slime.sync.transport import broadcast, deserialize_named_tensors, join_store, new_weight_group
 
 logger = logging.getLogger(__name__)
 ENGINE = web.AppKey("engine", EmbeddedEngine)
@@ -401,17 +402,14 @@ async def init_weights_update_group(request: web.Request) -> web.Response:
     if name in groups:
         return web.json_response({"success": False, "message": f"group {name!r} exists: destroy it first"}, status=400)
     timeout = float(body.get("timeout", 600))
+
+    def join() -> object:
+        rank, world = int(body["rank_offset"]), int(body["world_size"])
+        store = join_store(body["master_address"], int(body["master_port"]), world, timeout)
+        return new_weight_group(store, rank, world, name, body.get("backend", "nccl"), timeout)
+
     try:
-        groups[name] = await asyncio.to_thread(
-            new_weight_group,
-            body["master_address"],
-            int(body["master_port"]),
-            int(body["rank_offset"]),
-            int(body["world_size"]),
-            name,
-            body.get("backend", "nccl"),
-            timeout,
-        )
+        groups[name] = await asyncio.to_thread(join)
     except (RuntimeError, ValueError, OSError) as exc:
         return web.json_response({"success": False, "message": f"joining {name!r}: {exc}"}, status=400)
     return web.json_response({"success": True, "message": f"joined {name!r} as rank {body['rank_offset']}"})
@@ -566,8 +564,14 @@ def main(argv: list[str] | None = None) -> None:
         device=args.device,
     )
     engine = build_engine(args, resolve_checkpoint(args.model_path), common)
-    logger.info("serving %s on http://%s:%d", args.model_path, args.host, args.port)
-    web.run_app(build_app(engine, args), host=args.host, port=args.port, print=None, access_log=None)
+    app = build_app(engine, args)
+    if args.listen_fd >= 0:
+        sock = socket.socket(fileno=args.listen_fd)
+        logger.info("serving %s on http://%s:%d", args.model_path, *sock.getsockname()[:2])
+        web.run_app(app, sock=sock, print=None, access_log=None)
+    else:
+        logger.info("serving %s on http://%s:%d", args.model_path, args.host, args.port)
+        web.run_app(app, host=args.host, port=args.port, print=None, access_log=None)
 
 
 if __name__ == "__main__":

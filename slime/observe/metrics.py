@@ -13,6 +13,8 @@ from typing import Any
 
 from tqdm import tqdm
 
+STEP_PHASES = (("rollout", "perf/rollout_seconds"), ("train", "train/seconds"), ("sync", "sync/seconds"))
+
 
 class MetricsLogger:
     """`resume_after` (a checkpoint's save time) drops the JSONL lines a crashed run wrote after that checkpoint, and
@@ -109,8 +111,7 @@ def summary_line(m: dict[str, float]) -> str:
         if k.startswith("eval/") and k.endswith("/accuracy"):
             parts.append(f"{k.removeprefix('eval/').removesuffix('/accuracy')} {v:.1%}")
     if "perf/step_seconds" in m:
-        phases = [(name, m.get(key)) for name, key in (("rollout", "perf/rollout_seconds"), ("train", "train/seconds"),
-                                                       ("sync", "sync/seconds"))]  # fmt: skip
+        phases = [(name, m.get(key)) for name, key in STEP_PHASES]
         split = " + ".join(f"{name} {v:.1f}" for name, v in phases if v is not None)
         parts.append(f"{m['perf/step_seconds']:.1f} s" + (f" = {split}" if split else ""))
     if "perf/samples_per_s" in m:

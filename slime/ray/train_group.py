@@ -10,7 +10,6 @@ from ray.util.placement_group import placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from slime.trainer.actor import TrainActor
-from slime.utils.http_utils import free_port
 
 
 class TrainerError(RuntimeError):
@@ -33,19 +32,18 @@ class TrainGroup:
             self._get([self.pg.ready()], "the placement group of the training GPUs")
         else:
             self.pg = None
-        host = ray.util.get_node_ip_address()
-        master = host, free_port(host)  # free on the address the store binds, not only on loopback
         self.actors = [
             remote.options(
                 **options,
                 scheduling_strategy=PlacementGroupSchedulingStrategy(self.pg, placement_group_bundle_index=r)
                 if self.pg
                 else None,
-            ).remote(args, r, world, *master)
+            ).remote(args, r, world)
             for r in range(world)
         ]
         self._gpu_ids = [a.gpu_ids.remote() for a in self.actors]
-        self._setup = [a.setup.remote() for a in self.actors]
+        master = self.actors[0].host_store.remote()  # Ray passes its result to every rank's setup
+        self._setup = [a.setup.remote(master) for a in self.actors]
         if wait:
             self.wait_ready()
 

@@ -8,7 +8,7 @@ import time
 from pathlib import Path
 
 from slime.engine.launch import ServerProcess, spawn
-from slime.utils.http_utils import free_port, request_sync
+from slime.utils.http_utils import release_port, request_sync, reserve_port
 
 
 def launch_router(
@@ -19,8 +19,10 @@ def launch_router(
     request_timeout_s: int = 3600,
     startup_timeout: float = 60.0,
 ) -> ServerProcess:
-    """Start `python -m sglang_router.launch_router` and wait until it answers."""
-    port = port or free_port(host)
+    """Start `python -m sglang_router.launch_router` and wait until it answers. `port` 0: one reserved here."""
+    own_port = not port
+    port = port or reserve_port(host)
+    metrics_port = reserve_port(host)
     cmd = [
         sys.executable,
         "-m",
@@ -44,10 +46,15 @@ def launch_router(
         "--prometheus-host",
         host,
         "--prometheus-port",
-        str(free_port(host)),
+        str(metrics_port),
     ]
-    router = spawn("router", cmd, f"http://{host}:{port}", log_dir, die_with_parent=True)
-    router.wait_ready("/workers", startup_timeout)
+    try:
+        router = spawn("router", cmd, f"http://{host}:{port}", log_dir, die_with_parent=True)
+        router.wait_ready("/workers", startup_timeout)
+    finally:
+        release_port(host, metrics_port)
+        if own_port:
+            release_port(host, port)
     return router
 
 

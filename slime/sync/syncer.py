@@ -26,13 +26,14 @@ import torch
 from slime.sync.buckets import bucket_layout, cast_bucket, dtype_from_name, flatten_bucket, iter_buckets, travel_dtype
 from slime.sync.transport import (
     broadcast,
+    host_store,
     new_weight_group,
     publish_folder,
     serialize_shared,
     shared_cpu_buffer,
     write_shard,
 )
-from slime.utils.http_utils import free_port, request_sync
+from slime.utils.http_utils import request_sync
 
 logger = logging.getLogger(__name__)
 MODES = ("tensor", "distributed", "disk")
@@ -202,7 +203,8 @@ class WeightSyncer:
     def _connect(self) -> None:
         """Form the broadcast group: the trainer is rank 0 and hosts the store; engine i joins as rank i + 1."""
         host = _reachable_address()
-        port, world = free_port(host), len(self.engine_urls) + 1
+        world = len(self.engine_urls) + 1
+        store = host_store(host, world, self.timeout_s)
         self.backend = backend = self._group_backend()
         joins = [
             self.pool.submit(
@@ -211,7 +213,7 @@ class WeightSyncer:
                 "/init_weights_update_group",
                 {
                     "master_address": host,
-                    "master_port": port,
+                    "master_port": store.port,
                     "rank_offset": i + 1,
                     "world_size": world,
                     "group_name": GROUP_NAME,
@@ -222,7 +224,7 @@ class WeightSyncer:
             for i, url in enumerate(self.engine_urls)
         ]
         try:
-            self.group = new_weight_group(host, port, 0, world, GROUP_NAME, backend, self.timeout_s)
+            self.group = new_weight_group(store, 0, world, GROUP_NAME, backend, self.timeout_s)
         except RuntimeError as exc:
             raise WeightSyncError(f"weight sync: engines did not join the {backend} group in time: {exc}") from exc
         for f in joins:

@@ -61,13 +61,25 @@ def deserialize_named_tensors(payload: str, load_format: str | None) -> list[tup
     return list(obj)
 
 
-def new_weight_group(
-    master_address: str, master_port: int, rank: int, world_size: int, group_name: str, backend: str, timeout_s: float
-) -> dist.ProcessGroup:
-    """A process group outside torch.distributed's default group: the trainer (rank 0, hosting the store) plus
-    every engine. Built from a TCPStore directly, so a trainer that already has its own training group can join."""
+def host_store(address: str, world_size: int, timeout_s: float) -> dist.TCPStore:
+    """A rendezvous store listening on `address` at a port the OS picks as it binds (`.port` says which). Picking a
+    free port first and binding it later leaves a window in which another process (an HTTP client's ephemeral
+    port, a parallel run) can take it: the run then dies with EADDRINUSE."""
     timeout = datetime.timedelta(seconds=timeout_s)
-    store = dist.TCPStore(master_address, master_port, world_size, is_master=rank == 0, timeout=timeout)
+    return dist.TCPStore(address, 0, world_size, is_master=True, timeout=timeout, wait_for_workers=False)
+
+
+def join_store(address: str, port: int, world_size: int, timeout_s: float) -> dist.TCPStore:
+    """A client of the store another process hosts with `host_store`."""
+    return dist.TCPStore(address, port, world_size, is_master=False, timeout=datetime.timedelta(seconds=timeout_s))
+
+
+def new_weight_group(
+    store: dist.Store, rank: int, world_size: int, group_name: str, backend: str, timeout_s: float
+) -> dist.ProcessGroup:
+    """A process group outside torch.distributed's default group: the trainer (rank 0, hosting `store`) plus every
+    engine. Built from the store directly, so a trainer that already has its own training group can join."""
+    timeout = datetime.timedelta(seconds=timeout_s)
     prefixed = dist.PrefixStore(group_name, store)
     if backend == "gloo":
         return dist.ProcessGroupGloo(prefixed, rank, world_size, timeout)

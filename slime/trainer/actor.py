@@ -26,6 +26,7 @@ from slime.algorithms.advantages import ADVANTAGE_ESTIMATORS, compute_advantages
 from slime.algorithms.corrections import importance_weights, mismatch_metrics
 from slime.algorithms.losses import KL_ESTIMATORS
 from slime.sync.syncer import WeightSyncer
+from slime.sync.transport import host_store, join_store
 from slime.trainer import checkpoint
 from slime.trainer.budget import token_budget
 from slime.trainer.loss import MicroBatch, critic_loss, micro_batch_loss, takes_pg_loss
@@ -58,10 +59,10 @@ Tokens = list[torch.Tensor]
 class TrainActor:
     """Ray actor (wrapped with ray.remote by slime.ray.train_group). Rank `rank` of `world_size`."""
 
-    def __init__(self, args: Any, rank: int, world_size: int, master_addr: str, master_port: int):
+    def __init__(self, args: Any, rank: int, world_size: int):
         """Cheap: the rank can report its GPU at once; `setup` joins the group and loads the models."""
         self.args, self.rank, self.world_size = args, rank, world_size
-        self.master = master_addr, master_port
+        self.store: dist.Store | None = None
         logging.basicConfig(level=os.environ.get("SLIME_LOG_LEVEL", "INFO"), format="%(asctime)s %(name)s %(message)s")
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
@@ -72,15 +73,27 @@ class TrainActor:
 
         return [str(i) for i in ray.get_gpu_ids()]
 
-    def setup(self) -> None:
+    def host_store(self) -> tuple[str, int]:
+        """Rank 0 only, before any rank's `setup`: host the group's rendezvous store; returns its (address, port)."""
+        import ray
+
+        address = ray.util.get_node_ip_address()  # reachable from ranks on other nodes, not only loopback
+        timeout_s = self.args.distributed_timeout_minutes * 60
+        self.store = host_store(address, self.world_size, timeout_s)
+        return address, self.store.port
+
+    def setup(self, master: tuple[str, int]) -> None:
+        """Join the training group through rank 0's store at `master`, then load the models."""
         args, use_cuda = self.args, self.device.type == "cuda"
         if use_cuda:
             torch.cuda.set_device(0)  # Ray exposes this rank's GPU as device 0
         else:
             torch.set_num_threads(args.train_threads or max(1, (os.cpu_count() or 1) // self.world_size))
+        if self.store is None:
+            self.store = join_store(*master, self.world_size, args.distributed_timeout_minutes * 60)
         dist.init_process_group(
             "cpu:gloo,cuda:nccl" if use_cuda else "gloo",  # metrics and object gathers are CPU tensors
-            init_method=f"tcp://{self.master[0]}:{self.master[1]}",
+            store=self.store,
             rank=self.rank,
             world_size=self.world_size,
             timeout=datetime.timedelta(minutes=args.distributed_timeout_minutes),

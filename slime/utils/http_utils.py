@@ -106,8 +106,35 @@ def request_sync(method: str, url: str, payload: Any = None, timeout: float = 30
 
 
 def free_port(host: str = "127.0.0.1") -> int:
+    """A port free right now. Only for a port nothing will listen on: a server's port comes from `reserve_port` or
+    from a socket bound before the server starts, since another process can take this one before the bind."""
     import socket
 
     with socket.socket() as s:
         s.bind((host, 0))
         return s.getsockname()[1]
+
+
+_RESERVED: dict[tuple[str, int], object] = {}
+
+
+def reserve_port(host: str = "127.0.0.1") -> int:
+    """A port the OS picks and this process keeps bound (SO_REUSEADDR, not listening) until `release_port`: no other
+    bind to port 0 and no outgoing connection gets it meanwhile, while the server meant for it (any that binds with
+    SO_REUSEADDR, as the router and aiohttp do) can still listen there. For a port that must be known before its
+    server starts, e.g. the router's, which every process of a run reads from the flags."""
+    import socket
+
+    s = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    s.bind((host, 0))
+    port = s.getsockname()[1]
+    _RESERVED[(host, port)] = s
+    return port
+
+
+def release_port(host: str, port: int) -> None:
+    """Drop the reservation `reserve_port` made (a no-op for a port this process did not reserve)."""
+    s = _RESERVED.pop((host, port), None)
+    if s is not None:
+        s.close()

@@ -2,6 +2,7 @@
 
 import asyncio
 import json
+import socket
 import threading
 import time
 
@@ -444,6 +445,21 @@ def test_release_and_resume_memory_for_a_colocated_trainer(tiny_model_path, tmp_
         thread.join(60)
         status, out = waiting["out"]
         assert status == 200 and out["output_ids"] == before and out["meta_info"]["weight_version"] == "2"
+    finally:
+        srv.stop()
+
+
+def test_an_engine_holds_its_port_from_the_moment_it_is_launched(tiny_model_path, tmp_path):
+    """The launcher binds the port and the server inherits the listening socket: nothing else can take the port
+    while the engine loads its model (a port chosen free and bound seconds later could be taken meanwhile), and
+    the first probe is answered as soon as the server serves."""
+    srv = launch_engine(tiny_model_path, tmp_path, num_threads=1, wait=False)
+    try:
+        host, port = srv.url.removeprefix("http://").rsplit(":", 1)
+        with socket.socket() as other, pytest.raises(OSError, match="in use"):
+            other.bind((host, int(port)))
+        srv.wait_ready("/health", 120)
+        assert call(srv, "/health", method="GET")[0] == 200
     finally:
         srv.stop()
 

@@ -2,11 +2,12 @@
 
 import asyncio
 import json
+import socket
 
 import pytest
 
-from slime.router.router import list_workers
-from slime.utils.http_utils import post, request_sync
+from slime.router.router import launch_router, list_workers
+from slime.utils.http_utils import post, release_port, request_sync, reserve_port
 from tests.conftest import engines_behind_router, router_flags
 
 
@@ -14,6 +15,28 @@ from tests.conftest import engines_behind_router, router_flags
 def two_engines_behind_router(tiny_model_path, tmp_path_factory):
     with engines_behind_router(tiny_model_path, tmp_path_factory.mktemp("logs"), count=2) as pair:
         yield pair
+
+
+def test_a_reserved_port_is_kept_from_others_but_open_to_its_router(tmp_path):
+    """The router's port is chosen before Ray starts (every process reads it from the flags) and the router binds
+    it seconds later: meanwhile no bind to port 0 and no plain bind gets it, and the real router still can."""
+    port = reserve_port()
+    try:
+        taken = set()
+        for _ in range(2000):
+            with socket.socket() as s:
+                s.bind(("127.0.0.1", 0))
+                taken.add(s.getsockname()[1])
+        assert port not in taken
+        with socket.socket() as s, pytest.raises(OSError, match="in use"):
+            s.bind(("127.0.0.1", port))
+        router = launch_router(tmp_path, port=port)
+        try:
+            assert router.url.endswith(f":{port}") and list_workers(router.url) == []
+        finally:
+            router.stop()
+    finally:
+        release_port("127.0.0.1", port)
 
 
 def test_router_lists_both_engines_and_spreads_load(two_engines_behind_router):

@@ -167,8 +167,8 @@ KILL_DURING_SAVE = textwrap.dedent("""
     from torch.distributed.device_mesh import init_device_mesh
     from slime.trainer import checkpoint
     from slime.trainer.models import load_policy
-    model_path, save, port = sys.argv[1], sys.argv[2], sys.argv[3]
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
+    model_path, save = sys.argv[1], sys.argv[2]
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
     model = load_policy(model_path, torch.device("cpu"), init_device_mesh("cpu", (1,)), True)
     opt = torch.optim.AdamW(model.parameters(), lr=0.1)
     def step_and_save(rollout_id, hang):
@@ -187,12 +187,10 @@ KILL_DURING_SAVE = textwrap.dedent("""
 
 
 def test_kill_during_a_checkpoint_write_leaves_the_previous_one_loadable(tiny_model_path, tmp_path):
-    from slime.utils.http_utils import free_port
-
     save = tmp_path / "ckpt"
     save.mkdir()
     proc = subprocess.Popen(
-        [sys.executable, "-c", KILL_DURING_SAVE, tiny_model_path, str(save), str(free_port())],
+        [sys.executable, "-c", KILL_DURING_SAVE, tiny_model_path, str(save)],
         cwd=ROOT,
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
@@ -559,8 +557,8 @@ NO_OPTIM = textwrap.dedent("""
     from torch.distributed.device_mesh import init_device_mesh
     from slime.trainer import checkpoint
     from slime.trainer.models import load_policy
-    model_path, folder, port = sys.argv[1], sys.argv[2], sys.argv[3]
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
+    model_path, folder = sys.argv[1], sys.argv[2]
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
     mesh = init_device_mesh("cpu", (1,))
     model = load_policy(model_path, torch.device("cpu"), mesh, True)
     opt = torch.optim.AdamW(model.parameters(), lr=0.1)
@@ -578,10 +576,8 @@ NO_OPTIM = textwrap.dedent("""
 
 
 def test_a_checkpoint_without_optimizer_state_loads_the_weights_only(tiny_model_path, tmp_path):
-    from slime.utils.http_utils import free_port
-
     result = subprocess.run(
-        [sys.executable, "-c", NO_OPTIM, tiny_model_path, str(tmp_path / "policy"), str(free_port())],
+        [sys.executable, "-c", NO_OPTIM, tiny_model_path, str(tmp_path / "policy")],
         cwd=ROOT,
         capture_output=True,
         text=True,
