@@ -1,4 +1,5 @@
-"""`slime` command: `slime train …` (the RL loop), `slime serve …` (an engine server), `slime convert CKPT OUT`."""
+"""`slime` command: `slime train …` (the RL loop), `slime serve …` (an engine server), `slime convert CKPT OUT`,
+`slime report RUN_DIR` (a run's HTML page), `slime data prepare NAME OUT.jsonl` (a dataset in slime's JSONL)."""
 
 from __future__ import annotations
 
@@ -26,12 +27,25 @@ def convert_main(argv: list[str]) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
-    commands = {"train": "slime.train", "serve": "slime.engine.server", "convert": None}
+    commands = {
+        "train": "slime.train",
+        "serve": "slime.engine.server",
+        "convert": None,
+        "report": "slime.observe.report",
+        "data": None,
+    }
     if not argv or argv[0] not in commands:
         sys.exit(f"usage: slime {{{','.join(commands)}}} [options]   (slime COMMAND --help for each)")
     command, rest = argv[0], argv[1:]
     if command == "convert":
         convert_main(rest)
+        return
+    if command == "data":
+        if not rest or rest[0] != "prepare":
+            sys.exit("usage: slime data prepare NAME OUT.jsonl [--source FILE]   (slime data prepare --help)")
+        from slime.data.prepare import main as prepare_main
+
+        prepare_main(rest[1:])
         return
     import importlib
 

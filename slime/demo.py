@@ -84,6 +84,7 @@ def main(argv: list[str] | None = None) -> None:
         f"wall time {time.monotonic() - start:.0f}s (seed {args.seed}); metrics in {args.output_dir}/metrics.jsonl, "
         f"TensorBoard in {args.output_dir}/tensorboard"
     )
+    print(f"report (open in a browser): {os.path.abspath(os.path.join(args.output_dir, 'report.html'))}")
 
 
 if __name__ == "__main__":

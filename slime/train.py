@@ -17,7 +17,16 @@ from tqdm import tqdm
 from slime.config.arguments import Settings, batch_plan, parse_flags, settle
 from slime.config.cluster import placement_line
 from slime.data.dataset import DataError
-from slime.observe.metrics import MetricsLogger, OutputDirError, claim_output_dir, start_wandb, tensorboard_dir
+from slime.observe.metrics import (
+    SAMPLES,
+    MetricsLogger,
+    OutputDirError,
+    claim_output_dir,
+    sample_records,
+    start_wandb,
+    tensorboard_dir,
+    write_run_record,
+)
 from slime.ray.train_group import TrainGroup
 from slime.rollout.data_source import check_prompt_files
 from slime.rollout.manager import RolloutManager
@@ -33,6 +42,7 @@ def train(args: Settings) -> dict:
     the last rollout, train, sync and eval metrics."""
     check_prompt_files(args)
     claim_output_dir(args)
+    write_run_record(args)
     if args.load and (found := checkpoint.latest(args.load)) is not None:
         checkpoint.verify(found[1])  # before anything starts: a damaged checkpoint fails in seconds, not minutes
     own_ray = start_ray()  # a cluster the caller started is left running
@@ -73,6 +83,7 @@ def train(args: Settings) -> dict:
             purge_step=start if args.load else None,
             tensorboard_dir=tensorboard_dir(args),
             wandb_run=start_wandb(args, resumed=bool(saved_at)),
+            run_id=args.run_id,
         )
         has_eval = bool(args.eval_datasets) and not args.debug_train_only
         if has_eval and not args.skip_eval_before_train and not saved_at:  # a fresh run, not a resumed one
@@ -104,6 +115,8 @@ def train(args: Settings) -> dict:
             ray.kill(manager)
         if metrics_log is not None:
             metrics_log.close()
+            if args.write_report:
+                write_report_or_say_why(args.output_dir)
         release_port(args.sglang_router_ip, args.sglang_router_port)  # reserved by settle_router
         if own_ray:
             ray.shutdown()
@@ -141,12 +154,16 @@ def step(args, rollout_id: int, trainer: TrainGroup | None, manager) -> dict:
         if args.offload_train:
             metrics |= trainer.call("offload", what="training ranks to move to CPU")[0]
     seconds = time.monotonic() - start
-    return metrics | {
-        "perf/step_seconds": seconds,
-        "perf/samples_per_s": sum(map(len, rollout["samples"])) / seconds,
-        "perf/trainer_idle_seconds": rollout_seconds if trainer is not None else 0.0,
-        "perf/engine_idle_seconds": seconds - rollout_seconds,
-    }
+    return (
+        metrics
+        | logged_samples(args, rollout_id, rollout)
+        | {
+            "perf/step_seconds": seconds,
+            "perf/samples_per_s": sum(map(len, rollout["samples"])) / seconds,
+            "perf/trainer_idle_seconds": rollout_seconds if trainer is not None else 0.0,
+            "perf/engine_idle_seconds": seconds - rollout_seconds,
+        }
+    )
 
 
 def overlapped_steps(args, start: int, trainer: TrainGroup, manager) -> Iterator[tuple[int, dict]]:
@@ -185,7 +202,7 @@ def overlapped_steps(args, start: int, trainer: TrainGroup, manager) -> Iterator
         metrics["perf/step_seconds"] = seconds
         metrics["perf/samples_per_s"] = sum(map(len, rollout["samples"])) / seconds
         metrics["perf/trainer_idle_seconds"] = trainer_idle
-        yield rollout_id, metrics
+        yield rollout_id, metrics | logged_samples(args, rollout_id, rollout)
 
 
 def sync_due(args, rollout_id: int) -> bool:
@@ -194,7 +211,25 @@ def sync_due(args, rollout_id: int) -> bool:
 
 
 def evaluate(args, manager, rollout_id: int) -> dict:
-    return wait(manager.eval.remote(rollout_id), args.rollout_timeout, f"evaluation at rollout {rollout_id}")["metrics"]
+    result = wait(manager.eval.remote(rollout_id), args.rollout_timeout, f"evaluation at rollout {rollout_id}")
+    return result["metrics"] | {SAMPLES: result.get("samples", [])}
+
+
+def logged_samples(args, rollout_id: int, rollout: dict) -> dict:
+    """A few of the rollout's samples for samples.jsonl, W&B and the report (--log-samples-count/-interval)."""
+    if rollout_id % args.log_samples_interval:
+        return {}
+    return {SAMPLES: sample_records(rollout["samples"], "rollout", args.log_samples_count)}
+
+
+def write_report_or_say_why(output_dir: str) -> None:
+    """The run's HTML report; a report that cannot be written costs a line, never the run's result."""
+    from slime.observe.report import write_report
+
+    try:
+        print(f"report: {os.path.abspath(write_report(output_dir))}")
+    except Exception as exc:  # matplotlib or a damaged metrics file: the run itself has finished
+        print(f"report not written ({type(exc).__name__}: {exc}); `slime report {output_dir}` retries")
 
 
 def sync_weights(args, trainer: TrainGroup, manager, version: str) -> dict:
@@ -258,7 +293,7 @@ def save(args, rollout_id: int, trainer: TrainGroup | None, manager) -> None:
 
 def log(metrics_log: MetricsLogger, step: int, metrics: dict) -> dict:
     metrics_log.log(step, metrics)
-    return metrics
+    return {k: v for k, v in metrics.items() if k != SAMPLES}
 
 
 def start_ray() -> bool:

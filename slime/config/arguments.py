@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import argparse
 import logging
+import shlex
+import sys
 from typing import Any
 
 from slime.config.algorithm import add_algorithm_arguments, settle_algorithm
@@ -25,7 +27,7 @@ from slime.config.cluster import (
 from slime.config.data import add_data_arguments, settle_num_rollout, validate_data
 from slime.config.eval import add_eval_arguments, settle_eval
 from slime.config.megatron import add_megatron_arguments, check_architecture, check_tensor_parallel, settle_megatron
-from slime.config.observe import add_observe_arguments, validate_observe
+from slime.config.observe import add_observe_arguments, settle_observe
 from slime.config.reward import add_reward_arguments, validate_reward
 from slime.config.rollout import add_rollout_arguments, validate_rollout
 from slime.config.training import add_training_arguments, batch_plan, settle_batch_plan
@@ -117,7 +119,9 @@ def apply_custom_config(args: Settings, parser: argparse.ArgumentParser) -> None
 def parse_flags(argv: list[str] | None = None) -> tuple[Settings, argparse.ArgumentParser]:
     """The flags as given (argparse's own errors and --help happen here), not yet settled."""
     parser = build_parser()
-    return parser.parse_args(argv, namespace=Settings()), parser
+    args = parser.parse_args(argv, namespace=Settings())
+    args.command_line = shlex.join([parser.prog, *(sys.argv[1:] if argv is None else argv)])  # for the run report
+    return args, parser
 
 
 def settle(args: Settings, parser: argparse.ArgumentParser, cluster_gpus: int, resolve_model: bool = False) -> Settings:
@@ -133,7 +137,7 @@ def settle(args: Settings, parser: argparse.ArgumentParser, cluster_gpus: int, r
     validate_reward(args, parser)
     validate_checkpoints(args, parser)
     settle_eval(args, parser)
-    validate_observe(args, parser)
+    settle_observe(args, parser)
     settle_algorithm(args, parser)
     settle_batch_plan(args, parser)
     try:

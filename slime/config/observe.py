@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import json
+import os
+import secrets
+import time
 from typing import Any
 
 
@@ -25,6 +29,25 @@ def add_observe_arguments(p: argparse.ArgumentParser) -> None:
         action="store_true",
         help="start a new run in an --output-dir that holds an earlier run's metrics, deleting its metrics.jsonl, "
         "TensorBoard events and W&B run id first (without it such a folder is refused, unless --load resumes the run)",
+    )
+    g.add_argument(
+        "--log-samples-count",
+        type=int,
+        default=4,
+        help="sample responses (prompt, response, reward, label) recorded per training rollout and per eval dataset: "
+        "in <--output-dir>/samples.jsonl, as a W&B table and in the run report (0: none)",
+    )
+    g.add_argument(
+        "--log-samples-interval",
+        type=int,
+        default=1,
+        help="record training rollouts' sample responses every this many rollouts (evaluations: every evaluation)",
+    )
+    g.add_argument(
+        "--disable-report",
+        action="store_false",
+        dest="write_report",
+        help="do not write <--output-dir>/report.html when the run ends (`slime report DIR` writes it any time)",
     )
     g.add_argument("--use-wandb", action="store_true", help="also log every metric to Weights & Biases")
     g.add_argument(
@@ -58,7 +81,13 @@ def add_observe_arguments(p: argparse.ArgumentParser) -> None:
     )
 
 
-def validate_observe(args: Any, parser: argparse.ArgumentParser) -> None:
+def settle_observe(args: Any, parser: argparse.ArgumentParser) -> None:
+    """Check the logging flags; give the run its id (`args.run_id`)."""
+    if args.log_samples_count < 0:
+        parser.error(f"--log-samples-count must be >= 0, got {args.log_samples_count}")
+    if args.log_samples_interval < 1:
+        parser.error(f"--log-samples-interval must be >= 1, got {args.log_samples_interval}")
+    args.run_id = run_id_for(args)
     if not args.use_wandb:
         return
     try:
@@ -67,3 +96,16 @@ def validate_observe(args: Any, parser: argparse.ArgumentParser) -> None:
         parser.error("--use-wandb needs the wandb package: pip install wandb")
     if args.wandb_key is not None and not args.wandb_key.strip():
         parser.error("--wandb-key is empty")
+
+
+def run_id_for(args: Any) -> str:
+    """The id every file of the run carries: the earlier run's (from <--output-dir>/run.json) when --load resumes
+    it, else a new one: start time and 6 random hex digits."""
+    record = os.path.join(args.output_dir, "run.json")
+    if args.load and os.path.exists(record):
+        try:
+            with open(record) as f:
+                return json.load(f)["run_id"]
+        except (OSError, ValueError, KeyError):
+            pass  # a damaged record: the resumed run gets a new id
+    return f"{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(3)}"

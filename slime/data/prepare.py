@@ -53,14 +53,14 @@ def _gsm8k(row: dict[str, Any]) -> tuple[str, str, dict[str, Any]]:
 
 
 def _math(row: dict[str, Any]) -> tuple[str, str, dict[str, Any]]:
-    solution = row.get("solution", "")
+    problem, solution = _field(row, "problem"), row.get("solution", "")
     label = row.get("answer")
     if label in (None, ""):
         label = last_boxed(solution or "")
         if label is None:
             raise KeyError("no 'answer' and no \\boxed{} in 'solution'")
     meta = {k: row[k] for k in ("solution", "level", "type", "subject", "unique_id") if row.get(k) not in (None, "")}
-    return _field(row, "problem", "question"), str(label).strip(), meta
+    return problem, str(label).strip(), meta
 
 
 def _mawps(row: dict[str, Any]) -> tuple[str, str, dict[str, Any]]:

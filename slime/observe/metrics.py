@@ -28,6 +28,7 @@ class MetricsLogger:
         purge_step: int | None = None,
         tensorboard_dir: str | None = None,
         wandb_run: Any = None,
+        run_id: str = "",
     ):
         os.makedirs(output_dir, exist_ok=True)
         self.path = os.path.join(output_dir, "metrics.jsonl")
@@ -38,6 +39,8 @@ class MetricsLogger:
                 f.writelines(kept)
             os.replace(self.path + ".tmp", self.path)
         self._file = open(self.path, "a")  # noqa: SIM115 - kept open for the run
+        self._samples = open(os.path.join(output_dir, "samples.jsonl"), "a")  # noqa: SIM115 - kept open for the run
+        self.run_id = run_id
         self._tb = None
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter
@@ -47,22 +50,45 @@ class MetricsLogger:
         self._wandb = wandb_run
 
     def log(self, step: int, metrics: dict[str, Any], echo: bool = True) -> None:
+        """Every number of `metrics` to every sink; its SAMPLES entry (records from `sample_records`) to
+        samples.jsonl and, one table per kind, to W&B."""
         scalars = {k: float(v) for k, v in metrics.items() if isinstance(v, int | float) and not isinstance(v, bool)}
-        self._file.write(json.dumps({"step": step, "time": time.time(), **scalars}) + "\n")
+        self._file.write(json.dumps({"step": step, "time": time.time(), "run_id": self.run_id, **scalars}) + "\n")
         self._file.flush()
+        records = metrics.get(SAMPLES) or []
+        for r in records:
+            self._samples.write(json.dumps({"step": step, "run_id": self.run_id, **r}, default=str) + "\n")
+        self._samples.flush()
         if self._tb is not None:
             for k, v in scalars.items():
                 self._tb.add_scalar(k, v, step)
             self._tb.flush()
         if self._wandb is not None:
-            self._wandb.log(scalars, step=step)
+            self._wandb.log(scalars | self._wandb_tables(records), step=step)
         if echo:  # tqdm.write: above the run's progress bar, not appended to it
             tqdm.write(f"[step {step}] {summary_line(scalars)}", file=sys.stdout)
             if os.environ.get("SLIME_LOG_LEVEL", "").upper() == "DEBUG":  # every metric, as the files hold them
                 tqdm.write("  " + "  ".join(f"{k}={v:.4g}" for k, v in scalars.items()), file=sys.stdout)
 
+    @staticmethod
+    def _wandb_tables(records: list[dict]) -> dict[str, Any]:
+        if not records:
+            return {}
+        import wandb
+
+        by_kind: dict[str, list[dict]] = {}
+        for r in records:
+            by_kind.setdefault(r["kind"], []).append(r)
+        return {
+            f"samples/{kind.replace('/', '_')}": wandb.Table(
+                columns=list(SAMPLE_COLUMNS), data=[[str(r.get(c, "")) for c in SAMPLE_COLUMNS] for r in rows]
+            )
+            for kind, rows in by_kind.items()
+        }
+
     def close(self) -> None:
         self._file.close()
+        self._samples.close()
         if self._tb is not None:
             self._tb.close()
         if self._wandb is not None:
@@ -70,6 +96,52 @@ class MetricsLogger:
 
             self._wandb.finish()
             wandb.teardown()  # the service process writes the run's files; wait for it before the run returns
+
+
+SAMPLES = "samples"  # the key of a metrics dict that carries sample records, not a number
+SAMPLE_COLUMNS = ("prompt", "response", "reward", "label", "status", "response_length")
+SAMPLE_TEXT_CHARS = 4000  # longer prompts and responses are cut in the records (the dumps keep them whole)
+
+
+def sample_records(groups: list[list[Any]], kind: str, count: int) -> list[dict[str, Any]]:
+    """Up to `count` samples of `groups` (slime Samples, one list per prompt) as plain records for the logs: the
+    first sample of every group, then the second of every group, ..., so the records span prompts."""
+    order = [g[i] for i in range(max(map(len, groups), default=0)) for g in groups if i < len(g)]
+
+    def text(x: Any) -> str:
+        x = x if isinstance(x, str) else json.dumps(x, ensure_ascii=False, default=str)
+        return x if len(x) <= SAMPLE_TEXT_CHARS else x[:SAMPLE_TEXT_CHARS] + " …"
+
+    return [
+        {
+            "kind": kind,
+            "prompt": text(s.prompt),
+            "response": text(s.response),
+            "reward": s.reward if isinstance(s.reward, int | float | None) else text(s.reward),
+            "label": text(s.label) if s.label is not None else None,
+            "status": getattr(s.status, "value", str(s.status)),
+            "response_length": s.response_length,
+        }
+        for s in order[:count]
+    ]
+
+
+def write_run_record(args: Any) -> None:
+    """<--output-dir>/run.json: the run id, when it started and the command line (a resumed run keeps the first
+    start and lists its resumptions)."""
+    path = os.path.join(args.output_dir, "run.json")
+    now = time.strftime("%Y-%m-%d %H:%M:%S %Z")
+    record = {"run_id": args.run_id, "started": now, "command": getattr(args, "command_line", ""), "resumed": []}
+    if args.load and os.path.exists(path):
+        with contextlib.suppress(OSError, ValueError):
+            with open(path) as f:
+                earlier = json.load(f)
+            if earlier.get("run_id") == args.run_id:
+                record = earlier | {"resumed": [*earlier.get("resumed", []), now]}
+    os.makedirs(args.output_dir, exist_ok=True)
+    with open(path + ".tmp", "w") as f:
+        json.dump(record, f, indent=1)
+    os.replace(path + ".tmp", path)
 
 
 class OutputDirError(ValueError):
@@ -93,8 +165,9 @@ def claim_output_dir(args: Any) -> None:
         )
     os.remove(metrics)
     shutil.rmtree(tensorboard_dir(args) or os.path.join(args.output_dir, "tensorboard"), ignore_errors=True)
-    with contextlib.suppress(FileNotFoundError):
-        os.remove(os.path.join(args.output_dir, "wandb_run_id"))
+    for name in ("wandb_run_id", "samples.jsonl", "run.json", "report.html"):
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(os.path.join(args.output_dir, name))
 
 
 def summary_line(m: dict[str, float]) -> str:

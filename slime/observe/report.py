@@ -158,20 +158,23 @@ def render(run_dir: str) -> str:
         f"<title>{e(title)}</title><style>{_CSS}</style></head><body>",
         f"<h1>{e(title)}</h1>",
     ]
-    facts = [("folder", os.path.abspath(run_dir)), ("started", info.get("started", "?")), ("steps", len(rows))]
-    if rows:
-        last = rows[-1]
-        for label, key in (("last reward", "rollout/reward_mean"), ("last step seconds", "perf/step_seconds")):
-            if key in last:
-                facts.append((label, f"{last[key]:.4g}"))
+    trained = sorted({r["step"] for r in rows if "perf/step_seconds" in r})
+    facts: list[tuple[str, Any]] = [("folder", os.path.abspath(run_dir)), ("started", info.get("started", "?"))]
+    facts.append(("steps", f"{len(trained)} (last: {trained[-1]})" if trained else "none"))
+    latest = {k: v for r in rows for k, v in r.items()}  # each metric's newest value
+    named = [("reward, last rollout", "rollout/reward_mean"), ("step seconds, last", "perf/step_seconds")]
+    named += [(f"held-out accuracy, {k.split('/')[1]}", k) for k in sorted(latest) if k.endswith("/accuracy")]
+    facts += [(label, f"{latest[k]:.4g}") for label, k in named if isinstance(latest.get(k), int | float)]
     parts.append("<table class='facts'>" + "".join(f"<tr><th>{e(k)}</th><td>{e(str(v))}</td></tr>" for k, v in facts))
     parts.append("</table>")
     if info.get("command"):
         parts.append(f"<h2>Command</h2><pre class='command'>{e(info['command'])}</pre>")
     plots = _plots(rows) if rows else []
     parts.append("<h2>Curves</h2>" if plots else "<p>No metrics logged yet.</p>")
+    parts.append("<div class='plots'>")
     for name, data in plots:
         parts.append(f"<figure><img class='plot' alt='{e(name)}' src='data:image/png;base64,{data}'></figure>")
+    parts.append("</div>")
     for kind, chosen in _sample_sections(samples):
         heading = "Last training rollout" if kind == "rollout" else f"Evaluation: {kind.removeprefix('eval/')}"
         parts.append(f"<h2>{e(heading)} (step {chosen[0]['step']})</h2>")
@@ -197,13 +200,14 @@ def write_report(run_dir: str, output: str | None = None) -> str:
 
 
 _CSS = """
-body { font-family: system-ui, sans-serif; max-width: 980px; margin: 2em auto; color: #222; }
+body { font-family: system-ui, sans-serif; max-width: 1100px; margin: 2em auto; color: #222; }
 h1 { font-size: 1.5em; } h2 { font-size: 1.15em; margin-top: 1.6em; border-bottom: 1px solid #ddd; }
 table.facts th { text-align: left; padding-right: 1em; color: #555; font-weight: normal; }
 pre { white-space: pre-wrap; word-break: break-word; background: #f6f6f6; padding: .6em; border-radius: 4px; }
 pre.prompt { color: #555; max-height: 10em; overflow: auto; } pre.response { background: #eef5ff; }
 .sample { margin-bottom: 1.2em; } .meta { font-size: .9em; color: #333; margin-bottom: .2em; }
-figure { margin: 1em 0; } img.plot { max-width: 100%; }
+.plots { display: grid; grid-template-columns: repeat(auto-fit, minmax(460px, 1fr)); gap: .5em 1.5em; }
+figure { margin: .5em 0; } img.plot { width: 100%; }
 """
 
 # Marks the page once every plot has decoded, so a headless browser can tell a page whose plots render from one

@@ -16,6 +16,7 @@ import ray
 
 from slime.engine.fleet import Endpoints, EngineFleet
 from slime.observe.eval_metrics import dataset_metrics
+from slime.observe.metrics import sample_records
 from slime.rollout.base_types import RolloutFnEvalOutput, RolloutFnTrainOutput
 from slime.rollout.fully_async_rollout import unserved_groups
 from slime.rollout.sandbox import allow_weak_sandbox
@@ -249,7 +250,7 @@ class RolloutManager:
                     )
         metrics |= staleness_metrics(groups, rollout_id)
         if self.args.save_debug_rollout_data:
-            save_debug_rollout_data(self.args.save_debug_rollout_data, rollout_id, groups)
+            save_debug_rollout_data(self.args.save_debug_rollout_data, rollout_id, groups, self.args.run_id)
         seconds = time.monotonic() - start
         samples = [s for g in groups for s in g]
         if "rollout/reward_mean" not in metrics:  # a function that returned none gets the standard ones
@@ -296,11 +297,15 @@ class RolloutManager:
         if log is not None and log(rollout_id, self.args, out.data, metrics):
             return {"metrics": {}}  # the function logged the evaluation itself
         configs = {c.name: c for c in self.args.eval_datasets}
+        records = []
         for name, data in out.data.items():
             cfg = configs.get(name)
             n = cfg.n_samples_per_eval_prompt if cfg else self.args.n_samples_per_eval_prompt
             metrics |= dataset_metrics(name, data, n)
-        return {"metrics": metrics}
+            samples = [s for s in data.get("samples") or [] if s is not None]
+            groups = [samples[i : i + n] for i in range(0, len(samples), n)]
+            records += sample_records(groups, f"eval/{name}", self.args.log_samples_count)
+        return {"metrics": metrics, "samples": records}
 
     # ------------------------------------------------------------------ checkpoints
     def save(self, folder: str, rollout_id: int) -> None:
@@ -312,6 +317,7 @@ class RolloutManager:
             with open(Path(folder) / "untrained_rollouts.pkl", "wb") as f:
                 pickle.dump(ahead, f)
         meta = {"rollout_id": rollout_id, "weight_version": self.weight_version, "saved_at": time.time()}
+        meta["run_id"] = self.args.run_id
         (Path(folder) / "rollout.json").write_text(json.dumps(meta))
 
     def load(self, folder: str) -> dict[str, Any]:
@@ -364,12 +370,13 @@ def load_data_source(source: Any, folder: Path, rollout_id: int) -> None:
         source.load(rollout_id)
 
 
-def save_debug_rollout_data(path: str, rollout_id: int, groups: list[list[Sample]]) -> None:
+def save_debug_rollout_data(path: str, rollout_id: int, groups: list[list[Sample]], run_id: str = "") -> None:
     """--save-debug-rollout-data: one rollout's groups as plain dicts (a later run, or a notebook, reads them)."""
     target = Path(path.format(rollout_id=rollout_id))
     target.parent.mkdir(parents=True, exist_ok=True)
+    saved = {"rollout_id": rollout_id, "run_id": run_id, "samples": [[s.to_dict() for s in g] for g in groups]}
     with open(target, "wb") as f:
-        pickle.dump({"rollout_id": rollout_id, "samples": [[s.to_dict() for s in g] for g in groups]}, f)
+        pickle.dump(saved, f)
 
 
 def load_debug_rollout_data(args: Any, rollout_id: int) -> list[list[Sample]]:

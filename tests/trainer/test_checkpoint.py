@@ -25,7 +25,8 @@ from slime.utils.types import Sample
 from tests.trainer.test_training import _synthetic_batch
 
 ROOT = Path(__file__).resolve().parents[2]
-TIMING = ("seconds", "per_s", "time", "overlap")  # wall-clock metrics: the only ones allowed to differ between runs
+# wall-clock metrics and the run id: the only ones allowed to differ between two runs of one command
+TIMING = ("seconds", "per_s", "time", "overlap", "run_id")
 
 
 def _loop_args(model: str, out: Path, *extra: str) -> list[str]:
@@ -104,6 +105,7 @@ def test_killed_run_resumes_to_the_uninterrupted_runs_metrics(ray_cluster, tiny_
     assert "next rollout 2" in capfd.readouterr().out
     a, b = _metrics(whole), _metrics(killed)
     assert [m["step"] for m in a] == [m["step"] for m in b] == [0, 1, 2, 3]
+    assert len({m["run_id"] for m in b}) == 1  # the resumed run is the killed run, under its id
     for ma, mb in zip(a, b, strict=True):
         assert ma.keys() == mb.keys()
         differ = {k: (ma[k], mb[k]) for k in ma if not any(t in k for t in TIMING) and ma[k] != mb[k]}
