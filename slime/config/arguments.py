@@ -30,7 +30,7 @@ from slime.config.megatron import add_megatron_arguments, check_architecture, ch
 from slime.config.observe import add_observe_arguments, settle_observe
 from slime.config.reward import add_reward_arguments, validate_reward
 from slime.config.rollout import add_rollout_arguments, validate_rollout
-from slime.config.training import add_training_arguments, batch_plan, settle_batch_plan
+from slime.config.training import add_training_arguments, batch_plan, settle_batch_plan, settle_lora
 
 __all__ = ["Settings", "batch_plan", "build_parser", "parse_args", "parse_flags", "settle"]
 
@@ -139,6 +139,7 @@ def settle(args: Settings, parser: argparse.ArgumentParser, cluster_gpus: int, r
     settle_eval(args, parser)
     settle_observe(args, parser)
     settle_algorithm(args, parser)
+    settle_lora(args, parser)
     settle_batch_plan(args, parser)
     try:
         place(args, cluster_gpus)

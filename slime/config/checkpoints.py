@@ -31,6 +31,12 @@ def add_checkpoint_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--no-load-optim", action="store_true", help="resume weights but start a fresh optimizer")
     g.add_argument("--no-load-rng", action="store_true", help="resume without restoring the saved RNG states")
     g.add_argument(
+        "--save-hf-merged",
+        action="store_true",
+        help="with --lora-rank: --save-hf also writes the merged model (base + adapters) into <--save-hf>/merged; "
+        "without it the folder holds the PEFT adapter alone",
+    )
+    g.add_argument(
         "--save-hf",
         default=None,
         help="also export the policy as a Hugging Face folder at each checkpoint; the path may contain {rollout_id}",

@@ -24,6 +24,30 @@ def add_training_arguments(p: argparse.ArgumentParser) -> None:
         default=None,
         help="reference model for the KL terms: a Hugging Face folder or a --save folder (default: --hf-checkpoint)",
     )
+    g.add_argument(
+        "--lora-rank",
+        type=int,
+        default=0,
+        help="train LoRA adapters of this rank on the frozen policy instead of every weight (0: full fine-tuning); "
+        "LoRA usually wants a learning rate ~10x the full fine-tuning one",
+    )
+    g.add_argument("--lora-alpha", type=float, default=None, help="LoRA scale numerator: scaling = alpha / rank "
+                   "(default: 2 x --lora-rank)")  # fmt: skip
+    g.add_argument("--lora-dropout", type=float, default=0.0, help="dropout on the adapters' input (probability)")
+    g.add_argument(
+        "--lora-target-modules",
+        nargs="+",
+        default=["all-linear"],
+        help="names (last component) of the linear layers to adapt, e.g. q_proj v_proj; 'all-linear' (default): "
+        "every linear layer of the decoder (attention and MLP projections), not the output layer",
+    )
+    g.add_argument(
+        "--lora-sync",
+        default="merged",
+        choices=["merged", "adapters"],
+        help="what a weight sync sends with --lora-rank: the merged weights (any engine serves them) or the adapters "
+        "alone (megabytes; the embedded engine merges them into the weights it started with)",
+    )
     g.add_argument("--lr", type=float, default=1e-6, help="peak learning rate of AdamW")
     g.add_argument("--min-lr", type=float, default=0.0, help="learning rate at the end of linear/cosine decay")
     g.add_argument("--lr-warmup-iters", type=int, default=0, help="optimizer steps of linear warm-up from 0")
@@ -106,6 +130,34 @@ def add_training_arguments(p: argparse.ArgumentParser) -> None:
         default=3600.0,
         help="seconds to wait for the training ranks to load, train on one rollout, or sync weights",
     )
+
+
+def settle_lora(args: Any, parser: argparse.ArgumentParser) -> None:
+    """--lora-*: ranges, the alpha default, and what adapters cannot do here."""
+    if args.lora_rank < 0:
+        parser.error(f"--lora-rank must be >= 0, got {args.lora_rank}")
+    if not args.lora_rank:
+        if args.lora_sync != "merged" or args.save_hf_merged:
+            parser.error("--lora-sync and --save-hf-merged apply to LoRA adapters: set --lora-rank")
+        return
+    if args.lora_alpha is None:
+        args.lora_alpha = 2.0 * args.lora_rank
+    if args.lora_alpha <= 0 or not 0 <= args.lora_dropout < 1:
+        parser.error(
+            f"--lora-alpha must be > 0 and --lora-dropout in [0, 1), got {args.lora_alpha}, {args.lora_dropout}"
+        )
+    if args.ref_update_interval:
+        parser.error(
+            "--ref-update-interval moves the KL reference to the policy; with --lora-rank the reference is the base "
+            "model under the adapters (no second copy): drop one of the two"
+        )
+    if args.tensor_model_parallel_size > 1:
+        parser.error("--lora-rank with --tensor-model-parallel-size > 1 is not supported yet: use FSDP alone")
+    if args.lora_sync == "adapters" and args.offload_rollout:
+        parser.error(
+            "--lora-sync adapters with --offload-rollout/--colocate: engines that release their weights get them back "
+            "empty, and adapters alone cannot refill them: use --lora-sync merged"
+        )
 
 
 def settle_batch_plan(args: Any, parser: argparse.ArgumentParser) -> None:

@@ -98,6 +98,9 @@ class EmbeddedEngine:
         self._rid_counter = itertools.count()
         self._done: list[Request] = []  # finished this iteration, callbacks not yet run
         self._stepping: list[Request] = []  # admitted this iteration but not yet among the rows (padded backend)
+        # LoRA updates (X.lora_A/B.weight): each adapted weight as it was before the first one, on the host, so every
+        # update serves base + B @ A exactly instead of piling deltas onto deltas
+        self._lora_base: dict[str, torch.Tensor] = {}
         self.stats = {
             "generated_tokens": 0,
             "aborted_requests": 0,
@@ -293,7 +296,11 @@ class EmbeddedEngine:
         params = dict(self.model.named_parameters(remove_duplicate=False))  # tied weights answer to both names
         params.update(dict(self.model.named_buffers()))
         names, targets, sources = [], [], []
+        adapters: dict[str, dict[str, torch.Tensor]] = {}  # weight name -> {"A": [r, in], "B": [out, r]}
         for name, tensor in named_tensors:  # check every tensor before changing any weight
+            if name.endswith((".lora_A.weight", ".lora_B.weight")):
+                adapters.setdefault(name[: -len(".lora_A.weight")] + ".weight", {})[name[-8]] = tensor
+                continue
             target = params.get(name)
             if target is None:
                 raise KeyError(f"weight {name!r} is not a parameter of the served model")
@@ -306,7 +313,9 @@ class EmbeddedEngine:
             names.append(name)
             targets.append(target)
             sources.append(tensor)
+        pairs = _check_adapters(adapters, params)
         floats = [(n, s) for n, s in zip(names, sources, strict=True) if s.dtype.is_floating_point]
+        floats += [(f"{n} (lora_{k})", t) for n, ab in pairs.items() for k, t in ab.items()]
         if floats:  # a NaN or an infinity makes its tensor's norm one: one reduction per tensor, one sync in all
             norms = torch.stack([n.float() for n in torch._foreach_norm([s for _, s in floats])]).cpu()
             bad = (~torch.isfinite(norms)).nonzero()
@@ -322,7 +331,17 @@ class EmbeddedEngine:
         if targets:
             with torch.no_grad():
                 torch._foreach_copy_(targets, sources)  # hundreds of tensors in a few kernel launches
-        count = len(targets)
+            for name in names:  # a whole weight replaces the base its adapters applied to
+                self._lora_base.pop(name, None)
+        with torch.no_grad():
+            for name, ab in pairs.items():
+                target = params[name]
+                base = self._lora_base.get(name)
+                if base is None:
+                    base = self._lora_base[name] = target.detach().to("cpu", torch.float32, copy=True)
+                a, b = (ab[k].to(target.device, torch.float32) for k in ("A", "B"))
+                target.copy_(base.to(target.device) + b @ a)
+        count = len(targets) + 2 * len(pairs)
         if weight_version is not None:
             self._set_version(str(weight_version))
         self.stats["weight_updates"] += 1
@@ -619,3 +638,31 @@ def _eos_ids(model, tokenizer) -> list[int]:
     if tokenizer.eos_token_id is not None:
         ids.append(tokenizer.eos_token_id)
     return sorted(set(ids))
+
+
+def _check_adapters(
+    adapters: dict[str, dict[str, torch.Tensor]], params: dict[str, torch.Tensor]
+) -> dict[str, dict[str, torch.Tensor]]:
+    """LoRA updates of a weight W [out, in]: both factors, A [r, in] and B [out, r] (B already scaled); a KeyError or
+    ValueError naming the weight otherwise."""
+    for name, ab in adapters.items():
+        target = params.get(name)
+        if target is None or target.dim() != 2:
+            raise KeyError(f"LoRA update for {name!r}: not a matrix weight of the served model")
+        if set(ab) != {"A", "B"}:
+            raise ValueError(f"LoRA update for {name!r}: lora_A and lora_B come together, got only lora_{''.join(ab)}")
+        a, b = ab["A"], ab["B"]
+        if (
+            a.dim() != 2
+            or b.dim() != 2
+            or a.shape[1] != target.shape[1]
+            or b.shape[0] != target.shape[0]
+            or (a.shape[0] != b.shape[1])
+        ):
+            raise ValueError(
+                f"LoRA update for {name!r} {tuple(target.shape)}: lora_A {tuple(a.shape)} and lora_B {tuple(b.shape)} "
+                "are not [r, in] and [out, r]"
+            )
+        if not (a.dtype.is_floating_point and b.dtype.is_floating_point):
+            raise TypeError(f"LoRA update for {name!r}: factors must be floating point")
+    return adapters

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 
 import torch
 
@@ -26,22 +26,39 @@ def travel_dtype(tensor: torch.Tensor, dtype: torch.dtype | None) -> torch.dtype
 
 
 def iter_buckets(
-    model: torch.nn.Module, buffer_bytes: int, dtype: torch.dtype | None = None
+    named: Iterable[tuple[str, torch.Tensor]], buffer_bytes: int, dtype: torch.dtype | None = None
 ) -> Iterator[list[tuple[str, torch.Tensor]]]:
-    """Yield lists of (name, full tensor) of at most `buffer_bytes` each once cast to their `travel_dtype` (a larger
-    tensor travels alone). The tensors are yielded as the trainer holds them: `flatten_bucket` and `cast_bucket`
-    cast them, all of a bucket at once."""
+    """Yield lists of `named`'s (name, full tensor) pairs of at most `buffer_bytes` each once cast to their
+    `travel_dtype` (a larger tensor travels alone). The tensors are yielded as the trainer holds them:
+    `flatten_bucket` and `cast_bucket` cast them, all of a bucket at once. A LoRA factor pair (`X.lora_A.weight`
+    then `X.lora_B.weight`) stays in one bucket: the engine applies both at once."""
     bucket, size = [], 0
-    for name, param in model.named_parameters():
-        tensor = full_tensor(param).detach()
-        nbytes = tensor.numel() * travel_dtype(tensor, dtype).itemsize
+    for unit in _units(named):
+        nbytes = sum(t.numel() * travel_dtype(t, dtype).itemsize for _, t in unit)
         if bucket and size + nbytes > buffer_bytes:
             yield bucket
             bucket, size = [], 0
-        bucket.append((name, tensor))
+        bucket.extend(unit)
         size += nbytes
     if bucket:
         yield bucket
+
+
+def _units(named: Iterable[tuple[str, torch.Tensor]]) -> Iterator[list[tuple[str, torch.Tensor]]]:
+    """`named` as lists that must not be split: a lora_A with the lora_B after it, everything else alone."""
+    held: tuple[str, torch.Tensor] | None = None
+    for name, tensor in named:
+        if held is not None:
+            yield [held, (name, tensor)] if name.endswith(".lora_B.weight") else [held]
+            held = None
+            if name.endswith(".lora_B.weight"):
+                continue
+        if name.endswith(".lora_A.weight"):
+            held = (name, tensor)
+        else:
+            yield [(name, tensor)]
+    if held is not None:
+        yield [held]
 
 
 def cast_bucket(named: list[tuple[str, torch.Tensor]], dtype: torch.dtype | None) -> list[tuple[str, torch.Tensor]]:

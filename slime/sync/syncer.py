@@ -33,6 +33,7 @@ from slime.sync.transport import (
     shared_cpu_buffer,
     write_shard,
 )
+from slime.trainer.lora import served_parameters
 from slime.utils.http_utils import request_sync
 
 logger = logging.getLogger(__name__)
@@ -61,9 +62,12 @@ class WeightSyncer:
         disk_dir: str,
         dtype: str | None = None,
         pause_mode: str = "abort",
+        adapters_only: bool = False,
     ):
         """`dtype`: the engines' weight dtype; floating-point weights travel in it (None: as the trainer holds them).
-        `pause_mode`: abort or in_place (module docstring)."""
+        `pause_mode`: abort or in_place (module docstring). `adapters_only`: a LoRA policy sends its adapters, which
+        the engine merges itself (--lora-sync adapters), instead of the merged weights."""
+        self.adapters_only = adapters_only
         if pause_mode not in ("abort", "in_place"):
             raise ValueError(f"--weight-sync-pause-mode must be abort or in_place, not {pause_mode!r}")
         self.pause_mode = pause_mode
@@ -112,7 +116,7 @@ class WeightSyncer:
             if self.mode == "distributed" and self.group is None:
                 self._connect()
         try:
-            buckets = iter_buckets(model, self.buffer_bytes, self.dtype)
+            buckets = iter_buckets(served_parameters(model, self.adapters_only), self.buffer_bytes, self.dtype)
             for index in itertools.count():
                 t0 = time.monotonic()
                 bucket = next(buckets, None)  # all ranks: a collective per sharded parameter
@@ -129,7 +133,8 @@ class WeightSyncer:
                 if self.mode == "disk":
                     t1 = time.monotonic()
                     folder = publish_folder(self._disk_tmp, os.path.join(self.disk_dir, "latest"))
-                    self._all("/update_weights_from_disk", {"model_path": folder, "weight_version": version})
+                    body = {"model_path": folder, "weight_version": version, "partial": self.adapters_only}
+                    self._all("/update_weights_from_disk", body)
                     send += time.monotonic() - t1
                 # the version changes once every bucket is in: a sync that fails half-way leaves the old one
                 self._all("/update_weight_version", {"new_version": version, "abort_all_requests": False})

@@ -29,6 +29,7 @@ from slime.sync.syncer import WeightSyncer
 from slime.sync.transport import host_store, join_store
 from slime.trainer import checkpoint
 from slime.trainer.budget import token_budget
+from slime.trainer.lora import adapters_disabled, check_spec, lora_spec, write_spec
 from slime.trainer.loss import MicroBatch, critic_loss, micro_batch_loss, takes_pg_loss
 from slime.trainer.models import (
     compile_pointwise,
@@ -109,18 +110,25 @@ class TrainActor:
         torch.manual_seed(args.seed)
         dropout = dropout_overrides(args.hf_checkpoint, args.attention_dropout, args.hidden_dropout)
         self.dtype = compute_dtype(self.device, args.train_compute_dtype)
+        self.lora = lora_spec(args)  # None: every weight trains
         self.model = load_policy(
-            args.hf_checkpoint, self.device, mesh, True, args.activation_checkpointing, dropout, self.dtype
+            args.hf_checkpoint, self.device, mesh, True, args.activation_checkpointing, dropout, self.dtype, self.lora
         )
         self.model.train()
         self.optimizer, self.scheduler = build_optimizer(self.model, args, args.lr)
         needs_ref = args.use_kl_loss or args.kl_coef != 0
-        self.ref_model = self._load_reference(mesh) if needs_ref else None
+        # LoRA without --ref-load: the reference is the policy with its adapters switched off, not a second copy
+        self.ref_is_base = needs_ref and self.lora is not None and not args.ref_load
+        self.ref_model = self._load_reference(mesh) if needs_ref and not self.ref_is_base else None
         teacher = args.opd_teacher_load
         self.teacher = load_policy(teacher, self.device, mesh, False, dtype=self.dtype) if teacher else None
         # --keep-old-actor: the weights the engines serve (copied at every weight sync), for the old log-probs
         keep = args.keep_old_actor
-        self.old_actor = load_policy(args.hf_checkpoint, self.device, mesh, False, dtype=self.dtype) if keep else None
+        self.old_actor = (
+            load_policy(args.hf_checkpoint, self.device, mesh, False, dtype=self.dtype, lora=self.lora)
+            if keep
+            else None
+        )
         self.critic = None
         if ADVANTAGE_ESTIMATORS[args.advantage_estimator].needs_critic:
             self.critic = load_critic(args.critic_load or args.hf_checkpoint, self.device, mesh, self.dtype)
@@ -237,6 +245,9 @@ class TrainActor:
         for name, model in (("ref_log_probs", self.ref_model), ("teacher_log_probs", self.teacher)):
             if model is not None:
                 mine[name] = self._per_sample(model, data, indices_per_rank)
+        if self.ref_is_base:
+            with adapters_disabled(self.model):
+                mine["ref_log_probs"] = self._per_sample(self.model, data, indices_per_rank)
         if self.critic is not None:
             mine["values"] = self._per_sample(self.critic, data, indices_per_rank, values=True)
         gathered = self._gather(mine, n)
@@ -418,6 +429,7 @@ class TrainActor:
         seconds = time.monotonic() - start
         out = {(k if "/" in k else f"train/{k}"): v for k, v in totals.items()}
         out |= self._advantage_stats(cols)
+        out |= self._state_size()
         out.update(
             {
                 "train/lr": self.scheduler.get_last_lr()[0],
@@ -527,6 +539,16 @@ class TrainActor:
         optimizer.zero_grad(set_to_none=True)
         return norm
 
+    def _state_size(self) -> dict[str, float]:
+        """The policy's parameters that train, and the bytes of its training state over all ranks: fp32 weights,
+        plus gradient and two AdamW moments (fp32) of each trained parameter."""
+        params = list(self.model.parameters())
+        trained = sum(p.numel() for p in params if p.requires_grad)
+        return {
+            "train/trainable_parameters": trained,
+            "perf/train_state_bytes": 4 * sum(p.numel() for p in params) + 12 * trained,
+        }
+
     @torch.no_grad()
     def _param_norm(self) -> float:
         return total_norm([p.detach() for p in self.model.parameters()])
@@ -542,6 +564,7 @@ class TrainActor:
             disk_dir,
             dtype=a.rollout_engine_dtype,
             pause_mode=a.weight_sync_pause_mode,
+            adapters_only=self.lora is not None and a.lora_sync == "adapters",
         )
 
     def connect_engines(self, engine_urls: list[str]) -> None:
@@ -628,6 +651,8 @@ class TrainActor:
     def save(self, folder: str) -> None:
         """Write this rank's part of a checkpoint into the staging `folder` (every rank calls; see checkpoint.py)."""
         folder_ = Path(folder)
+        if self.lora is not None and self.rank == 0:
+            write_spec(folder_, self.lora, self.args.hf_checkpoint)
         for name, model, optimizer, _ in self._trained():
             checkpoint.save_model(model, None if self.args.no_save_optim else optimizer, folder_ / name)
         for name, model in self._copied():
@@ -651,6 +676,7 @@ class TrainActor:
     def load(self, folder: str) -> dict[str, Any]:
         """Restore weights, optimizer, schedulers, counters and RNG from a checkpoint written by any world size."""
         folder_, a = Path(folder), self.args
+        check_spec(folder_, self.lora)
         state = torch.load(folder_ / "trainer.pt", weights_only=False)
         loaded_optim = True
         for name, model, optimizer, scheduler in self._trained():
@@ -671,7 +697,9 @@ class TrainActor:
         return {"optimizer_loaded": loaded_optim, "saved_world_size": state["world_size"]}
 
     def export_hf(self, out: str) -> str | None:
-        path = checkpoint.export_hf(self.model, self.args.hf_checkpoint, out, self.rank)
+        path = checkpoint.export_hf(
+            self.model, self.args.hf_checkpoint, out, self.rank, self.lora, self.args.save_hf_merged
+        )
         dist.barrier()
         return str(path) if path else None
 

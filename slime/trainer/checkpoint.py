@@ -173,11 +173,14 @@ def save_model(model: torch.nn.Module, optimizer: torch.optim.Optimizer | None, 
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_state_dict
 
+    from slime.trainer.lora import state_dict_options, trained_entries
+
+    options = state_dict_options(model)  # LoRA: the adapters only, the frozen base is --hf-checkpoint
     if optimizer is None:
-        state = {"model": get_model_state_dict(model)}
+        state = {"model": trained_entries(model, get_model_state_dict(model, options=options))}
     else:
-        model_sd, optim_sd = get_state_dict(model, optimizer)
-        state = {"model": model_sd, "optim": optim_sd}
+        model_sd, optim_sd = get_state_dict(model, optimizer, options=options)
+        state = {"model": trained_entries(model, model_sd), "optim": optim_sd}
     dcp.save(state, checkpoint_id=str(folder))
 
 
@@ -195,17 +198,25 @@ def load_model(model: torch.nn.Module, optimizer: torch.optim.Optimizer | None, 
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
+    from slime.trainer.lora import state_dict_options, trained_entries
+
     if not (folder / ".metadata").exists():
         raise FileNotFoundError(f"{folder} holds no model shards (.metadata missing)")
     with_optim = optimizer is not None and "optim" in saved_keys(folder)
-    model_sd, optim_sd = get_state_dict(model, optimizer if with_optim else [])
+    options = state_dict_options(model)
+    model_sd, optim_sd = get_state_dict(model, optimizer if with_optim else [], options=options)
+    model_sd = trained_entries(model, model_sd)
     state = {"model": model_sd} | ({"optim": optim_sd} if with_optim else {})
     try:
         dcp.load(state, checkpoint_id=str(folder))
     except Exception as exc:  # noqa: BLE001 - DCP's own message lists the mismatched keys; say which checkpoint
         raise RuntimeError(f"{folder} does not fit this model (another architecture or size?): {exc}") from exc
     set_state_dict(
-        model, optimizer if with_optim else [], model_state_dict=state["model"], optim_state_dict=state.get("optim", {})
+        model,
+        optimizer if with_optim else [],
+        model_state_dict=state["model"],
+        optim_state_dict=state.get("optim", {}),
+        options=state_dict_options(model, strict=not options.ignore_frozen_params),
     )
     return with_optim
 
@@ -241,15 +252,53 @@ def write_json(path: Path, data: dict) -> None:
 
 
 # ---------------------------------------------------------------------------------------------- Hugging Face
-def export_hf(model: torch.nn.Module, tokenizer_source: str, out: str | os.PathLike, rank: int) -> Path | None:
+def export_hf(
+    model: torch.nn.Module, tokenizer_source: str, out: str | os.PathLike, rank: int, lora: Any = None,
+    merged: bool = False,
+) -> Path | None:  # fmt: skip
     """Write the policy as a Hugging Face folder (safetensors, config, tokenizer) at `out`, atomically. Collective
-    (the full weights are gathered to rank 0, on CPU); returns the folder on rank 0, None elsewhere."""
+    (the full weights are gathered to rank 0, on CPU); returns the folder on rank 0, None elsewhere. With LoRA
+    (`lora`: its LoraSpec) `out` is a PEFT adapter folder over `tokenizer_source` (the base model), and with
+    `merged` the merged model goes to `out/merged` too."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
-    full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    from slime.trainer.lora import adapter_parameters, merged_parameters
+
+    if lora is None:
+        full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        return write_hf_folder(model, full, tokenizer_source, Path(out)) if rank == 0 else None
+    adapters = {name: t.cpu() for name, t in adapter_parameters(model)}
+    full = {name: t.cpu() for name, t in merged_parameters(model)} if merged else None
     if rank != 0:
         return None
-    return write_hf_folder(model, full, tokenizer_source, Path(out))
+    write_adapter_folder(adapters, lora, tokenizer_source, Path(out))
+    if full is not None:
+        write_hf_folder(model, full, tokenizer_source, Path(out) / "merged")
+    return Path(out)
+
+
+def write_adapter_folder(adapters: dict[str, torch.Tensor], spec: Any, base: str, out: Path) -> Path:
+    """A PEFT adapter folder (adapter_config.json, adapter_model.safetensors) that `PeftModel.from_pretrained(base
+    model, out)` loads."""
+    from peft import LoraConfig
+    from safetensors.torch import save_file
+
+    staged = Path(str(out) + INCOMPLETE)
+    shutil.rmtree(staged, ignore_errors=True)
+    staged.mkdir(parents=True)
+    targets = spec.target_modules if isinstance(spec.target_modules, str) else list(spec.target_modules)
+    config = LoraConfig(
+        r=spec.rank, lora_alpha=spec.alpha, lora_dropout=spec.dropout, target_modules=targets,
+        base_model_name_or_path=str(base), task_type="CAUSAL_LM",
+    )  # fmt: skip
+    config.save_pretrained(staged)
+    save_file(
+        {f"base_model.model.{k}": v.contiguous() for k, v in adapters.items()}, staged / "adapter_model.safetensors"
+    )
+    if out.exists():
+        shutil.rmtree(out)
+    staged.rename(out)
+    return out
 
 
 def write_hf_folder(model: torch.nn.Module, state: dict[str, torch.Tensor], tokenizer_source: str, out: Path) -> Path:
@@ -282,6 +331,8 @@ def convert(checkpoint: str | os.PathLike, out: str | os.PathLike) -> Path:
     config_dir = folder / "hf_config"
     if not (config_dir / "config.json").exists():
         raise FileNotFoundError(f"{config_dir}/config.json is missing; the checkpoint cannot be converted")
+    if (folder / "lora.json").exists():
+        return _convert_lora(folder, Path(out))
     config = AutoConfig.from_pretrained(config_dir)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     state = {"model": model.state_dict()}
@@ -291,3 +342,30 @@ def convert(checkpoint: str | os.PathLike, out: str | os.PathLike) -> Path:
     model.load_state_dict(state["model"])
     model.tie_weights()
     return write_hf_folder(model, state["model"], str(config_dir), Path(out))
+
+
+def _convert_lora(folder: Path, out: Path) -> Path:
+    """A LoRA checkpoint: the PEFT adapter folder at `out` and the merged model at `out/merged`. The base model is
+    the one the run trained on (lora.json names it); it must still be there."""
+    import torch.distributed.checkpoint as dcp
+    from transformers import AutoModelForCausalLM
+
+    from slime.trainer.lora import LoraSpec, adapter_parameters, add_adapters, merged_parameters
+
+    saved = json.loads((folder / "lora.json").read_text())
+    base = saved.pop("base_model")
+    if not Path(base, "config.json").exists():
+        raise FileNotFoundError(f"{folder}: its LoRA adapters sit on {base}, which holds no config.json any more")
+    targets = saved["target_modules"]
+    spec = LoraSpec(
+        saved["rank"], saved["alpha"], saved["dropout"], targets if isinstance(targets, str) else tuple(targets)
+    )
+    model = add_adapters(AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32), spec)
+    state = {"model": {k: v for k, v in model.state_dict().items() if ".lora_" in k}}
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        dcp.load(state, checkpoint_id=str(folder / "policy"))
+    model.load_state_dict(state["model"], strict=False)
+    write_adapter_folder(dict(adapter_parameters(model)), spec, base, out)
+    write_hf_folder(model, dict(merged_parameters(model)), str(folder / "hf_config"), out / "merged")
+    return out

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from slime.trainer.attention import implementation_for
+from slime.trainer.lora import LoraSpec, add_adapters
 
 
 def local_shard(t: torch.Tensor) -> torch.Tensor:
@@ -84,11 +85,13 @@ def load_policy(
     checkpointing: str | int | None = None,
     overrides: dict | None = None,
     dtype: torch.dtype | None = None,
+    lora: LoraSpec | None = None,
 ) -> torch.nn.Module:
     """A causal LM with fp32 weights (the policy, or a frozen reference / teacher) computing in `dtype` (default:
     `compute_dtype(device)`); `overrides`: config values (dropout), `checkpointing`: see `checkpoint_layers`
-    (trained models only). On a 2-D ("dp", "tp") mesh the model is first
-    split by its own tensor-parallel plan over "tp" (transformers' `tp_plan`), then FSDP2-sharded over "dp"."""
+    (trained models only); `lora`: LoRA adapters injected before sharding, the rest frozen (slime.trainer.lora).
+    On a 2-D ("dp", "tp") mesh the model is first split by its own tensor-parallel plan over "tp" (transformers'
+    `tp_plan`), then FSDP2-sharded over "dp"."""
     from transformers import AutoModelForCausalLM
 
     kwargs = dict(dtype=torch.float32, attn_implementation=attention_for(path), **(overrides or {}))
@@ -98,6 +101,8 @@ def load_policy(
     else:
         model = AutoModelForCausalLM.from_pretrained(path, **kwargs).to(device)
     layer_classes = set(getattr(model, "_no_split_modules", None) or [])
+    if lora is not None:
+        model = add_adapters(model, lora)
     if trainable and checkpointing:
         checkpoint_layers(model, layer_classes, checkpointing)
     model = shard(model, layer_classes, mesh["dp"] if tensor_parallel else mesh, dtype or compute_dtype(device))

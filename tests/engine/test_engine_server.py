@@ -474,3 +474,63 @@ def test_server_takes_sglang_launch_server_spelling():
     assert (args.max_prefill_tokens, args.tp_size, args.mem_fraction_static) == (4096, 1, 0.6)
     with pytest.raises(SystemExit):
         parse_args(flags.replace("--tp 1", "--tp 2").split())
+
+
+def test_adapter_only_and_merged_syncs_serve_the_same_model(server, tiny_model_path, tmp_path):
+    """A LoRA policy synced as its adapters (the engine merges them into the weights it started with) and as
+    merged weights gives the same greedy tokens and log-probs; a second adapter update replaces the first rather
+    than adding to it; a whole-weight update afterwards restores the base exactly."""
+    from transformers import AutoModelForCausalLM
+
+    from slime.sync.syncer import WeightSyncer
+    from slime.trainer.lora import LoraSpec, add_adapters
+
+    greedy = {"input_ids": [1, 5, 9, 22, 40], "sampling_params": {"max_new_tokens": 8, "temperature": 0},
+              "return_logprob": True}  # fmt: skip
+
+    def answer():
+        out = call(server, "/generate", greedy)[1]
+        return out["output_ids"], [x[0] for x in out["meta_info"]["output_token_logprobs"]]
+
+    def sync(model, version, adapters_only):
+        # 1.5 KB buckets: a factor pair never travels apart (the engine needs both at once)
+        syncer = WeightSyncer([server.url], "tensor", 1536, 60, str(tmp_path), adapters_only=adapters_only)
+        try:
+            return syncer.sync(model, version, rank=0)
+        finally:
+            syncer.close()
+
+    def set_b(seed):
+        torch.manual_seed(seed)
+        with torch.no_grad():
+            for name, p in lora.named_parameters():
+                if ".lora_B." in name:
+                    p.normal_(0, 0.2)
+
+    base_model = AutoModelForCausalLM.from_pretrained(tiny_model_path)
+    sync(base_model, "base", False)
+    base = answer()
+    lora = add_adapters(AutoModelForCausalLM.from_pretrained(tiny_model_path), LoraSpec(4, 8.0, 0.0, "all-linear"))
+    try:
+        for seeds in ([0], [0, 1]):  # the second adapter update must replace the first, not pile onto it
+            sync(base_model, "base", False)  # what an engine starts with
+            for seed in seeds:
+                set_b(seed)
+                small = sync(lora, f"a{seed}", True)
+            by_adapters = answer()
+            full = sync(lora, f"m{seed}", False)
+            by_merged = answer()
+            assert small["sync/bytes"] < full["sync/bytes"] / 3
+            assert by_adapters[0] == by_merged[0] != base[0]
+            assert by_adapters[1] == pytest.approx(by_merged[1], abs=1e-4)
+        lora_a = {n: p for n, p in lora.named_parameters() if ".lora_A." in n}
+        bad = [(n.replace(".default", ""), t) for n, t in list(lora_a.items())[:1]]  # lora_A without its lora_B
+        syncer = WeightSyncer([server.url], "tensor", 1 << 20, 60, str(tmp_path))
+        try:
+            with pytest.raises(Exception, match="lora_A and lora_B come together"):
+                syncer._send(0, bad)
+        finally:
+            syncer.close()
+    finally:
+        sync(base_model, "base2", False)
+    assert answer() == base
