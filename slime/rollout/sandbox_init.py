@@ -101,28 +101,37 @@ def _enter_namespaces(layers: dict) -> str:
 def _build_root(root: str, tmp_mb: int) -> None:
     """A tmpfs root holding read-only binds of the system and this interpreter, a private /tmp and minimal /dev."""
     _mount(None, "/", None, MS_REC | MS_PRIVATE)  # nothing below propagates back to the host
-    _mount("tmpfs", root, "tmpfs", MS_NOSUID | MS_NODEV, "size=4m,mode=0755")
     binds = [p for p in SYSTEM_DIRS if os.path.lexists(p)]
     binds += sorted({os.path.realpath(p) for p in (sys.prefix, sys.base_prefix, sys.exec_prefix)})
     binds += [f"/etc/{name}" for name in ETC_FILES if os.path.exists(f"/etc/{name}")]
-    for path in binds:
-        inside = root + path
-        if os.path.islink(path):
-            os.makedirs(os.path.dirname(inside), exist_ok=True)
-            if not os.path.lexists(inside):
-                os.symlink(os.readlink(path), inside)
-            continue
-        if os.path.lexists(inside) and os.path.ismount(inside):
-            continue  # already visible through a parent bind (a prefix under /usr)
-        if any(path.startswith(other + "/") for other in binds if not os.path.islink(other)):
-            continue
-        if os.path.isdir(path):
-            os.makedirs(inside, exist_ok=True)
-        else:
-            os.makedirs(os.path.dirname(inside), exist_ok=True)
-            open(inside, "w").close()
-        _mount(path, inside, None, MS_BIND)
-        _mount(None, inside, None, MS_REMOUNT | MS_BIND | MS_RDONLY | MS_NOSUID | MS_NODEV)
+    # what each source is, and a descriptor to it, taken before the new root covers `root`: a source below it (an
+    # interpreter or virtual environment under /tmp) is then bound through /proc/self/fd, not its hidden path
+    links = {p: os.readlink(p) for p in binds if os.path.islink(p)}
+    dirs = {p for p in binds if p not in links and os.path.isdir(p)}
+    fds = {p: os.open(p, os.O_PATH | os.O_CLOEXEC) for p in binds if p not in links}
+    try:
+        _mount("tmpfs", root, "tmpfs", MS_NOSUID | MS_NODEV, "size=4m,mode=0755")
+        for path in binds:
+            inside = root + path
+            if path in links:
+                os.makedirs(os.path.dirname(inside), exist_ok=True)
+                if not os.path.lexists(inside):
+                    os.symlink(links[path], inside)
+                continue
+            if os.path.lexists(inside) and os.path.ismount(inside):
+                continue  # already visible through a parent bind (a prefix under /usr)
+            if any(path.startswith(other + "/") for other in binds if other not in links):
+                continue
+            if path in dirs:
+                os.makedirs(inside, exist_ok=True)
+            else:
+                os.makedirs(os.path.dirname(inside), exist_ok=True)
+                open(inside, "w").close()
+            _mount(f"/proc/self/fd/{fds[path]}", inside, None, MS_BIND)
+            _mount(None, inside, None, MS_REMOUNT | MS_BIND | MS_RDONLY | MS_NOSUID | MS_NODEV)
+    finally:
+        for fd in fds.values():
+            os.close(fd)
     _write(
         root + "/etc/passwd", f"root:x:0:0:root:/tmp:/bin/false\nnobody:x:{NOBODY}:{NOBODY}:nobody:/tmp:/bin/false\n"
     )

@@ -212,3 +212,14 @@ def test_a_kernel_without_namespaces_refuses_unless_weak_isolation_is_allowed():
     words = allowed.stdout.split()
     assert words[0] == "ran" and "'namespaces'" in allowed.stdout and "'filesystem'" in allowed.stdout, allowed
     assert "weak isolation" in allowed.stderr and "— refused" not in allowed.stderr
+
+
+def test_an_interpreter_under_tmp_gets_the_whole_boundary(tmp_path):
+    """The sandbox's new root is mounted over /tmp inside its namespace; an interpreter or virtual environment that
+    lives below /tmp (a clone or venv there) used to vanish under it and the sandbox refused to run anything."""
+    venv = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True, timeout=120)
+    assert str(venv).startswith(tempfile.gettempdir())
+    result = _run("import sys; print(sys.prefix, 6 * 7)", python=str(venv / "bin" / "python"))
+    assert result.ok and result.stdout.split()[1] == "42", result
+    assert result.stdout.split()[0] == str(venv) and result.layers["filesystem"].startswith("read-only root")
