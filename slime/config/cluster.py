@@ -212,11 +212,16 @@ def settle_router(args: Any) -> None:
     """Where the router listens: a running one the flags name, or one the run starts on a port chosen now, so every
     process (and every slime-style hook reading args.sglang_router_ip / _port) knows it from the start. A port chosen
     here stays reserved by this process until the run ends (`release_port`), so nothing else takes it meanwhile."""
-    from slime.utils.http_utils import reserve_port
+    import weakref
+
+    from slime.utils.http_utils import release_port, reserve_port
 
     args.launch_router = args.sglang_router_ip is None
     args.sglang_router_ip = args.sglang_router_ip or "127.0.0.1"
-    args.sglang_router_port = args.sglang_router_port or reserve_port(args.sglang_router_ip)
+    if not args.sglang_router_port:
+        args.sglang_router_port = reserve_port(args.sglang_router_ip)
+        # settled flags that never run (a notebook, a tool, a test) give the port back when they are dropped
+        weakref.finalize(args, release_port, args.sglang_router_ip, args.sglang_router_port)
 
 
 def placement_line(args: Any) -> str:

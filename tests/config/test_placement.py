@@ -102,3 +102,23 @@ def test_colocate_with_own_engine_gpus_is_refused_at_parse_time(capsys):
     with pytest.raises(SystemExit):
         _args("--colocate", "--rollout-num-gpus", "2")
     assert "--rollout-num-gpus 2 asks for another count" in capsys.readouterr().err
+
+
+def test_settled_flags_that_never_run_give_their_router_port_back(tiny_model_path):
+    """The router's port is reserved (a bound socket) when the flags are settled; flags dropped without a run
+    release it, so settling many configurations leaks no sockets."""
+    import gc
+    import os
+
+    from slime.config.arguments import parse_args
+    from slime.utils.http_utils import _RESERVED
+
+    flags = ["--hf-checkpoint", tiny_model_path, "--prompt-data", "builtin:arithmetic:train:8:0", "--rm-type", "math"]
+    gc.collect()
+    before = len(os.listdir("/proc/self/fd"))
+    for _ in range(30):
+        args = parse_args(flags)
+        assert ("127.0.0.1", args.sglang_router_port) in _RESERVED
+    del args
+    gc.collect()
+    assert len(os.listdir("/proc/self/fd")) - before < 5
