@@ -16,6 +16,7 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
+from slime.data.dataset import DataError, _rows
 from slime.rollout.rm_hub.math_utils import last_boxed
 
 
@@ -84,25 +85,18 @@ RECIPES: dict[str, DatasetRecipe] = {
 
 
 def _read_source(path: str) -> Iterator[tuple[str, dict[str, Any]]]:
-    """(where, row) of a local JSONL, JSON (a list of rows) or Parquet file."""
-    if path.endswith(".parquet"):
-        import pyarrow.parquet as pq
-
-        for i, row in enumerate(pq.read_table(path).to_pylist()):
-            yield f"{path} row {i}", row
-        return
-    with open(path) as f:
-        text = f.read()
-    if text.lstrip().startswith("["):
-        for i, row in enumerate(json.loads(text)):
-            yield f"{path} item {i}", row
-        return
-    for n, line in enumerate(text.splitlines(), 1):
-        if line.strip():
-            try:
-                yield f"{path}:{n}", json.loads(line)
-            except ValueError as exc:
-                raise PrepareError(f"{path}:{n}: not a JSON line ({exc})") from exc
+    """(where, row) of a local JSONL or Parquet file (read as prompt data is) or a JSON list of rows."""
+    if not path.endswith(".parquet"):
+        with open(path) as f:
+            text = f.read()
+        if text.lstrip().startswith("["):
+            for i, row in enumerate(json.loads(text)):
+                yield f"{path} item {i}", row
+            return
+    for line, row in _rows(path):
+        if isinstance(row, DataError):
+            raise PrepareError(str(row))
+        yield f"{path}:{line}", row
 
 
 def _read_hub(recipe: DatasetRecipe, split: str) -> Iterator[tuple[str, dict[str, Any]]]:
@@ -180,7 +174,7 @@ def main(argv: list[str] | None = None) -> None:
     args = p.parse_args(argv)
     try:
         n = prepare(args.name, args.output, args.source, args.split, args.prompt_suffix, args.limit)
-    except (PrepareError, OSError) as exc:
+    except (PrepareError, DataError, OSError) as exc:
         p.exit(1, f"slime data prepare: {exc}\n")
     print(f"wrote {n} rows to {args.output}")
 
