@@ -33,8 +33,17 @@ from slime.rollout.manager import RolloutManager
 from slime.trainer import checkpoint
 from slime.utils.http_utils import release_port
 
-STOP = threading.Event()  # set by a first Ctrl-C while steps run (see main): stop after this step's checkpoint
-STEPPING = threading.Event()  # steps are running: a Ctrl-C can wait for the step to end instead of cutting it
+STOP = threading.Event()  # set by a first Ctrl-C while steps run (see main): cut the rollout, checkpoint, stop
+STEPPING = threading.Event()  # steps are running: a Ctrl-C can wait for a training step to end instead of cutting it
+CUT_PATIENCE_S = 10.0  # how long a stopped rollout may take to come back before the run stops without it
+
+
+class RolloutCut(Exception):
+    """A first Ctrl-C came while rollout `rollout_id` generated: it was stopped, nothing of it is trained."""
+
+    def __init__(self, rollout_id: int, returned: bool):
+        super().__init__(f"rollout {rollout_id} cut short")
+        self.rollout_id, self.returned = rollout_id, returned
 
 
 def train(args: Settings) -> dict:
@@ -91,16 +100,22 @@ def train(args: Settings) -> dict:
         steps = overlapped_steps if args.async_train else synchronous_steps
         progress = dict(total=args.num_rollout - start, desc="rollout", unit="step", file=sys.stdout)
         STEPPING.set()
-        for rollout_id, metrics in tqdm(steps(args, start, trainer, manager), **progress):
-            last["rollout"] = log(metrics_log, rollout_id, metrics)
-            done = rollout_id + 1
-            due = args.save and ((args.save_interval and done % args.save_interval == 0) or done == args.num_rollout)
-            if due or (STOP.is_set() and args.save):
-                save(args, rollout_id, trainer, manager)
-            if STOP.is_set():
-                raise KeyboardInterrupt
-            if has_eval and args.eval_interval and (done % args.eval_interval == 0 or done == args.num_rollout):
-                last["eval"] = log(metrics_log, done, evaluate(args, manager, done))
+        saved_through = start - 1  # the last step a checkpoint holds (a resumed run starts after its checkpoint)
+        try:
+            for rollout_id, metrics in tqdm(steps(args, start, trainer, manager), **progress):
+                last["rollout"] = log(metrics_log, rollout_id, metrics)
+                done = rollout_id + 1
+                due = (args.save_interval and done % args.save_interval == 0) or done == args.num_rollout
+                if args.save and (due or STOP.is_set()):
+                    save(args, rollout_id, trainer, manager)
+                    saved_through = rollout_id
+                if STOP.is_set():
+                    raise KeyboardInterrupt
+                if has_eval and args.eval_interval and (done % args.eval_interval == 0 or done == args.num_rollout):
+                    last["eval"] = log(metrics_log, done, evaluate(args, manager, done))
+        except RolloutCut as cut:
+            checkpoint_cut(args, cut, saved_through, trainer, manager)
+            raise KeyboardInterrupt from None
     finally:
         STEPPING.clear()
         # Ctrl-C: --async always has a rollout in flight, which the manager would finish before shutting down
@@ -130,6 +145,31 @@ def wait(ref, timeout: float, what: str):
         raise TimeoutError(f"waited {timeout:.0f}s for {what}") from exc
 
 
+def wait_rollout(args, manager, ref, rollout_id: int) -> dict:
+    """Rollout `rollout_id`'s result; a first Ctrl-C meanwhile stops it (RolloutCut) instead of waiting for it."""
+    deadline = time.monotonic() + args.rollout_timeout
+    while not ray.wait([ref], timeout=0.25)[0]:
+        if STOP.is_set():
+            manager.stop_rollout.remote()
+            raise RolloutCut(rollout_id, returned=bool(ray.wait([ref], timeout=CUT_PATIENCE_S)[0]))
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"waited {args.rollout_timeout:.0f}s for rollout {rollout_id}")
+    return ray.get(ref)
+
+
+def checkpoint_cut(args, cut: RolloutCut, saved_through: int, trainer: TrainGroup | None, manager) -> None:
+    """After a cut rollout: checkpoint the last trained step under --save, unless a checkpoint already holds it,
+    with the data source put back to before the cut rollout so a resumed run generates it again."""
+    last_trained = cut.rollout_id - 1
+    if not args.save or last_trained <= saved_through:
+        return
+    if cut.returned and wait(manager.rewind.remote(cut.rollout_id), 60, "the rollout manager"):
+        save(args, last_trained, trainer, manager)
+        return
+    why = "it did not stop in time" if not cut.returned else "its data source cannot be put back"
+    print(f"\nrollout {cut.rollout_id} was cut short and {why}: step {last_trained} is not checkpointed", flush=True)
+
+
 def synchronous_steps(args, start: int, trainer: TrainGroup | None, manager) -> Iterator[tuple[int, dict]]:
     """Rollout, train, sync, one after the other: every sample is trained on the weights that generated it."""
     for rollout_id in range(start, args.num_rollout):
@@ -140,7 +180,7 @@ def step(args, rollout_id: int, trainer: TrainGroup | None, manager) -> dict:
     """One rollout, the training on it and the weight sync; returns the step's metrics. Under --offload-rollout
     engines free their memory for the training, under --offload-train the trainer comes back from CPU for it."""
     start = time.monotonic()
-    rollout = wait(manager.generate.remote(rollout_id), args.rollout_timeout, f"rollout {rollout_id}")
+    rollout = wait_rollout(args, manager, manager.generate.remote(rollout_id), rollout_id)
     rollout_seconds = time.monotonic() - start
     metrics = dict(rollout["metrics"]) | {"perf/rollout_seconds": rollout_seconds}
     if trainer is not None:
@@ -176,7 +216,7 @@ def overlapped_steps(args, start: int, trainer: TrainGroup, manager) -> Iterator
     previous_train = (last_end, last_end)  # (start, end) wall times of the last training, to measure the overlap
     for rollout_id in range(start, args.num_rollout):
         begin = step_start = time.monotonic()
-        rollout = wait(pending, args.rollout_timeout, f"rollout {rollout_id}")
+        rollout = wait_rollout(args, manager, pending, rollout_id)
         trainer_idle = time.monotonic() - begin
         generated = rollout["generated"]
         nxt = rollout_id + 1
@@ -334,7 +374,11 @@ def main(argv: list[str] | None = None) -> None:
             raise KeyboardInterrupt
         STOP.set()
         then = "write a checkpoint and stop" if args.save else "stop"
-        print(f"\nCtrl-C: the step under way will finish, then {then}; Ctrl-C again to stop at once", flush=True)
+        print(
+            f"\nCtrl-C: a rollout under way is cut short (a training step under way finishes), then {then}; "
+            "Ctrl-C again to stop at once",
+            flush=True,
+        )
 
     signal.signal(signal.SIGINT, on_ctrl_c)
     try:

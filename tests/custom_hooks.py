@@ -271,3 +271,12 @@ def record_entropy(args, rollout_id: int, rollout_data: dict) -> None:
     entropy = rollout_data["entropy"]
     ok = [tuple(e.shape) == (r,) for e, r in zip(entropy, rollout_data["response_lengths"], strict=True)]
     _record(args, hook="entropy", all_shaped=all(ok), positive=all(bool((e > 0).all()) for e in entropy))
+
+
+async def stalls_after_first_rollout(args, sample: Sample, **kwargs) -> float:
+    """token_reward in rollout 0; from rollout 1 on, grading stalls for 10 minutes: a rollout only a stop ends."""
+    import asyncio
+
+    if sample.metadata.get("start_rollout_id", 0) >= 1:
+        await asyncio.sleep(600)
+    return await token_reward(args, sample)

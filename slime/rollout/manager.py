@@ -17,12 +17,14 @@ import ray
 from slime.engine.fleet import Endpoints, EngineFleet
 from slime.observe.eval_metrics import dataset_metrics
 from slime.observe.metrics import sample_records
+from slime.rollout import sglang_rollout  # its ROLLOUT_STOP by module: Ray pickles this class, not an Event
 from slime.rollout.base_types import RolloutFnEvalOutput, RolloutFnTrainOutput
 from slime.rollout.fully_async_rollout import unserved_groups
 from slime.rollout.sandbox import allow_weak_sandbox
 from slime.rollout.scoring import reward_key
-from slime.rollout.sglang_rollout import rollout_metrics
+from slime.rollout.sglang_rollout import RolloutStopped, abort_all, rollout_metrics
 from slime.rollout.staleness import set_engine_version, split_stale, staleness_metrics
+from slime.utils.async_utils import run
 from slime.utils.misc import load_function
 from slime.utils.types import Sample, TrainBatch, trajectory_numbers
 
@@ -127,7 +129,7 @@ def _post_processed(out: Any, n: int, path: str) -> list[float]:
     return rewards
 
 
-@ray.remote
+@ray.remote(concurrency_groups={"control": 1})  # stop_rollout must run while generate does
 class RolloutManager:
     """Owns the data source, the engine fleet and the rollout, eval and reward hooks; hands each rollout to the
     trainer as a TrainBatch."""
@@ -147,6 +149,7 @@ class RolloutManager:
         self.trainer_actors: list = []  # set by attach_trainer: they push weights to a restarted engine
         self.weight_version: str | None = None  # None: engines still serve --hf-checkpoint
         self.untrained: dict[int, dict] = {}  # --async: rollouts generated ahead of the step that trains them
+        self.before_rollout: tuple[int, bytes] | None = None  # (rollout id, data source state as it began)
         self.fleet = None  # --debug-train-only: nothing generates
         if not args.debug_train_only:
             self.fleet = EngineFleet(args, gpus)  # the engines boot while the data and the hooks load
@@ -228,10 +231,14 @@ class RolloutManager:
         if rollout_id in self.untrained:  # generated before a checkpoint this run resumed from
             return self.untrained[rollout_id]
         start, started_at = time.monotonic(), time.time()
+        if hasattr(self.data_source, "state_dict"):  # a rollout cut short by a stop is rewound to here
+            self.before_rollout = (rollout_id, pickle.dumps(self.data_source.state_dict()))
         if self.args.load_debug_rollout_data:
             out, health = load_debug_rollout_data(self.args, rollout_id), {}
         else:
             out, health = self._watched(lambda: self.rollout_fn(self.args, rollout_id, self.data_source))
+        if sglang_rollout.ROLLOUT_STOP.is_set():  # a custom rollout function may return what it has once aborted
+            raise RolloutStopped(f"rollout {rollout_id} stopped: the run is stopping")
         if isinstance(out, RolloutFnTrainOutput):
             groups, metrics = out.samples, dict(out.metrics)
         else:  # a custom rollout function may return the groups alone
@@ -277,6 +284,24 @@ class RolloutManager:
         if self.args.async_train:  # generated ahead of its training: a checkpoint taken meanwhile must hold it
             self.untrained[rollout_id] = rollout
         return rollout
+
+    @ray.method(concurrency_group="control")
+    def stop_rollout(self) -> None:
+        """The run is stopping (Ctrl-C): the rollout under way ends within a second and the engines abort what
+        they run, so the driver can checkpoint the last trained step instead of waiting for this rollout."""
+        sglang_rollout.ROLLOUT_STOP.set()
+        if self.fleet is not None:
+            run(abort_all(self.fleet.endpoints().engine_urls), timeout=60)
+
+    def rewind(self, rollout_id: int) -> bool:
+        """Put the data source back where it stood before rollout `rollout_id` began (a rollout cut short by a
+        stop), so a checkpoint taken now serves its prompts again. False when that cannot be done: the data
+        source keeps no state_dict, or a fully-async worker holds groups drawn meanwhile."""
+        if self.before_rollout is None or self.before_rollout[0] != rollout_id or unserved_groups(self.data_source):
+            return False
+        self.data_source.load_state_dict(pickle.loads(self.before_rollout[1]))
+        self.untrained.pop(rollout_id, None)
+        return True
 
     def trained(self, rollout_id: int) -> None:
         """Rollouts up to `rollout_id` are trained: checkpoints no longer need to hold them."""

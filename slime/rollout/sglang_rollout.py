@@ -14,6 +14,7 @@ import contextvars
 import hashlib
 import inspect
 import logging
+import threading
 import time
 from collections import Counter
 from collections.abc import Callable
@@ -117,6 +118,13 @@ class _GenState:
 
 
 _STATE: contextvars.ContextVar[_GenState] = contextvars.ContextVar("slime_generate_state")
+# Set (by the rollout manager) when the run is stopping (Ctrl-C): the rollout under way ends at once instead of
+# generating to the end. Never cleared: a stopped run does not roll out again in this process.
+ROLLOUT_STOP = threading.Event()
+
+
+class RolloutStopped(RuntimeError):
+    """The rollout was cut short because the run is stopping; nothing of it is trained."""
 
 
 class GenerateState:
@@ -212,7 +220,7 @@ async def generate_and_rm(
     if getattr(args, "sglang_enable_deterministic_inference", False):
         params["sampling_seed"] = sampling_seed(args, sample, evaluation)
     async with state.semaphore:
-        if state.aborted:
+        if state.aborted or ROLLOUT_STOP.is_set():
             sample.status = Sample.Status.ABORTED
             return sample
         try:
@@ -274,15 +282,9 @@ async def _abort_engines(args: Any, pending: set[asyncio.Task], timeout: float) 
     router = router_url(args)
     deadline = time.monotonic() + timeout
 
-    async def abort(worker: str) -> None:
-        try:
-            await post(f"{worker}/abort_request", {"abort_all": True}, max_retries=2, timeout=30)
-        except (ConnectionError, TimeoutError, HTTPError) as exc:  # a dead engine has nothing left to abort
-            logger.warning("abort_request to %s failed: %s", worker, exc)
-
     while pending:
         workers = [w["url"] for w in (await get(f"{router}/workers", timeout=30))["workers"]]
-        await asyncio.gather(*(abort(w) for w in workers))
+        await abort_all(workers)
         _, pending = await asyncio.wait(pending, timeout=0.5)
         if pending and time.monotonic() > deadline:
             for task in pending:
@@ -290,6 +292,18 @@ async def _abort_engines(args: Any, pending: set[asyncio.Task], timeout: float) 
             raise TimeoutError(
                 f"{len(pending)} groups still generating {timeout:.0f}s after aborting every engine behind {router}"
             )
+
+
+async def abort_all(engine_urls: list[str]) -> None:
+    """Ask every engine to abort everything it runs (its requests come back with finish reason "abort")."""
+
+    async def abort(worker: str) -> None:
+        try:
+            await post(f"{worker}/abort_request", {"abort_all": True}, max_retries=2, timeout=30)
+        except (ConnectionError, TimeoutError, HTTPError) as exc:  # a dead engine has nothing left to abort
+            logger.warning("abort_request to %s failed: %s", worker, exc)
+
+    await asyncio.gather(*(abort(w) for w in engine_urls))
 
 
 def _fresh(sample: Sample) -> Sample:
@@ -377,7 +391,9 @@ async def _train_rollout(args: Any, rollout_id: int, data_source: Any) -> Rollou
                         resumed += bool(s.response_length)
                     pending.add(asyncio.create_task(generate_and_rm_group(args, group, params)))
                     submitted += 1
-            done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+            done, pending = await asyncio.wait(pending, timeout=0.5, return_when=asyncio.FIRST_COMPLETED)
+            if ROLLOUT_STOP.is_set():
+                raise RolloutStopped(f"rollout {rollout_id} stopped: the run is stopping")
             for i, task in enumerate(done):
                 group = task.result()
                 alive = len(kept) + len(pending) + len(done) - i  # this group and the ones not judged yet

@@ -155,13 +155,46 @@ def test_ctrl_c_stops_an_async_run_cleanly(tiny_model_path, tmp_path):
     text = (tmp_path / "log").read_text()
     assert "Traceback" not in text, text[-3000:]
     assert f"continue with --load {out / 'ckpt'}" in text and "interrupted: trainer, engines and router stopped" in text
-    assert "Ctrl-C: the step under way will finish, then write a checkpoint and stop" in text
+    assert "Ctrl-C: a rollout under way is cut short (a training step under way finishes), then write a" in text
     last = len(_metrics(out)) - 1
     assert (out / "ckpt" / checkpoint.POINTER).read_text() == str(last) and last >= 1
     deadline = time.monotonic() + 30
     while (left := _processes(*words) - before) and time.monotonic() < deadline:
         time.sleep(0.5)
     assert not left
+
+
+def test_ctrl_c_cuts_a_rollout_short_and_checkpoints_the_last_trained_step(tiny_model_path, tmp_path):
+    """Ctrl-C while a rollout generates (train.py; its grading stalls for 10 minutes): the run stops in seconds, not
+    after the rollout, with the last trained step checkpointed and the data source put back to before the cut
+    rollout, so a resumed run generates those prompts again."""
+    out = tmp_path / "run"
+    extra = ["--num-rollout", "100", "--save", str(out / "ckpt"), "--save-interval", "1000"]
+    cmd = [sys.executable, "train.py", *_loop_args(tiny_model_path, out, *extra)]
+    cmd[cmd.index("tests.custom_hooks.token_reward")] = "tests.custom_hooks.stalls_after_first_rollout"
+    with open(tmp_path / "log", "w") as log:
+        proc = subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        try:
+            deadline = time.monotonic() + 300
+            while not (out / "metrics.jsonl").exists() or len(_metrics(out)) < 1:
+                assert proc.poll() is None and time.monotonic() < deadline, (tmp_path / "log").read_text()[-3000:]
+                time.sleep(0.1)
+            time.sleep(1.0)  # rollout 1 is generating (its grading stalls)
+            sent = time.monotonic()
+            os.killpg(proc.pid, signal.SIGINT)
+            assert proc.wait(timeout=120) == 130
+            stopped_after = time.monotonic() - sent
+        finally:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+    text = (tmp_path / "log").read_text()
+    assert "Traceback" not in text, text[-3000:]
+    assert stopped_after < 30, f"{stopped_after:.1f}s from Ctrl-C to exit"  # a stalled rollout would take 600 s
+    assert len(_metrics(out)) == 1 and (out / "ckpt" / checkpoint.POINTER).read_text() == "0"
+    with open(out / "ckpt" / "iter_0000000" / "data_source.pkl", "rb") as f:
+        state = pickle.load(f)
+    assert state["offset"] == 4 and state["buffer"] == []  # rollout 0 took prompts 0-3; rollout 1's come again
+    assert f"continue with --load {out / 'ckpt'}" in text
 
 
 KILL_DURING_SAVE = textwrap.dedent("""
