@@ -360,6 +360,8 @@ class TrainActor:
         """All optimizer steps of one rollout. Returns metrics averaged over the steps."""
         a, start, world = self.args, time.monotonic(), self.world_size
         g = a.global_batch_size
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats()
         critic_only = rollout_id < a.num_critic_only_steps  # --num-critic-only-steps: the policy waits
         steps, denominators = trajectory_steps(data, g)
         lengths = [len(t) for t in data.tokens]
@@ -430,6 +432,8 @@ class TrainActor:
         out = {(k if "/" in k else f"train/{k}"): v for k, v in totals.items()}
         out |= self._advantage_stats(cols)
         out |= self._state_size()
+        if self.device.type == "cuda":  # weights, gradients, optimizer state and activations at their highest
+            out["perf/train_peak_memory_gb"] = torch.cuda.max_memory_allocated() / 2**30
         out.update(
             {
                 "train/lr": self.scheduler.get_last_lr()[0],
