@@ -303,6 +303,29 @@ def test_an_oversized_body_is_413_before_it_is_read(server):
     assert status == 200 and len(out["output_ids"]) == 2
 
 
+def test_a_long_text_is_tokenised_without_stalling_health(server):
+    """A /generate text of 6 MB (the review's 4.8 MB one blocked /health for 11.5 s) is tokenised off the event
+    loop: /health answers within a second all along, and the prompt is then refused as longer than the context."""
+    text = "the quick brown fox jumps over the lazy dog " * 140_000
+    result = {}
+
+    def long_request():
+        result["answer"] = call(server, "/generate", {"text": text, "sampling_params": {"max_new_tokens": 1}})
+
+    worker = threading.Thread(target=long_request)
+    worker.start()
+    latencies = []
+    while worker.is_alive():
+        t0 = time.monotonic()
+        assert call(server, "/health", method="GET", timeout=30)[0] == 200
+        latencies.append(time.monotonic() - t0)
+        time.sleep(0.05)
+    worker.join()
+    assert len(latencies) >= 3 and max(latencies) < 1.0, latencies  # tokenising 6 MB takes seconds
+    status, body = result["answer"]
+    assert status == 400 and "context" in json.dumps(body), body
+
+
 def test_control_endpoints(server):
     assert call(server, "/health", method="GET")[0] == 200
     assert call(server, "/health_generate", method="GET")[0] == 200
