@@ -35,6 +35,9 @@ VARIANTS = {  # name -> (extra flags, learning rate)
     "full": ([], "1e-6"),
     "lora": (["--lora-rank", str(RANK)], "1e-5"),
     "lora_adapters": (["--lora-rank", str(RANK), "--lora-sync", "adapters"], "1e-5"),
+    # where LoRA's extra training time goes: the same without the compiled norm/MLP/rotary kernels
+    "full_eager": (["--train-compile", "off"], "1e-6"),
+    "lora_adapters_eager": (["--lora-rank", str(RANK), "--lora-sync", "adapters", "--train-compile", "off"], "1e-5"),
 }
 MEANS = {  # result key -> metrics.jsonl key, averaged over the timed steps
     "step_seconds": "perf/step_seconds",
@@ -101,10 +104,13 @@ def main() -> None:
     p.add_argument("out_dir")
     p.add_argument("--real", nargs=2, metavar=("MODEL_DIR", "DATA_DIR"), help="real SmolLM2 weights and data")
     p.add_argument("--models", default="smollm2,qwen3-0.6b")
-    p.add_argument("--variants", default=",".join(VARIANTS))
+    p.add_argument("--variants", default="full,lora,lora_adapters", help="of: " + ", ".join(VARIANTS))
+    p.add_argument("--steps", type=int, default=STEPS, help="GRPO steps per run (the first compiles, untimed)")
+    p.add_argument("--out-name", default="lora_gpu.json")
     a = p.parse_args()
-    out_file = Path(a.out_dir) / "lora_gpu.json"
-    result = {"benchmark": "lora_gpu", "date": time.strftime("%Y-%m-%d"), "steps": STEPS, "lora_rank": RANK}
+    globals()["STEPS"] = a.steps
+    out_file = Path(a.out_dir) / a.out_name
+    result = {"benchmark": "lora_gpu", "date": time.strftime("%Y-%m-%d"), "steps": a.steps, "lora_rank": RANK}
     result |= {"workload": f"{PROMPTS} prompts x 8 samples, <= {NEW_TOKENS} new tokens", "models": {}}
     result["commit"] = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
     with tempfile.TemporaryDirectory() as tmp:

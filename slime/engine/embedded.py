@@ -98,8 +98,9 @@ class EmbeddedEngine:
         self._rid_counter = itertools.count()
         self._done: list[Request] = []  # finished this iteration, callbacks not yet run
         self._stepping: list[Request] = []  # admitted this iteration but not yet among the rows (padded backend)
-        # LoRA updates (X.lora_A/B.weight): each adapted weight as it was before the first one, on the host, so every
-        # update serves base + B @ A exactly instead of piling deltas onto deltas
+        # LoRA updates (X.lora_A/B.weight): each adapted weight as it was before the first one (where it lives, in its
+        # dtype: exact, and no host round trip per update), so every update serves base + B @ A exactly instead of
+        # piling deltas onto deltas
         self._lora_base: dict[str, torch.Tensor] = {}
         self.stats = {
             "generated_tokens": 0,
@@ -338,9 +339,9 @@ class EmbeddedEngine:
                 target = params[name]
                 base = self._lora_base.get(name)
                 if base is None:
-                    base = self._lora_base[name] = target.detach().to("cpu", torch.float32, copy=True)
+                    base = self._lora_base[name] = target.detach().clone()
                 a, b = (ab[k].to(target.device, torch.float32) for k in ("A", "B"))
-                target.copy_(base.to(target.device) + b @ a)
+                target.copy_(torch.addmm(base.float(), b, a))
         count = len(targets) + 2 * len(pairs)
         if weight_version is not None:
             self._set_version(str(weight_version))
