@@ -50,6 +50,14 @@ def add_cluster_arguments(p: argparse.ArgumentParser) -> None:
         help="HOST:PORT of engine servers started elsewhere (slime-serve, or servers speaking the same protocol): "
         "the run uses them instead of starting engines, registers them with the router and syncs weights to them",
     )
+    g.add_argument(
+        "--rollout-backend",
+        choices=["embedded", "vllm"],
+        default="embedded",
+        help="the engine servers: embedded (this project's engine) or vllm (vLLM's server behind an SGLang-protocol "
+        "front, slime.engine.vllm_adapter; vLLM must be importable by this interpreter or by $SLIME_VLLM_PYTHON; "
+        "weights sync from disk; docs/backends.md)",
+    )
     g.add_argument("--sglang-server-concurrency", type=int, default=512, help="in-flight requests per engine, at most")
     g.add_argument("--router-policy", default="cache_aware", help="sglang-router policy (cache_aware, round_robin, …)")
     g.add_argument(
@@ -123,6 +131,18 @@ def validate_cluster(args: Any, parser: argparse.ArgumentParser) -> None:
         args.rollout_external_engine_addrs = [
             a.rstrip("/") if "://" in a else f"http://{a.rstrip('/')}" for a in args.rollout_external_engine_addrs
         ]
+    if args.rollout_backend == "vllm":
+        refused = [f for f, on in (("--colocate", args.colocate), ("--offload-rollout", args.offload_rollout)) if on]
+        if refused:
+            parser.error(f"--rollout-backend vllm: {refused[0]} needs engines that release memory, not wired for vLLM")
+        if args.update_weight_mode not in (None, "disk"):
+            parser.error(
+                f"--rollout-backend vllm syncs weights from disk (vLLM's reload); --update-weight-mode "
+                f"{args.update_weight_mode} is not wired for it: drop it or use disk"
+            )
+        args.update_weight_mode = "disk"
+        if getattr(args, "lora_sync", "merged") == "adapters":
+            parser.error("--rollout-backend vllm takes merged weights: drop --lora-sync adapters")
     if args.sglang_router_ip and args.sglang_router_port is None:
         parser.error("--sglang-router-ip names a running router: give its --sglang-router-port too")
     if args.colocate and not args.debug_train_only:  # as in slime: colocated engines and trainer take turns

@@ -87,6 +87,7 @@ class EngineFleet:
             startup_timeout=600,
             device=a.rollout_device,
             gpu=self.engine_gpus[index],
+            rollout_backend=a.rollout_backend,
             **train_values(a),
         )
 

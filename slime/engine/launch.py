@@ -163,17 +163,25 @@ def launch_engine(
     restart: int = 0,
     device: str = "cpu",
     gpu: str | None = None,
+    rollout_backend: str = "embedded",
     **options: Any,
 ) -> ServerProcess:
-    """Start one embedded engine server (`python -m slime.engine.server`) on a free port. `restart` > 0 names the
-    log of a replacement for engine `index` (engine-<index>-restart<n>.log), so the dead one's log is kept. `gpu`:
-    the physical GPU id it may see (CUDA_VISIBLE_DEVICES; it runs on cuda:0 then). `options`: engine options by
-    name (slime.engine.options, e.g. dtype="bfloat16", num_threads=2, max_running_requests=32)."""
+    """Start one engine server on a free port: the embedded engine (`python -m slime.engine.server`), or for
+    `rollout_backend="vllm"` the SGLang-protocol front that runs vLLM behind it (`slime.engine.vllm_adapter`).
+    `restart` > 0 names the log of a replacement for engine `index` (engine-<index>-restart<n>.log), so the dead
+    one's log is kept.
+    `gpu`: the physical GPU id it may see (CUDA_VISIBLE_DEVICES; it runs on cuda:0 then). `options`: engine options
+    by name (slime.engine.options, e.g. dtype="bfloat16", num_threads=2, max_running_requests=32)."""
     sock = socket.create_server((host, 0))  # bound and listening now; the server inherits it (--listen-fd)
     port = sock.getsockname()[1]
-    cmd = [sys.executable, "-m", "slime.engine.server", "--model-path", model_path, "--host", host, "--port", str(port)]
-    cmd += ["--listen-fd", str(sock.fileno())]
-    cmd += ["--seed", str(seed + index), "--parent-pid", str(os.getpid()), "--device", device, *command_flags(options)]
+    module = {"embedded": "slime.engine.server", "vllm": "slime.engine.vllm_adapter"}[rollout_backend]
+    cmd = [sys.executable, "-m", module, "--model-path", model_path, "--host", host, "--port", str(port)]
+    cmd += ["--listen-fd", str(sock.fileno()), "--seed", str(seed + index), "--parent-pid", str(os.getpid())]
+    if rollout_backend == "vllm":  # vLLM takes its own options; these are the ones the run sets that it has too
+        cmd += ["--device", device, "--dtype", options.get("dtype") or "bfloat16"]
+        cmd += ["--max-running-requests", str(options.get("max_running_requests") or 256)]
+    else:
+        cmd += ["--device", device, *command_flags(options)]
     threads = options.get("num_threads")
     env = {"OMP_NUM_THREADS": str(threads)} if threads else {}
     if gpu is not None:

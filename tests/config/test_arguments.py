@@ -40,12 +40,20 @@ def test_defaults_follow_slime():
         (["--max-staleness", "1", "--update-weights-interval", "3"], "would be dropped: use at least 2"),
         (["--max-staleness", "2", "--keep-stale-samples"], "--keep-stale-samples needs --max-staleness and an off"),
         (["--async", "--debug-rollout-only"], "--debug-rollout-only/--debug-train-only run only one"),
+        (["--rollout-backend", "vllm", "--update-weight-mode", "tensor"], "--update-weight-mode tensor is not wired"),
+        (["--rollout-backend", "vllm", "--colocate"], "--rollout-backend vllm: --colocate needs engines that release"),
+        (["--rollout-backend", "vllm", "--offload-rollout"], "--offload-rollout needs engines that release memory"),
+        (["--rollout-backend", "sglang"], "invalid choice: 'sglang'"),
     ],
 )
 def test_bad_flags_are_refused_naming_them(capsys, extra, message):
     with pytest.raises(SystemExit):
         parse_args(BASE + extra)
     assert message in capsys.readouterr().err
+
+
+def test_the_vllm_backend_syncs_weights_from_disk():
+    assert parse_args(BASE + ["--rollout-backend", "vllm"]).update_weight_mode == "disk"
 
 
 def test_reward_is_required(capsys):
