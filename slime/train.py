@@ -44,6 +44,7 @@ class RolloutCut(Exception):
     def __init__(self, rollout_id: int, returned: bool):
         super().__init__(f"rollout {rollout_id} cut short")
         self.rollout_id, self.returned = rollout_id, returned
+        self.trained: tuple[int, dict] | None = None  # (--async) the step trained before the cut, to log
 
 
 def train(args: Settings) -> dict:
@@ -114,6 +115,8 @@ def train(args: Settings) -> dict:
                 if has_eval and args.eval_interval and (done % args.eval_interval == 0 or done == args.num_rollout):
                     last["eval"] = log(metrics_log, done, evaluate(args, manager, done))
         except RolloutCut as cut:
+            if cut.trained is not None:
+                log(metrics_log, *cut.trained)
             checkpoint_cut(args, cut, saved_through, trainer, manager)
             raise KeyboardInterrupt from None
     finally:
@@ -145,8 +148,9 @@ def wait(ref, timeout: float, what: str):
         raise TimeoutError(f"waited {timeout:.0f}s for {what}") from exc
 
 
-def wait_rollout(args, manager, ref, rollout_id: int) -> dict:
-    """Rollout `rollout_id`'s result; a first Ctrl-C meanwhile stops it (RolloutCut) instead of waiting for it."""
+def wait_rollout(args, manager, ref, rollout_id: int, fetch: bool = True) -> dict | None:
+    """Rollout `rollout_id`'s result (None unless `fetch`: only wait until it is there); a first Ctrl-C meanwhile
+    stops it (RolloutCut) instead of waiting for it."""
     deadline = time.monotonic() + args.rollout_timeout
     while not ray.wait([ref], timeout=0.25)[0]:
         if STOP.is_set():
@@ -154,7 +158,7 @@ def wait_rollout(args, manager, ref, rollout_id: int) -> dict:
             raise RolloutCut(rollout_id, returned=bool(ray.wait([ref], timeout=CUT_PATIENCE_S)[0]))
         if time.monotonic() > deadline:
             raise TimeoutError(f"waited {args.rollout_timeout:.0f}s for rollout {rollout_id}")
-    return ray.get(ref)
+    return ray.get(ref) if fetch else None
 
 
 def checkpoint_cut(args, cut: RolloutCut, saved_through: int, trainer: TrainGroup | None, manager) -> None:
@@ -232,8 +236,11 @@ def overlapped_steps(args, start: int, trainer: TrainGroup, manager) -> Iterator
         if sync_due(args, rollout_id):
             if pending is not None:  # never change the weights inside a rollout
                 begin = time.monotonic()
-                if not ray.wait([pending], timeout=args.rollout_timeout)[0]:
-                    raise TimeoutError(f"waited {args.rollout_timeout:.0f}s for rollout {nxt} before the weight sync")
+                try:
+                    wait_rollout(args, manager, pending, nxt, fetch=False)
+                except RolloutCut as cut:  # this step trained: its metrics are logged and it is checkpointed
+                    cut.trained = (rollout_id, metrics | logged_samples(args, rollout_id, rollout))
+                    raise
                 trainer_idle += time.monotonic() - begin
             metrics |= sync_weights(args, trainer, manager, str(nxt))
         manager.trained.remote(rollout_id)

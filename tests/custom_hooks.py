@@ -274,9 +274,13 @@ def record_entropy(args, rollout_id: int, rollout_data: dict) -> None:
 
 
 async def stalls_after_first_rollout(args, sample: Sample, **kwargs) -> float:
-    """token_reward in rollout 0; from rollout 1 on, grading stalls for 10 minutes: a rollout only a stop ends."""
+    """token_reward in rollout 0; from rollout 1 on, grading stalls for 10 minutes: a rollout only a stop ends. The
+    file named by $SLIME_TEST_STALL_MARK is created when the stall begins."""
     import asyncio
+    import os
 
     if sample.metadata.get("start_rollout_id", 0) >= 1:
+        if os.environ.get("SLIME_TEST_STALL_MARK"):
+            open(os.environ["SLIME_TEST_STALL_MARK"], "a").close()
         await asyncio.sleep(600)
     return await token_reward(args, sample)

@@ -131,37 +131,44 @@ def _processes(*words: str) -> set[tuple[int, str]]:
     return found
 
 
-def test_ctrl_c_stops_an_async_run_cleanly(tiny_model_path, tmp_path):
-    """Ctrl-C (SIGINT to the whole process group, as a terminal sends it) during a train_async.py run: the step
-    under way finishes and is checkpointed (the run saves no other), exit status 130, a line naming that
-    checkpoint instead of a traceback, and no engine, router or Ray process of the run left behind."""
-    words = ("slime.engine.server", "raylet", "router", "ray::", "gcs_server")
-    before = _processes(*words)
-    out = tmp_path / "run"
-    cmd = [sys.executable, "train_async.py", *_loop_args(tiny_model_path, out, "--num-rollout", "100")]
-    cmd += ["--save", str(out / "ckpt"), "--save-interval", "1000"]
+def _interrupt_a_stalled_run(tmp_path: Path, cmd: list[str]) -> tuple[str, float, Path]:
+    """Run `cmd` (a training run whose grading stalls from rollout 1 on) in its own process group, send SIGINT to
+    the group (as a terminal does) once the stall has begun, and return its output, the seconds from SIGINT to its
+    exit (status 130) and its output folder."""
+    out = Path(cmd[cmd.index("--output-dir") + 1])
+    cmd[cmd.index("tests.custom_hooks.token_reward")] = "tests.custom_hooks.stalls_after_first_rollout"
+    mark = tmp_path / "stalled"
+    env = {**os.environ, "SLIME_TEST_STALL_MARK": str(mark)}
     with open(tmp_path / "log", "w") as log:
-        proc = subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        proc = subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
         try:
             deadline = time.monotonic() + 300
-            while not (out / "metrics.jsonl").exists() or len(_metrics(out)) < 2:
+            while not mark.exists():
                 assert proc.poll() is None and time.monotonic() < deadline, (tmp_path / "log").read_text()[-3000:]
                 time.sleep(0.1)
+            time.sleep(0.5)
+            sent = time.monotonic()
             os.killpg(proc.pid, signal.SIGINT)
-            assert proc.wait(timeout=90) == 130
+            assert proc.wait(timeout=120) == 130, (tmp_path / "log").read_text()[-3000:]
+            stopped_after = time.monotonic() - sent
         finally:
             if proc.poll() is None:  # a failed check must not leave the run going
                 os.killpg(proc.pid, signal.SIGKILL)
+    print(f"{cmd[1]}: stopped {stopped_after:.1f}s after Ctrl-C")
     text = (tmp_path / "log").read_text()
     assert "Traceback" not in text, text[-3000:]
-    assert f"continue with --load {out / 'ckpt'}" in text and "interrupted: trainer, engines and router stopped" in text
     assert "Ctrl-C: a rollout under way is cut short (a training step under way finishes), then write a" in text
-    last = len(_metrics(out)) - 1
-    assert (out / "ckpt" / checkpoint.POINTER).read_text() == str(last) and last >= 1
-    deadline = time.monotonic() + 30
-    while (left := _processes(*words) - before) and time.monotonic() < deadline:
-        time.sleep(0.5)
-    assert not left
+    assert f"continue with --load {out / 'ckpt'}" in text and "interrupted: trainer, engines and router stopped" in text
+    return text, stopped_after, out
+
+
+def _assert_step_0_checkpointed_before_rollout_1(out: Path, stopped_after: float) -> None:
+    assert stopped_after < 30, f"{stopped_after:.1f}s from Ctrl-C to exit"  # the stalled rollout would take 600 s
+    assert len(_metrics(out)) == 1 and (out / "ckpt" / checkpoint.POINTER).read_text() == "0"
+    with open(out / "ckpt" / "iter_0000000" / "data_source.pkl", "rb") as f:
+        state = pickle.load(f)
+    assert state["offset"] == 4 and state["buffer"] == []  # rollout 0 took prompts 0-3; rollout 1's come again
+    assert not (out / "ckpt" / "iter_0000000" / "untrained_rollouts.pkl").exists()
 
 
 def test_ctrl_c_cuts_a_rollout_short_and_checkpoints_the_last_trained_step(tiny_model_path, tmp_path):
@@ -170,31 +177,28 @@ def test_ctrl_c_cuts_a_rollout_short_and_checkpoints_the_last_trained_step(tiny_
     rollout, so a resumed run generates those prompts again."""
     out = tmp_path / "run"
     extra = ["--num-rollout", "100", "--save", str(out / "ckpt"), "--save-interval", "1000"]
-    cmd = [sys.executable, "train.py", *_loop_args(tiny_model_path, out, *extra)]
-    cmd[cmd.index("tests.custom_hooks.token_reward")] = "tests.custom_hooks.stalls_after_first_rollout"
-    with open(tmp_path / "log", "w") as log:
-        proc = subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-        try:
-            deadline = time.monotonic() + 300
-            while not (out / "metrics.jsonl").exists() or len(_metrics(out)) < 1:
-                assert proc.poll() is None and time.monotonic() < deadline, (tmp_path / "log").read_text()[-3000:]
-                time.sleep(0.1)
-            time.sleep(1.0)  # rollout 1 is generating (its grading stalls)
-            sent = time.monotonic()
-            os.killpg(proc.pid, signal.SIGINT)
-            assert proc.wait(timeout=120) == 130
-            stopped_after = time.monotonic() - sent
-        finally:
-            if proc.poll() is None:
-                os.killpg(proc.pid, signal.SIGKILL)
-    text = (tmp_path / "log").read_text()
-    assert "Traceback" not in text, text[-3000:]
-    assert stopped_after < 30, f"{stopped_after:.1f}s from Ctrl-C to exit"  # a stalled rollout would take 600 s
-    assert len(_metrics(out)) == 1 and (out / "ckpt" / checkpoint.POINTER).read_text() == "0"
-    with open(out / "ckpt" / "iter_0000000" / "data_source.pkl", "rb") as f:
-        state = pickle.load(f)
-    assert state["offset"] == 4 and state["buffer"] == []  # rollout 0 took prompts 0-3; rollout 1's come again
-    assert f"continue with --load {out / 'ckpt'}" in text
+    _, stopped_after, out = _interrupt_a_stalled_run(
+        tmp_path, [sys.executable, "train.py", *_loop_args(tiny_model_path, out, *extra)]
+    )
+    _assert_step_0_checkpointed_before_rollout_1(out, stopped_after)
+
+
+def test_ctrl_c_stops_an_async_run_cleanly(tiny_model_path, tmp_path):
+    """Ctrl-C during a train_async.py run while the weight sync after step 0 waits for rollout 1, generated during
+    that step and stalled: the rollout is cut, step 0 is logged and checkpointed (the run saves no other) with the
+    data source before rollout 1, exit status 130, a line naming that checkpoint instead of a traceback, and no
+    engine, router or Ray process of the run left behind."""
+    words = ("slime.engine.server", "raylet", "router", "ray::", "gcs_server")
+    before = _processes(*words)
+    out = tmp_path / "run"
+    cmd = [sys.executable, "train_async.py", *_loop_args(tiny_model_path, out, "--num-rollout", "100")]
+    cmd += ["--save", str(out / "ckpt"), "--save-interval", "1000"]
+    _, stopped_after, out = _interrupt_a_stalled_run(tmp_path, cmd)
+    _assert_step_0_checkpointed_before_rollout_1(out, stopped_after)
+    deadline = time.monotonic() + 30
+    while (left := _processes(*words) - before) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert not left
 
 
 KILL_DURING_SAVE = textwrap.dedent("""
