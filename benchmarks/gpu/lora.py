@@ -50,13 +50,11 @@ MEANS = {  # result key -> metrics.jsonl key, averaged over the timed steps
 }
 
 
-def run_variant(model: str, data: list[str], name: str, work: Path) -> dict:
+def run_variant(model: str, data: str, name: str, work: Path, steps: int = STEPS) -> dict:
     extra, lr = VARIANTS[name]
     out = work / name
-    flags = grpo_flags(model, "PROMPTS", str(out), PROMPTS, NEW_TOKENS, STEPS, lr)
-    at = flags.index("--prompt-data")
-    flags[at + 1 : at + 2] = data
-    flags += ["--save", str(out / "ckpt"), "--save-interval", str(STEPS), "--disable-report", *extra]
+    flags = grpo_flags(model, data, str(out), PROMPTS, NEW_TOKENS, steps, lr)
+    flags += ["--save", str(out / "ckpt"), "--save-interval", str(steps), "--disable-report", *extra]
     start = time.monotonic()
     with open(work / f"{name}.log", "w") as log:
         code = subprocess.run([sys.executable, "-m", "slime.train", *flags], stdout=log, stderr=subprocess.STDOUT)
@@ -108,7 +106,6 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=STEPS, help="GRPO steps per run (the first compiles, untimed)")
     p.add_argument("--out-name", default="lora_gpu.json")
     a = p.parse_args()
-    globals()["STEPS"] = a.steps
     out_file = Path(a.out_dir) / a.out_name
     result = {"benchmark": "lora_gpu", "date": time.strftime("%Y-%m-%d"), "steps": a.steps, "lora_rank": RANK}
     result |= {"workload": f"{PROMPTS} prompts x 8 samples, <= {NEW_TOKENS} new tokens", "models": {}}
@@ -121,15 +118,14 @@ def main() -> None:
                 if not a.real:
                     raise SystemExit("--models smollm2 needs --real MODEL_DIR DATA_DIR")
                 model = a.real[0]
-                train, _, _ = split(a.real[1], str(work))
-                data = [train]
+                data, _, _ = split(a.real[1], str(work))
             else:
                 model = build_model(model_name, a.tokenizer_dir, str(work / "model"))
-                data = ["builtin:arithmetic:train:2048:0"]
+                data = "builtin:arithmetic:train:2048:0"
             runs = result["models"].setdefault(model_name, {})
             for name in a.variants.split(","):
                 try:
-                    runs[name] = run_variant(model, data, name, work)
+                    runs[name] = run_variant(model, data, name, work, a.steps)
                 except Exception as exc:  # the other variants still run and report
                     runs[name] = {"error": f"{type(exc).__name__}: {exc}"}
                 out_file.write_text(json.dumps(result, indent=1))
