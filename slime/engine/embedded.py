@@ -102,11 +102,13 @@ class EmbeddedEngine:
         # dtype: exact, and no host round trip per update), so every update serves base + B @ A exactly instead of
         # piling deltas onto deltas
         self._lora_base: dict[str, torch.Tensor] = {}
+        self._named_weights: dict[str, torch.Tensor] | None = None  # see _weights_by_name
         self.stats = {
             "generated_tokens": 0,
             "aborted_requests": 0,
             "finished_requests": 0,
             "weight_updates": 0,
+            "weight_update_seconds": 0.0,  # checking and copying updates in, on the engine thread
             "max_batch_rows": 0,  # the most requests ever decoded in one step
             "failed_steps": 0,  # steps that raised; their requests were retried alone (see _quarantine)
         }
@@ -294,8 +296,8 @@ class EmbeddedEngine:
     def _load_weights(
         self, named_tensors: Iterable[tuple[str, torch.Tensor]], weight_version: str | None, complete: bool = False
     ) -> int:
-        params = dict(self.model.named_parameters(remove_duplicate=False))  # tied weights answer to both names
-        params.update(dict(self.model.named_buffers()))
+        start = time.perf_counter()
+        params = self._weights_by_name()
         names, targets, sources = [], [], []
         adapters: dict[str, dict[str, torch.Tensor]] = {}  # weight name -> {"A": [r, in], "B": [out, r]}
         for name, tensor in named_tensors:  # check every tensor before changing any weight
@@ -318,7 +320,8 @@ class EmbeddedEngine:
         floats = [(n, s) for n, s in zip(names, sources, strict=True) if s.dtype.is_floating_point]
         floats += [(f"{n} (lora_{k})", t) for n, ab in pairs.items() for k, t in ab.items()]
         if floats:  # a NaN or an infinity makes its tensor's norm one: one reduction per tensor, one sync in all
-            norms = torch.stack([n.float() for n in torch._foreach_norm([s for _, s in floats])]).cpu()
+            # norms in float32 whatever the weights' dtype: a finite float16 matrix can have a norm above 65504
+            norms = torch.stack(torch._foreach_norm([s for _, s in floats], 2, dtype=torch.float32)).cpu()
             bad = (~torch.isfinite(norms)).nonzero()
             if len(bad):
                 raise ValueError(f"weight {floats[int(bad[0])][0]!r} holds NaN or infinite values")
@@ -332,6 +335,8 @@ class EmbeddedEngine:
         if targets:
             with torch.no_grad():
                 torch._foreach_copy_(targets, sources)  # hundreds of tensors in a few kernel launches
+            if self.device.type == "cuda":  # the sender refills its buffers once we answer: the copy must be done
+                torch.cuda.current_stream(self.device).synchronize()
             for name in names:  # a whole weight replaces the base its adapters applied to
                 self._lora_base.pop(name, None)
         with torch.no_grad():
@@ -346,7 +351,16 @@ class EmbeddedEngine:
         if weight_version is not None:
             self._set_version(str(weight_version))
         self.stats["weight_updates"] += 1
+        self.stats["weight_update_seconds"] += time.perf_counter() - start
         return count
+
+    def _weights_by_name(self) -> dict[str, torch.Tensor]:
+        """Every parameter (tied ones under each name) and buffer by name. Built once: walking the module tree
+        costs milliseconds per call, and the objects stay the same for the model's life (loads copy into them)."""
+        if self._named_weights is None:
+            self._named_weights = dict(self.model.named_parameters(remove_duplicate=False))
+            self._named_weights.update(dict(self.model.named_buffers()))
+        return self._named_weights
 
     def update_weights_from_disk(self, model_path: str, weight_version: str | None, partial: bool = False) -> int:
         """Load every safetensors file under `model_path` as one update, all or none (see `update_weights`); it must

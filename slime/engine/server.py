@@ -33,6 +33,9 @@ ENGINE = web.AppKey("engine", EmbeddedEngine)
 ARGS = web.AppKey("args", argparse.Namespace)
 GROUPS = web.AppKey("weight_groups", dict)
 RECEIVE_LOCK = web.AppKey("receive_lock", threading.Lock)
+# the last weights received as CUDA IPC handles: holding them keeps their mapping open, so a sender that reuses its
+# buffer (our trainer does) is not mapped again for every bucket; dropped when the engine releases its memory
+IPC_HELD = web.AppKey("ipc_held", list)
 
 
 class PayloadTooLarge(Exception):
@@ -266,6 +269,9 @@ async def server_info(request: web.Request) -> web.Response:
             "decode_step_compiled": engine.decode_step_compiled,
             "weight_version": engine.weight_version,
             "weights_released": engine.weights_released,
+            # /update_weights_from_tensor answers after the copy out of the sender's tensors has finished on the
+            # device, so a sender may refill the same buffer for the next bucket
+            "weights_copied_before_answer": True,
             "weight_bytes": engine.weight_bytes(),
             "internal_states": [dict(engine.stats, **engine.loads())],
         }
@@ -321,6 +327,7 @@ async def pause_generation(request: web.Request) -> web.Response:
 
 async def release_memory_occupation(request: web.Request) -> web.Response:
     body = await _json_or_empty(request)
+    request.app[IPC_HELD].clear()  # a colocated trainer frees its sync buffer too: let the mapping go
     try:
         memory = await asyncio.to_thread(request.app[ENGINE].release_memory, body.get("tags"))
     except (ValueError, RuntimeError) as exc:
@@ -382,7 +389,9 @@ async def update_weights_from_tensor(request: web.Request) -> web.Response:
             raise ValueError("serialized_named_tensors[0] holds no tensors")
         if not all(isinstance(item, (tuple, list)) and len(item) == 2 for item in tensors):
             raise ValueError("serialized_named_tensors[0] must hold (name, tensor) pairs")
-        return engine.update_weights(tensors, _version(body))
+        n = engine.update_weights(tensors, _version(body))
+        request.app[IPC_HELD][:] = tensors if tensors[0][1].is_cuda else []
+        return n
 
     try:
         n = await asyncio.to_thread(load)
@@ -471,7 +480,7 @@ async def update_weight_version(request: web.Request) -> web.Response:
 def build_app(engine: EmbeddedEngine, args: argparse.Namespace) -> web.Application:
     app = web.Application(client_max_size=1 << 30)
     app[ENGINE], app[ARGS] = engine, args
-    app[GROUPS], app[RECEIVE_LOCK] = {}, threading.Lock()
+    app[GROUPS], app[RECEIVE_LOCK], app[IPC_HELD] = {}, threading.Lock(), []
     r = app.router
     r.add_post("/generate", generate)
     for path, handler in [

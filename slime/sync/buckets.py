@@ -12,11 +12,13 @@ ALIGN = 16  # bytes: every tensor starts at an offset its dtype can be viewed at
 def full_tensor(param: torch.Tensor) -> torch.Tensor:
     """The whole tensor behind a (possibly FSDP-sharded DTensor) parameter. A collective when sharded: every rank
     must call it for the same parameters in the same order."""
+    if hasattr(param, "_local_tensor") and param.device_mesh.size() == 1:
+        # one rank holds it all: no collective, and no DTensor dispatch either (`.data.to_local()` costs ~45 us
+        # a parameter, 14 ms of a 310-tensor model's sync)
+        return param._local_tensor.detach()
     data = param.data if isinstance(param, torch.nn.Parameter) else param
     if not hasattr(data, "full_tensor"):
         return data
-    if data.device_mesh.size() == 1:  # one rank holds it all: skip a collective per parameter
-        return data.to_local()
     return data.full_tensor()
 
 

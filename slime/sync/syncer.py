@@ -23,7 +23,15 @@ from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
-from slime.sync.buckets import bucket_layout, cast_bucket, dtype_from_name, flatten_bucket, iter_buckets, travel_dtype
+from slime.sync.buckets import (
+    bucket_layout,
+    cast_bucket,
+    dtype_from_name,
+    flatten_bucket,
+    iter_buckets,
+    travel_dtype,
+    unflatten_bucket,
+)
 from slime.sync.transport import (
     broadcast,
     host_store,
@@ -80,6 +88,12 @@ class WeightSyncer:
         self.group = None
         self.backend = "gloo"
         self.shared: list[torch.Tensor] = []  # CPU tensor mode: one reusable shared-memory buffer per bucket
+        # GPU tensor mode, with engines that finish copying before they answer: one device buffer refilled for
+        # every bucket of every sync (an engine keeps its IPC mapping open instead of mapping a fresh one per
+        # bucket), and per bucket the views it is filled through (a bucket holds the same weights every sync)
+        self.device_buffer: torch.Tensor | None = None
+        self._layouts: dict[int, tuple[tuple, torch.Tensor, list[dict], list[torch.Tensor]]] = {}
+        self._reuse: bool | None = None  # whether every engine says weights_copied_before_answer
         self.pool = ThreadPoolExecutor(max(1, len(self.engine_urls)), thread_name_prefix="weight-sync")
 
     # ------------------------------------------------------------------ engine calls (rank 0 only)
@@ -154,7 +168,10 @@ class WeightSyncer:
             write_shard(cast_bucket(bucket, self.dtype), self._disk_tmp, index)
             return
         if self.mode == "tensor":
-            flat, metadata = flatten_bucket(bucket, self._shared_buffer(index, bucket), self.dtype)
+            if bucket[0][1].is_cuda and self._engines_copy_before_answer():
+                flat, metadata = self._fill_device_buffer(index, bucket)
+            else:
+                flat, metadata = flatten_bucket(bucket, self._shared_buffer(index, bucket), self.dtype)
             # one pickle per engine: pickling takes a reference on the shared segment and each unpickling releases
             # one, so a single pickle read by two engines would drop the segment's count to zero and unlink it
             self._all(
@@ -186,8 +203,8 @@ class WeightSyncer:
             f.result()
 
     def _shared_buffer(self, index: int, bucket: list[tuple[str, torch.Tensor]]) -> torch.Tensor | None:
-        """The reusable shared-memory buffer of bucket `index` on CPU; None on GPU, where buffers are never reused
-        (an engine may answer before its device copy has finished)."""
+        """The reusable shared-memory buffer of bucket `index` on CPU; None on GPU, where a fresh buffer per bucket
+        is the safe choice for engines that may answer before their device copy has finished."""
         if bucket[0][1].is_cuda:
             return None
         need = bucket_layout(bucket, self.dtype)[1]
@@ -196,6 +213,41 @@ class WeightSyncer:
         if self.shared[index].numel() < need:
             self.shared[index] = shared_cpu_buffer(need)
         return self.shared[index]
+
+    def _engines_copy_before_answer(self) -> bool:
+        if self._reuse is None:
+            infos = self._all("/server_info", None, method="GET")
+            self._reuse = all(info.get("weights_copied_before_answer") is True for info in infos)
+        return self._reuse
+
+    def _fill_device_buffer(self, index: int, bucket: list[tuple[str, torch.Tensor]]) -> tuple[torch.Tensor, list]:
+        """Bucket `index` packed into the reused device buffer (grown when a bucket needs more). The views are
+        built on the first sync and reused, so a later sync costs one multi-tensor copy per bucket."""
+        key = tuple((n, tuple(t.shape), t.dtype) for n, t in bucket)
+        cached = self._layouts.get(index)
+        if cached is None or cached[0] != key:
+            metadata, size = bucket_layout(bucket, self.dtype)
+            buf = self.device_buffer
+            if buf is None or buf.numel() < size or buf.device != bucket[0][1].device:
+                self._layouts.clear()  # their views are into the old buffer
+                buf = self.device_buffer = None  # freed before its successor is allocated
+                buf = self.device_buffer = torch.empty(size, dtype=torch.uint8, device=bucket[0][1].device)
+            flat = buf[:size]
+            views = [v for _, v in unflatten_bucket(flat, metadata)]
+            cached = self._layouts[index] = (key, flat, metadata, views)
+        _, flat, metadata, views = cached
+        torch._foreach_copy_(views, [t for _, t in bucket])
+        if flat.is_cuda:  # an engine that already maps the buffer reads it without waiting on our stream
+            torch.cuda.current_stream(flat.device).synchronize()
+        return flat, metadata
+
+    def release_buffers(self) -> None:
+        """Free the reused device buffer (a colocated trainer offloading); the next sync allocates it again. An
+        engine still mapping it keeps it until the engine releases its own memory."""
+        self.device_buffer = None
+        self._layouts.clear()
+        if torch.cuda.is_available():
+            torch.cuda.ipc_collect()  # memory our engines no longer map goes back to the cache
 
     def _group_backend(self) -> str:
         """NCCL when the trainer and every engine hold weights on GPU; gloo when any side is on CPU (our embedded
@@ -243,4 +295,5 @@ class WeightSyncer:
                 except WeightSyncError:
                     pass
         self.pool.shutdown(wait=False)
+        self.release_buffers()
         self.shared.clear()  # torch removes a buffer's /dev/shm file when its last mapping closes

@@ -602,6 +602,8 @@ class TrainActor:
                 m for m in (self.model, self.ref_model, self.teacher, self.critic, self.old_actor) if m is not None
             ]
             moved = self.host.offload(resident_tensors(models, [opt for _, _, opt, _ in self._trained()]))
+            if self.syncer is not None:
+                self.syncer.release_buffers()
             torch.cuda.empty_cache()  # back to the driver: the engine is another process
         else:
             moved = self.host.onload()

@@ -39,7 +39,10 @@ class HostOffload:
 
     def __init__(self, pin: bool = True) -> None:
         self.pin = pin  # pinned buffers make the copies asynchronous; without a GPU there is nothing to pin
-        self._host: dict[int, torch.Tensor] = {}  # id(tensor) -> its pinned buffer, kept across steps
+        # the storage's identity -> its pinned buffer, kept across steps. Not id(tensor): a sharded parameter's local
+        # tensor is a fresh Python object every time it is looked up, so every offload would pin new host memory
+        # (seconds per GB) and keep the old buffers too
+        self._host: dict[int, torch.Tensor] = {}
         self._moved: list[tuple[torch.Tensor, torch.Tensor]] = []
 
     def offload(self, tensors: list[torch.Tensor]) -> int:
@@ -48,9 +51,10 @@ class HostOffload:
             raise RuntimeError("offload called twice without an onload in between")
         for t in tensors:
             storage = t.untyped_storage()
-            host = self._host.get(id(t))
+            key = storage._cdata
+            host = self._host.get(key)
             if host is None or host.numel() != storage.nbytes():
-                host = self._host[id(t)] = torch.empty(storage.nbytes(), dtype=torch.uint8, pin_memory=self.pin)
+                host = self._host[key] = torch.empty(storage.nbytes(), dtype=torch.uint8, pin_memory=self.pin)
             host.untyped_storage().copy_(storage, non_blocking=True)
             self._moved.append((t, host))
         self._wait()

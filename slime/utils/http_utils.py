@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import threading
 from typing import Any
 
 import aiohttp
@@ -89,20 +90,52 @@ async def close_sessions() -> None:
 
 def request_sync(method: str, url: str, payload: Any = None, timeout: float = 30.0) -> tuple[int, str]:
     """Blocking request for control-plane code outside an event loop. Returns (status, body text); never raises on
-    an HTTP status, raises ConnectionError (naming the URL) when nothing answers in `timeout` seconds."""
-    import json
-    import urllib.error
-    import urllib.request
+    an HTTP status, raises ConnectionError (naming the URL) when nothing answers in `timeout` seconds.
 
-    data = None if payload is None else json.dumps(payload).encode()
-    req = urllib.request.Request(url, data=data, method=method, headers={"Content-Type": "application/json"})
-    try:
-        with urllib.request.urlopen(req, timeout=timeout) as resp:
-            return resp.status, resp.read().decode()
-    except urllib.error.HTTPError as exc:
-        return exc.code, exc.read().decode(errors="replace")
-    except (urllib.error.URLError, OSError) as exc:
-        raise ConnectionError(f"{method} {url}: {exc}") from exc
+    Connections are kept alive, one per server and thread: a weight sync makes several calls per engine, and a
+    fresh TCP connection and request object for each cost more than the call itself on loopback. A kept connection
+    the server has meanwhile closed is replaced once, before any answer was read."""
+    import http.client
+    import json
+    import urllib.parse
+
+    parts = urllib.parse.urlsplit(url)
+    if parts.scheme != "http" or not parts.hostname:
+        raise ValueError(f"{method} {url}: only http:// URLs are supported")
+    path = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+    body = None if payload is None else json.dumps(payload).encode()
+    headers = {"Content-Type": "application/json"} if body is not None else {}
+    conns = _thread_connections.__dict__.setdefault("by_server", {})
+    for attempt in (0, 1):
+        conn = conns.get(parts.netloc)
+        reused = conn is not None
+        if conn is None:
+            conn = conns[parts.netloc] = http.client.HTTPConnection(parts.hostname, parts.port or 80, timeout=timeout)
+        try:
+            conn.timeout = timeout
+            if conn.sock is not None:
+                conn.sock.settimeout(timeout)
+            conn.request(method, path, body=body, headers=headers)
+            resp = conn.getresponse()
+            text = resp.read().decode(errors="replace")
+        except (http.client.RemoteDisconnected, ConnectionResetError, BrokenPipeError) as exc:
+            conn.close()
+            conns.pop(parts.netloc, None)
+            if reused and attempt == 0:
+                continue  # the server closed an idle kept connection: nothing was answered, try a fresh one
+            raise ConnectionError(f"{method} {url}: {exc}") from exc
+        except (OSError, http.client.HTTPException) as exc:  # refused, timed out, a malformed answer
+            conn.close()
+            conns.pop(parts.netloc, None)
+            raise ConnectionError(f"{method} {url}: {exc}") from exc
+        if resp.will_close:
+            conn.close()
+            conns.pop(parts.netloc, None)
+        return resp.status, text
+    raise AssertionError("unreachable")
+
+
+_thread_connections = threading.local()
 
 
 def free_port(host: str = "127.0.0.1") -> int:

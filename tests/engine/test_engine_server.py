@@ -416,6 +416,20 @@ def test_a_rejected_weight_update_changes_nothing(server, smollm2_path, tiny_mod
     assert status == 200 and call(server, "/generate", greedy)[1]["output_ids"] == before
 
 
+def test_a_finite_float16_update_with_a_large_norm_is_taken(server, tiny_model_path):
+    """The finiteness check reduces in float32: a float16 weight whose values are all finite but whose norm is above
+    float16's largest value (65504) is a valid update, not a NaN."""
+    from transformers import AutoModelForCausalLM
+
+    state = AutoModelForCausalLM.from_pretrained(tiny_model_path).state_dict()
+    name, weight = next((n, t) for n, t in state.items() if n.endswith("q_proj.weight"))
+    big = torch.full(weight.shape, 2000.0, dtype=torch.float16)  # norm 2000 * 64 = 128,000
+    status, out = _tensor_update(server, [(name, big)], version="big")
+    assert status == 200 and out["success"], out
+    status, out = call(server, "/update_weights_from_disk", {"model_path": tiny_model_path, "weight_version": "base"})
+    assert status == 200, out
+
+
 def test_stop_string_ends_generation_and_is_trimmed_from_text_only(server, tiny_model_path):
     from transformers import AutoTokenizer
 

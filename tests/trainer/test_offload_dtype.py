@@ -39,6 +39,12 @@ SCRIPT = textwrap.dedent("""
     out["freed"] = all(p.to_local().untyped_storage().nbytes() == 0 for p in moved.parameters())
     out["onload_bytes"] = host.onload()
     out["identical"] = all(torch.equal(a, b) for a, b in zip(before, snapshot(moved, opts[0])))
+    buffers = {id(b) for b in host._host.values()}
+    for _ in range(2):  # later round trips copy into the same host buffers: allocating (pinning) them is the slow part
+        host.offload(resident_tensors([moved], [opts[0]], "cpu"))
+        host.onload()
+    out["buffers_reused"] = {id(b) for b in host._host.values()} == buffers
+    out["identical_after_rounds"] = all(torch.equal(a, b) for a, b in zip(before, snapshot(moved, opts[0])))
     for m, o in zip((moved, twin), opts):  # training goes on as if nothing happened
         step(m, o)
     out["same_as_twin"] = all(torch.equal(a, b) for a, b in zip(snapshot(moved, opts[0]), snapshot(twin, opts[1])))
@@ -68,5 +74,6 @@ def test_offload_round_trip_and_bf16_compute(tiny_model_path, tmp_path):
     r = json.loads(line[0][len("RESULT ") :])
     assert r["bytes"] == r["onload_bytes"] > 0 and r["freed"]
     assert r["identical"] and r["same_as_twin"]
+    assert r["buffers_reused"] and r["identical_after_rounds"]
     assert r["bf16_weights"] == ["torch.float32"] and r["bf16_trains"]
     assert 0 < r["gap_max"] < 0.1  # bf16 rounding, not a different computation (the model is peaked: big logits)
