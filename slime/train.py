@@ -12,6 +12,7 @@ import time
 from collections.abc import Iterator
 
 import ray
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 from tqdm import tqdm
 
 from slime.config.arguments import Settings, batch_plan, parse_flags, settle
@@ -68,11 +69,10 @@ def train(args: Settings) -> dict:
         if not args.debug_rollout_only:
             print(batch_plan(args))
             trainer = TrainGroup(args, wait=False)  # loads while the manager starts engines
-        shared = [g for ids in trainer.gpu_ids for g in ids] if args.engines_share_trainer_gpus else None
-        own_gpus = args.rollout_num_engines if args.rollout_device == "cuda" and not shared else 0
-        if args.rollout_external_engine_addrs:  # engines elsewhere take no GPU of this cluster
-            own_gpus = 0
-        manager = RolloutManager.options(num_cpus=0, num_gpus=own_gpus).remote(args, shared)
+        shared = trainer.gpus if args.engines_share_trainer_gpus else None
+        # on this node: the router it starts listens at the address settled here; its engines are placed by Ray
+        here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+        manager = RolloutManager.options(num_cpus=0, scheduling_strategy=here).remote(args, shared)
         if trainer is not None:
             trainer.wait_ready()
         endpoints = wait(manager.endpoints.remote(), 1800, "the rollout manager to start its engines and router")

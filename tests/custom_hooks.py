@@ -101,38 +101,43 @@ _GENERATE_CALLS = [0]
 
 
 def _engine_pid(args, index: int) -> int:
-    """The pid of engine `index`, a child of this (the rollout manager's) process; its --seed is --seed + index."""
+    """The pid of engine `index`, as the fleet records where its engines run (server_logs/engines.json)."""
+    import json
     import os
 
-    for pid in os.listdir("/proc"):
-        if not pid.isdigit():
-            continue
-        try:
-            with open(f"/proc/{pid}/stat") as f:
-                ppid = int(f.read().rsplit(")", 1)[1].split()[1])
-            with open(f"/proc/{pid}/cmdline") as f:
-                cmd = f.read().split("\0")
-        except OSError:
-            continue
-        if (
-            ppid == os.getpid()
-            and "slime.engine.server" in cmd
-            and cmd[cmd.index("--seed") + 1] == str(args.seed + index)
-        ):
-            return int(pid)
-    raise RuntimeError(f"engine {index} is not a child of {os.getpid()}")
+    with open(os.path.join(args.output_dir, "server_logs", "engines.json")) as f:
+        return next(e["pid"] for e in json.load(f) if e["index"] == index)
 
 
-async def _sabotage_in_rollout_1(args, sample: Sample, sampling_params: dict, engine: int, sig: int) -> Sample:
-    """The default generate; the first call of rollout 1 sends `sig` to engine `engine`, with the rollout's other
-    requests in flight (4 x 4 samples per rollout)."""
+def _engine_off_the_head_node(args) -> int:
+    """The index of the engine running on a node other than the Ray head node (a multi-node test cluster)."""
+    import json
+    import os
+
+    import ray
+
+    heads = {n["NodeID"] for n in ray.nodes() if "node:__internal_head__" in n.get("Resources", {})}
+    with open(os.path.join(args.output_dir, "server_logs", "engines.json")) as f:
+        return next(e["index"] for e in json.load(f) if e["node_id"] not in heads)
+
+
+async def kill_worker_node_engine_generate(args, sample: Sample, sampling_params: dict) -> Sample:
+    """Rollout 1 SIGKILLs the engine on the Ray worker node (not the head)."""
+    import signal
+
+    return await _sabotage_in_rollout_1(args, sample, sampling_params, _engine_off_the_head_node, signal.SIGKILL)
+
+
+async def _sabotage_in_rollout_1(args, sample: Sample, sampling_params: dict, engine, sig: int) -> Sample:
+    """The default generate; the first call of rollout 1 sends `sig` to engine `engine` (an index, or a function of
+    args giving it), with the rollout's other requests in flight (4 x 4 samples per rollout)."""
     import os
 
     from slime.rollout.sglang_rollout import generate
 
     _GENERATE_CALLS[0] += 1
     if _GENERATE_CALLS[0] == 17:
-        os.kill(_engine_pid(args, engine), sig)
+        os.kill(_engine_pid(args, engine if isinstance(engine, int) else engine(args)), sig)
     return await generate(args, sample, sampling_params)
 
 

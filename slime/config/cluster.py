@@ -36,7 +36,13 @@ def add_cluster_arguments(p: argparse.ArgumentParser) -> None:
         help="GPUs for engines of their own, beside the training GPUs (one engine each; weight sync by NCCL); "
         "unset: engines share the training GPUs",
     )
-    g.add_argument("--rollout-num-gpus-per-engine", type=int, default=1, help="GPUs per engine (the embedded: 1)")
+    g.add_argument(
+        "--rollout-num-gpus-per-engine",
+        type=int,
+        default=1,
+        help="GPUs per engine, its tensor-parallel size (the embedded engine: 1; vllm and sglang: any, with "
+        "--rollout-num-gpus a multiple of it)",
+    )
     g.add_argument(
         "--colocate",
         action="store_true",
@@ -52,11 +58,13 @@ def add_cluster_arguments(p: argparse.ArgumentParser) -> None:
     )
     g.add_argument(
         "--rollout-backend",
-        choices=["embedded", "vllm"],
+        choices=["embedded", "vllm", "sglang"],
         default="embedded",
-        help="the engine servers: embedded (this project's engine) or vllm (vLLM's server behind an SGLang-protocol "
+        help="the engine servers: embedded (this project's engine); vllm (vLLM's server behind an SGLang-protocol "
         "front, slime.engine.vllm_adapter; vLLM must be importable by this interpreter or by $SLIME_VLLM_PYTHON; "
-        "weights sync from disk; docs/backends.md)",
+        "weights sync from disk); sglang (SGLang's own server, python -m sglang.launch_server, or "
+        "$SLIME_SGLANG_PYTHON); both take --rollout-num-gpus-per-engine GPUs per engine as tensor parallelism "
+        "(docs/backends.md)",
     )
     g.add_argument("--sglang-server-concurrency", type=int, default=512, help="in-flight requests per engine, at most")
     g.add_argument("--router-policy", default="cache_aware", help="sglang-router policy (cache_aware, round_robin, …)")
@@ -143,6 +151,8 @@ def validate_cluster(args: Any, parser: argparse.ArgumentParser) -> None:
         args.update_weight_mode = "disk"
         if getattr(args, "lora_sync", "merged") == "adapters":
             parser.error("--rollout-backend vllm takes merged weights: drop --lora-sync adapters")
+    if args.rollout_backend == "sglang" and getattr(args, "lora_sync", "merged") == "adapters":
+        parser.error("--rollout-backend sglang: --lora-sync adapters is not wired to SGLang's LoRA API; drop it")
     if args.sglang_router_ip and args.sglang_router_port is None:
         parser.error("--sglang-router-ip names a running router: give its --sglang-router-port too")
     if args.colocate and not args.debug_train_only:  # as in slime: colocated engines and trainer take turns
@@ -172,10 +182,16 @@ def place(args: Any, cluster_gpus: int) -> None:
         args.rollout_device, args.engines_share_trainer_gpus = "cpu", False
         args.update_weight_mode = args.update_weight_mode or "tensor"
         return
-    if args.rollout_num_gpus_per_engine != 1:
+    per_engine = args.rollout_num_gpus_per_engine
+    if per_engine != 1 and args.rollout_backend == "embedded":
         raise PlacementError(
-            f"--rollout-num-gpus-per-engine {args.rollout_num_gpus_per_engine}: the embedded engine runs on one GPU "
-            "(no tensor parallelism); use 1"
+            f"--rollout-num-gpus-per-engine {per_engine}: the embedded engine runs on one GPU (no tensor "
+            "parallelism); use 1, or --rollout-backend vllm / sglang for tensor-parallel engines"
+        )
+    if per_engine != 1 and (args.colocate or not args.rollout_num_gpus):
+        raise PlacementError(
+            f"--rollout-num-gpus-per-engine {per_engine}: engines sharing the training GPUs take one each; give "
+            "tensor-parallel engines GPUs of their own with --rollout-num-gpus"
         )
     args.rollout_device = "cuda"
     if args.colocate or not args.rollout_num_gpus:
@@ -195,7 +211,12 @@ def place(args: Any, cluster_gpus: int) -> None:
             f"--rollout-num-gpus {args.rollout_num_gpus} + {trainer_gpus} training GPU(s) = {need} GPUs, but the "
             f"cluster has {cluster_gpus}: use fewer, or --colocate to share the training GPUs"
         )
-    args.rollout_num_engines, args.engines_share_trainer_gpus = args.rollout_num_gpus, False
+    if args.rollout_num_gpus % per_engine:
+        raise PlacementError(
+            f"--rollout-num-gpus {args.rollout_num_gpus} is not a multiple of --rollout-num-gpus-per-engine "
+            f"{per_engine}"
+        )
+    args.rollout_num_engines, args.engines_share_trainer_gpus = args.rollout_num_gpus // per_engine, False
     args.update_weight_mode = args.update_weight_mode or "distributed"
     if args.update_weight_mode == "tensor":
         raise PlacementError(

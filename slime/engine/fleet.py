@@ -1,8 +1,12 @@
 """The engines of a run and the router in front of them: launch, registration, health checks, restarts and the
 memory calls of colocated training. The rollout manager owns one fleet; engine backends plug in here.
 
-Engines are child processes of the process that owns the fleet (so they run on its node); engine i sees the GPU
-`engine_gpus[i]` as CUDA_VISIBLE_DEVICES.
+Engines run as Ray actors (slime.ray.engine_host), so they can live on any node:
+- on GPUs of their own (--rollout-num-gpus) or on CPU, engine i runs in bundle i of the fleet's placement group
+  (GPU bundles packed onto few nodes; CPU engines spread over the nodes), and a restarted engine in the same bundle;
+- sharing the training GPUs, engine i runs on the node of the i-th training GPU with that GPU as
+  CUDA_VISIBLE_DEVICES.
+On a cluster of several nodes engines listen on their node's address, else on loopback.
 """
 
 from __future__ import annotations
@@ -16,8 +20,13 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from slime.engine.launch import ExternalEngine, ServerProcess, launch_engine
+import ray
+from ray.util.placement_group import PlacementGroup, placement_group, remove_placement_group
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy, PlacementGroupSchedulingStrategy
+
+from slime.engine.launch import ExternalEngine, ServerProcess
 from slime.engine.options import train_values
+from slime.ray.engine_host import RayEngine, multi_node
 from slime.router.router import launch_router, register_worker, remove_worker
 from slime.utils.http_utils import request_sync
 
@@ -33,15 +42,19 @@ class Endpoints:
     engine_urls: list[str]
 
 
+PLACEMENT_TIMEOUT_S = 300.0  # Ray placing the engines' bundles (and each engine's host actor)
+
+
 class EngineFleet:
-    def __init__(self, args: Any, engine_gpus: list[str | None]):
+    def __init__(self, args: Any, shared_gpus: list[tuple[str, str]] | None = None):
         """Start `args.rollout_num_engines` engines and, unless the flags name a running one, the router at the
         settled address; returns while they boot (`wait_ready` waits until every engine serves and is
-        registered)."""
+        registered). `shared_gpus[i]`: (Ray node id, GPU id) of the training GPU engine i shares."""
         self.args = args
-        self.engine_gpus = engine_gpus
+        self.shared_gpus = shared_gpus
         self.log_dir = os.path.join(args.output_dir, "server_logs")
-        self.engines: list[ServerProcess] = []
+        self.engines: list[RayEngine | ExternalEngine] = []
+        self.pg: PlacementGroup | None = None
         self.router: ServerProcess | None = None
         self.router_url = f"http://{args.sglang_router_ip}:{args.sglang_router_port}"
         self.on_restart: Callable[[str, list[str]], None] | None = None  # gives a restarted engine the weights
@@ -54,7 +67,9 @@ class EngineFleet:
                     for i, url in enumerate(args.rollout_external_engine_addrs)
                 ]
             else:
+                self.pg = self._placement_group()
                 self.engines = [self._launch(i, wait=False) for i in range(args.rollout_num_engines)]
+                self._record_placement()
             if args.launch_router:
                 self.router = launch_router(
                     self.log_dir, args.sglang_router_ip, args.sglang_router_port, policy=args.router_policy
@@ -75,21 +90,69 @@ class EngineFleet:
             self.shutdown()
             raise
 
-    def _launch(self, index: int, wait: bool, restart: int = 0) -> ServerProcess:
+    def _placement_group(self) -> PlacementGroup | None:
+        """One bundle per engine unless engines share the training GPUs (they follow the trainer's ranks)."""
         a = self.args
-        return launch_engine(
-            a.hf_checkpoint,
-            self.log_dir,
+        if self.shared_gpus is not None:
+            if len(self.shared_gpus) < a.rollout_num_engines:
+                raise RuntimeError(f"{a.rollout_num_engines} engines share the training GPUs, got {self.shared_gpus}")
+            return None
+        if a.rollout_device == "cuda":
+            bundles, strategy = [{"GPU": float(a.rollout_num_gpus_per_engine)}] * a.rollout_num_engines, "PACK"
+        else:  # a token CPU share: engine threads are settled by the flags, Ray only decides the node
+            bundles, strategy = [{"CPU": 0.01}] * a.rollout_num_engines, "SPREAD"
+        pg = placement_group(bundles, strategy=strategy)
+        try:
+            ray.get(pg.ready(), timeout=PLACEMENT_TIMEOUT_S)
+        except ray.exceptions.GetTimeoutError as exc:
+            remove_placement_group(pg)
+            raise TimeoutError(
+                f"Ray could not place {a.rollout_num_engines} engine bundle(s) {bundles[0]} within "
+                f"{PLACEMENT_TIMEOUT_S:.0f}s; cluster resources {ray.cluster_resources()}, available "
+                f"{ray.available_resources()}"
+            ) from exc
+        return pg
+
+    def _launch(self, index: int, wait: bool, restart: int = 0) -> RayEngine:
+        a = self.args
+        options = dict(
             index=index,
             seed=a.seed,
-            wait=wait,
             restart=restart,
-            startup_timeout=600,
             device=a.rollout_device,
-            gpu=self.engine_gpus[index],
             rollout_backend=a.rollout_backend,
+            tp_size=a.rollout_num_gpus_per_engine if a.rollout_device == "cuda" else 1,
+            enable_memory_saver=bool(a.offload_rollout),  # SGLang frees memory on request only with it
             **train_values(a),
         )
+        if self.shared_gpus is not None:
+            node, options["gpu"] = self.shared_gpus[index]
+            placement = {"num_gpus": 0, "scheduling_strategy": NodeAffinitySchedulingStrategy(node, soft=False)}
+        else:
+            gpus = a.rollout_num_gpus_per_engine if a.rollout_device == "cuda" else 0
+            strategy = PlacementGroupSchedulingStrategy(self.pg, placement_group_bundle_index=index)
+            placement = {"num_gpus": gpus, "scheduling_strategy": strategy}  # Ray sets CUDA_VISIBLE_DEVICES
+        name = f"engine-{index}" + (f"-restart{restart}" if restart else "")
+        engine = RayEngine.start(
+            name, placement, a.hf_checkpoint, self.log_dir, multi_node(), options, timeout_s=PLACEMENT_TIMEOUT_S
+        )
+        if wait:
+            engine.wait_ready("/health", 600)
+        return engine
+
+    def _record_placement(self) -> None:
+        """Where each engine runs, in server_logs/engines.json (and the log): url, node, process id, log file."""
+        where = [
+            {"index": i, "name": e.name, "url": e.url, "node_id": e.node_id, "node_ip": e.node_ip, "pid": e.pid,
+             "log_path": e.log_path}
+            for i, e in enumerate(self.engines)
+            if isinstance(e, RayEngine)
+        ]  # fmt: skip
+        os.makedirs(self.log_dir, exist_ok=True)
+        with open(os.path.join(self.log_dir, "engines.json"), "w") as f:
+            json.dump(where, f, indent=1)
+        for w in where:
+            logger.info("%s at %s on node %s (pid %d)", w["name"], w["url"], w["node_ip"], w["pid"])
 
     def endpoints(self) -> Endpoints:
         return Endpoints(self.router_url, [e.url for e in self.engines])
@@ -125,7 +188,7 @@ class EngineFleet:
         }
 
     # ------------------------------------------------------------------ health and restarts
-    def _health_problem(self, engine: ServerProcess) -> str | None:
+    def _health_problem(self, engine: RayEngine | ExternalEngine) -> str | None:
         """Why `engine` must be restarted, or None when it answers a 1-token generation in time."""
         if not engine.alive():
             return f"is down ({engine.exit_note()})"
@@ -152,6 +215,7 @@ class EngineFleet:
         old.stop(grace=2)
         new = self._launch(index, wait=True, restart=len(self.restarts) + 1)
         self.engines[index] = new
+        self._record_placement()
         if self.on_restart is not None:
             self.on_restart(new.url, [e.url for e in self.engines])
         register_worker(self.router_url, new.url)
@@ -229,6 +293,9 @@ class EngineFleet:
             server.terminate()
         for server in servers:
             server.stop()
+        if self.pg is not None:
+            remove_placement_group(self.pg)
+            self.pg = None
 
 
 def _warn_backend_fallback(url: str) -> None:

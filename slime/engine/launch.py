@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -11,7 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from slime.engine.options import command_flags
+from slime.engine.options import command_flags, sglang_command_flags
 from slime.utils.http_utils import request_sync
 
 
@@ -65,17 +66,24 @@ class ServerProcess:
 
     def terminate(self) -> None:
         if self.alive():
-            self.proc.terminate()
+            self._signal_group(signal.SIGTERM)
 
     def stop(self, grace: float = 10.0) -> None:
-        """SIGTERM, then SIGKILL if it has not exited after `grace` seconds."""
+        """SIGTERM, then SIGKILL if it has not exited after `grace` seconds; to its whole process group (it was
+        started in a session of its own), so a server's own workers (SGLang's, vLLM's) go with it."""
         if self.alive():
             self.terminate()
             try:
                 self.proc.wait(grace)
             except subprocess.TimeoutExpired:
-                self.proc.kill()
+                self._signal_group(signal.SIGKILL)
                 self.proc.wait(5)
+
+    def _signal_group(self, sig: int) -> None:
+        try:
+            os.killpg(self.proc.pid, sig)
+        except (ProcessLookupError, PermissionError):
+            self.proc.send_signal(sig)
 
 
 @dataclass
@@ -116,7 +124,6 @@ class ExternalEngine:
 def _die_with_parent() -> None:
     """In the child before exec: Linux sends SIGKILL when the thread that started it exits."""
     import ctypes
-    import signal
 
     try:
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
@@ -166,29 +173,45 @@ def launch_engine(
     rollout_backend: str = "embedded",
     **options: Any,
 ) -> ServerProcess:
-    """Start one engine server on a free port: the embedded engine (`python -m slime.engine.server`), or for
-    `rollout_backend="vllm"` the SGLang-protocol front that runs vLLM behind it (`slime.engine.vllm_adapter`).
+    """Start one engine server on a free port: the embedded engine (`python -m slime.engine.server`); for
+    `rollout_backend="vllm"` the SGLang-protocol front that runs vLLM behind it (`slime.engine.vllm_adapter`); for
+    "sglang" SGLang's own server (`python -m sglang.launch_server`; $SLIME_SGLANG_PYTHON and
+    $SLIME_SGLANG_SERVER_MODULE replace the interpreter and the module, e.g. a patched launcher).
     `restart` > 0 names the log of a replacement for engine `index` (engine-<index>-restart<n>.log), so the dead
     one's log is kept.
     `gpu`: the physical GPU id it may see (CUDA_VISIBLE_DEVICES; it runs on cuda:0 then). `options`: engine options
     by name (slime.engine.options, e.g. dtype="bfloat16", num_threads=2, max_running_requests=32)."""
-    sock = socket.create_server((host, 0))  # bound and listening now; the server inherits it (--listen-fd)
+    sock = socket.create_server((host, 0))  # bound and listening now; our servers inherit it (--listen-fd)
     port = sock.getsockname()[1]
-    module = {"embedded": "slime.engine.server", "vllm": "slime.engine.vllm_adapter"}[rollout_backend]
-    cmd = [sys.executable, "-m", module, "--model-path", model_path, "--host", host, "--port", str(port)]
-    cmd += ["--listen-fd", str(sock.fileno()), "--seed", str(seed + index), "--parent-pid", str(os.getpid())]
-    if rollout_backend == "vllm":  # vLLM takes its own options; these are the ones the run sets that it has too
-        cmd += ["--device", device, "--dtype", options.get("dtype") or "bfloat16"]
-        cmd += ["--max-running-requests", str(options.get("max_running_requests") or 256)]
+    pass_fds: tuple[int, ...] = (sock.fileno(),)
+    if rollout_backend == "sglang":  # SGLang binds its own port: the socket is closed just before it starts
+        python = os.environ.get("SLIME_SGLANG_PYTHON", sys.executable)
+        module = os.environ.get("SLIME_SGLANG_SERVER_MODULE", "sglang.launch_server")
+        values = {"model_path": model_path, "host": host, "port": port, "seed": seed + index, "device": device}
+        cmd = [python, "-m", module, *sglang_command_flags({**values, **options, "skip_server_warmup": True})]
+        sock.close()
+        pass_fds = ()
     else:
-        cmd += ["--device", device, *command_flags(options)]
+        module = {"embedded": "slime.engine.server", "vllm": "slime.engine.vllm_adapter"}[rollout_backend]
+        cmd = [sys.executable, "-m", module, "--model-path", model_path, "--host", host, "--port", str(port)]
+        cmd += ["--listen-fd", str(sock.fileno()), "--seed", str(seed + index), "--parent-pid", str(os.getpid())]
+        if rollout_backend == "vllm":  # vLLM takes its own options; these are the ones the run sets that it has too
+            cmd += ["--device", device, "--dtype", options.get("dtype") or "bfloat16"]
+            cmd += ["--max-running-requests", str(options.get("max_running_requests") or 256)]
+            cmd += ["--tp-size", str(options.get("tp_size") or 1)]
+            if device == "cuda" and options.get("mem_fraction_static"):
+                cmd += ["--gpu-memory-utilization", str(options["mem_fraction_static"])]
+        else:
+            cmd += ["--device", device, *command_flags(options)]
     threads = options.get("num_threads")
     env = {"OMP_NUM_THREADS": str(threads)} if threads else {}
     if gpu is not None:
         env["CUDA_VISIBLE_DEVICES"] = gpu
     name = f"engine-{index}" + (f"-restart{restart}" if restart else "")
     try:
-        server = spawn(name, cmd, f"http://{host}:{port}", log_dir, env, pass_fds=(sock.fileno(),))
+        server = spawn(
+            name, cmd, f"http://{host}:{port}", log_dir, env, die_with_parent=not pass_fds, pass_fds=pass_fds
+        )
     finally:
         sock.close()  # the server holds its own copy
     if wait:

@@ -22,7 +22,8 @@ class EngineOption:
     switch: bool = False  # a store_true flag
     train_flag: str | None = None  # the trainer's flag for this option; None: set by the launcher only
     train_help: str = ""  # what the trainer's default is, when it differs from the server's
-    aliases: tuple[str, ...] = ()  # SGLang's launch_server spelling, accepted by the server too
+    aliases: tuple[str, ...] = ()  # other spellings the server accepts
+    sglang: str | None = None  # SGLang's launch_server flag for this option (the server accepts it too)
 
     @property
     def flag(self) -> str:
@@ -35,9 +36,11 @@ class EngineOption:
 
 BACKENDS = ("auto", "paged", "padded")
 ENGINE_OPTIONS: tuple[EngineOption, ...] = (
-    EngineOption("model_path", "Hugging Face folder or built-in model name (e.g. SmolLM2-135M-Instruct)"),
-    EngineOption("host", "interface to bind", "127.0.0.1"),
-    EngineOption("port", "TCP port to bind", 30000, int),
+    EngineOption(
+        "model_path", "Hugging Face folder or built-in model name (e.g. SmolLM2-135M-Instruct)", sglang="--model-path"
+    ),
+    EngineOption("host", "interface to bind", "127.0.0.1", sglang="--host"),
+    EngineOption("port", "TCP port to bind", 30000, int, sglang="--port"),
     EngineOption(
         "listen_fd",
         "serve on this listening socket inherited from the launcher instead of binding --host/--port: the launcher "
@@ -45,8 +48,10 @@ ENGINE_OPTIONS: tuple[EngineOption, ...] = (
         -1,
         int,
     ),
-    EngineOption("device", "where the model runs: cpu, cuda or cuda:N", "cpu"),
-    EngineOption("seed", "seed of the sampling generator (a run gives engine i --seed + i)", 0, int),
+    EngineOption("device", "where the model runs: cpu, cuda or cuda:N", "cpu", sglang="--device"),
+    EngineOption(
+        "seed", "seed of the sampling generator (a run gives engine i --seed + i)", 0, int, sglang="--random-seed"
+    ),
     EngineOption(
         "max_request_mb",
         "largest /generate body accepted, in MiB; a larger one gets 413 before it is read (weight updates are not "
@@ -67,6 +72,7 @@ ENGINE_OPTIONS: tuple[EngineOption, ...] = (
         choices=("float32", "bfloat16", "float16"),
         train_flag="--rollout-engine-dtype",
         train_help="default: bfloat16 on GPU, float32 on CPU",
+        sglang="--dtype",
     ),
     EngineOption(
         "num_threads",
@@ -93,6 +99,7 @@ ENGINE_OPTIONS: tuple[EngineOption, ...] = (
         train_flag="--sglang-max-running-requests",
         train_help="default 512 on GPU (42.3k vs 33.4k tok/s at 256 on an H200, docs/benchmarks.md), 64 on CPU; 1 with "
         "--sglang-enable-deterministic-inference",
+        sglang="--max-running-requests",
     ),
     EngineOption(
         "max_prefill_tokens",
@@ -100,7 +107,7 @@ ENGINE_OPTIONS: tuple[EngineOption, ...] = (
         0,
         int,
         train_flag="--sglang-chunked-prefill-size",
-        aliases=("--chunked-prefill-size",),
+        sglang="--chunked-prefill-size",
     ),
     EngineOption(
         "tp_size",
@@ -109,13 +116,22 @@ ENGINE_OPTIONS: tuple[EngineOption, ...] = (
         int,
         choices=(1,),
         aliases=("--tp",),
+        sglang="--tp-size",
     ),
-    EngineOption("page_size", "paged backend: tokens per KV cache block", 16, int, train_flag="--sglang-page-size"),
+    EngineOption(
+        "page_size",
+        "paged backend: tokens per KV cache block",
+        16,
+        int,
+        train_flag="--sglang-page-size",
+        sglang="--page-size",
+    ),
     EngineOption(
         "kv_cache_tokens",
         "paged backend: KV cache size in tokens (0: from --mem-fraction-static on GPU, 2048 per request row on CPU)",
         0,
         int,
+        sglang="--max-total-tokens",
     ),
     EngineOption(
         "mem_fraction_static",
@@ -124,12 +140,14 @@ ENGINE_OPTIONS: tuple[EngineOption, ...] = (
         float,
         train_flag="--sglang-mem-fraction-static",
         train_help="default: 0.85 on GPUs of its own, 0.6 colocated, 0.35 beside a resident trainer",
+        sglang="--mem-fraction-static",
     ),
     EngineOption(
         "disable_cuda_graph",
         "paged backend: run decode steps eagerly",
         switch=True,
         train_flag="--sglang-disable-cuda-graph",
+        sglang="--disable-cuda-graph",
     ),
     EngineOption(
         "disable_torch_compile",
@@ -144,9 +162,25 @@ ENGINE_OPTIONS: tuple[EngineOption, ...] = (
         512,
         int,
         train_flag="--sglang-cuda-graph-max-bs",
+        sglang="--cuda-graph-max-bs",
+    ),
+    EngineOption(
+        "enable_memory_saver",
+        "keep weights and KV cache releasable (SGLang needs it for /release_memory_occupation; the embedded engine "
+        "always can, so it accepts the flag and ignores it); the launcher sets it when the run releases engine memory",
+        switch=True,
+        sglang="--enable-memory-saver",
+    ),
+    EngineOption(
+        "skip_server_warmup",
+        "serve without a warm-up request at start (SGLang's flag; the embedded engine has no warm-up and ignores it)",
+        switch=True,
+        sglang="--skip-server-warmup",
     ),
 )
 OPTIONS_BY_NAME = {o.name: o for o in ENGINE_OPTIONS}
+# 0 means "choose for me" for these; SGLang has its own choice, so 0 is not passed on
+_AUTO_WHEN_ZERO = {"max_prefill_tokens", "kv_cache_tokens"}
 
 
 def _add(group: Any, flag: str | list[str], option: EngineOption, default: Any, help_text: str) -> None:
@@ -163,7 +197,8 @@ def add_server_arguments(parser: argparse.ArgumentParser) -> None:
         if o.name == "model_path":
             parser.add_argument(o.flag, required=True, help=o.help)
         else:
-            _add(parser, [o.flag, *o.aliases], o, o.default, o.help)
+            spellings = [o.flag, *o.aliases, *([o.sglang] if o.sglang and o.sglang not in (o.flag, *o.aliases) else [])]
+            _add(parser, spellings, o, o.default, o.help)
 
 
 def add_train_arguments(group: Any) -> None:
@@ -192,4 +227,23 @@ def command_flags(values: dict[str, Any]) -> list[str]:
             flags += [option.flag] if value else []
         elif value is not None:
             flags += [option.flag, str(value)]
+    return flags
+
+
+def sglang_command_flags(values: dict[str, Any]) -> list[str]:
+    """SGLang's launch_server flags for `values` ({option name: value}): the options SGLang has, in its spelling;
+    the embedded engine's own options (threads, backend, request size...) are left out, as are None, false switches
+    and the zeros that mean "choose for me"."""
+    unknown = sorted(set(values) - set(OPTIONS_BY_NAME))
+    if unknown:
+        raise TypeError(f"unknown engine option(s) {unknown}; known: {sorted(OPTIONS_BY_NAME)}")
+    flags: list[str] = []
+    for name, value in values.items():
+        option = OPTIONS_BY_NAME[name]
+        if option.sglang is None or value is None or (name in _AUTO_WHEN_ZERO and value == 0):
+            continue
+        if option.switch:
+            flags += [option.sglang] if value else []
+        else:
+            flags += [option.sglang, str(value)]
     return flags

@@ -244,6 +244,10 @@ def vllm_command(a: argparse.Namespace, socket_path: str) -> list[str]:
     cmd += ["--worker-extension-cls", "slime.engine.vllm_worker.WorkerExtension"]
     if a.max_model_len:
         cmd += ["--max-model-len", str(a.max_model_len)]
+    if a.tp_size > 1:
+        cmd += ["--tensor-parallel-size", str(a.tp_size)]
+    if a.gpu_memory_utilization:
+        cmd += ["--gpu-memory-utilization", str(a.gpu_memory_utilization)]
     if a.device == "cpu":  # a compile of minutes on a few cores buys little for the models a CPU serves
         cmd += ["--enforce-eager"]
     return cmd + a.vllm_arg
@@ -305,6 +309,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--max-running-requests", type=int, default=256)
     p.add_argument("--max-model-len", type=int, default=None)
+    p.add_argument("--tp-size", type=int, default=1, help="tensor-parallel GPUs of this engine")
+    p.add_argument("--gpu-memory-utilization", type=float, default=None, help="vLLM's share of each GPU's memory")
     p.add_argument("--vllm-python", default=os.environ.get("SLIME_VLLM_PYTHON", sys.executable))
     p.add_argument("--vllm-arg", action="append", default=[], help="one more argument for vLLM's server (repeatable)")
     return p.parse_args(argv)

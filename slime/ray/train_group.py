@@ -41,17 +41,17 @@ class TrainGroup:
             ).remote(args, r, world)
             for r in range(world)
         ]
-        self._gpu_ids = [a.gpu_ids.remote() for a in self.actors]
+        self._gpus = [a.gpus.remote() for a in self.actors]
         master = self.actors[0].host_store.remote()  # Ray passes its result to every rank's setup
         self._setup = [a.setup.remote(master) for a in self.actors]
         if wait:
             self.wait_ready()
 
     @property
-    def gpu_ids(self) -> list[list[str]]:
-        """Rank r's GPU ids as Ray assigned them (waits for the ranks to start: only a layout that shares the
-        trainer's GPUs with engines needs them before the engines start)."""
-        return self._get(self._gpu_ids, "training ranks to start")
+    def gpus(self) -> list[tuple[str, str]]:
+        """Every rank's GPUs as (Ray node id, physical GPU id), in rank order (waits for the ranks to start: only a
+        layout that shares the trainer's GPUs with engines needs them before the engines start)."""
+        return [g for rank in self._get(self._gpus, "training ranks to start") for g in rank]
 
     def wait_ready(self) -> None:
         self._get(self._setup, "training ranks to load the model")

@@ -134,25 +134,20 @@ class RolloutManager:
     """Owns the data source, the engine fleet and the rollout, eval and reward hooks; hands each rollout to the
     trainer as a TrainBatch."""
 
-    def __init__(self, args: Any, engine_gpus: list[str] | None = None):
-        """`engine_gpus[i]`: the GPU engine i runs on when engines share the training GPUs; engines on GPUs of
-        their own use the GPUs Ray gave this actor (see slime.config.cluster)."""
+    def __init__(self, args: Any, shared_gpus: list[tuple[str, str]] | None = None):
+        """`shared_gpus[i]`: (Ray node id, GPU id) engine i runs on when engines share the training GPUs; other
+        engines are placed by Ray (see slime.engine.fleet)."""
         logging.basicConfig(level=os.environ.get("SLIME_LOG_LEVEL", "INFO"), format="%(asctime)s %(name)s %(message)s")
         self.args = args
         if args.allow_weak_sandbox:
             allow_weak_sandbox(True)  # custom generate functions run here
-        gpus: list[str | None] = [None] * args.rollout_num_engines
-        if args.rollout_device == "cuda" and not args.rollout_external_engine_addrs:
-            gpus = list(engine_gpus or [str(i) for i in ray.get_gpu_ids()])
-            if len(gpus) < args.rollout_num_engines:
-                raise RuntimeError(f"{args.rollout_num_engines} GPU engines need as many GPUs; got {gpus}")
         self.trainer_actors: list = []  # set by attach_trainer: they push weights to a restarted engine
         self.weight_version: str | None = None  # None: engines still serve --hf-checkpoint
         self.untrained: dict[int, dict] = {}  # --async: rollouts generated ahead of the step that trains them
         self.before_rollout: tuple[int, bytes] | None = None  # (rollout id, data source state as it began)
         self.fleet = None  # --debug-train-only: nothing generates
         if not args.debug_train_only:
-            self.fleet = EngineFleet(args, gpus)  # the engines boot while the data and the hooks load
+            self.fleet = EngineFleet(args, shared_gpus)  # the engines boot while the data and the hooks load
             self.fleet.on_restart = self._give_weights
         try:
             self._load_hooks(args)

@@ -60,6 +60,17 @@ def _reachable_address() -> str:
     return ray.util.get_node_ip_address() if ray.is_initialized() else "127.0.0.1"
 
 
+def _sglang_version(info: dict) -> tuple[int, ...]:
+    """SGLang's version from its /server_info ("0.5.23", "0.5.23.post1"); () for other engines (ours says
+    "slime-embedded")."""
+    parts = []
+    for piece in str(info.get("version", "")).split("."):
+        if not piece.isdigit():
+            break
+        parts.append(int(piece))
+    return tuple(parts)
+
+
 class WeightSyncer:
     def __init__(
         self,
@@ -93,7 +104,7 @@ class WeightSyncer:
         # bucket), and per bucket the views it is filled through (a bucket holds the same weights every sync)
         self.device_buffer: torch.Tensor | None = None
         self._layouts: dict[int, tuple[tuple, torch.Tensor, list[dict], list[torch.Tensor]]] = {}
-        self._reuse: bool | None = None  # whether every engine says weights_copied_before_answer
+        self._facts: dict[str, bool] | None = None  # see _engine_facts
         self.pool = ThreadPoolExecutor(max(1, len(self.engine_urls)), thread_name_prefix="weight-sync")
 
     # ------------------------------------------------------------------ engine calls (rank 0 only)
@@ -129,6 +140,8 @@ class WeightSyncer:
                 self._all("/flush_cache", None)
             if self.mode == "distributed" and self.group is None:
                 self._connect()
+            if self.mode != "disk" and self._engine_facts()["sessions"]:
+                self._all("/begin_weight_update", {})
         try:
             buckets = iter_buckets(served_parameters(model, self.adapters_only), self.buffer_bytes, self.dtype)
             for index in itertools.count():
@@ -150,6 +163,8 @@ class WeightSyncer:
                     body = {"model_path": folder, "weight_version": version, "partial": self.adapters_only}
                     self._all("/update_weights_from_disk", body)
                     send += time.monotonic() - t1
+                if self.mode != "disk" and self._engine_facts()["sessions"]:
+                    self._all("/end_weight_update", {})
                 # the version changes once every bucket is in: a sync that fails half-way leaves the old one
                 self._all("/update_weight_version", {"new_version": version, "abort_all_requests": False})
         finally:
@@ -214,11 +229,20 @@ class WeightSyncer:
             self.shared[index] = shared_cpu_buffer(need)
         return self.shared[index]
 
-    def _engines_copy_before_answer(self) -> bool:
-        if self._reuse is None:
+    def _engine_facts(self) -> dict[str, bool]:
+        """What the engines' /server_info says, asked once: whether every engine copies tensor updates before it
+        answers (our engine: then the trainer may reuse its device buffer), and whether they need weight-update
+        sessions (SGLang 0.5.23 and later refuse tensor and distributed updates outside begin/end_weight_update)."""
+        if self._facts is None:
             infos = self._all("/server_info", None, method="GET")
-            self._reuse = all(info.get("weights_copied_before_answer") is True for info in infos)
-        return self._reuse
+            self._facts = {
+                "copy_before_answer": all(info.get("weights_copied_before_answer") is True for info in infos),
+                "sessions": any(_sglang_version(info) >= (0, 5, 23) for info in infos),
+            }
+        return self._facts
+
+    def _engines_copy_before_answer(self) -> bool:
+        return self._engine_facts()["copy_before_answer"]
 
     def _fill_device_buffer(self, index: int, bucket: list[tuple[str, torch.Tensor]]) -> tuple[torch.Tensor, list]:
         """Bucket `index` packed into the reused device buffer (grown when a bucket needs more). The views are

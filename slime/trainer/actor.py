@@ -67,12 +67,13 @@ class TrainActor:
         logging.basicConfig(level=os.environ.get("SLIME_LOG_LEVEL", "INFO"), format="%(asctime)s %(name)s %(message)s")
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
-    def gpu_ids(self) -> list[str]:
-        """This rank's physical GPU ids as Ray assigned them (engines sharing the GPU get them as
-        CUDA_VISIBLE_DEVICES); [] on CPU."""
+    def gpus(self) -> list[tuple[str, str]]:
+        """This rank's GPUs as (Ray node id, physical GPU id) (engines sharing them run on that node with the id
+        as CUDA_VISIBLE_DEVICES); [] on CPU."""
         import ray
 
-        return [str(i) for i in ray.get_gpu_ids()]
+        node = ray.get_runtime_context().get_node_id()
+        return [(node, str(i)) for i in ray.get_gpu_ids()]
 
     def host_store(self) -> tuple[str, int]:
         """Rank 0 only, before any rank's `setup`: host the group's rendezvous store; returns its (address, port)."""

@@ -90,6 +90,13 @@ def test_async_on_cpu_splits_the_cores_between_engines_and_trainer(monkeypatch):
         (["--rollout-num-gpus-per-engine", "2"], 2, "no tensor parallelism"),
         (["--actor-num-nodes", "2", "--global-batch-size", "2"], 2, "--actor-num-nodes 1"),
         (["--debug-rollout-only"], 1, "needs --rollout-num-gpus"),
+        (["--rollout-backend", "sglang", "--rollout-num-gpus-per-engine", "2"], 2, "GPUs of their own"),
+        (
+            ["--rollout-backend", "sglang", "--rollout-num-gpus", "3", "--rollout-num-gpus-per-engine", "2"],
+            4,
+            "not a multiple of --rollout-num-gpus-per-engine 2",
+        ),
+        (["--rollout-backend", "sglang", "--lora-rank", "8", "--lora-sync", "adapters"], 1, "LoRA API"),
     ],
 )
 def test_layouts_the_cluster_cannot_hold_name_the_flags(capsys, flags, gpus, message):
@@ -122,3 +129,10 @@ def test_settled_flags_that_never_run_give_their_router_port_back(tiny_model_pat
     del args
     gc.collect()
     assert len(os.listdir("/proc/self/fd")) - before < 5
+
+
+def test_tensor_parallel_engines_of_vllm_or_sglang_take_their_gpus_in_groups():
+    args = _args("--rollout-backend", "sglang", "--rollout-num-gpus", "4", "--rollout-num-gpus-per-engine", "2", gpus=6)
+    assert (args.rollout_num_engines, args.rollout_device, args.update_weight_mode) == (2, "cuda", "distributed")
+    vllm = _args("--rollout-backend", "vllm", "--rollout-num-gpus", "4", "--rollout-num-gpus-per-engine", "4", gpus=5)
+    assert (vllm.rollout_num_engines, vllm.update_weight_mode) == (1, "disk")
