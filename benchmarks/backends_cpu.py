@@ -5,8 +5,10 @@ process: the same prompts through the same SGLang-protocol /generate, every requ
         --out benchmarks/results/backends_cpu_<date>.json
 
 Workload (the engine's foundation workload): SmolLM2-135M-Instruct, 64 prompts x 4 samples, exactly 128 new tokens
-each (ignore_eos), temperature 1, bf16 weights on both. Reports generated tokens per second of wall time from the
-first request to the last answer, and each server's start-up seconds.
+each (ignore_eos), temperature 1, the same dtype on both (--dtype; bf16 by default: pick float32 on a processor
+without bf16 arithmetic). --backends embedded,embedded,vllm --rows 64,256,256 measures the listed runs in order.
+Reports generated tokens per second of wall time from the first request to the last answer, and each server's
+start-up seconds.
 """
 
 from __future__ import annotations
@@ -45,9 +47,13 @@ async def generate_all(url: str, ids: list[list[int]], samples: int, new_tokens:
     return time.monotonic() - start, sum(counts)
 
 
-def measure(backend: str, model: str, ids: list[list[int]], samples: int, new_tokens: int, logs: str) -> dict:
+def measure(
+    backend: str, model: str, ids: list[list[int]], samples: int, new_tokens: int, logs: str, dtype: str, rows: int
+) -> dict:
     start = time.monotonic()
-    srv = launch_engine(model, logs, rollout_backend=backend, dtype="bfloat16", startup_timeout=1200)
+    srv = launch_engine(
+        model, logs, rollout_backend=backend, dtype=dtype, max_running_requests=rows, startup_timeout=1200
+    )
     startup = time.monotonic() - start
     try:
         asyncio.run(generate_all(srv.url, ids[:4], 1, 8))  # warm-up
@@ -62,7 +68,9 @@ def main() -> None:
     p.add_argument("--prompts", type=int, default=64)
     p.add_argument("--samples", type=int, default=4)
     p.add_argument("--new-tokens", type=int, default=128)
-    p.add_argument("--backends", default="embedded,vllm")
+    p.add_argument("--backends", default="embedded,vllm", help="comma-separated; a backend may repeat")
+    p.add_argument("--dtype", default="bfloat16", help="weights and compute of both engines")
+    p.add_argument("--rows", default="256", help="batch rows per backend run, comma-separated (one value: all)")
     p.add_argument("--out", default=None, help="JSON results file")
     a = p.parse_args()
     model = resolve_checkpoint("SmolLM2-135M-Instruct")
@@ -72,16 +80,16 @@ def main() -> None:
         "date": time.strftime("%Y-%m-%d"),
         "commit": subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip(),
         "machine": f"{os.cpu_count()} CPUs",
-        "workload": f"{a.prompts} prompts x {a.samples} samples x {a.new_tokens} new tokens, bf16, temperature 1",
+        "workload": f"{a.prompts} prompts x {a.samples} samples x {a.new_tokens} new tokens, {a.dtype}, temperature 1",
         "runs": {},
     }
     with tempfile.TemporaryDirectory() as logs:
-        for backend in a.backends.split(","):
-            result["runs"][backend] = measure(backend, model, ids, a.samples, a.new_tokens, logs)
-            print(backend, json.dumps(result["runs"][backend]), flush=True)
-    runs = result["runs"]
-    if "embedded" in runs and "vllm" in runs:
-        result["vllm_over_embedded"] = runs["vllm"]["tokens_per_s"] / runs["embedded"]["tokens_per_s"]
+        backends = a.backends.split(",")
+        rows = a.rows.split(",") * (len(backends) if "," not in a.rows else 1)
+        for i, (backend, n) in enumerate(zip(backends, rows, strict=True)):
+            run = measure(backend, model, ids, a.samples, a.new_tokens, logs, a.dtype, int(n))
+            result["runs"][f"{i}: {backend}, {n} rows"] = run
+            print(backend, n, json.dumps(run), flush=True)
     text = json.dumps(result, indent=1)
     print(text)
     if a.out:

@@ -141,13 +141,6 @@ async def _sabotage_in_rollout_1(args, sample: Sample, sampling_params: dict, en
     return await generate(args, sample, sampling_params)
 
 
-async def kill_engine_generate(args, sample: Sample, sampling_params: dict) -> Sample:
-    """Rollout 1 SIGKILLs engine 0."""
-    import signal
-
-    return await _sabotage_in_rollout_1(args, sample, sampling_params, 0, signal.SIGKILL)
-
-
 async def hang_engine_generate(args, sample: Sample, sampling_params: dict) -> Sample:
     """Rollout 1 SIGSTOPs engine 1: alive but silent."""
     import signal

@@ -240,7 +240,7 @@ def settle_engine_options(args: Any) -> None:
     if args.sglang_enable_deterministic_inference:  # one request at a time: results do not depend on batching
         args.sglang_max_running_requests = 1
     elif args.sglang_max_running_requests is None:
-        args.sglang_max_running_requests = 512 if on_gpu else 64
+        args.sglang_max_running_requests = 512 if on_gpu else 256
     if args.sglang_mem_fraction_static is None:
         args.sglang_mem_fraction_static = 0.6 if args.colocate else 0.35 if args.engines_share_trainer_gpus else 0.85
     args.sglang_chunked_prefill_size = args.sglang_chunked_prefill_size or (8192 if on_gpu else 4096)

@@ -11,6 +11,7 @@ graphs keep working; releasing the weights or the cache drops the graphs, captur
 from __future__ import annotations
 
 import logging
+import os
 import time
 
 import torch
@@ -73,12 +74,16 @@ class PagedModelRunner:
     # ------------------------------------------------------------------ memory
     def kv_tokens(self, kv_cache_tokens: int, mem_fraction_static: float, max_context: int) -> int:
         """How many tokens the KV cache holds: `kv_cache_tokens` if set, else on GPU what `mem_fraction_static` of
-        the device leaves beside the weights and the step's workspace, on CPU 2048 per request row."""
+        the device leaves beside the weights and the step's workspace, on CPU 2048 per request row but at most half
+        the host memory available (the scheduler preempts requests when the pool is full)."""
         per_token = 2 * self.num_layers * self.kv_heads * self.head_dim * self.model.dtype.itemsize
         if kv_cache_tokens:
             return kv_cache_tokens
         if not self.on_cuda:  # CPU pages are committed only when written, so a generous pool costs nothing until used
-            return self.max_rows * min(max_context, 2048)
+            # ... but a pool every request could fill must fit: at most half the memory available now
+            return min(
+                self.max_rows * min(max_context, 2048), max(4 * self.block_size, _available_bytes() // 2 // per_token)
+            )
         free, total = torch.cuda.mem_get_info(self.device)
         # what the step itself needs beside the cache: fp32 logits and their softmax temporaries per batch row
         workspace = self.max_rows * self.model.config.vocab_size * 4 * 6 + (1 << 30)
@@ -323,3 +328,16 @@ class PagedModelRunner:
         started[1].synchronize()
         logger.info("captured the decode step for batch size %d in %.0f ms", b, started[0].elapsed_time(started[1]))
         return graph, out
+
+
+def _available_bytes() -> int:
+    """Host memory available to new allocations (MemAvailable), in bytes; the physical total where it is not
+    reported."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")

@@ -97,8 +97,8 @@ ENGINE_OPTIONS: tuple[EngineOption, ...] = (
         64,
         int,
         train_flag="--sglang-max-running-requests",
-        train_help="default 512 on GPU (42.3k vs 33.4k tok/s at 256 on an H200, docs/benchmarks.md), 64 on CPU; 1 with "
-        "--sglang-enable-deterministic-inference",
+        train_help="default 512 on GPU (42.3k vs 33.4k tok/s at 256 on an H200), 256 on CPU (221 vs 160 tok/s at 64 on "
+        "2 cores, docs/benchmarks.md); 1 with --sglang-enable-deterministic-inference",
         sglang="--max-running-requests",
     ),
     EngineOption(

@@ -43,7 +43,7 @@ def test_defaults_follow_slime():
         (["--rollout-backend", "vllm", "--update-weight-mode", "tensor"], "--update-weight-mode tensor is not wired"),
         (["--rollout-backend", "vllm", "--colocate"], "--rollout-backend vllm: --colocate needs engines that release"),
         (["--rollout-backend", "vllm", "--offload-rollout"], "--offload-rollout needs engines that release memory"),
-        (["--rollout-backend", "sglang"], "invalid choice: 'sglang'"),
+        (["--rollout-backend", "trtllm"], "invalid choice: 'trtllm'"),
     ],
 )
 def test_bad_flags_are_refused_naming_them(capsys, extra, message):

@@ -18,7 +18,7 @@ def test_cpu_cluster_keeps_engines_on_cpu():
     assert "2 on CPU" in placement_line(args)
     assert (args.rollout_device, args.rollout_num_engines, args.update_weight_mode) == ("cpu", 2, "tensor")
     assert args.rollout_engine_dtype == "float32" and not args.offload_rollout
-    assert args.sglang_max_running_requests == 64 and args.sglang_chunked_prefill_size == 4096
+    assert args.sglang_max_running_requests == 256 and args.sglang_chunked_prefill_size == 4096
 
 
 def test_colocate_shares_every_training_gpu_and_implies_both_offloads():

@@ -248,6 +248,24 @@ def test_prompt_larger_than_the_cache_is_refused(tiny_model_path):
         engine.shutdown()
 
 
+def test_the_cpu_cache_fits_half_the_available_memory(tiny_model_path, monkeypatch):
+    """On CPU the pool is 2048 tokens per row unless that exceeds half of the host memory available: many rows
+    (256 by default on CPU) of long requests must not be able to exhaust the machine."""
+    from slime.engine import model_runner
+    from slime.engine.paged import PagedEngine
+
+    monkeypatch.setattr(model_runner, "_available_bytes", lambda: 64 << 20)
+    engine = PagedEngine(tiny_model_path, block_size=4, max_running_requests=512)
+    try:
+        r = engine.runner
+        per_token = 2 * r.num_layers * r.kv_heads * r.head_dim * 4  # float32
+        assert r._kv.shape[2] <= (32 << 20) // per_token + 2 * 4 < 512 * 2048  # capped, not 2048 per row
+        (ok,) = _run(engine, [list(range(10, 20))], SamplingParams(max_new_tokens=4, ignore_eos=True))
+        assert len(ok.output_ids) == 4
+    finally:
+        engine.shutdown()
+
+
 @pytest.mark.parametrize("backend", ["paged", "padded"])
 def test_torch_work_runs_on_the_engine_thread(tiny_model_path, backend):
     """Loading, the KV cache, weight updates and memory release run on the engine thread even when called from

@@ -55,7 +55,10 @@ def test_engines_spread_over_two_nodes_and_a_lost_one_is_replaced_on_its_node(ti
     engines = json.loads((out / "server_logs" / "engines.json").read_text())
     by_node = {e["node_id"]: e for e in engines}
     assert set(by_node) == {nodes["head"], nodes["worker"]}  # one engine per node
-    assert by_node[nodes["worker"]]["name"].endswith("-restart1")  # replaced in its bundle, on the worker node
+    replaced = by_node[nodes["worker"]]
+    assert replaced["name"].endswith("-restart1")  # replaced in its bundle, on the worker node
+    assert os.path.exists(replaced["log_path"])  # a log of its own, the dead engine's kept beside it
+    assert os.path.exists(replaced["log_path"].replace("-restart1.log", ".log"))
     assert by_node[nodes["head"]]["name"] in ("engine-0", "engine-1")
     # on a cluster of several nodes engines listen on their node's address, not loopback
     assert all(e["url"].startswith(f"http://{e['node_ip']}:") for e in engines)

@@ -519,15 +519,10 @@ def test_nan_updates_are_skipped_then_stop_the_run_naming_rank_and_rollout(ray_c
     assert step0["train/param_norm"] == pytest.approx(float(norm), rel=1e-6)  # nothing was applied
 
 
-@pytest.mark.parametrize(
-    "overlap,sabotage,engine", [(False, "kill", 0), (True, "hang", 1)], ids=["sync, killed", "async, hung"]
-)
-def test_engines_killed_or_hung_mid_rollout_are_restarted_and_lose_no_sample(
-    overlap, sabotage, engine, ray_cluster, tiny_model_path, tmp_path
-):
-    """Rollout 1: engine 0 is SIGKILLed, or engine 1 SIGSTOPped (alive, silent). It is detected, replaced, given the
-    current weights and re-registered; the requests it held are retried; every step trains on all 16 samples with the
-    current weights. With --async the rollout dies while the previous step trains."""
+def test_a_hung_engine_under_async_is_restarted_and_loses_no_sample(ray_cluster, tiny_model_path, tmp_path):
+    """Rollout 1: engine 1 is SIGSTOPped (alive, silent) while the previous step trains (--async). It is detected,
+    replaced, given the current weights and re-registered; the requests it held are retried; every step trains on
+    all 16 samples. (A SIGKILLed engine in the synchronous loop: tests/rollout/test_multinode.py, on a second node.)"""
     from slime.train import train
 
     out = tmp_path / "run"
@@ -545,23 +540,18 @@ def test_engines_killed_or_hung_mid_rollout_are_restarted_and_lose_no_sample(
             "--rollout-health-check-timeout",
             "3",
             "--custom-generate-function-path",
-            f"tests.custom_hooks.{sabotage}_engine_generate",
+            "tests.custom_hooks.hang_engine_generate",
             "--rollout-max-response-len",
             "24",
-            *(["--async"] if overlap else []),
+            "--async",
         )
     )
     train(args)
     steps = _metrics(out)
     assert [s["rollout/engine_restarts"] for s in steps] == [0, 1]
     assert all(s["rollout/failed"] == 0 and s["rollout/kept_groups"] == 4 for s in steps)
-    assert f"engine-{engine}-restart1.log" in os.listdir(out / "server_logs")
-    if overlap:  # each rollout was generated on the weights before the step it overlapped
-        assert [s["train/staleness_max"] for s in steps] == [0, 1]
-        return
-    assert [s["rollout/weight_version"] for s in steps] == [0, 1]
-    # the restarted engine generated with the trainer's weights: the trainer reproduces its log-probs
-    assert all(s["train/logprob_abs_diff_vs_rollout"] < 1e-4 for s in steps)
+    assert "engine-1-restart1.log" in os.listdir(out / "server_logs")
+    assert [s["train/staleness_max"] for s in steps] == [0, 1]  # each rollout ran on the weights before its step
 
 
 def test_one_failing_rank_stops_the_group_at_once_naming_the_rank(ray_cluster, tiny_model_path, tmp_path):
