@@ -93,6 +93,10 @@ class RayEngine:
                 f"{name}: Ray did not start its host actor within {timeout_s:.0f}s (asked for {actor_options}); "
                 f"cluster resources {ray.cluster_resources()}, available {ray.available_resources()}"
             ) from exc
+        except ray.exceptions.RayError as exc:  # the launch itself failed there: say which engine, free the actor
+            ray.kill(actor)
+            cause = getattr(exc, "cause", None) or exc
+            raise RuntimeError(f"{name}: could not be launched: {type(cause).__name__}: {cause}") from exc
         return cls(name, actor, **where)
 
     def _call(self, method: str, *args: Any, timeout_s: float = CALL_TIMEOUT_S) -> Any:

@@ -62,3 +62,14 @@ def test_engines_spread_over_two_nodes_and_a_lost_one_is_replaced_on_its_node(ti
     assert by_node[nodes["head"]]["name"] in ("engine-0", "engine-1")
     # on a cluster of several nodes engines listen on their node's address, not loopback
     assert all(e["url"].startswith(f"http://{e['node_ip']}:") for e in engines)
+
+
+def test_an_engine_that_cannot_launch_is_named_with_the_reason(ray_cluster, tiny_model_path, tmp_path):
+    """A launch that fails inside the host actor surfaces as one error naming the engine and the cause, not as
+    Ray's task traceback."""
+    import pytest
+
+    from slime.ray.engine_host import RayEngine
+
+    with pytest.raises(RuntimeError, match="engine-9: could not be launched: TypeError: unknown engine option"):
+        RayEngine.start("engine-9", {}, tiny_model_path, str(tmp_path), False, {"no_such_option": 1}, timeout_s=120)
