@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from slime.engine.options import command_flags, sglang_command_flags
+from slime.engine.options import command_flags
 from slime.utils.http_utils import request_sync
 
 
@@ -22,6 +22,27 @@ def answers(url: str, timeout: float = 5.0) -> bool:
         return request_sync("GET", url, timeout=timeout)[0] == 200
     except ConnectionError:
         return False
+
+
+def wait_serving(server: Any, who: str, path: str, timeout: float) -> None:
+    """Poll `GET server.url + path` until 200 (`server`: a ServerProcess or a RayEngine). Raises naming `who`, what
+    it waited for and the log tail when the server exits first (then without waiting out `timeout`) or does not
+    answer in time (then it is stopped)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if answers(server.url + path):
+            return
+        if not server.alive():
+            raise RuntimeError(
+                f"{who} exited ({server.exit_note()}) before serving {server.url}; log {server.log_path}:\n"
+                f"{server.log_tail()}"
+            )
+        time.sleep(0.25)
+    tail = server.log_tail()
+    server.stop()
+    raise TimeoutError(
+        f"{who} did not answer GET {path} with 200 within {timeout:.0f}s; log {server.log_path}:\n{tail}"
+    )
 
 
 @dataclass
@@ -44,22 +65,7 @@ class ServerProcess:
             return "(no log)"
 
     def wait_ready(self, path: str, timeout: float) -> None:
-        """Poll `GET url+path` until 200. Raises naming the server, what it waited for and its log tail."""
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if not self.alive():
-                raise RuntimeError(
-                    f"{self.name} exited with code {self.proc.returncode} before serving {self.url}; "
-                    f"log {self.log_path}:\n{self.log_tail()}"
-                )
-            if answers(self.url + path):
-                return
-            time.sleep(0.25)
-        self.stop()
-        raise TimeoutError(
-            f"{self.name} did not answer GET {path} with 200 within {timeout:.0f}s; log {self.log_path}:\n"
-            f"{self.log_tail()}"
-        )
+        wait_serving(self, self.name, path, timeout)
 
     def exit_note(self) -> str:
         return f"exit {self.proc.returncode}"
@@ -188,7 +194,7 @@ def launch_engine(
         python = os.environ.get("SLIME_SGLANG_PYTHON", sys.executable)
         module = os.environ.get("SLIME_SGLANG_SERVER_MODULE", "sglang.launch_server")
         values = {"model_path": model_path, "host": host, "port": port, "seed": seed + index, "device": device}
-        cmd = [python, "-m", module, *sglang_command_flags({**values, **options, "skip_server_warmup": True})]
+        cmd = [python, "-m", module, *command_flags({**values, **options, "skip_server_warmup": True}, sglang=True)]
         sock.close()
         pass_fds = ()
     else:

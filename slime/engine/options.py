@@ -214,36 +214,22 @@ def train_values(args: Any) -> dict[str, Any]:
     return {o.name: getattr(args, o.train_dest) for o in ENGINE_OPTIONS if o.train_flag}
 
 
-def command_flags(values: dict[str, Any]) -> list[str]:
+def command_flags(values: dict[str, Any], sglang: bool = False) -> list[str]:
     """The server command-line flags for `values` ({option name: value}); None and false switches are left out
-    (the server's default applies). An unknown name is a TypeError naming it."""
+    (the server's default applies). `sglang`: SGLang's launch_server flags instead, in its spelling, for the options
+    SGLang has (the embedded engine's own, such as threads or its backend, are left out), and without the zeros
+    that mean "choose for me" (SGLang chooses). An unknown name is a TypeError naming it."""
     unknown = sorted(set(values) - set(OPTIONS_BY_NAME))
     if unknown:
         raise TypeError(f"unknown engine option(s) {unknown}; known: {sorted(OPTIONS_BY_NAME)}")
     flags: list[str] = []
     for name, value in values.items():
         option = OPTIONS_BY_NAME[name]
-        if option.switch:
-            flags += [option.flag] if value else []
-        elif value is not None:
-            flags += [option.flag, str(value)]
-    return flags
-
-
-def sglang_command_flags(values: dict[str, Any]) -> list[str]:
-    """SGLang's launch_server flags for `values` ({option name: value}): the options SGLang has, in its spelling;
-    the embedded engine's own options (threads, backend, request size...) are left out, as are None, false switches
-    and the zeros that mean "choose for me"."""
-    unknown = sorted(set(values) - set(OPTIONS_BY_NAME))
-    if unknown:
-        raise TypeError(f"unknown engine option(s) {unknown}; known: {sorted(OPTIONS_BY_NAME)}")
-    flags: list[str] = []
-    for name, value in values.items():
-        option = OPTIONS_BY_NAME[name]
-        if option.sglang is None or value is None or (name in _AUTO_WHEN_ZERO and value == 0):
+        flag = option.sglang if sglang else option.flag
+        if flag is None or value is None or (sglang and name in _AUTO_WHEN_ZERO and value == 0):
             continue
         if option.switch:
-            flags += [option.sglang] if value else []
+            flags += [flag] if value else []
         else:
-            flags += [option.sglang, str(value)]
+            flags += [flag, str(value)]
     return flags

@@ -15,7 +15,7 @@ from typing import Any
 
 import ray
 
-from slime.engine.launch import ServerProcess, answers, launch_engine
+from slime.engine.launch import ServerProcess, launch_engine, wait_serving
 
 CALL_TIMEOUT_S = 60.0  # an actor call that takes longer means its node is gone or stuck
 
@@ -121,23 +121,7 @@ class RayEngine:
             return f"(the log {self.log_path} is on node {self.node_ip}, whose host actor is gone)"
 
     def wait_ready(self, path: str, timeout: float) -> None:
-        """Poll `GET url+path` until 200. Raises naming the engine, its node and its log tail."""
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if answers(self.url + path):
-                return
-            if not self.alive():
-                raise RuntimeError(
-                    f"{self.name} on node {self.node_ip} exited ({self.exit_note()}) before serving {self.url}; "
-                    f"log {self.log_path}:\n{self.log_tail()}"
-                )
-            time.sleep(0.25)
-        tail = self.log_tail()
-        self.stop()
-        raise TimeoutError(
-            f"{self.name} on node {self.node_ip} did not answer GET {path} with 200 within {timeout:.0f}s; log "
-            f"{self.log_path}:\n{tail}"
-        )
+        wait_serving(self, f"{self.name} on node {self.node_ip}", path, timeout)
 
     def terminate(self) -> None:
         try:

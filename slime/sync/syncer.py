@@ -183,7 +183,7 @@ class WeightSyncer:
             write_shard(cast_bucket(bucket, self.dtype), self._disk_tmp, index)
             return
         if self.mode == "tensor":
-            if bucket[0][1].is_cuda and self._engines_copy_before_answer():
+            if bucket[0][1].is_cuda and self._engine_facts()["copy_before_answer"]:
                 flat, metadata = self._fill_device_buffer(index, bucket)
             else:
                 flat, metadata = flatten_bucket(bucket, self._shared_buffer(index, bucket), self.dtype)
@@ -241,9 +241,6 @@ class WeightSyncer:
             }
         return self._facts
 
-    def _engines_copy_before_answer(self) -> bool:
-        return self._engine_facts()["copy_before_answer"]
-
     def _fill_device_buffer(self, index: int, bucket: list[tuple[str, torch.Tensor]]) -> tuple[torch.Tensor, list]:
         """Bucket `index` packed into the reused device buffer (grown when a bucket needs more). The views are
         built on the first sync and reused, so a later sync costs one multi-tensor copy per bucket."""
@@ -251,11 +248,11 @@ class WeightSyncer:
         cached = self._layouts.get(index)
         if cached is None or cached[0] != key:
             metadata, size = bucket_layout(bucket, self.dtype)
-            buf = self.device_buffer
-            if buf is None or buf.numel() < size or buf.device != bucket[0][1].device:
+            device, buf = bucket[0][1].device, self.device_buffer
+            if buf is None or buf.numel() < size or buf.device != device:
                 self._layouts.clear()  # their views are into the old buffer
-                buf = self.device_buffer = None  # freed before its successor is allocated
-                buf = self.device_buffer = torch.empty(size, dtype=torch.uint8, device=bucket[0][1].device)
+                buf = self.device_buffer = None  # the old buffer is freed before its successor is allocated
+                buf = self.device_buffer = torch.empty(size, dtype=torch.uint8, device=device)
             flat = buf[:size]
             views = [v for _, v in unflatten_bucket(flat, metadata)]
             cached = self._layouts[index] = (key, flat, metadata, views)

@@ -13,13 +13,13 @@ import pytest
 from aiohttp import web
 
 from slime.engine.launch import launch_engine
-from slime.engine.options import sglang_command_flags
+from slime.engine.options import command_flags
 from slime.sync.syncer import WeightSyncer
 from slime.utils.http_utils import request_sync
 
 
 def test_the_launch_line_has_sglang_spellings_and_only_options_sglang_has():
-    flags = sglang_command_flags(
+    flags = command_flags(
         {
             "model_path": "/m",
             "seed": 7,
@@ -33,7 +33,8 @@ def test_the_launch_line_has_sglang_spellings_and_only_options_sglang_has():
             "backend": "paged",
             "disable_cuda_graph": False,
             "enable_memory_saver": True,
-        }
+        },
+        sglang=True,
     )
     assert flags == [
         "--model-path", "/m", "--random-seed", "7", "--tp-size", "2", "--dtype", "bfloat16",
@@ -41,7 +42,7 @@ def test_the_launch_line_has_sglang_spellings_and_only_options_sglang_has():
         "--enable-memory-saver",
     ]  # fmt: skip
     with pytest.raises(TypeError, match="no_such"):
-        sglang_command_flags({"no_such": 1})
+        command_flags({"no_such": 1}, sglang=True)
 
 
 def _cmdline(pid: int) -> list[str]:
