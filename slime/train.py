@@ -193,10 +193,13 @@ def step(args, rollout_id: int, trainer: TrainGroup | None, manager) -> dict:
         if args.offload_train:
             metrics |= trainer.call("onload", what="training ranks to move back to the GPU")[0]
         metrics |= trainer.train(rollout_id, ray.put(rollout["train_data"]))
-        if sync_due(args, rollout_id) and not args.debug_train_only:
-            metrics |= sync_weights(args, trainer, manager, str(rollout_id + 1))
+        synced = sync_due(args, rollout_id) and not args.debug_train_only
+        if synced:  # the KV cache comes back after the trainer has left the GPU: it may need the trainer's memory
+            metrics |= sync_weights(args, trainer, manager, str(rollout_id + 1), take_back_cache=False)
         if args.offload_train:
             metrics |= trainer.call("offload", what="training ranks to move to CPU")[0]
+        if synced and args.offload_rollout:
+            metrics |= wait(manager.resume_memory.remote(["kv_cache"]), 600, "engines to take back their KV cache")
     seconds = time.monotonic() - start
     return (
         metrics
@@ -279,17 +282,17 @@ def write_report_or_say_why(output_dir: str) -> None:
         print(f"report not written ({type(exc).__name__}: {exc}); `slime report {output_dir}` retries")
 
 
-def sync_weights(args, trainer: TrainGroup, manager, version: str) -> dict:
+def sync_weights(args, trainer: TrainGroup, manager, version: str, take_back_cache: bool = True) -> dict:
     """Push the trainer's weights to every engine as `version` (engines that died during training are restarted
-    first under --use-fault-tolerance; engines that released memory take it back); the manager remembers the
-    version for later restarts."""
+    first under --use-fault-tolerance; engines that released memory take their weights back, and their KV cache
+    unless `take_back_cache` is False); the manager remembers the version for later restarts."""
     if args.use_fault_tolerance:
         wait(manager.recover_engines.remote(), args.update_weight_timeout + 900, "engine recovery before weight sync")
     metrics = {}
     if args.offload_rollout:  # weights first: the sync writes into them; then the KV cache to generate with
         metrics |= wait(manager.resume_memory.remote(["weights"]), 600, "engines to take back their weights")
     metrics |= trainer.update_weights(version)
-    if args.offload_rollout:
+    if args.offload_rollout and take_back_cache:
         metrics |= wait(manager.resume_memory.remote(["kv_cache"]), 600, "engines to take back their KV cache")
     wait(manager.set_weight_version.remote(version), 60, "the rollout manager")
     return metrics

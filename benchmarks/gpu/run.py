@@ -1,6 +1,7 @@
 """The GPU benchmark: one device call measures the embedded engine, the trainer, weight sync and whole GRPO steps.
 
 Usage (repo root, on the GPU machine): python benchmarks/gpu/run.py TOKENIZER_DIR OUT_DIR [--grpo-only]
+    [--grpo-models a,b] [--steps N] (GRPO steps per model, default 2)
 Writes OUT_DIR/gpu_benchmark.json after every section (a failing section is recorded and the rest still run; server
 logs and run folders stay in a temporary folder) and prints a table. Models are random-weight (no hub on the GPU
 machines): a Qwen3-0.6B-shaped model and a SmolLM2-135M-shaped model, with the tokenizer of TOKENIZER_DIR; the
@@ -38,6 +39,7 @@ from slime.utils.http_utils import request_sync
 from slime.utils.types import TrainBatch
 from tests.trainer.test_training import _generate
 
+STEPS = int(sys.argv[sys.argv.index("--steps") + 1]) if "--steps" in sys.argv else 2
 MODELS = {
     "qwen3-0.6b": dict(
         model_type="qwen3",
@@ -268,7 +270,7 @@ def grpo_steps(name: str, path: str, out: str, colocate: bool) -> dict:
             "--rollout-temperature",
             "1.0",
             "--num-rollout",
-            "2",
+            str(STEPS),
             "--global-batch-size",
             "128",
             "--use-dynamic-batch-size",
@@ -360,8 +362,11 @@ def main() -> None:
             section(f"{name}/train_sync", trainer_and_sync, name, path, engine.url, work, peak)
         finally:
             engine.stop()
-    section("qwen3-0.6b/grpo", grpo_steps, "qwen3-0.6b", paths["qwen3-0.6b"], work, True)
-    section("smollm2-135m/grpo", grpo_steps, "smollm2-135m", paths["smollm2-135m"], work, False)
+    grpo = sys.argv[sys.argv.index("--grpo-models") + 1].split(",") if "--grpo-models" in sys.argv else list(MODELS)
+    if "qwen3-0.6b" in grpo:
+        section("qwen3-0.6b/grpo", grpo_steps, "qwen3-0.6b", paths["qwen3-0.6b"], work, True)
+    if "smollm2-135m" in grpo:
+        section("smollm2-135m/grpo", grpo_steps, "smollm2-135m", paths["smollm2-135m"], work, False)
     ray.shutdown()
     results["failed_checks"] = failed_checks(results)
     results_path.write_text(json.dumps(results, indent=1))

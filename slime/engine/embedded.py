@@ -32,6 +32,7 @@ from typing import Any
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from slime.engine import device_memory
 from slime.engine.sampling import SamplingParams, sample_next
 
 logger = logging.getLogger(__name__)
@@ -92,6 +93,7 @@ class EmbeddedEngine:
         self._rows: list[Request] = []  # running requests, one per batch row
         self._paused = False
         self._released: list[tuple[torch.nn.Parameter, torch.Size]] = []  # weights freed for a colocated trainer
+        self._weight_region: device_memory.DeviceRegion | None = None  # the weights' fixed-address GPU memory
         self._stopped = False
         self._cv = threading.Condition()
         self._calls: deque[tuple[Future, Callable, tuple]] = deque()  # work handed to the engine thread
@@ -123,6 +125,8 @@ class EmbeddedEngine:
         # transformers' default: SDPA where the model supports it, eager otherwise (e.g. logit soft-capping)
         self.model = AutoModelForCausalLM.from_pretrained(self.model_path, dtype=dtype)
         self.model.to(self.device).eval().requires_grad_(False)
+        # on a GPU the weights live at addresses that survive release_memory, so captured graphs outlive a release
+        self._weight_region = device_memory.pack_parameters(self.model, self.device) if self._movable() else None
         self.config = self.model.config
         self.max_context = int(getattr(self.config, "max_position_embeddings", 1 << 30))
         self.vocab_size = int(self.model.get_input_embeddings().num_embeddings)
@@ -193,7 +197,11 @@ class EmbeddedEngine:
 
     @property
     def weights_released(self) -> bool:
-        return bool(self._released)
+        return bool(self._released) or (self._weight_region is not None and not self._weight_region.mapped)
+
+    def _movable(self) -> bool:
+        """Whether released GPU memory can come back at the same addresses (slime.engine.device_memory)."""
+        return device_memory.available(self.device)
 
     def weight_bytes(self) -> int:
         return sum(p.numel() * p.element_size() for p in self.model.parameters())
@@ -201,10 +209,10 @@ class EmbeddedEngine:
     def release_memory(self, tags: list[str] | None = None) -> dict[str, int]:
         """Free the memory named by `tags` ("weights", "kv_cache", "cuda_graph"; None or [] means all) so a trainer
         on the same device can use it. The engine must be idle (pause or abort first); requests that arrive while
-        the weights are released wait for `resume_memory`. The KV cache lives only while requests run, so an idle
-        engine may still hold its cache pool. CUDA graphs refer to the weights' and the cache's storage, so releasing
-        either drops them too (they are captured again when needed). Returns the GPU memory allocated before and
-        after."""
+        the weights are released wait for `resume_memory`. On a GPU whose driver has virtual memory management the
+        weights and the KV cache come back at the same addresses, so captured CUDA graphs are kept (their own
+        memory stays, a few hundred MB at most); otherwise releasing either drops the graphs too, captured again
+        when next needed. Returns the GPU memory held before and after."""
         return self._on_engine_thread(self._release_memory, _memory_tags(tags))
 
     def _release_memory(self, tags: set[str]) -> dict[str, int]:
@@ -214,11 +222,15 @@ class EmbeddedEngine:
                 f"release_memory_occupation needs an idle engine; {len(self._rows)} requests are "
                 "running (pause_generation or abort_request first)"
             )
-        self._free_graphs()  # every tag frees something a captured graph refers to (or the graphs themselves)
-        if "weights" in tags and not self._released:
-            for p in self.model.parameters():
-                self._released.append((p, p.shape))
-                p.data = torch.empty(0, dtype=p.dtype, device=p.device)
+        if not self._movable():  # graphs point at the weights and the cache, which come back elsewhere
+            self._free_graphs()
+        if "weights" in tags and not self.weights_released:
+            if self._weight_region is not None:
+                self._weight_region.release()
+            else:
+                for p in self.model.parameters():
+                    self._released.append((p, p.shape))
+                    p.data = torch.empty(0, dtype=p.dtype, device=p.device)
         if "kv_cache" in tags:
             self._free_kv()
         if self.device.type == "cuda":
@@ -226,7 +238,13 @@ class EmbeddedEngine:
         return self._memory_report("release", tags, before)
 
     def _gpu_bytes(self) -> int:
-        return torch.cuda.memory_allocated(self.device) if self.device.type == "cuda" else 0
+        """GPU memory this engine holds: torch's allocations and the mapped regions (which torch does not see)."""
+        if self.device.type != "cuda":
+            return 0
+        return torch.cuda.memory_allocated(self.device) + sum(r.nbytes for r in self._regions() if r.mapped)
+
+    def _regions(self) -> list[device_memory.DeviceRegion]:
+        return [self._weight_region] if self._weight_region is not None else []
 
     def _memory_report(self, what: str, tags: list[str], before: int) -> dict[str, int]:
         after = self._gpu_bytes()
@@ -249,7 +267,9 @@ class EmbeddedEngine:
     def _resume_memory(self, tags: set[str]) -> dict[str, int]:
         before = self._gpu_bytes()
         with self._cv:
-            if "weights" in tags and self._released:
+            if "weights" in tags and self.weights_released:
+                if self._weight_region is not None:
+                    self._weight_region.restore()
                 for p, shape in self._released:
                     p.data = torch.empty(shape, dtype=p.dtype, device=p.device)
                 self._released = []
@@ -387,7 +407,7 @@ class EmbeddedEngine:
     # ------------------------------------------------------------------ engine thread
     @torch.no_grad()
     def _prompt_logprobs(self, input_ids: list[int], start: int, temperature: float) -> list[float | None]:
-        if self._released:
+        if self.weights_released:
             raise ValueError("the engine released its weights (a colocated trainer is training); retry after the sync")
         if not 0 <= start < len(input_ids):
             raise ValueError(f"logprob_start_len {start} is outside the {len(input_ids)} input tokens")
@@ -416,7 +436,7 @@ class EmbeddedEngine:
         try:
             self._load()
         except BaseException as exc:
-            self.model = None  # the caller may start another backend on the same device: free the weights now
+            self.model = self._weight_region = None  # the caller may start another backend on this device: free now
             if self.device.type == "cuda":
                 torch.cuda.empty_cache()
             ready.set_exception(exc)
@@ -442,7 +462,7 @@ class EmbeddedEngine:
             try:
                 with torch.inference_mode():
                     self._retire_aborted()
-                    if not (self._paused or self._released) or self._stopped:
+                    if not (self._paused or self.weights_released) or self._stopped:
                         self._stepping = []
                         self._iteration()
                         self._end_probes()
@@ -469,7 +489,7 @@ class EmbeddedEngine:
     def _has_work(self) -> bool:
         if any(r.abort_message for r in itertools.chain(self._waiting, self._rows)):
             return True
-        return not (self._paused or self._released) and bool(self._rows or self._waiting)
+        return not (self._paused or self.weights_released) and bool(self._rows or self._waiting)
 
     def _retire_aborted(self) -> None:
         with self._cv:

@@ -5,17 +5,20 @@ cache; a decode pass computes one token for each running sequence. On CUDA with 
 graph captured for the smallest batch-size bucket that fits (model forward, Triton paged attention, temperature,
 log-softmax and exponential-race sampling all inside), and torch.compile fuses its norms and sampler; elsewhere it
 runs eagerly through the torch paged-attention path. Weight updates copy into the parameters in place, so captured
-graphs keep working; releasing the weights or the cache drops the graphs, captured again on the next step.
+graphs keep working. On CUDA the cache lives in a `DeviceRegion`: released and restored at the same addresses, so
+the graphs survive a colocated trainer's turn on the GPU too.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import os
 import time
 
 import torch
 
+from slime.engine import device_memory
 from slime.engine.paged_attention import PagedForward, gather_plan
 from slime.engine.sampling import sample_rows
 
@@ -37,6 +40,7 @@ class PagedModelRunner:
         use_graphs: bool,
         cuda_graph_max_bs: int,
         torch_compile: bool,
+        stats: dict,
     ):
         self.model, self.device, self.block_size = model, device, block_size
         self.max_rows, self.max_blocks = max_rows, max_blocks
@@ -56,10 +60,13 @@ class PagedModelRunner:
         self.torch_compile = torch_compile and self.triton
         self.compiled = False  # whether the decode step's norms and sampler run compiled
         self._kv: torch.Tensor | None = None  # [layers, 2 (keys, values), slots, kv_heads, head_dim]
+        self.kv_region: device_memory.DeviceRegion | None = None  # _kv's fixed-address memory (CUDA)
         self._k: list[torch.Tensor] | None = None
         self._v: list[torch.Tensor] | None = None
         self._scratch: torch.Tensor | None = None  # torch attention path: keys and values gathered per layer
         self._graphs: dict[int, tuple] = {}
+        self.stats = stats
+        stats.update(graph_captures=0, graph_capture_seconds=0.0)  # a colocated run should capture each bucket once
         self._graph_pool = None
         self._sample = sample_rows
         if self.on_cuda:
@@ -99,12 +106,23 @@ class PagedModelRunner:
 
     @property
     def has_kv(self) -> bool:
-        return self._kv is not None
+        return self._kv is not None and (self.kv_region is None or self.kv_region.mapped)
+
+    @property
+    def kept_blocks(self) -> int | None:
+        """How many blocks a released cache comes back with (its addresses are kept), None if it is gone."""
+        return self._kv.shape[2] // self.block_size if self.kv_region is not None else None
 
     def alloc_kv(self, num_blocks: int) -> None:
         shape = (self.num_layers, 2, num_blocks * self.block_size, self.kv_heads, self.head_dim)
+        if self.kv_region is not None and self._kv is not None and tuple(self._kv.shape) == shape:
+            self.kv_region.restore()
+        elif device_memory.available(self.device):
+            self.kv_region = device_memory.DeviceRegion(math.prod(shape) * self.model.dtype.itemsize, self.device)
+            self._kv = self.kv_region.tensor(self.model.dtype, shape)
+        else:
+            self._kv = torch.empty(shape, dtype=self.model.dtype, device=self.device)
         # one tensor, so zeroing fresh blocks is one kernel; per layer [slots, kv_heads, head_dim] views of it
-        self._kv = torch.empty(shape, dtype=self.model.dtype, device=self.device)
         self._k = [self._kv[i, 0] for i in range(self.num_layers)]
         self._v = [self._kv[i, 1] for i in range(self.num_layers)]
         self._kv[:, :, : self.block_size].zero_()  # block 0 is read through padding: keep it finite
@@ -117,7 +135,11 @@ class PagedModelRunner:
         )
 
     def free_kv(self) -> None:
-        self._kv = self._k = self._v = self._scratch = None
+        self._scratch = None
+        if self.kv_region is not None:
+            self.kv_region.release()  # the tensors stay, pointing at the reserved addresses, for the graphs
+        else:
+            self._kv = self._k = self._v = None
 
     def free_graphs(self) -> None:
         if self._graphs:
@@ -326,7 +348,10 @@ class PagedModelRunner:
             out = self._decode_body(b)
         started[1].record()
         started[1].synchronize()
-        logger.info("captured the decode step for batch size %d in %.0f ms", b, started[0].elapsed_time(started[1]))
+        ms = started[0].elapsed_time(started[1])
+        self.stats["graph_captures"] += 1
+        self.stats["graph_capture_seconds"] += ms / 1e3
+        logger.info("captured the decode step for batch size %d in %.0f ms", b, ms)
         return graph, out
 
 

@@ -79,6 +79,7 @@ class PagedEngine(EmbeddedEngine):
             self.use_graphs,
             self.cuda_graph_max_bs,
             self.torch_compile,
+            self.stats,
         )
         self._alloc_kv()
         self.runner.compile_decode_step()
@@ -90,8 +91,10 @@ class PagedEngine(EmbeddedEngine):
     def _alloc_kv(self) -> None:
         if self.runner.has_kv:
             return
-        tokens = self.runner.kv_tokens(self.kv_cache_tokens, self.mem_fraction_static, self.max_context)
-        blocks = tokens // self.block_size + 1
+        blocks = self.runner.kept_blocks or (
+            self.runner.kv_tokens(self.kv_cache_tokens, self.mem_fraction_static, self.max_context) // self.block_size
+            + 1
+        )
         self.runner.alloc_kv(blocks)
         self.scheduler.new_pool(blocks)
 
@@ -101,6 +104,9 @@ class PagedEngine(EmbeddedEngine):
 
     def _free_graphs(self) -> None:
         self.runner.free_graphs()
+
+    def _regions(self) -> list:
+        return super()._regions() + ([self.runner.kv_region] if self.runner.kv_region is not None else [])
 
     def _load_weights(self, named_tensors, weight_version: str | None, complete: bool = False) -> int:
         count = super()._load_weights(named_tensors, weight_version, complete)

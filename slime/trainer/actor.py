@@ -448,6 +448,8 @@ class TrainActor:
                 "perf/rank_tokens_max_over_min": max(max(t) / max(min(t), 1) for t in rank_tokens),
             }
         )
+        if a.offload_train and self.device.type == "cuda":  # overlaps the weight sync; offload() finishes it
+            self.host.begin_offload(self._optimizer_state())
         self.trained_through = rollout_id
         return out
 
@@ -518,6 +520,7 @@ class TrainActor:
         stops."""
         params = [p for p in model.parameters() if p.grad is not None]
         max_norm = self.args.clip_grad if self.args.clip_grad > 0 else float("inf")
+        self.host.ready()  # an onload's optimizer state may still be on its way
         norm = total_norm([p.grad for p in params])  # each shard once, over FSDP and tensor-parallel meshes alike
         if math.isfinite(norm) and norm > max_norm:
             with torch.no_grad():
@@ -592,7 +595,12 @@ class TrainActor:
         return self._move("offload")
 
     def onload(self) -> dict[str, float]:
+        """Back from pinned host memory: the weights before returning, the optimizer state while the first passes
+        run (the optimizer step waits for it)."""
         return self._move("onload")
+
+    def _optimizer_state(self) -> list[torch.Tensor]:
+        return resident_tensors([], [opt for _, _, opt, _ in self._trained()])
 
     def _move(self, what: str) -> dict[str, float]:
         if self.device.type != "cuda":  # nothing to free on a CPU rank
@@ -602,7 +610,7 @@ class TrainActor:
             models = [
                 m for m in (self.model, self.ref_model, self.teacher, self.critic, self.old_actor) if m is not None
             ]
-            moved = self.host.offload(resident_tensors(models, [opt for _, _, opt, _ in self._trained()]))
+            moved = self.host.offload(resident_tensors(models, []), late=self._optimizer_state())
             if self.syncer is not None:
                 self.syncer.release_buffers()
             torch.cuda.empty_cache()  # back to the driver: the engine is another process
@@ -658,6 +666,7 @@ class TrainActor:
     def save(self, folder: str) -> None:
         """Write this rank's part of a checkpoint into the staging `folder` (every rank calls; see checkpoint.py)."""
         folder_ = Path(folder)
+        self.host.ready()
         if self.lora is not None and self.rank == 0:
             write_spec(folder_, self.lora, self.args.hf_checkpoint)
         for name, model, optimizer, _ in self._trained():
@@ -683,6 +692,7 @@ class TrainActor:
     def load(self, folder: str) -> dict[str, Any]:
         """Restore weights, optimizer, schedulers, counters and RNG from a checkpoint written by any world size."""
         folder_, a = Path(folder), self.args
+        self.host.ready()
         check_spec(folder_, self.lora)
         state = torch.load(folder_ / "trainer.pt", weights_only=False)
         loaded_optim = True

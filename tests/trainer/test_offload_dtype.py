@@ -49,6 +49,24 @@ SCRIPT = textwrap.dedent("""
         step(m, o)
     out["same_as_twin"] = all(torch.equal(a, b) for a, b in zip(snapshot(moved, opts[0]), snapshot(twin, opts[1])))
 
+    # optimizer state as `late` tensors, and copies begun early: an early copy made stale by a step is not used
+    params, states = resident_tensors([moved], [], "cpu"), resident_tensors([], [opts[0]], "cpu")
+    host.begin_offload(states)
+    host.ready()  # what the trainer does before each optimizer step
+    for m, o in zip((moved, twin), opts):
+        step(m, o)
+    host.offload(params, late=states)
+    out["late_freed"] = all(t.untyped_storage().nbytes() == 0 for t in params + states)
+    host.onload()
+    host.ready()
+    host.begin_offload(states)  # nothing changes them before this offload: its copies are the ones kept
+    host.offload(params, late=states)
+    host.onload()
+    host.ready()
+    out["late_same_as_twin"] = all(
+        torch.equal(a, b) for a, b in zip(snapshot(moved, opts[0]), snapshot(twin, opts[1]))
+    )
+
     fp32 = load_policy(model_path, torch.device("cpu"), mesh, True)
     bf16 = load_policy(model_path, torch.device("cpu"), mesh, True, dtype=torch.bfloat16)
     with torch.no_grad():
@@ -75,5 +93,6 @@ def test_offload_round_trip_and_bf16_compute(tiny_model_path, tmp_path):
     assert r["bytes"] == r["onload_bytes"] > 0 and r["freed"]
     assert r["identical"] and r["same_as_twin"]
     assert r["buffers_reused"] and r["identical_after_rounds"]
+    assert r["late_freed"] and r["late_same_as_twin"]
     assert r["bf16_weights"] == ["torch.float32"] and r["bf16_trains"]
     assert 0 < r["gap_max"] < 0.1  # bf16 rounding, not a different computation (the model is peaked: big logits)
