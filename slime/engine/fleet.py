@@ -298,6 +298,33 @@ class EngineFleet:
             self.pg = None
 
 
+# /server_info internal_states of the embedded engine that tell what a rollout cost it (sums over engines)
+COUNTERS = (
+    "generated_tokens",
+    "prefill_tokens",
+    "prefix_shared_tokens",
+    "decode_steps",
+    "preemptions",
+    "graph_captures",
+)
+
+
+def engine_counters(urls: list[str]) -> dict[str, float]:
+    """COUNTERS summed over the engines at `urls` that report them (other engines are left out)."""
+    total: dict[str, float] = {}
+    for url in urls:
+        try:
+            status, body = request_sync("GET", url + "/server_info", timeout=5)
+            states = (json.loads(body).get("internal_states") or [{}])[0] if status == 200 else {}
+        except (OSError, ValueError, AttributeError, IndexError, TypeError):
+            continue  # a counter is not worth failing a rollout for; the health check handles a dead engine
+        for key in COUNTERS:
+            value = states.get(key) if isinstance(states, dict) else None
+            if isinstance(value, (int, float)) and not isinstance(value, bool):
+                total[key] = total.get(key, 0) + value
+    return total
+
+
 def _warn_backend_fallback(url: str) -> None:
     """Say it in the run's own output when --rollout-engine-backend auto fell back to the padded backend (the
     engine's log says it too, but nobody reads that when the run works)."""

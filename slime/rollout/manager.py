@@ -14,7 +14,7 @@ from typing import Any
 
 import ray
 
-from slime.engine.fleet import Endpoints, EngineFleet
+from slime.engine.fleet import Endpoints, EngineFleet, engine_counters
 from slime.observe.eval_metrics import dataset_metrics
 from slime.observe.metrics import sample_records
 from slime.rollout import sglang_rollout  # its ROLLOUT_STOP by module: Ray pickles this class, not an Event
@@ -228,6 +228,8 @@ class RolloutManager:
         start, started_at = time.monotonic(), time.time()
         if hasattr(self.data_source, "state_dict"):  # a rollout cut short by a stop is rewound to here
             self.before_rollout = (rollout_id, pickle.dumps(self.data_source.state_dict()))
+        counted = self.fleet is not None and not self.args.load_debug_rollout_data
+        before = engine_counters(self.fleet.endpoints().engine_urls) if counted else {}
         if self.args.load_debug_rollout_data:
             out, health = load_debug_rollout_data(self.args, rollout_id), {}
         else:
@@ -263,6 +265,9 @@ class RolloutManager:
             if self.hooks["rollout_log"](rollout_id, self.args, samples, metrics, seconds):
                 metrics = {}  # the function logged the rollout itself
         metrics |= health
+        if counted:  # what the engines did for this rollout (a restarted engine's counters start again: left out)
+            after = engine_counters(self.fleet.endpoints().engine_urls)
+            metrics |= {f"engine/{k}": v - before[k] for k, v in after.items() if v >= before.get(k, float("inf"))}
         for s in samples:
             s.check_alignment()
         if self.hooks["convert"] is not None:

@@ -151,6 +151,9 @@ def test_train_debug_rollout_only_logs_metrics(tiny_model_path, tmp_path):
     assert 0.0 <= result["rollout"]["rollout/reward_mean"] <= 1.0
     lines = [json.loads(x) for x in open(tmp_path / "run" / "metrics.jsonl")]
     assert [x["step"] for x in lines] == [0, 1] and all(x["rollout/tokens_per_s"] > 0 for x in lines)
+    for x in lines:  # the engine's own counters for each rollout: every token it generated is a response token
+        assert x["engine/generated_tokens"] == x["rollout/tokens"] and x["engine/decode_steps"] > 0
+        assert x["engine/prefill_tokens"] + x["engine/prefix_shared_tokens"] > 0
     assert any((tmp_path / "run" / "tensorboard").iterdir())
 
 
