@@ -1,6 +1,7 @@
 """The engine benchmark on one GPU: the paged embedded engine beside transformers' `generate_batch` and `generate`.
 
 Usage (repo root, on the GPU machine): python benchmarks/gpu/engine.py TOKENIZER_DIR OUT_DIR [--skip-baselines]
+    [--long-only]
 Writes OUT_DIR/engine_benchmark.json after every section and prints a table; exits 1 when a check fails.
 Random-weight models shaped like Qwen3-0.6B and SmolLM2-135M (see run.py), bf16.
 
@@ -14,6 +15,8 @@ Sections:
   trainer computes): mean |diff| < 0.05, max < 0.25 nats;
 - throughput: the workload 256 prompts x 128 tokens, 256 new tokens each (ignore_eos, temperature 1) through the HTTP
   server; for the SmolLM2 shape also 128 and 512 prompts (its best batch);
+- long (Qwen3-0.6B shape): 256 prompts x 128 tokens with new-token caps spread log-normally over 20..4,096
+  (`long_generations`; `--long-only` runs this section alone);
 - baselines: the same workload with transformers `generate_batch` (continuous batching) and padded `generate`.
 """
 
@@ -251,6 +254,54 @@ def engine_throughput(path: str, vocab: int, batches: list[int], work: str) -> d
         server.stop()
 
 
+def long_generations(path: str, vocab: int, work: str, prompts: int = 256) -> dict:
+    """128-token prompts, new-token caps drawn log-normal (median 1,024) and clipped to 20..4,096, ignore_eos: an RL
+    reasoning rollout's long tail. One HTTP request per prompt, all at once, so each one's completion time is seen:
+    throughput, and the time to the last completion against the mean (what the engine does meanwhile: a shrinking
+    batch)."""
+    import concurrent.futures
+
+    rng = random.Random(7)
+    caps = [min(4096, max(20, round(rng.lognormvariate(math.log(1024), 0.8)))) for _ in range(prompts)]
+    server = launch_engine(
+        path, os.path.join(work, "logs"), dtype="bfloat16", device="cuda", max_running_requests=prompts, num_threads=4
+    )
+    try:
+
+        def one(p: list[int], cap: int) -> tuple[int, float]:
+            sp = {"max_new_tokens": cap, "temperature": 1.0, "ignore_eos": True}
+            status, text = request_sync("POST", f"{server.url}/generate", {"input_ids": p, "sampling_params": sp}, 900)
+            assert status == 200, text[:500]
+            return len(json.loads(text)["output_ids"]), time.perf_counter() - start
+
+        warm = workload(prompts, vocab, seed=2)  # captures every batch size's graph first
+        with concurrent.futures.ThreadPoolExecutor(prompts) as pool:
+            start = time.perf_counter()
+            list(pool.map(one, warm, [1 + i % 64 for i in range(prompts)]))
+            before = _engine_stats(server.url)
+            start = time.perf_counter()
+            done = list(pool.map(one, workload(prompts, vocab, seed=5), caps))
+        seconds = max(t for _, t in done)
+        after = _engine_stats(server.url)
+        tokens = sum(n for n, _ in done)
+        times = sorted(t for _, t in done)
+        return {
+            "prompts": prompts,
+            "new_token_caps": {"mean": sum(caps) / prompts, "max": max(caps), "min": min(caps)},
+            "tokens": tokens,
+            "seconds": seconds,
+            "tokens_per_s": tokens / seconds,
+            "completion_seconds": {"mean": sum(times) / prompts, "median": times[prompts // 2], "last": times[-1]},
+            "last_over_mean": times[-1] / (sum(times) / prompts),
+            "decode_steps": after["decode_steps"] - before["decode_steps"],
+            "mean_rows_per_step": (after["generated_tokens"] - before["generated_tokens"])
+            / max(1, after["decode_steps"] - before["decode_steps"]),
+            "preemptions": after["preemptions"] - before["preemptions"],
+        }
+    finally:
+        server.stop()
+
+
 def _engine_stats(url: str) -> dict:
     status, text = request_sync("GET", f"{url}/server_info", None, timeout=30)
     return json.loads(text)["internal_states"][0]
@@ -344,9 +395,13 @@ def main() -> None:
     import transformers
 
     results["transformers"] = transformers.__version__
+    work = tempfile.mkdtemp(prefix="engine-bench-")
+    if "--long-only" in sys.argv:  # the long-generation workload alone, on the Qwen3-0.6B shape
+        path = build_model("qwen3-0.6b", tokenizer_dir, os.path.join(work, "qwen3-0.6b"))
+        section("qwen3-0.6b/long", long_generations, path, MODELS["qwen3-0.6b"]["vocab_size"], work)
+        sys.exit(1 if "error" in results["qwen3-0.6b/long"] else 0)
     section("kernel", kernel_check)
     section("kernel_speed", kernel_speed)
-    work = tempfile.mkdtemp(prefix="engine-bench-")
     for name in MODELS:
         path = build_model(name, tokenizer_dir, os.path.join(work, name))
         vocab = MODELS[name]["vocab_size"]
@@ -355,6 +410,8 @@ def main() -> None:
             section(f"{name}/profile", profile_step, path)
         batches = [256] if name == "qwen3-0.6b" else [128, 256, 512]
         section(f"{name}/throughput", engine_throughput, path, vocab, batches, work)
+        if name == "qwen3-0.6b":
+            section(f"{name}/long", long_generations, path, vocab, work)
         if not skip_baselines:
             section(f"{name}/baselines", baselines, path, vocab, 256)
     results["failed_checks"] = failed_checks(results)

@@ -127,7 +127,7 @@ class PagedEngine(EmbeddedEngine):
 
     def _drop_all(self) -> None:
         for r in self._rows:
-            self.scheduler.free(r)
+            self.scheduler.free(r, keep=False)  # after a failed step: nothing of theirs is offered to others
 
     def _requeue(self, r: Request) -> None:
         """A preempted request goes back first in line, keeping its output so far."""

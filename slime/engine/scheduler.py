@@ -5,8 +5,9 @@ It owns the block bookkeeping of every running sequence (its block table `Reques
 are cached, `Request.num_cached`) on top of the `BlockPool`, and decides
 - prefill: sequences still holding uncached tokens get up to `max_prefill_tokens` of them per pass (chunked
   prefill); a newly admitted request first takes the published blocks of its prompt's prefix
-  (`BlockPool.share_prefix`), so the n samples of one prompt compute it once, and a request whose next block is
-  being computed in this same pass by another request waits one pass to share it;
+  (`BlockPool.share_prefix`), so the n samples of one prompt compute it once and a multi-turn agent's history is
+  not computed again (a finished request's blocks stay cached until the space is needed), and a request whose next
+  block is being computed in this same pass by another request waits one pass to share it;
 - decode: every sequence whose tokens are all cached but the last gets a slot for that token;
 - preemption: when the cache runs out, the most recently admitted sequence not being served frees its blocks and goes
   back to the front of the queue with its output so far, to be recomputed (no output is lost).
@@ -65,8 +66,12 @@ class PagedScheduler:
             r.blocks.append(self.pool.allocate())
             self.fresh.append(r.blocks[-1])
 
-    def free(self, r: Request) -> None:
+    def free(self, r: Request, keep: bool = True) -> None:
+        """Give back r's blocks. With `keep` its full computed blocks (decoded ones too) stay findable for a later
+        request that starts with the same tokens: an agent's next turn, a preempted request coming back."""
         if self.pool is not None:
+            if keep:
+                self.pool.publish(self.tokens(r), r.blocks, r.num_cached)
             self.pool.release(r.blocks)
         r.blocks, r.num_cached = [], 0
 

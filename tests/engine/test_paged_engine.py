@@ -28,10 +28,43 @@ def test_block_pool_refcounts_and_prefix_sharing():
     pool.release(a[:1])
     assert pool.free == 4  # a[0] still held by one of the shares above
     pool.release(a[:1])
-    assert pool.free == 5
-    assert pool.share_prefix(tokens, limit=10) == []  # a freed block is no longer findable
+    assert pool.free == 5 and pool.cached == 2  # a[2] (partial, never published) is free; a[0], a[1] stay cached
+    assert pool.share_prefix(tokens, limit=10) == a[:2]  # the cache outlives the requests that filled it
+    pool.release(a[:2])
+    got = [pool.allocate() for _ in range(5)]  # three free blocks first, then the cached ones are evicted
+    assert sorted(got) == [1, 2, 3, 4, 5] and pool.cached == 0 and pool.evicted == 2
+    assert pool.share_prefix(tokens, limit=10) == []  # evicted: no longer findable
     with pytest.raises(CacheFull):
-        [pool.allocate() for _ in range(6)]
+        pool.allocate()
+
+
+def test_the_prefix_cache_evicts_least_recently_used_leaves_first():
+    pool = BlockPool(num_blocks=8, block_size=2)  # 7 usable
+    prompt = [1, 2, 3, 4]
+    trunk = [pool.allocate(), pool.allocate()]
+    pool.publish(prompt, trunk, 4)
+    branches = []
+    for tail in ([5, 6], [7, 8]):  # two continuations of the same prompt, the first finishing first
+        blocks = pool.share_prefix(prompt + tail + [0], 6) + [pool.allocate()]
+        pool.publish(prompt + tail, blocks, 6)
+        branches.append(blocks)
+    pool.release(branches[0])
+    pool.release(branches[1])
+    pool.release(trunk)
+    assert pool.cached == 4 and pool.free == 7
+    while pool.free > 4:  # use up the never-used blocks first
+        pool.allocate()
+    pool.allocate()  # evicts the least recently used leaf: the first continuation's last block
+    assert pool.share_prefix(prompt + [5, 6, 0], 6) == trunk  # its prompt is still there
+    assert pool.share_prefix(prompt + [7, 8, 0], 6) == trunk + [branches[1][2]]
+    pool.release(trunk)
+    pool.release(trunk + [branches[1][2]])
+    pool.allocate()
+    pool.allocate()
+    # only the trunk's first block can be left: evicting a block evicts what was published under it
+    assert pool.cached == 1 and pool.share_prefix(prompt + [7, 8, 0], 6) == trunk[:1]
+    pool.forget_prefixes()  # new weights: nothing cached survives, and idle blocks are free again
+    assert pool.cached == 0 and pool.share_prefix(prompt, 4) == []
 
 
 def test_blocks_from_old_weights_are_not_shared():
@@ -165,6 +198,29 @@ def test_greedy_equals_transformers_generate(tiny_model_path, greedy_reference, 
             assert engine.scheduler.pool.free == engine.scheduler.pool.num_blocks - 1  # every block came back
     finally:
         engine.shutdown()
+
+
+def test_a_next_turn_reuses_the_last_turns_blocks_and_generates_the_same(tiny_model_path):
+    """A multi-turn agent sends its history again with new tokens: the blocks its last turn computed (prompt and
+    decoded output) are found in the prefix cache after that request finished, and the output equals transformers'
+    greedy continuation of the whole history."""
+    from slime.engine.paged import PagedEngine
+
+    torch.manual_seed(3)
+    prompt = torch.randint(10, 2000, (37,)).tolist()
+    greedy = SamplingParams(max_new_tokens=24, temperature=0.0, ignore_eos=True)
+    engine = PagedEngine(tiny_model_path, block_size=4)
+    try:
+        first = _run(engine, [prompt], greedy)[0]
+        history = prompt + first.output_ids + [11, 12, 13]
+        before = engine.stats["prefix_shared_tokens"]
+        second = _run(engine, [history], greedy)[0]
+        shared = engine.stats["prefix_shared_tokens"] - before
+    finally:
+        engine.shutdown()
+    assert shared == (len(prompt) + len(first.output_ids) - 1) // 4 * 4  # every full block turn 1 computed
+    assert second.cached_tokens == shared
+    assert second.output_ids == _generate_greedy(tiny_model_path, [history], 24)[0]
 
 
 POISON = 3  # a token id no reference prompt holds (they are drawn from 10 .. 2000)
