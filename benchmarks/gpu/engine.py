@@ -51,22 +51,30 @@ def workload(n: int, vocab: int, seed: int = 0) -> list[list[int]]:
 
 
 def kernel_check() -> dict:
-    from slime.engine.triton_decode import paged_decode
+    """The decode kernel against float64 attention, per (dtype, heads, kv heads, head dim, batch, longest context):
+    batches small enough to split the context across programs (2 to 16 splits) and one large enough not to."""
+    from slime.engine.triton_decode import paged_decode, splits_for
 
     out = {}
-    for dtype, heads, kv_heads, dim in [
-        (torch.bfloat16, 16, 8, 128),
-        (torch.bfloat16, 9, 3, 64),
-        (torch.float32, 16, 8, 128),
+    for dtype, heads, kv_heads, dim, batch, longest in [
+        (torch.bfloat16, 16, 8, 128, 24, 300),
+        (torch.bfloat16, 9, 3, 64, 24, 300),
+        (torch.float32, 16, 8, 128, 24, 300),
+        (torch.bfloat16, 16, 8, 128, 3, 4000),
+        (torch.float32, 9, 3, 64, 2, 2500),
+        (torch.bfloat16, 16, 8, 128, 96, 300),
     ]:
         g = torch.Generator("cuda").manual_seed(0)
-        bs, blocks, batch = 16, 600, 24
+        bs = 16
+        per_seq = -(-longest // bs)
+        blocks = batch * per_seq + 1
         k = torch.randn(blocks * bs, kv_heads, dim, device="cuda", generator=g).to(dtype)
         v = torch.randn(blocks * bs, kv_heads, dim, device="cuda", generator=g).to(dtype)
         q = torch.randn(batch, heads, dim, device="cuda", generator=g).to(dtype)
-        lens = torch.randint(1, 300, (batch,), generator=g, device="cuda").int()
+        lens = torch.randint(1, longest, (batch,), generator=g, device="cuda").int()
+        lens[0] = longest  # the longest context is always there
         perm = torch.randperm(blocks - 1, generator=g, device="cuda") + 1
-        tables = perm[: batch * 20].view(batch, 20).int()
+        tables = perm[: batch * per_seq].view(batch, per_seq).int()
         got = paged_decode(q, k, v, tables, lens, dim**-0.5, bs)
         worst = 0.0
         for i in range(batch):
@@ -77,7 +85,42 @@ def kernel_check() -> dict:
             p = torch.softmax(torch.einsum("hd,nhd->hn", q[i].double(), kk) * dim**-0.5, -1)
             ref = torch.einsum("hn,nhd->hd", p, vv)
             worst = max(worst, float((got[i].double() - ref).abs().max()))
-        out[f"{str(dtype)[6:]}_h{heads}_kv{kv_heads}_d{dim}_max_abs_err"] = worst
+        splits = splits_for(batch, kv_heads, 0)
+        out[f"{str(dtype)[6:]}_h{heads}_kv{kv_heads}_d{dim}_b{batch}_ctx{longest}_splits{splits}_max_abs_err"] = worst
+    return out
+
+
+def split_speed() -> dict:
+    """The tail of a long rollout: a few sequences with long contexts (0.6B shape: 16 query / 8 key-value heads of
+    128), the kernel with its context splits against one program per (sequence, head)."""
+    from slime.engine import triton_decode
+
+    out = {}
+    for batch, ctx in ((1, 4096), (4, 4096), (16, 2048), (64, 1024), (256, 256)):
+        heads, kv_heads, dim, bs = 16, 8, 128, 16
+        blocks = batch * ctx // bs + 1
+        k = torch.randn(blocks * bs, kv_heads, dim, device="cuda", dtype=torch.bfloat16)
+        v = torch.randn_like(k)
+        q = torch.randn(batch, heads, dim, device="cuda", dtype=torch.bfloat16)
+        tables = (torch.randperm(blocks - 1, device="cuda") + 1).view(batch, -1).int()
+        lens = torch.full((batch,), ctx, device="cuda", dtype=torch.int32)
+        row = {}
+        for label, cap in (("one_program", 1), ("split", triton_decode.MAX_SPLITS)):
+            saved, triton_decode.MAX_SPLITS = triton_decode.MAX_SPLITS, cap
+            try:
+                for _ in range(3):
+                    triton_decode.paged_decode(q, k, v, tables, lens, dim**-0.5, bs)
+                torch.cuda.synchronize()
+                start = time.perf_counter()
+                for _ in range(50):
+                    triton_decode.paged_decode(q, k, v, tables, lens, dim**-0.5, bs)
+                torch.cuda.synchronize()
+            finally:
+                triton_decode.MAX_SPLITS = saved
+            us = (time.perf_counter() - start) / 50 * 1e6
+            row[label] = {"us": us, "gb_per_s": 2 * batch * ctx * kv_heads * dim * 2 / us / 1e3}
+        row["speedup"] = row["one_program"]["us"] / row["split"]["us"]
+        out[f"b{batch}_ctx{ctx}"] = row
     return out
 
 
@@ -373,7 +416,7 @@ def failed_checks(r: dict) -> list[str]:
         if t and not t.get("decode_step_compiled"):
             bad.append(f"{name}: the engine's decode step was not compiled (see its log)")
     q = r.get("qwen3-0.6b/throughput", {}).get("prompts_256", {}).get("tokens_per_s", 0)
-    if q < 20000:
+    if "qwen3-0.6b/throughput" in r and q < 20000:
         bad.append(f"qwen3-0.6b: {q:.0f} tok/s < 20,000")
     return bad
 
@@ -396,12 +439,18 @@ def main() -> None:
 
     results["transformers"] = transformers.__version__
     work = tempfile.mkdtemp(prefix="engine-bench-")
-    if "--long-only" in sys.argv:  # the long-generation workload alone, on the Qwen3-0.6B shape
+    if "--long-only" in sys.argv:  # the decode kernel's checks and the long-generation workload alone (0.6B shape)
+        section("kernel", kernel_check)
+        section("split_speed", split_speed)
         path = build_model("qwen3-0.6b", tokenizer_dir, os.path.join(work, "qwen3-0.6b"))
         section("qwen3-0.6b/long", long_generations, path, MODELS["qwen3-0.6b"]["vocab_size"], work)
-        sys.exit(1 if "error" in results["qwen3-0.6b/long"] else 0)
+        results["failed_checks"] = failed_checks(results)
+        path_out.write_text(json.dumps(results, indent=1))
+        print("checks:", "all passed" if not results["failed_checks"] else results["failed_checks"])
+        sys.exit(1 if results["failed_checks"] else 0)
     section("kernel", kernel_check)
     section("kernel_speed", kernel_speed)
+    section("split_speed", split_speed)
     for name in MODELS:
         path = build_model(name, tokenizer_dir, os.path.join(work, name))
         vocab = MODELS[name]["vocab_size"]

@@ -1,11 +1,16 @@
-"""Decode attention over the paged KV cache on CUDA: one Triton program per (sequence, key-value head).
+"""Decode attention over the paged KV cache on CUDA: Triton programs per (sequence, key-value head, context split).
 
-Each program loads the query heads that share its key-value head (grouped-query attention), walks the sequence's
-cached tokens BLOCK_N at a time through its block table, and keeps an online softmax (running max and sum), so keys
-and values are read once. Sequence lengths are read on the device, so a CUDA graph captured once serves every step.
+Each program loads the query heads that share its key-value head (grouped-query attention), walks its share of the
+sequence's cached tokens BLOCK_N at a time through its block table, and keeps an online softmax (running max and
+sum), so keys and values are read once. A large batch fills the GPU with one program per (sequence, head); a small
+one (the tail of a rollout: a few long samples still decoding) would leave most of it idle, so the context is split
+across up to MAX_SPLITS programs, each writing a partial result and its log-sum-exp, and a second kernel combines
+them. Sequence lengths are read on the device, so a CUDA graph captured once serves every step.
 """
 
 from __future__ import annotations
+
+import functools
 
 import torch
 import triton
@@ -13,6 +18,7 @@ import triton.language as tl
 
 # launch shape, measured on an H100 (benchmarks/gpu/engine.py, section kernel_speed)
 CONFIG = {"BLOCK_N": 64, "num_warps": 4, "num_stages": 2}
+MAX_SPLITS = 16
 
 
 @triton.jit
@@ -33,16 +39,24 @@ def _decode_kernel(
     stride_bt,
     stride_ot,
     stride_oh,
+    Lse,
+    stride_lt,
+    stride_lh,
     BLOCK_SIZE: tl.constexpr,
     GROUP: tl.constexpr,
     GROUP_PAD: tl.constexpr,
     D: tl.constexpr,
     BLOCK_N: tl.constexpr,
     IEEE: tl.constexpr,
+    SPLITS: tl.constexpr,
 ):
     seq = tl.program_id(0)
     kv_head = tl.program_id(1)
+    split = tl.program_id(2)
     length = tl.load(seq_lens + seq)
+    share = tl.cdiv(tl.cdiv(length, SPLITS), BLOCK_N) * BLOCK_N  # whole BLOCK_N steps per split
+    lo = split * share
+    hi = tl.minimum(length, lo + share)
     g = tl.arange(0, GROUP_PAD)
     d = tl.arange(0, D)
     n = tl.arange(0, BLOCK_N)
@@ -52,9 +66,9 @@ def _decode_kernel(
     m = tl.full([GROUP_PAD], float("-inf"), tl.float32)
     s_sum = tl.zeros([GROUP_PAD], tl.float32)
     acc = tl.zeros([GROUP_PAD, D], tl.float32)
-    for start in range(0, length, BLOCK_N):
+    for start in range(lo, hi, BLOCK_N):
         pos = start + n
-        ok = pos < length
+        ok = pos < hi
         page = tl.load(block_tables + seq * stride_bt + pos // BLOCK_SIZE, mask=ok, other=0)
         slot = page.to(tl.int64) * BLOCK_SIZE + pos % BLOCK_SIZE
         k = tl.load(K + slot[:, None] * stride_ks + kv_head * stride_kh + d[None, :], mask=ok[:, None], other=0.0)
@@ -73,12 +87,59 @@ def _decode_kernel(
         else:
             acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
         m = m_new
-    out = acc / s_sum[:, None]
-    tl.store(
-        Out + seq * stride_ot + heads[:, None] * stride_oh + d[None, :],
-        out.to(Out.dtype.element_ty),
-        mask=g_ok[:, None],
-    )
+    if SPLITS == 1:
+        out = acc / s_sum[:, None]
+        tl.store(
+            Out + seq * stride_ot + heads[:, None] * stride_oh + d[None, :],
+            out.to(Out.dtype.element_ty),
+            mask=g_ok[:, None],
+        )
+    else:  # a partial result over [lo, hi) and its log-sum-exp (-inf for a split past the sequence's end)
+        seen = s_sum > 0
+        out = tl.where(seen[:, None], acc / tl.where(seen, s_sum, 1.0)[:, None], 0.0)
+        lse = tl.where(seen, m + tl.log(tl.where(seen, s_sum, 1.0)), float("-inf"))
+        tl.store(Out + seq * stride_ot + heads[:, None] * stride_oh + split * D + d[None, :], out, mask=g_ok[:, None])
+        tl.store(Lse + seq * stride_lt + heads * stride_lh + split, lse, mask=g_ok)
+
+
+@triton.jit
+def _combine_kernel(
+    Part,
+    Lse,
+    Out,
+    stride_pt,
+    stride_ph,
+    stride_lt,
+    stride_lh,
+    stride_ot,
+    stride_oh,
+    SPLITS: tl.constexpr,
+    D: tl.constexpr,
+):
+    """Out[seq, head] = the splits' partial results weighted by their share of the softmax mass."""
+    seq = tl.program_id(0)
+    head = tl.program_id(1)
+    s = tl.arange(0, SPLITS)
+    d = tl.arange(0, D)
+    lse = tl.load(Lse + seq * stride_lt + head * stride_lh + s)
+    part = tl.load(Part + seq * stride_pt + head * stride_ph + s[:, None] * D + d[None, :])
+    w = tl.exp(lse - tl.max(lse, 0))  # the first split always holds a token, so the max is finite
+    out = tl.sum(part * w[:, None], 0) / tl.sum(w, 0)
+    tl.store(Out + seq * stride_ot + head * stride_oh + d, out.to(Out.dtype.element_ty))
+
+
+@functools.cache
+def _sm_count(device: int) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def splits_for(batch: int, kv_heads: int, device: int) -> int:
+    """Context splits per (sequence, key-value head): the fewest powers of two that give about two programs per
+    streaming multiprocessor, at most MAX_SPLITS."""
+    splits = 1
+    while splits < MAX_SPLITS and batch * kv_heads * splits < 2 * _sm_count(device):
+        splits *= 2
+    return splits
 
 
 def paged_decode(
@@ -96,11 +157,18 @@ def paged_decode(
     kv_heads = k_cache.shape[1]
     group = heads // kv_heads
     out = torch.empty_like(q)
-    _decode_kernel[(batch, kv_heads)](
+    splits = splits_for(batch, kv_heads, q.device.index or 0)
+    if splits > 1:  # partial results in float32, [B, H, splits, D], and their log-sum-exp [B, H, splits]
+        part = torch.empty(batch, heads, splits, dim, dtype=torch.float32, device=q.device)
+        lse = torch.empty(batch, heads, splits, dtype=torch.float32, device=q.device)
+        target, strides = part, (part.stride(0), part.stride(1), lse.stride(0), lse.stride(1))
+    else:
+        lse, target, strides = out, out, (out.stride(0), out.stride(1), 0, 0)
+    _decode_kernel[(batch, kv_heads, splits)](
         q,
         k_cache,
         v_cache,
-        out,
+        target,
         block_tables,
         seq_lens,
         scale,
@@ -111,13 +179,31 @@ def paged_decode(
         v_cache.stride(0),
         v_cache.stride(1),
         block_tables.stride(0),
-        out.stride(0),
-        out.stride(1),
+        strides[0],
+        strides[1],
+        lse,
+        strides[2],
+        strides[3],
         BLOCK_SIZE=block_size,
         GROUP=group,
         GROUP_PAD=max(16, triton.next_power_of_2(group)),
         D=dim,
         IEEE=q.dtype == torch.float32,
+        SPLITS=splits,
         **CONFIG,
     )
+    if splits > 1:
+        _combine_kernel[(batch, heads)](
+            part,
+            lse,
+            out,
+            part.stride(0),
+            part.stride(1),
+            lse.stride(0),
+            lse.stride(1),
+            out.stride(0),
+            out.stride(1),
+            SPLITS=splits,
+            D=dim,
+        )
     return out
