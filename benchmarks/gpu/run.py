@@ -289,6 +289,7 @@ def grpo_steps(name: str, path: str, out: str, colocate: bool) -> dict:
     steps = [json.loads(x) for x in open(os.path.join(run_dir, "metrics.jsonl"))]
     keep = (
         "perf/",
+        "engine/",
         "sync/",
         "train/seconds",
         "train/tokens_per_s",
