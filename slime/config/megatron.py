@@ -145,7 +145,6 @@ SGLANG_SWITCHES = (
     "sglang_enable_dp_attention",
     "sglang_enable_dp_lm_head",
     "sglang_disable_overlap_schedule",
-    "sglang_disable_radix_cache",
 )
 
 

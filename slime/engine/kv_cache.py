@@ -25,10 +25,11 @@ class CacheFull(RuntimeError):
 
 
 class BlockPool:
-    def __init__(self, num_blocks: int, block_size: int):
+    def __init__(self, num_blocks: int, block_size: int, cache: bool = True):
         if num_blocks < 2:
             raise ValueError(f"the KV cache needs at least 2 blocks of {block_size} tokens, got {num_blocks}")
         self.num_blocks, self.block_size = num_blocks, block_size
+        self.cache = cache  # False: publish nothing (no prefix is ever shared)
         self._free = list(range(num_blocks - 1, 0, -1))  # pop() hands out low ids first
         self._refs = [0] * num_blocks
         self._key_of: dict[int, tuple] = {}  # published block -> its key (parent id, tokens)
@@ -95,6 +96,8 @@ class BlockPool:
 
     def publish(self, tokens: list[int], blocks: list[int], num_cached: int) -> None:
         """Make the full blocks among tokens[:num_cached] (held in `blocks`) findable by `share_prefix`."""
+        if not self.cache:
+            return
         parent, parent_block = ROOT, None
         bs = self.block_size
         for i in range(num_cached // bs):

@@ -150,6 +150,13 @@ ENGINE_OPTIONS: tuple[EngineOption, ...] = (
         sglang="--disable-cuda-graph",
     ),
     EngineOption(
+        "disable_radix_cache",
+        "paged backend: no prefix cache (every request computes its whole prompt, even the n samples of one prompt)",
+        switch=True,
+        train_flag="--sglang-disable-radix-cache",
+        sglang="--disable-radix-cache",
+    ),
+    EngineOption(
         "disable_torch_compile",
         "paged backend on GPU: do not torch.compile the decode step's norms and sampler (starts faster, decodes "
         "slower)",

@@ -37,9 +37,11 @@ class PagedEngine(EmbeddedEngine):
         cuda_graph: bool = True,
         cuda_graph_max_bs: int = 512,
         torch_compile: bool = True,
+        prefix_cache: bool = True,
         **kwargs,
     ):
         self.torch_compile = torch_compile
+        self.prefix_cache = prefix_cache
         self.block_size = block_size
         self.kv_cache_tokens = kv_cache_tokens
         self.mem_fraction_static = mem_fraction_static
@@ -65,7 +67,9 @@ class PagedEngine(EmbeddedEngine):
             preemptions=0,
             prefix_shared_tokens=0,
         )
-        self.scheduler = PagedScheduler(self.block_size, self.max_running_requests, self.max_prefill_tokens, self.stats)
+        self.scheduler = PagedScheduler(
+            self.block_size, self.max_running_requests, self.max_prefill_tokens, self.stats, self.prefix_cache
+        )
         if self.device.type == "cuda":
             torch.cuda.manual_seed(int(self.generator.initial_seed()))
         self.runner = PagedModelRunner(

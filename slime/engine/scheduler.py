@@ -27,8 +27,11 @@ logger = logging.getLogger(__name__)
 
 
 class PagedScheduler:
-    def __init__(self, block_size: int, max_running_requests: int, max_prefill_tokens: int, stats: dict):
+    def __init__(
+        self, block_size: int, max_running_requests: int, max_prefill_tokens: int, stats: dict, cache: bool = True
+    ):
         self.block_size = block_size
+        self.cache = cache  # False: nothing is published, so nothing is shared (--disable-radix-cache)
         self.max_running_requests = max_running_requests
         self.max_prefill_tokens = max_prefill_tokens
         self.stats = stats  # the engine's counters: preemptions, prefix_shared_tokens
@@ -37,7 +40,7 @@ class PagedScheduler:
 
     # ------------------------------------------------------------------ the pool
     def new_pool(self, num_blocks: int) -> None:
-        self.pool = BlockPool(num_blocks, self.block_size)
+        self.pool = BlockPool(num_blocks, self.block_size, self.cache)
         self.fresh = []
 
     def drop_pool(self) -> None:

@@ -153,3 +153,15 @@ def test_tensor_parallel_needs_a_plan_and_divisible_heads(tiny_model_path):
     assert check_tensor_parallel(SimpleNamespace(tensor_model_parallel_size=2), tiny_model_path) is None
     why = check_tensor_parallel(SimpleNamespace(tensor_model_parallel_size=4), tiny_model_path)
     assert "num_key_value_heads 2" in why and "not divisible by 4" in why
+
+
+def test_disable_radix_cache_is_honoured_by_the_engines(caplog):
+    """slime's --sglang-disable-radix-cache turns the embedded engine's prefix cache off (and SGLang's)."""
+    from slime.engine.options import command_flags, train_values
+
+    with caplog.at_level(logging.WARNING, logger="slime.config"):
+        args = parse_args(BASE + ["--sglang-disable-radix-cache"])
+    assert "--sglang-disable-radix-cache" not in caplog.text  # not among the flags without effect
+    values = train_values(args)
+    assert "--disable-radix-cache" in command_flags(values)
+    assert "--disable-radix-cache" in command_flags(values, sglang=True)

@@ -222,6 +222,14 @@ def test_a_next_turn_reuses_the_last_turns_blocks_and_generates_the_same(tiny_mo
     assert second.cached_tokens == shared
     assert second.output_ids == _generate_greedy(tiny_model_path, [history], 24)[0]
 
+    engine = PagedEngine(tiny_model_path, block_size=4, prefix_cache=False)  # --disable-radix-cache
+    try:
+        again = _run(engine, [prompt, prompt, history], greedy)
+        assert engine.stats["prefix_shared_tokens"] == 0 and again[2].cached_tokens == 0
+    finally:
+        engine.shutdown()
+    assert again[0].output_ids == again[1].output_ids == first.output_ids and again[2].output_ids == second.output_ids
+
 
 POISON = 3  # a token id no reference prompt holds (they are drawn from 10 .. 2000)
 

@@ -32,6 +32,7 @@ def test_the_launch_line_has_sglang_spellings_and_only_options_sglang_has():
             "num_threads": 4,  # the embedded engine's own
             "backend": "paged",
             "disable_cuda_graph": False,
+            "disable_radix_cache": True,
             "enable_memory_saver": True,
         },
         sglang=True,
@@ -39,7 +40,7 @@ def test_the_launch_line_has_sglang_spellings_and_only_options_sglang_has():
     assert flags == [
         "--model-path", "/m", "--random-seed", "7", "--tp-size", "2", "--dtype", "bfloat16",
         "--max-running-requests", "128", "--max-total-tokens", "4096", "--mem-fraction-static", "0.6",
-        "--enable-memory-saver",
+        "--disable-radix-cache", "--enable-memory-saver",
     ]  # fmt: skip
     with pytest.raises(TypeError, match="no_such"):
         command_flags({"no_such": 1}, sglang=True)
