@@ -72,7 +72,10 @@ _SIGNATURES = {
     "cuMemUnmap": [ctypes.c_uint64, ctypes.c_size_t],
     "cuMemSetAccess": [ctypes.c_uint64, ctypes.c_size_t, ctypes.POINTER(_AccessDesc), ctypes.c_size_t],
     "cuGetErrorName": [ctypes.c_int, ctypes.POINTER(ctypes.c_char_p)],
+    "cuDeviceGet": [ctypes.POINTER(ctypes.c_int), ctypes.c_int],
+    "cuDeviceGetAttribute": [ctypes.POINTER(ctypes.c_int), ctypes.c_int, ctypes.c_int],
 }
+_VMM_SUPPORTED = 102  # CU_DEVICE_ATTRIBUTE_VIRTUAL_MEMORY_MANAGEMENT_SUPPORTED
 
 
 @functools.cache
@@ -89,8 +92,20 @@ def _driver() -> ctypes.CDLL | None:
 
 
 def available(device: torch.device) -> bool:
-    """Whether regions can be made on `device` (a CUDA device whose driver has the virtual memory calls)."""
-    return device.type == "cuda" and torch.cuda.is_available() and _driver() is not None
+    """Whether regions can be made on `device`: a CUDA device whose driver has the virtual memory calls and says
+    the device supports them."""
+    if device.type != "cuda" or not torch.cuda.is_available() or _driver() is None:
+        return False
+    return _supported(device.index if device.index is not None else torch.cuda.current_device())
+
+
+@functools.cache
+def _supported(index: int) -> bool:
+    torch.cuda.init()
+    lib, dev, flag = _driver(), ctypes.c_int(), ctypes.c_int()
+    if lib.cuDeviceGet(ctypes.byref(dev), index) or lib.cuDeviceGetAttribute(ctypes.byref(flag), _VMM_SUPPORTED, dev):
+        return False
+    return bool(flag.value)
 
 
 def _check(result: int, call: str) -> None:
@@ -184,6 +199,25 @@ class _CudaArray:
 
     def __init__(self, ptr: int, nbytes: int):
         self.__cuda_array_interface__ = {"shape": (nbytes,), "typestr": "|u1", "data": (ptr, False), "version": 2}
+
+
+def fixed_or_none(make, device: torch.device, what: str):
+    """`make()` (a region, or something built on one) where `device` supports regions, else None; a region the
+    driver refuses for another reason than memory is None too, with a warning naming `what`: the caller allocates
+    as usual and loses only the graphs' survival across releases."""
+    if not available(device):
+        return None
+    try:
+        return make()
+    except torch.OutOfMemoryError:
+        raise
+    except RuntimeError as exc:
+        logger.warning(
+            "%s at a fixed address failed (%s): allocated as usual; graphs are captured again after a release",
+            what,
+            exc,
+        )
+        return None
 
 
 def pack_parameters(module: torch.nn.Module, device: torch.device) -> DeviceRegion:

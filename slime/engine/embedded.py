@@ -126,7 +126,9 @@ class EmbeddedEngine:
         self.model = AutoModelForCausalLM.from_pretrained(self.model_path, dtype=dtype)
         self.model.to(self.device).eval().requires_grad_(False)
         # on a GPU the weights live at addresses that survive release_memory, so captured graphs outlive a release
-        self._weight_region = device_memory.pack_parameters(self.model, self.device) if self._movable() else None
+        self._weight_region = device_memory.fixed_or_none(
+            lambda: device_memory.pack_parameters(self.model, self.device), self.device, "the weights"
+        )
         self.config = self.model.config
         self.max_context = int(getattr(self.config, "max_position_embeddings", 1 << 30))
         self.vocab_size = int(self.model.get_input_embeddings().num_embeddings)
@@ -200,8 +202,9 @@ class EmbeddedEngine:
         return bool(self._released) or (self._weight_region is not None and not self._weight_region.mapped)
 
     def _movable(self) -> bool:
-        """Whether released GPU memory can come back at the same addresses (slime.engine.device_memory)."""
-        return device_memory.available(self.device)
+        """Whether released GPU memory comes back at the same addresses (slime.engine.device_memory), so captured
+        graphs stay valid across a release."""
+        return self._weight_region is not None
 
     def weight_bytes(self) -> int:
         return sum(p.numel() * p.element_size() for p in self.model.parameters())

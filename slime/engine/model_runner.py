@@ -117,11 +117,15 @@ class PagedModelRunner:
         shape = (self.num_layers, 2, num_blocks * self.block_size, self.kv_heads, self.head_dim)
         if self.kv_region is not None and self._kv is not None and tuple(self._kv.shape) == shape:
             self.kv_region.restore()
-        elif device_memory.available(self.device):
-            self.kv_region = device_memory.DeviceRegion(math.prod(shape) * self.model.dtype.itemsize, self.device)
-            self._kv = self.kv_region.tensor(self.model.dtype, shape)
         else:
-            self._kv = torch.empty(shape, dtype=self.model.dtype, device=self.device)
+            nbytes = math.prod(shape) * self.model.dtype.itemsize
+            self.kv_region = device_memory.fixed_or_none(
+                lambda: device_memory.DeviceRegion(nbytes, self.device), self.device, "the KV cache"
+            )
+            if self.kv_region is not None:
+                self._kv = self.kv_region.tensor(self.model.dtype, shape)
+            else:
+                self._kv = torch.empty(shape, dtype=self.model.dtype, device=self.device)
         # one tensor, so zeroing fresh blocks is one kernel; per layer [slots, kv_heads, head_dim] views of it
         self._k = [self._kv[i, 0] for i in range(self.num_layers)]
         self._v = [self._kv[i, 1] for i in range(self.num_layers)]

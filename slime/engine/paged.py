@@ -109,6 +109,9 @@ class PagedEngine(EmbeddedEngine):
     def _free_graphs(self) -> None:
         self.runner.free_graphs()
 
+    def _movable(self) -> bool:
+        return super()._movable() and self.runner.kv_region is not None
+
     def _regions(self) -> list:
         return super()._regions() + ([self.runner.kv_region] if self.runner.kv_region is not None else [])
 

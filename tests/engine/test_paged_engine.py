@@ -1,6 +1,7 @@
 """The paged backend: block bookkeeping, attention over the paged cache against a float64 reference, and whole-engine
 greedy decoding against transformers `generate` (fp32, CPU) under prefix sharing, chunked prefill and preemption."""
 
+import logging
 import threading
 
 import pytest
@@ -229,6 +230,29 @@ def test_a_next_turn_reuses_the_last_turns_blocks_and_generates_the_same(tiny_mo
     finally:
         engine.shutdown()
     assert again[0].output_ids == again[1].output_ids == first.output_ids and again[2].output_ids == second.output_ids
+
+
+def test_engine_memory_falls_back_where_the_driver_refuses_fixed_addresses(tiny_model_path, monkeypatch, caplog):
+    """Where CUDA's virtual memory calls fail (an old driver, a virtualised GPU), the engine allocates its weights
+    and cache as usual and says so, instead of failing to start; releases then drop its graphs."""
+    from slime.engine import device_memory
+    from slime.engine.paged import PagedEngine
+
+    def refuse(self, nbytes, device):
+        raise RuntimeError("cuMemCreate failed: CUDA_ERROR_NOT_SUPPORTED (801)")
+
+    monkeypatch.setattr(device_memory, "available", lambda device: True)
+    monkeypatch.setattr(device_memory.DeviceRegion, "__init__", refuse)
+    with caplog.at_level(logging.WARNING, logger="slime.engine.device_memory"):
+        engine = PagedEngine(tiny_model_path, block_size=4)
+    try:
+        assert engine._weight_region is None and engine.runner.kv_region is None and not engine._movable()
+        out = _run(engine, [[5, 6, 7]], SamplingParams(max_new_tokens=3, temperature=0.0, ignore_eos=True))
+        assert len(out[0].output_ids) == 3
+    finally:
+        engine.shutdown()
+    assert "the weights at a fixed address failed" in caplog.text
+    assert "the KV cache at a fixed address failed" in caplog.text
 
 
 POISON = 3  # a token id no reference prompt holds (they are drawn from 10 .. 2000)
