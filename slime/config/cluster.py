@@ -239,6 +239,8 @@ def settle_engine_options(args: Any) -> None:
         args.train_threads = max(1, (cores - engine_cores) // max(1, args.world_size))
     if args.sglang_enable_deterministic_inference:  # one request at a time: results do not depend on batching
         args.sglang_max_running_requests = 1
+        # nor on which earlier request computed a shared prefix (a prefill of another length rounds differently)
+        args.sglang_disable_radix_cache = True
     elif args.sglang_max_running_requests is None:
         args.sglang_max_running_requests = 512 if on_gpu else 256
     if args.sglang_mem_fraction_static is None:

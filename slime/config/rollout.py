@@ -215,8 +215,8 @@ def add_rollout_arguments(p: argparse.ArgumentParser) -> None:
         "--sglang-enable-deterministic-inference",
         action="store_true",
         help="reproducible rollouts: every request samples with its own seed (from --seed and the sample's index) "
-        "and each engine runs one request at a time, so results do not depend on batching (slow; for resume checks "
-        "and research)",
+        "and each engine runs one request at a time without a prefix cache, so results do not depend on batching or "
+        "on which earlier request computed a shared prefix (slow; for resume checks and research)",
     )
 
 

@@ -165,3 +165,5 @@ def test_disable_radix_cache_is_honoured_by_the_engines(caplog):
     values = train_values(args)
     assert "--disable-radix-cache" in command_flags(values)
     assert "--disable-radix-cache" in command_flags(values, sglang=True)
+    deterministic = parse_args(BASE + ["--sglang-enable-deterministic-inference"])  # reproducible: no shared prefix
+    assert deterministic.sglang_disable_radix_cache and deterministic.sglang_max_running_requests == 1
