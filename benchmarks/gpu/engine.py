@@ -90,6 +90,33 @@ def kernel_check() -> dict:
     return out
 
 
+def _decode_inputs(batch: int, ctx: int) -> tuple:
+    """paged_decode's arguments for `batch` sequences of `ctx` cached tokens in shuffled 16-token blocks, the 0.6B
+    shape (16 query / 8 key-value heads of 128, bf16): (q, k, v, tables, lens, scale, block size)."""
+    heads, kv_heads, dim, bs = 16, 8, 128, 16
+    blocks = batch * ctx // bs + 1
+    k = torch.randn(blocks * bs, kv_heads, dim, device="cuda", dtype=torch.bfloat16)
+    v = torch.randn_like(k)
+    q = torch.randn(batch, heads, dim, device="cuda", dtype=torch.bfloat16)
+    tables = (torch.randperm(blocks - 1, device="cuda") + 1).view(batch, -1).int()
+    lens = torch.full((batch,), ctx, device="cuda", dtype=torch.int32)
+    return q, k, v, tables, lens, dim**-0.5, bs
+
+
+def _decode_us(inputs: tuple, calls: int) -> float:
+    """Microseconds per paged_decode call (launch included), after 3 warm-up calls."""
+    from slime.engine.triton_decode import paged_decode
+
+    for _ in range(3):
+        paged_decode(*inputs)
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(calls):
+        paged_decode(*inputs)
+    torch.cuda.synchronize()
+    return (time.perf_counter() - start) / calls * 1e6
+
+
 def split_speed() -> dict:
     """The tail of a long rollout: a few sequences with long contexts (0.6B shape: 16 query / 8 key-value heads of
     128), the kernel with its context splits against one program per (sequence, head)."""
@@ -97,28 +124,17 @@ def split_speed() -> dict:
 
     out = {}
     for batch, ctx in ((1, 4096), (4, 4096), (16, 2048), (64, 1024), (256, 256)):
-        heads, kv_heads, dim, bs = 16, 8, 128, 16
-        blocks = batch * ctx // bs + 1
-        k = torch.randn(blocks * bs, kv_heads, dim, device="cuda", dtype=torch.bfloat16)
-        v = torch.randn_like(k)
-        q = torch.randn(batch, heads, dim, device="cuda", dtype=torch.bfloat16)
-        tables = (torch.randperm(blocks - 1, device="cuda") + 1).view(batch, -1).int()
-        lens = torch.full((batch,), ctx, device="cuda", dtype=torch.int32)
+        inputs = _decode_inputs(batch, ctx)
+        k = inputs[1]
+        kv_bytes = 2 * batch * ctx * k.shape[1] * k.shape[2] * k.element_size()  # the keys and values read
         row = {}
         for label, cap in (("one_program", 1), ("split", triton_decode.MAX_SPLITS)):
             saved, triton_decode.MAX_SPLITS = triton_decode.MAX_SPLITS, cap
             try:
-                for _ in range(3):
-                    triton_decode.paged_decode(q, k, v, tables, lens, dim**-0.5, bs)
-                torch.cuda.synchronize()
-                start = time.perf_counter()
-                for _ in range(50):
-                    triton_decode.paged_decode(q, k, v, tables, lens, dim**-0.5, bs)
-                torch.cuda.synchronize()
+                us = _decode_us(inputs, 50)
             finally:
                 triton_decode.MAX_SPLITS = saved
-            us = (time.perf_counter() - start) / 50 * 1e6
-            row[label] = {"us": us, "gb_per_s": 2 * batch * ctx * kv_heads * dim * 2 / us / 1e3}
+            row[label] = {"us": us, "gb_per_s": kv_bytes / us / 1e3}
         row["speedup"] = row["one_program"]["us"] / row["split"]["us"]
         out[f"b{batch}_ctx{ctx}"] = row
     return out
@@ -129,28 +145,15 @@ def kernel_speed() -> dict:
     key-value heads of 128), per launch shape; bandwidth counts the keys and values read."""
     from slime.engine import triton_decode
 
-    batch, ctx, heads, kv_heads, dim, bs = 256, 256, 16, 8, 128, 16
-    blocks = batch * ctx // bs + 1
-    k = torch.randn(blocks * bs, kv_heads, dim, device="cuda", dtype=torch.bfloat16)
-    v = torch.randn_like(k)
-    q = torch.randn(batch, heads, dim, device="cuda", dtype=torch.bfloat16)
-    tables = (torch.randperm(blocks - 1, device="cuda") + 1).view(batch, -1).int()
-    lens = torch.full((batch,), ctx, device="cuda", dtype=torch.int32)
+    inputs = _decode_inputs(256, 256)
     default, out = dict(triton_decode.CONFIG), {}
     try:
         for block_n in (32, 64, 128):
             for warps in (2, 4, 8):
                 for stages in (1, 2, 3):
                     triton_decode.CONFIG.update(BLOCK_N=block_n, num_warps=warps, num_stages=stages)
-                    for _ in range(3):
-                        triton_decode.paged_decode(q, k, v, tables, lens, dim**-0.5, bs)
-                    torch.cuda.synchronize()
-                    start = time.perf_counter()
-                    for _ in range(20):
-                        triton_decode.paged_decode(q, k, v, tables, lens, dim**-0.5, bs)
-                    torch.cuda.synchronize()
-                    us = (time.perf_counter() - start) / 20 * 1e6
-                    out[f"n{block_n}_w{warps}_s{stages}"] = {"us": us, "gb_per_s": 2 * k.nbytes / us / 1e3}
+                    us = _decode_us(inputs, 20)
+                    out[f"n{block_n}_w{warps}_s{stages}"] = {"us": us, "gb_per_s": 2 * inputs[1].nbytes / us / 1e3}
     finally:
         triton_decode.CONFIG.clear()
         triton_decode.CONFIG.update(default)

@@ -31,6 +31,7 @@ from run import MODELS, build_model, run_section  # noqa: E402
 
 from slime.engine.paged import PagedEngine  # noqa: E402
 from slime.engine.sampling import SamplingParams  # noqa: E402
+from tests.engine.test_paged_engine import _run  # noqa: E402
 
 PROMPTS, PROMPT_LEN = 256, 128
 
@@ -53,19 +54,8 @@ def rollout(engine, prompts: list[list[int]], caps: list[int]) -> tuple[int, flo
 
 
 def greedy(engine, prompts: list[list[int]]) -> list[list[int]]:
-    import threading
-
-    done, out = threading.Event(), {}
-
-    def cb(r):
-        out[r.rid] = r.output_ids
-        if len(out) == len(prompts):
-            done.set()
-
-    for i, p in enumerate(prompts):
-        engine.submit(p, SamplingParams(max_new_tokens=32, temperature=0.0, ignore_eos=True), cb, rid=f"g{i}")
-    assert done.wait(120), "greedy requests did not finish"
-    return [out[f"g{i}"] for i in range(len(prompts))]
+    params = SamplingParams(max_new_tokens=32, temperature=0.0, ignore_eos=True)
+    return [r.output_ids for r in _run(engine, prompts, params)]
 
 
 def cycles(path: str, vocab: int) -> dict:

@@ -16,6 +16,7 @@ from __future__ import annotations
 import ctypes
 import functools
 import logging
+import math
 
 import torch
 
@@ -133,7 +134,6 @@ class DeviceRegion:
         _check(lib.cuMemAddressReserve(ctypes.byref(ptr), self.nbytes, g, 0, 0), "cuMemAddressReserve")
         self.ptr = ptr.value
         self._handle: int | None = None
-        self._base: torch.Tensor | None = None
         self.restore()
         # a byte tensor over the whole range; its Python owner keeps nothing else alive (the region frees the memory)
         self._base = torch.as_tensor(_CudaArray(self.ptr, self.nbytes), device=device)
@@ -144,10 +144,7 @@ class DeviceRegion:
 
     def tensor(self, dtype: torch.dtype, shape: tuple[int, ...], offset: int = 0) -> torch.Tensor:
         """A contiguous tensor over the region's bytes from `offset` (which must suit `dtype`'s alignment)."""
-        count = 1
-        for n in shape:
-            count *= n
-        size = count * dtype.itemsize
+        size = math.prod(shape) * dtype.itemsize
         if offset % dtype.itemsize or offset + size > self.nbytes:
             raise ValueError(f"{size} bytes at offset {offset} do not fit a {self.nbytes}-byte region as {dtype}")
         return self._base[offset : offset + size].view(dtype).view(shape)

@@ -115,7 +115,7 @@ class PagedModelRunner:
 
     def alloc_kv(self, num_blocks: int) -> None:
         shape = (self.num_layers, 2, num_blocks * self.block_size, self.kv_heads, self.head_dim)
-        if self.kv_region is not None and self._kv is not None and tuple(self._kv.shape) == shape:
+        if self.kv_region is not None and tuple(self._kv.shape) == shape:
             self.kv_region.restore()
         else:
             nbytes = math.prod(shape) * self.model.dtype.itemsize

@@ -61,9 +61,7 @@ class HostOffload:
         self.ready()
         with self._on_side(tensors):
             for t in tensors:
-                host = self._buffer(t)
-                host.untyped_storage().copy_(t.untyped_storage(), non_blocking=True)
-                self._early[t.untyped_storage()._cdata] = host
+                self._early[t.untyped_storage()._cdata] = self._copy_out(t)
 
     def offload(self, tensors: list[torch.Tensor], late: list[torch.Tensor] = ()) -> int:
         """Free `tensors` and `late` into host copies; see the class docstring for `late`. Returns the bytes moved."""
@@ -74,10 +72,7 @@ class HostOffload:
         for group, is_late in ((tensors, False), (late, True)):
             for t in group:
                 host = early.get(t.untyped_storage()._cdata)
-                if host is None:
-                    host = self._buffer(t)
-                    host.untyped_storage().copy_(t.untyped_storage(), non_blocking=True)
-                self._moved.append((t, host, is_late))
+                self._moved.append((t, host if host is not None else self._copy_out(t), is_late))
         self._wait()  # the side stream's early copies too
         for t, _, _ in self._moved:
             t.untyped_storage().resize_(0)
@@ -112,11 +107,13 @@ class HostOffload:
             torch.cuda.current_stream().wait_event(self._pending)
             self._pending = None
 
-    def _buffer(self, t: torch.Tensor) -> torch.Tensor:
+    def _copy_out(self, t: torch.Tensor) -> torch.Tensor:
+        """Queue t's storage into its host buffer (allocated and pinned on first use) on the current stream."""
         storage = t.untyped_storage()
         host = self._host.get(storage._cdata)
         if host is None or host.numel() != storage.nbytes():
             host = self._host[storage._cdata] = torch.empty(storage.nbytes(), dtype=torch.uint8, pin_memory=self.pin)
+        host.untyped_storage().copy_(storage, non_blocking=True)
         return host
 
     def _on_side(self, tensors: list[torch.Tensor]):
