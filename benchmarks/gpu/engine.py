@@ -1,7 +1,7 @@
 """The engine benchmark on one GPU: the paged embedded engine beside transformers' `generate_batch` and `generate`.
 
 Usage (repo root, on the GPU machine): python benchmarks/gpu/engine.py TOKENIZER_DIR OUT_DIR [--skip-baselines]
-    [--long-only]
+    [--long-only | --throughput-only] [--decode-steps 1,8]
 Writes OUT_DIR/engine_benchmark.json after every section and prints a table; exits 1 when a check fails.
 Random-weight models shaped like Qwen3-0.6B and SmolLM2-135M (see run.py), bf16.
 
@@ -22,6 +22,7 @@ Sections:
 
 from __future__ import annotations
 
+import argparse
 import gc
 import json
 import math
@@ -33,6 +34,7 @@ import time
 import traceback
 from pathlib import Path
 
+import numpy as np
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -171,9 +173,8 @@ def profile_step(path: str) -> dict:
 
         def measure(engine):  # on the engine thread, between steps, like everything that touches the model
             with torch.inference_mode():
-                tables = [list(range(1 + i * per, 1 + (i + 1) * per)) for i in range(b)]
-                slots = [t[-1] * bs + (ctx - 1) % bs for t in tables]
-                engine.runner._fill(b, [5] * b, [ctx - 1] * b, slots, tables, [1.0] * b, [False] * b)
+                tables = np.arange(1, 1 + b * per, dtype=np.int32).reshape(b, per)
+                engine.runner._fill(b, [5] * b, [ctx - 1] * b, tables, [1.0] * b, [False] * b)
                 for _ in range(3):
                     engine.runner._decode_body(b)
                 torch.cuda.synchronize()
@@ -190,18 +191,63 @@ def profile_step(path: str) -> dict:
             return eager_ms, prof
 
         eager_ms, prof = engine._on_engine_thread(measure, engine)
-        rows = sorted(prof.key_averages(), key=lambda e: -e.device_time_total)[:15]
-        total = sum(e.device_time_total for e in prof.key_averages())
-        return {
-            "eager_step_ms": eager_ms,
-            "gpu_us_total": total,
-            "top": [{"kernel": e.key[:90], "us": e.device_time_total, "calls": e.count} for e in rows],
-        }
+        return {"eager_step_ms": eager_ms, **_top_kernels(prof)}
     finally:
         engine.shutdown()
         del engine
         gc.collect()
         torch.cuda.empty_cache()
+
+
+def profile_prefill(path: str, vocab: int) -> dict:
+    """Where a prefill pass's time goes: 64 new prompts x 128 tokens (8,192 tokens, the GPU's default pass) through
+    the engine's own prefill (host bookkeeping included), wall time per pass and the top kernels."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from slime.engine.embedded import Request
+    from slime.engine.sampling import SamplingParams
+
+    engine = in_process_engine(path, max_running_requests=64, kv_cache_tokens=64 * 200)
+    try:
+
+        def measure(engine):
+            def one_pass() -> None:
+                reqs = [Request(str(i), p, SamplingParams(), lambda r: None) for i, p in enumerate(workload(64, vocab))]
+                for r in reqs:
+                    engine.scheduler.grow(r, PROMPT_LEN - 1)
+                engine._prefill([(r, PROMPT_LEN - 1) for r in reqs])
+                for r in reqs:
+                    engine.scheduler.free(r, keep=False)
+
+            with torch.inference_mode():
+                for _ in range(2):
+                    one_pass()
+                torch.cuda.synchronize()
+                start = time.perf_counter()
+                for _ in range(5):
+                    one_pass()
+                torch.cuda.synchronize()
+                ms = (time.perf_counter() - start) / 5 * 1e3
+                with profile(activities=[ProfilerActivity.CUDA]) as prof:
+                    one_pass()
+                    torch.cuda.synchronize()
+            return ms, prof
+
+        ms, prof = engine._on_engine_thread(measure, engine)
+        return {"pass_ms": ms, **_top_kernels(prof)}
+    finally:
+        engine.shutdown()
+        del engine
+        gc.collect()
+        torch.cuda.empty_cache()
+
+
+def _top_kernels(prof) -> dict:
+    rows = sorted(prof.key_averages(), key=lambda e: -e.device_time_total)[:15]
+    return {
+        "gpu_us_total": sum(e.device_time_total for e in prof.key_averages()),
+        "top": [{"kernel": e.key[:90], "us": e.device_time_total, "calls": e.count} for e in rows],
+    }
 
 
 def in_process_engine(path: str, **kw):
@@ -257,7 +303,10 @@ def greedy_and_logprobs(path: str, vocab: int) -> dict:
     }
 
 
-def engine_throughput(path: str, vocab: int, batches: list[int], work: str) -> dict:
+def engine_throughput(path: str, vocab: int, batches: list[int], work: str, decode_steps: int | None = None) -> dict:
+    """`decode_steps`: the engine's --num-continuous-decode-steps (None: its default, and an engine that predates
+    the flag runs too)."""
+    steps = {} if decode_steps is None else {"num_continuous_decode_steps": decode_steps}
     server = launch_engine(
         path,
         os.path.join(work, "logs"),
@@ -265,6 +314,7 @@ def engine_throughput(path: str, vocab: int, batches: list[int], work: str) -> d
         device="cuda",
         max_running_requests=max(batches),
         num_threads=4,
+        **steps,
     )
     params = {"max_new_tokens": NEW_TOKENS, "temperature": 1.0, "ignore_eos": True}
     try:
@@ -288,10 +338,7 @@ def engine_throughput(path: str, vocab: int, batches: list[int], work: str) -> d
             before = _engine_stats(server.url)
             tokens, seconds = run(workload(b, vocab), params)
             after = _engine_stats(server.url)
-            phases = {
-                k: after[k] - before[k]
-                for k in ("prefill_seconds", "decode_seconds", "decode_forward_seconds", "decode_steps")
-            }
+            phases = {k: after[k] - before[k] for k in ("prefill_seconds", "decode_seconds", "decode_steps")}
             out[f"prompts_{b}"] = {"tokens": tokens, "seconds": seconds, "tokens_per_s": tokens / seconds, **phases}
         status, text = request_sync("GET", f"{server.url}/server_info", None, timeout=30)
         out["decode_step_compiled"] = json.loads(text)["decode_step_compiled"]
@@ -425,8 +472,22 @@ def failed_checks(r: dict) -> list[str]:
 
 
 def main() -> None:
-    tokenizer_dir, out = sys.argv[1], sys.argv[2]
-    skip_baselines = "--skip-baselines" in sys.argv
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("tokenizer_dir")
+    parser.add_argument("out")
+    parser.add_argument("--skip-baselines", action="store_true", help="no transformers baselines")
+    parser.add_argument("--long-only", action="store_true", help="kernel checks and the long workload alone")
+    parser.add_argument(
+        "--throughput-only", action="store_true", help="the throughput sections alone (e.g. for a base commit)"
+    )
+    parser.add_argument(
+        "--decode-steps",
+        default="",
+        help="comma-separated --num-continuous-decode-steps values: each gets a throughput section of its own "
+        "beside the engine's default",
+    )
+    args = parser.parse_args()
+    out, tokenizer_dir = args.out, args.tokenizer_dir
     os.makedirs(out, exist_ok=True)
     results: dict = {
         "device": torch.cuda.get_device_name(0),
@@ -442,29 +503,29 @@ def main() -> None:
 
     results["transformers"] = transformers.__version__
     work = tempfile.mkdtemp(prefix="engine-bench-")
-    if "--long-only" in sys.argv:  # the decode kernel's checks and the long-generation workload alone (0.6B shape)
+    full = not (args.long_only or args.throughput_only)
+    if not args.throughput_only:
         section("kernel", kernel_check)
+    if full:
+        section("kernel_speed", kernel_speed)
+    if not args.throughput_only:
         section("split_speed", split_speed)
-        path = build_model("qwen3-0.6b", tokenizer_dir, os.path.join(work, "qwen3-0.6b"))
-        section("qwen3-0.6b/long", long_generations, path, MODELS["qwen3-0.6b"]["vocab_size"], work)
-        results["failed_checks"] = failed_checks(results)
-        path_out.write_text(json.dumps(results, indent=1))
-        print("checks:", "all passed" if not results["failed_checks"] else results["failed_checks"])
-        sys.exit(1 if results["failed_checks"] else 0)
-    section("kernel", kernel_check)
-    section("kernel_speed", kernel_speed)
-    section("split_speed", split_speed)
-    for name in MODELS:
+    for name in ["qwen3-0.6b"] if args.long_only else MODELS:
         path = build_model(name, tokenizer_dir, os.path.join(work, name))
         vocab = MODELS[name]["vocab_size"]
-        section(f"{name}/greedy", greedy_and_logprobs, path, vocab)
-        if name == "qwen3-0.6b":
-            section(f"{name}/profile", profile_step, path)
-        batches = [256] if name == "qwen3-0.6b" else [128, 256, 512]
-        section(f"{name}/throughput", engine_throughput, path, vocab, batches, work)
-        if name == "qwen3-0.6b":
+        if full:
+            section(f"{name}/greedy", greedy_and_logprobs, path, vocab)
+            if name == "qwen3-0.6b":
+                section(f"{name}/profile", profile_step, path)
+            section(f"{name}/prefill_profile", profile_prefill, path, vocab)
+        if not args.long_only:
+            batches = [256] if name == "qwen3-0.6b" else [128, 256, 512]
+            section(f"{name}/throughput", engine_throughput, path, vocab, batches, work)
+            for k in [int(v) for v in args.decode_steps.split(",") if v]:
+                section(f"{name}/throughput_steps_{k}", engine_throughput, path, vocab, batches, work, k)
+        if name == "qwen3-0.6b" and not args.throughput_only:
             section(f"{name}/long", long_generations, path, vocab, work)
-        if not skip_baselines:
+        if full and not args.skip_baselines:
             section(f"{name}/baselines", baselines, path, vocab, 256)
     results["failed_checks"] = failed_checks(results)
     path_out.write_text(json.dumps(results, indent=1))

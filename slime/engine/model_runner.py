@@ -2,9 +2,14 @@
 
 A prefill pass computes a packed run of (sequence, token chunk) pairs and writes their keys and values into the
 cache; a decode pass computes one token for each running sequence. On CUDA with Triton the decode step replays a
-graph captured for the smallest batch-size bucket that fits (model forward, Triton paged attention, temperature,
-log-softmax and exponential-race sampling all inside), and torch.compile fuses its norms and sampler; elsewhere it
-runs eagerly through the torch paged-attention path. Weight updates copy into the parameters in place, so captured
+graph captured for the smallest batch-size bucket that fits (cache slots from the block tables, model forward,
+Triton paged attention, temperature, log-softmax and exponential-race sampling all inside), and torch.compile fuses
+its norms and sampler; elsewhere it runs eagerly through the torch paged-attention path.
+
+A step that samples its own tokens can be followed by the next without the host seeing them first (`launch`, then
+`launch_next`): the next step's inputs are advanced on the device from the previous step's outputs, and the host
+reads a step's tokens (copied to pinned memory) while the following step runs, so the host's bookkeeping of step n
+overlaps the GPU's step n + 1. Weight updates copy into the parameters in place, so captured
 graphs keep working. On CUDA the cache lives in a `DeviceRegion`: released and restored at the same addresses, so
 the graphs survive a colocated trainer's turn on the GPU too.
 """
@@ -16,6 +21,7 @@ import math
 import os
 import time
 
+import numpy as np
 import torch
 
 from slime.engine import device_memory
@@ -25,6 +31,21 @@ from slime.engine.sampling import sample_rows
 logger = logging.getLogger(__name__)
 
 GRAPH_BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 160, 192, 224, 256, 320, 384, 448, 512)
+
+
+class DecodeStep:
+    """A launched decode step over n rows: logits [n, V] float32 and sampled tokens [n] on the device (valid until
+    the next step runs); the tokens and their log-probs on the host once `result` returns."""
+
+    def __init__(self, n: int, logits, tokens, host_tokens, host_logprobs, event) -> None:
+        self.n, self.logits, self.tokens = n, logits, tokens
+        self._host, self._event = (host_tokens, host_logprobs), event
+
+    def result(self) -> tuple[list[int], list[float]]:
+        """The sampled tokens and their log-probs; waits for this step only (not for steps launched after it)."""
+        if self._event is not None:
+            self._event.synchronize()
+        return self._host[0].tolist(), self._host[1].tolist()
 
 
 class PagedModelRunner:
@@ -41,6 +62,7 @@ class PagedModelRunner:
         cuda_graph_max_bs: int,
         torch_compile: bool,
         stats: dict,
+        step_sampling: bool = False,
     ):
         self.model, self.device, self.block_size = model, device, block_size
         self.max_rows, self.max_blocks = max_rows, max_blocks
@@ -55,6 +77,8 @@ class PagedModelRunner:
                 self.triton = head_dim & (head_dim - 1) == 0  # the kernel tiles a power-of-two head dim
             except ImportError:
                 logger.warning("triton is not importable: decode attention runs through torch")
+        # the step samples its own tokens on CUDA with Triton; elsewhere only when asked (pipelined CPU decode)
+        self.samples_in_step = (self.on_cuda and self.triton) or step_sampling
         self.use_graphs = use_graphs and self.on_cuda and self.triton
         self.cuda_graph_max_bs = cuda_graph_max_bs
         self.torch_compile = torch_compile and self.triton
@@ -69,14 +93,9 @@ class PagedModelRunner:
         stats.update(graph_captures=0, graph_capture_seconds=0.0)  # a colocated run should capture each bucket once
         self._graph_pool = None
         self._sample = sample_rows
-        if self.on_cuda:
+        self._width = 1  # block-table columns the current static rows use
+        if self.samples_in_step:
             self._alloc_static()
-
-    @property
-    def in_graph_sampling(self) -> bool:
-        """Whether decode samples inside the step (CUDA with Triton); the engine then samples only the rows that
-        need more than a temperature."""
-        return self.on_cuda and self.triton
 
     # ------------------------------------------------------------------ memory
     def kv_tokens(self, kv_cache_tokens: int, mem_fraction_static: float, max_context: int) -> int:
@@ -163,15 +182,21 @@ class PagedModelRunner:
             self._kv.view(2 * self.num_layers, self._kv.shape[2] // self.block_size, -1).index_fill_(1, fresh, 0)
 
     def _alloc_static(self) -> None:
-        """Fixed-address inputs of the decode step, so a captured graph reads each step's values."""
+        """Fixed-address inputs of the decode step, so a captured graph reads each step's values; and two pinned
+        host buffers for the sampled tokens and log-probs (a step's copy must not overwrite the previous step's
+        before the host has read it)."""
         n, dev = max(self.max_rows, 1), self.device
         self._s_ids = torch.zeros(n, dtype=torch.long, device=dev)
         self._s_pos = torch.zeros(n, dtype=torch.long, device=dev)
-        self._s_slots = torch.zeros(n, dtype=torch.long, device=dev)
-        self._s_lens = torch.ones(n, dtype=torch.int32, device=dev)
         self._s_tables = torch.zeros(n, self.max_blocks, dtype=torch.int32, device=dev)
         self._s_temp = torch.ones(n, dtype=torch.float32, device=dev)
         self._s_greedy = torch.zeros(n, dtype=torch.bool, device=dev)
+        pin = self.on_cuda
+        self._host = [
+            (torch.zeros(n, dtype=torch.long, pin_memory=pin), torch.zeros(n, dtype=torch.float32, pin_memory=pin))
+            for _ in range(2)
+        ]
+        self._turn = 0
 
     # ------------------------------------------------------------------ passes
     def prefill(
@@ -195,20 +220,12 @@ class PagedModelRunner:
             logits_to_keep=1,
         )
 
-    def decode(
-        self,
-        last: list[int],
-        pos: list[int],
-        slots: list[int],
-        tables: list[list[int]],
-        temperatures: list[float],
-        greedy: list[bool],
-    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
-        """One token for each of n sequences (last token `last[i]` at `pos[i]`, written to `slots[i]`). Returns the
-        logits [n, V] and, when the step samples inside (`in_graph_sampling`), tokens [n] and their log-probs [n]
-        drawn at `temperatures` (greedy rows: argmax); otherwise (logits, None, None)."""
-        if self.in_graph_sampling:
-            return self._decode_cuda(last, pos, slots, tables, temperatures, greedy)
+    def decode(self, last: list[int], pos: list[int], slots: list[int], tables: list[list[int]]) -> torch.Tensor:
+        """The next-token logits [n, V] of n sequences (last token `last[i]` at `pos[i]`, written to `slots[i]`),
+        for the host to sample from."""
+        if self.samples_in_step:
+            n = len(last)
+            return self.launch(last, pos, tables, [1.0] * n, [True] * n).logits
         n = len(last)
         ones = torch.ones(n, dtype=torch.long)
         fwd = self._gather_forward(tables, torch.tensor(pos), ones, slots)
@@ -218,7 +235,7 @@ class PagedModelRunner:
             use_cache=False,
             paged=fwd,
         ).logits[:, 0]
-        return logits, None, None
+        return logits
 
     def _gather_forward(
         self, tables: list[list[int]], q_start: torch.Tensor, q_len: torch.Tensor, slots: list[int]
@@ -249,54 +266,91 @@ class PagedModelRunner:
             self._scratch = torch.empty(2, max(rows, 2 * have), row, dtype=self._kv.dtype, device=self.device)
         return self._scratch[:, :rows]
 
-    # ------------------------------------------------------------------ CUDA decode
-    def _decode_cuda(self, last, pos, slots, tables, temperatures, greedy):
+    # ------------------------------------------------------------------ decode steps that sample their own tokens
+    def launch(
+        self, last: list[int], pos: list[int], tables: list[list[int]], temperatures: list[float], greedy: list[bool]
+    ) -> DecodeStep:
+        """Start one decode step for n sequences (last token `last[i]` at `pos[i]`, block table `tables[i]`, which
+        must already hold position pos[i]) that samples at `temperatures` (greedy rows: argmax). Returns at once."""
         n = len(last)
-        bucket = next((b for b in GRAPH_BUCKETS if n <= b <= self.max_rows), n)
-        graphed = self.use_graphs and bucket <= self.cuda_graph_max_bs
-        if graphed and bucket not in self._graphs:
-            self._graphs[bucket] = self._capture(bucket)
-        width, pad = max(len(t) for t in tables), bucket - n
-        self._fill(
-            bucket,
-            last + [0] * pad,
-            pos + [0] * pad,
-            slots + [0] * pad,
-            [t + [0] * (width - len(t)) for t in tables] + [[0] * width] * pad,
-            list(temperatures) + [1.0] * pad,
-            list(greedy) + [True] * pad,
-        )
+        b = self._bucket(n)
+        self._width = max(len(t) for t in tables)
+        pad = b - n
+        table = np.zeros((b, self._width), dtype=np.int32)
+        for i, t in enumerate(tables):
+            table[i, : len(t)] = t
+        self._fill(b, last + [0] * pad, pos + [0] * pad, table, list(temperatures) + [1.0] * pad,
+                   list(greedy) + [True] * pad)  # fmt: skip
+        return self._run(n)
+
+    def launch_next(self, prev: DecodeStep, keep: list[int] | None = None) -> DecodeStep:
+        """Start the step after `prev` (the last one launched) without reading its tokens on the host: each
+        sequence's input is the token `prev` sampled for it, one position further. `keep`: the indices of prev's
+        rows that go on, in order (None: all). Every kept row's block table must already hold its next position."""
+        n, dev = prev.n, self.device
+        ids, pos, tables = self._s_ids, self._s_pos, self._s_tables
+        if keep is None:
+            ids[:n].copy_(prev.tokens)
+            pos[:n] += 1
+            return self._run(n)
+        m, w = len(keep), self._width
+        idx = torch.tensor(keep, device=dev)
+        ids[:m] = prev.tokens[idx]
+        pos[:m] = pos[idx] + 1
+        tables[:m, :w] = tables[idx, :w]
+        self._s_temp[:m] = self._s_temp[idx]
+        self._s_greedy[:m] = self._s_greedy[idx]
+        # the rows left behind become padding, which touches only the scratch block 0
+        ids[m:n] = 0
+        pos[m:n] = 0
+        tables[m:n, :w] = 0
+        return self._run(m)
+
+    def _bucket(self, n: int) -> int:
+        return next((b for b in GRAPH_BUCKETS if n <= b <= self.max_rows), n)
+
+    def _run(self, n: int) -> DecodeStep:
+        """Run the step over the first n static rows (graph replay where captured) and queue its tokens' copy to
+        the host."""
+        b = self._bucket(n)
+        graphed = self.use_graphs and b <= self.cuda_graph_max_bs
         if graphed:
-            graph, out = self._graphs[bucket]
+            if b not in self._graphs:
+                self._graphs[b] = self._capture(b)
+            graph, out = self._graphs[b]
             graph.replay()
         else:
-            out = self._decode_body(bucket)
+            out = self._decode_body(b)
         logits, toks, lps = out
-        return logits[:n], toks[:n], lps[:n]
+        host_toks, host_lps = self._host[self._turn]
+        self._turn ^= 1
+        host_toks[:n].copy_(toks[:n], non_blocking=True)
+        host_lps[:n].copy_(lps[:n], non_blocking=True)
+        event = None
+        if self.on_cuda:
+            event = torch.cuda.Event()
+            event.record()
+        return DecodeStep(n, logits[:n], toks[:n], host_toks[:n], host_lps[:n], event)
 
-    def _fill(self, b: int, ids, pos, slots, tables, temps, greedy) -> None:
+    def _fill(self, b: int, ids, pos, table: np.ndarray, temps, greedy) -> None:
+        """Set the first b static rows; table [b, width] int32."""
         host = torch.tensor
         self._s_ids[:b].copy_(host(ids), non_blocking=True)
         self._s_pos[:b].copy_(host(pos), non_blocking=True)
-        self._s_slots[:b].copy_(host(slots), non_blocking=True)
-        self._s_lens[:b].copy_(host([p + 1 for p in pos], dtype=torch.int32), non_blocking=True)
-        self._s_tables[:b, : len(tables[0])].copy_(host(tables, dtype=torch.int32), non_blocking=True)
+        self._s_tables[:b, : table.shape[1]].copy_(torch.from_numpy(table), non_blocking=True)
         self._s_temp[:b].copy_(host(temps, dtype=torch.float32), non_blocking=True)
         self._s_greedy[:b].copy_(host(greedy), non_blocking=True)
 
     def _fill_padding(self, b: int) -> None:
         """Static rows that only touch the scratch block 0: what warm-up, compilation and capture run on."""
-        self._fill(b, [0] * b, [0] * b, [0] * b, [[0]] * b, [1.0] * b, [False] * b)
+        self._fill(b, [0] * b, [0] * b, np.zeros((b, 1), dtype=np.int32), [1.0] * b, [False] * b)
 
     def _decode_body(self, b: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """One decode step over the first b static rows: logits [b, V] float32, sampled tokens [b], logprobs [b]."""
+        pos, tables, bs = self._s_pos[:b], self._s_tables[:b], self.block_size
+        slots = tables.gather(1, (pos // bs)[:, None])[:, 0].long() * bs + pos % bs
         fwd = PagedForward(
-            self._k,
-            self._v,
-            self._s_slots[:b],
-            block_tables=self._s_tables[:b],
-            seq_lens=self._s_lens[:b],
-            block_size=self.block_size,
+            self._k, self._v, slots, block_tables=tables, seq_lens=(pos + 1).int(), block_size=self.block_size
         )
         logits = self.model(
             input_ids=self._s_ids[:b, None], position_ids=self._s_pos[:b, None], use_cache=False, paged=fwd

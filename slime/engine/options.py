@@ -172,6 +172,15 @@ ENGINE_OPTIONS: tuple[EngineOption, ...] = (
         sglang="--cuda-graph-max-bs",
     ),
     EngineOption(
+        "num_continuous_decode_steps",
+        "paged backend: decode steps run back to back while every request samples inside the step and nobody waits "
+        "to join, each launched before the host reads the previous one's tokens (0: 8 on GPU, 1 on CPU)",
+        0,
+        int,
+        train_flag="--sglang-num-continuous-decode-steps",
+        sglang="--num-continuous-decode-steps",
+    ),
+    EngineOption(
         "enable_memory_saver",
         "keep weights and KV cache releasable (SGLang needs it for /release_memory_occupation; the embedded engine "
         "always can, so it accepts the flag and ignores it); the launcher sets it when the run releases engine memory",

@@ -10,6 +10,12 @@ Three parts, as small engines are usually split:
   side of the step for the rest (top-k/top-p/min-p, min_new_tokens, their own seed).
 This class wires them to the request lifecycle of `EmbeddedEngine`. Prefill computes every token but the last; the
 last goes through the decode step, so sampling happens only there.
+
+Continuous decode steps: when every running request samples inside the step, up to `decode_steps` steps run back to
+back with nothing admitted in between (their cache blocks reserved up front). Step n + 1 is launched before the host
+reads step n's tokens, so the host's bookkeeping (appending tokens, stop checks) runs while the GPU computes. A
+request that stops at step n has already been given step n + 1; that token is dropped, its key and value written to
+the request's own block (counted as cached, which is true).
 """
 
 from __future__ import annotations
@@ -20,6 +26,7 @@ import time
 import torch
 
 from slime.engine.embedded import EmbeddedEngine, Request
+from slime.engine.kv_cache import CacheFull
 from slime.engine.model_runner import PagedModelRunner
 from slime.engine.paged_attention import PagedUnsupported, probe_model, register
 from slime.engine.scheduler import PagedScheduler
@@ -38,8 +45,10 @@ class PagedEngine(EmbeddedEngine):
         cuda_graph_max_bs: int = 512,
         torch_compile: bool = True,
         prefix_cache: bool = True,
+        decode_steps: int = 0,
         **kwargs,
     ):
+        self.decode_steps = decode_steps  # 0: 8 where the step samples on the GPU, else 1
         self.torch_compile = torch_compile
         self.prefix_cache = prefix_cache
         self.block_size = block_size
@@ -57,13 +66,12 @@ class PagedEngine(EmbeddedEngine):
             raise PagedUnsupported(f"it serves full-attention layers only; this model has {sorted(set(unsupported))}")
         kv_heads, head_dim = probe_model(self.model, cfg.num_hidden_layers, self.max_context)
         self.model.config._attn_implementation = register()
-        # seconds spent: prefill passes; decode steps; of those, the model forward until its tokens reached the host
+        # seconds spent in prefill passes and in decode steps (with their host bookkeeping)
         self.stats.update(
             prefill_tokens=0,
             prefill_seconds=0.0,
             decode_steps=0,
             decode_seconds=0.0,
-            decode_forward_seconds=0.0,
             preemptions=0,
             prefix_shared_tokens=0,
         )
@@ -84,7 +92,10 @@ class PagedEngine(EmbeddedEngine):
             self.cuda_graph_max_bs,
             self.torch_compile,
             self.stats,
+            step_sampling=self.decode_steps > 1,  # asked for on CPU: continuous steps need the step to sample
         )
+        if not self.decode_steps:
+            self.decode_steps = 8 if self.runner.samples_in_step else 1
         self._alloc_kv()
         self.runner.compile_decode_step()
 
@@ -162,8 +173,7 @@ class PagedEngine(EmbeddedEngine):
         rows = [r for r in self._rows if self.scheduler.uncached(r) == 0]
         if rows:
             start = time.perf_counter()
-            self._decode(rows)
-            self.stats["decode_steps"] += 1
+            self.stats["decode_steps"] += self._decode(rows)
             self.stats["decode_seconds"] += time.perf_counter() - start
 
     def _prefill(self, chunks: list[tuple[Request, int]]) -> None:
@@ -178,36 +188,88 @@ class PagedEngine(EmbeddedEngine):
         self.runner.prefill(ids, pos, slots, tables, [r.num_cached for r, _ in chunks], [n for _, n in chunks])
         self.scheduler.published(chunks)
 
-    def _decode(self, rows: list[Request]) -> None:
+    def _decode(self, rows: list[Request]) -> int:
+        """Decode the rows (one step, or several back to back); returns the number of steps run."""
         rows = self.scheduler.schedule_decode(rows, self._rows, self._requeue)
         if not rows:
-            return
+            return 0
         self.stats["max_batch_rows"] = max(self.stats["max_batch_rows"], len(rows))
+        if self.runner.samples_in_step and all(self._plain(r) for r in rows):
+            return self._decode_steps(rows, self._steps_for(rows) if self._only_decoding(rows) else 1)
         last = [r.output_ids[-1] if r.output_ids else r.input_ids[-1] for r in rows]
         pos = [r.num_cached for r in rows]
         slots = [self.scheduler.slot(r, p) for r, p in zip(rows, pos, strict=True)]
-        start = time.perf_counter()
         self._zero_fresh()
-        logits, toks, lps = self.runner.decode(
-            last,
-            pos,
-            slots,
-            [r.blocks for r in rows],
-            [1.0 if r.params.greedy else float(r.params.temperature) for r in rows],
-            [r.params.greedy for r in rows],
-        )
+        logits = self.runner.decode(last, pos, slots, [r.blocks for r in rows])
         for r in rows:
             r.num_cached += 1
-        next_pos = [p + 1 for p in pos]
-        if toks is not None and all(self._plain(r) for r in rows):  # the step's own sampler serves every row
-            toks, lps = toks.tolist(), lps.tolist()
-            self.stats["decode_forward_seconds"] += time.perf_counter() - start
-            keep = self._accept(rows, toks, lps, next_pos)
-        else:
-            keep = self._sample_and_check(rows, logits, next_pos)
-        done = set(range(len(rows))) - set(keep)
-        if done:
-            gone = {id(rows[i]) for i in done}
+        self._drop_finished(rows, self._sample_and_check(rows, logits, [p + 1 for p in pos]))
+        return 1
+
+    def _only_decoding(self, rows: list[Request]) -> bool:
+        """Nothing else wants a pass: every running row decodes, and no waiting request could join (a prefill
+        between steps would otherwise wait for the whole run of steps, and a late request starts that much later)."""
+        with self._cv:
+            waiting = bool(self._waiting)
+        return len(rows) == len(self._rows) and (not waiting or len(rows) >= self.max_running_requests)
+
+    def _steps_for(self, rows: list[Request]) -> int:
+        """How many steps to run back to back: up to `decode_steps`, none past the longest request's end, and
+        only if the cache can hold them all for every row (reserved here, so nothing grows between steps)."""
+        steps = min(self.decode_steps, max(r.params.max_new_tokens - len(r.output_ids) for r in rows))
+        if steps <= 1 or any(r.probe_from is not None for r in rows):
+            return 1
+        try:
+            for r in rows:
+                self.scheduler.grow(r, min(r.num_cached + steps, self.max_context))
+        except CacheFull:
+            return 1  # what was reserved stays with its row, for the steps it runs one at a time
+        return steps
+
+    def _decode_steps(self, rows: list[Request], steps: int) -> int:
+        """Run `steps` decode steps that sample inside, each launched before the previous one's tokens are read."""
+        self._zero_fresh()
+        batch = rows
+        pos = [r.num_cached for r in batch]  # where each row's input token goes
+        step = self.runner.launch(
+            [r.output_ids[-1] if r.output_ids else r.input_ids[-1] for r in batch],
+            pos,
+            [r.blocks for r in batch],
+            [1.0 if r.params.greedy else float(r.params.temperature) for r in batch],
+            [r.params.greedy for r in batch],
+        )
+        for r in batch:
+            r.num_cached += 1
+        launched = 1
+        while step is not None:
+            following, following_batch = None, []
+            if launched < steps:
+                # rows that stopped at the step before are out; so are those whose running step is their last
+                keep = [i for i, r in enumerate(batch) if r.finish_reason is None and not self._last_step(r)]
+                if keep:
+                    following = self.runner.launch_next(step, None if len(keep) == len(batch) else keep)
+                    following_batch = [batch[i] for i in keep]
+                    for r in following_batch:
+                        r.num_cached += 1
+                    launched += 1
+            toks, lps = step.result()
+            live = [i for i, r in enumerate(batch) if r.finish_reason is None]  # a stopped row's extra token: dropped
+            reqs = [batch[i] for i in live]
+            keep = self._accept(reqs, [toks[i] for i in live], [lps[i] for i in live], [pos[i] + 1 for i in live])
+            self._drop_finished(reqs, keep)
+            self._deliver()
+            step, batch = following, following_batch
+            pos = [r.num_cached - 1 for r in batch]
+        return launched
+
+    def _last_step(self, r: Request) -> bool:
+        """Whether the step running for r (not yet read) gives r its last token by length: no step after it."""
+        return len(r.output_ids) + 1 >= r.params.max_new_tokens or r.num_cached + 1 >= self.max_context
+
+    def _drop_finished(self, rows: list[Request], keep: list[int]) -> None:
+        """Take the rows not in `keep` (indices into `rows`: they finished) out of the batch."""
+        if len(keep) < len(rows):
+            gone = {id(rows[i]) for i in set(range(len(rows))) - set(keep)}
             self._select_rows([i for i, r in enumerate(self._rows) if id(r) not in gone])
 
     def _plain(self, r: Request) -> bool:

@@ -5,7 +5,8 @@ prefill is one packed row: input_ids [1, T] holds the new tokens of all sequence
 positions; a decode step is one row per sequence, input_ids [B, 1] (so the model's elementwise work runs on
 contiguous tensors). The attention function writes the new keys and values into the cache slots named by
 `slot_mapping`, then attends each query to its own sequence's cached tokens up to and including its position:
-- decode on CUDA: a Triton kernel reads the cache through the block tables (`slime.engine.triton_decode`);
+- decode on CUDA: a Triton kernel reads the cache through the block tables (`slime.engine.triton_decode`); the
+  same block-table form elsewhere goes through the torch path below;
 - everything else (prefill, chunked prefill over a cached prefix, decode on CPU): the sequences' keys and values are
   gathered into a padded batch and run through torch's scaled_dot_product_attention with a per-query length mask.
 `PagedForward` carries the per-forward metadata; the model passes it through to here as the `paged` keyword.
@@ -104,10 +105,12 @@ def paged_attention(
     vc.index_copy_(0, paged.slot_mapping, value.transpose(1, 2).reshape(b * s, -1, dim).to(vc.dtype))
     q = query.transpose(1, 2).reshape(b * s, heads, dim)  # [T, H, D]
     if paged.block_tables is not None:
-        from slime.engine.triton_decode import paged_decode
+        if q.is_cuda:
+            from slime.engine.triton_decode import paged_decode
 
-        out = paged_decode(q, kc, vc, paged.block_tables, paged.seq_lens, scaling, paged.block_size)
-        return out.view(b, s, heads, dim), None
+            out = paged_decode(q, kc, vc, paged.block_tables, paged.seq_lens, scaling, paged.block_size)
+            return out.view(b, s, heads, dim), None
+        paged = _as_gather(paged)  # the same decode step off CUDA: through the torch path
     n, width = paged.kv_blocks.shape
     decode = paged.q_index.shape[1] == 1 and n == b * s  # one query per sequence, in order: no gather needed
     qp = q[:, :, None] if decode else q[paged.q_index].transpose(1, 2)  # [n, H, max_q, D]
@@ -121,6 +124,22 @@ def paged_attention(
     out = F.scaled_dot_product_attention(qp, k, v, attn_mask=paged.mask, scale=scaling, enable_gqa=True)
     out = out[:, :, 0] if decode else out.transpose(1, 2)[paged.q_valid]  # [T, H, D]
     return out.view(b, s, heads, dim), None
+
+
+def _as_gather(paged: PagedForward) -> PagedForward:
+    """A decode step's kernel-path metadata (block tables, lengths) as the torch path's."""
+    n, width = paged.block_tables.shape
+    keys = torch.arange(width * paged.block_size, device=paged.seq_lens.device)
+    return PagedForward(
+        paged.k_cache,
+        paged.v_cache,
+        paged.slot_mapping,
+        q_index=torch.arange(n, device=keys.device)[:, None],
+        q_valid=torch.ones(n, 1, dtype=torch.bool, device=keys.device),
+        kv_blocks=paged.block_tables.long(),
+        mask=(keys[None, :] < paged.seq_lens[:, None])[:, None, None],
+        block_size=paged.block_size,
+    )
 
 
 # keywords a model passes to its attention function that change the result; the paged attention implements none

@@ -547,6 +547,7 @@ def build_engine(args: argparse.Namespace, model_path: str, common: dict):
             cuda_graph_max_bs=args.cuda_graph_max_bs,
             torch_compile=not args.disable_torch_compile,
             prefix_cache=not args.disable_radix_cache,
+            decode_steps=args.num_continuous_decode_steps,
             **common,
         )
     except PagedUnsupported as exc:

@@ -141,7 +141,7 @@ def _run(engine, prompts, params):
             done.set()
 
     for i, p in enumerate(prompts):
-        engine.submit(p, params, cb, rid=str(i))
+        engine.submit(p, params[i] if isinstance(params, list) else params, cb, rid=str(i))
     assert done.wait(300), "engine did not finish"
     return [out[str(i)] for i in range(len(prompts))]
 
@@ -175,6 +175,8 @@ def _generate_greedy(path: str, prompts: list[list[int]], new: int) -> list[list
     [
         ("paged", {}),
         ("paged", {"kv_cache_tokens": 160, "max_prefill_tokens": 24}),  # preemption and chunked prefill
+        ("paged", {"decode_steps": 4}),  # continuous steps (the GPU default, here through the torch path)
+        ("paged", {"decode_steps": 4, "kv_cache_tokens": 160, "max_prefill_tokens": 24}),
         ("padded", {}),
     ],
 )
@@ -186,8 +188,11 @@ def test_greedy_equals_transformers_generate(tiny_model_path, greedy_reference, 
     cls = PagedEngine if backend == "paged" else PaddedEngine
     kw = dict(kw, block_size=4) if backend == "paged" else kw
     engine = cls(tiny_model_path, **kw)
+    continued = _count_continued_steps(engine) if "decode_steps" in kw else None
     try:
         out = _run(engine, prompts, SamplingParams(max_new_tokens=20, temperature=0.0, ignore_eos=True))
+        if continued is not None:
+            assert continued[0] > 0  # steps really followed steps without the host reading the tokens between
         for i, r in enumerate(out):
             assert r.output_ids == ref[i], f"prompt {i} ({len(prompts[i])} tokens)"
             assert r.finish_reason["type"] == "length"
@@ -199,6 +204,59 @@ def test_greedy_equals_transformers_generate(tiny_model_path, greedy_reference, 
             assert engine.scheduler.pool.free == engine.scheduler.pool.num_blocks - 1  # every block came back
     finally:
         engine.shutdown()
+
+
+def _count_continued_steps(engine) -> list[int]:
+    count, launch_next = [0], engine.runner.launch_next
+
+    def counted(*args, **kw):
+        count[0] += 1
+        return launch_next(*args, **kw)
+
+    engine.runner.launch_next = counted
+    return count
+
+
+def test_requests_stopping_inside_a_run_of_continuous_steps(tiny_model_path, greedy_reference):
+    """Requests that stop at different steps of a run of continuous decode steps (a stop token the host sees one
+    step late, different max_new_tokens) end exactly where one-step-at-a-time decoding ends them, with the same
+    log-probs; every block comes back, and a next turn from a stopped request's history finds its blocks cached and
+    continues as transformers does."""
+    from slime.engine.paged import PagedEngine
+
+    prompts, ref = greedy_reference
+    params = []
+    for i, out in enumerate(ref):
+        if i % 2:
+            params.append(SamplingParams(max_new_tokens=3 + i, temperature=0.0, ignore_eos=True))
+        else:  # stop at the first occurrence of the token at position 2 + i // 2
+            params.append(SamplingParams(max_new_tokens=20, temperature=0.0, stop_token_ids=[out[2 + i // 2]]))
+    results = {}
+    for steps in (1, 5):
+        engine = PagedEngine(tiny_model_path, block_size=4, decode_steps=steps)
+        continued = _count_continued_steps(engine)
+        try:
+            out = _run(engine, prompts, params)
+            engine.wait_idle(10)
+            assert engine.scheduler.pool.free == engine.scheduler.pool.num_blocks - 1
+            stopped = out[0]
+            history = prompts[0] + stopped.output_ids + [11, 12, 13]
+            before = engine.stats["prefix_shared_tokens"]
+            second = _run(engine, [history], SamplingParams(max_new_tokens=8, temperature=0.0, ignore_eos=True))[0]
+            shared = engine.stats["prefix_shared_tokens"] - before
+        finally:
+            engine.shutdown()
+        assert (continued[0] > 0) == (steps > 1)
+        assert shared == (len(prompts[0]) + len(stopped.output_ids) - 1) // 4 * 4
+        assert second.output_ids == _generate_greedy(tiny_model_path, [history], 8)[0]
+        results[steps] = out
+    for i, (one, many) in enumerate(zip(results[1], results[5], strict=True)):
+        expected = ref[i][: params[i].max_new_tokens]
+        if params[i].stop_token_ids:
+            expected = expected[: expected.index(params[i].stop_token_ids[0]) + 1]
+        assert one.output_ids == many.output_ids == expected, f"prompt {i}"
+        assert one.finish_reason == many.finish_reason
+        assert torch.allclose(torch.tensor(one.logprobs), torch.tensor(many.logprobs), atol=1e-5)
 
 
 def test_a_next_turn_reuses_the_last_turns_blocks_and_generates_the_same(tiny_model_path):
@@ -314,11 +372,17 @@ def test_sampled_logprobs_match_a_forward_pass(tiny_model_path):
         out += _run(engine, prompts[:1], SamplingParams(max_new_tokens=30, temperature=1.0, top_p=0.9))
     finally:
         engine.shutdown()
+    engine = PagedEngine(tiny_model_path, block_size=4, decode_steps=4)  # sampled inside the step, steps back to back
+    try:
+        out += _run(engine, prompts, SamplingParams(max_new_tokens=30, temperature=0.7, ignore_eos=True))
+    finally:
+        engine.shutdown()
+    prompts = prompts + prompts[:1] + prompts
     model = AutoModelForCausalLM.from_pretrained(tiny_model_path, dtype=torch.float32).eval()
-    for p, r in zip(prompts + prompts[:1], out, strict=True):
+    for k, (p, r) in enumerate(zip(prompts, out, strict=True)):
         ids = torch.tensor([p + r.output_ids])
         with torch.inference_mode():
-            lp = torch.log_softmax(model(ids).logits[0, len(p) - 1 : -1].double(), -1)
+            lp = torch.log_softmax(model(ids).logits[0, len(p) - 1 : -1].double() / (0.7 if k >= 5 else 1.0), -1)
         ref = lp.gather(1, ids[0, len(p) :, None])[:, 0]
         assert torch.allclose(torch.tensor(r.logprobs, dtype=torch.float64), ref, atol=1e-4)
 
