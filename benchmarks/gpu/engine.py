@@ -1,22 +1,25 @@
 """The engine benchmark on one GPU: the paged embedded engine beside transformers' `generate_batch` and `generate`.
 
-Usage (repo root, on the GPU machine): python benchmarks/gpu/engine.py TOKENIZER_DIR OUT_DIR [--skip-baselines]
-    [--long-only | --throughput-only] [--decode-steps 1,8]
+Usage (repo root, on the GPU machine): python benchmarks/gpu/engine.py TOKENIZER_DIR OUT_DIR
+    [--sections kernel,greedy,throughput,...] [--decode-steps 1,8]
 Writes OUT_DIR/engine_benchmark.json after every section and prints a table; exits 1 when a check fails.
 Random-weight models shaped like Qwen3-0.6B and SmolLM2-135M (see run.py), bf16.
 
 Sections:
 - kernel: the Triton paged decode kernel against a float64 torch reference (random cache, shuffled block tables);
+  kernel_speed, split_speed: its timing over tile configurations, and with context splits;
 - greedy: 16 prompts x 48 greedy tokens from the engine (in-process, batched) against transformers `generate` one
   prompt at a time. A difference is allowed only at a near-tie: where the two tokens' bf16 logits (of transformers'
   own forward over the common prefix) differ by at most two bf16 units in the last place at their magnitude (0.125
   for logits in [8, 16)): the engine's bf16 kernels round differently from transformers' own;
 - logprobs: the engine's sampled log-probs against a transformers bf16 forward over prompt + response (what the
   trainer computes): mean |diff| < 0.05, max < 0.25 nats;
+- profile: the top kernels of one decode step (0.6B shape, 256 x 256 tokens) and of one prefill pass (64 x 128);
 - throughput: the workload 256 prompts x 128 tokens, 256 new tokens each (ignore_eos, temperature 1) through the HTTP
-  server; for the SmolLM2 shape also 128 and 512 prompts (its best batch);
+  server; for the SmolLM2 shape also 128 and 512 prompts (its best batch); with `--decode-steps`, again at each of
+  those --num-continuous-decode-steps;
 - long (Qwen3-0.6B shape): 256 prompts x 128 tokens with new-token caps spread log-normally over 20..4,096
-  (`long_generations`; `--long-only` runs this section alone);
+  (`long_generations`);
 - baselines: the same workload with transformers `generate_batch` (continuous batching) and padded `generate`.
 """
 
@@ -45,6 +48,7 @@ from slime.utils.http_utils import request_sync  # noqa: E402
 from tests.engine.test_paged_engine import _run  # noqa: E402
 
 PROMPT_LEN, NEW_TOKENS = 128, 256
+SECTIONS = ("kernel", "kernel_speed", "split_speed", "greedy", "profile", "throughput", "long", "baselines")
 
 
 def workload(n: int, vocab: int, seed: int = 0) -> list[list[int]]:
@@ -475,10 +479,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("tokenizer_dir")
     parser.add_argument("out")
-    parser.add_argument("--skip-baselines", action="store_true", help="no transformers baselines")
-    parser.add_argument("--long-only", action="store_true", help="kernel checks and the long workload alone")
     parser.add_argument(
-        "--throughput-only", action="store_true", help="the throughput sections alone (e.g. for a base commit)"
+        "--sections",
+        default=",".join(SECTIONS),
+        help=f"comma-separated sections to run, of {','.join(SECTIONS)} (default: all)",
     )
     parser.add_argument(
         "--decode-steps",
@@ -503,29 +507,32 @@ def main() -> None:
 
     results["transformers"] = transformers.__version__
     work = tempfile.mkdtemp(prefix="engine-bench-")
-    full = not (args.long_only or args.throughput_only)
-    if not args.throughput_only:
-        section("kernel", kernel_check)
-    if full:
-        section("kernel_speed", kernel_speed)
-    if not args.throughput_only:
-        section("split_speed", split_speed)
-    for name in ["qwen3-0.6b"] if args.long_only else MODELS:
+    want = set(args.sections.split(","))
+    if want - set(SECTIONS):
+        parser.error(f"--sections: unknown {sorted(want - set(SECTIONS))}; known: {','.join(SECTIONS)}")
+    for key, fn in (("kernel", kernel_check), ("kernel_speed", kernel_speed), ("split_speed", split_speed)):
+        if key in want:
+            section(key, fn)
+    for name in MODELS:
+        per_model = {"greedy", "profile", "throughput", "baselines"} | ({"long"} if name == "qwen3-0.6b" else set())
+        if not want & per_model:
+            continue
         path = build_model(name, tokenizer_dir, os.path.join(work, name))
         vocab = MODELS[name]["vocab_size"]
-        if full:
+        if "greedy" in want:
             section(f"{name}/greedy", greedy_and_logprobs, path, vocab)
+        if "profile" in want:
             if name == "qwen3-0.6b":
                 section(f"{name}/profile", profile_step, path)
             section(f"{name}/prefill_profile", profile_prefill, path, vocab)
-        if not args.long_only:
+        if "throughput" in want:
             batches = [256] if name == "qwen3-0.6b" else [128, 256, 512]
             section(f"{name}/throughput", engine_throughput, path, vocab, batches, work)
             for k in [int(v) for v in args.decode_steps.split(",") if v]:
                 section(f"{name}/throughput_steps_{k}", engine_throughput, path, vocab, batches, work, k)
-        if name == "qwen3-0.6b" and not args.throughput_only:
+        if name == "qwen3-0.6b" and "long" in want:
             section(f"{name}/long", long_generations, path, vocab, work)
-        if full and not args.skip_baselines:
+        if "baselines" in want:
             section(f"{name}/baselines", baselines, path, vocab, 256)
     results["failed_checks"] = failed_checks(results)
     path_out.write_text(json.dumps(results, indent=1))

@@ -274,6 +274,7 @@ class PagedModelRunner:
         must already hold position pos[i]) that samples at `temperatures` (greedy rows: argmax). Returns at once."""
         n = len(last)
         b = self._bucket(n)
+        self._graph_for(b)  # captured before the inputs are set: capture runs on padding rows
         self._width = max(len(t) for t in tables)
         pad = b - n
         table = np.zeros((b, self._width), dtype=np.int32)
@@ -289,6 +290,7 @@ class PagedModelRunner:
         rows that go on, in order (None: all). Every kept row's block table must already hold its next position."""
         n, dev = prev.n, self.device
         ids, pos, tables = self._s_ids, self._s_pos, self._s_tables
+        self._graph_for(self._bucket(n if keep is None else len(keep)))
         if keep is None:
             ids[:n].copy_(prev.tokens)
             pos[:n] += 1
@@ -309,15 +311,22 @@ class PagedModelRunner:
     def _bucket(self, n: int) -> int:
         return next((b for b in GRAPH_BUCKETS if n <= b <= self.max_rows), n)
 
+    def _graph_for(self, b: int) -> tuple | None:
+        """The captured step for bucket b (captured now if it is not yet; that overwrites the static inputs), or
+        None where the step runs eagerly."""
+        if not (self.use_graphs and b <= self.cuda_graph_max_bs):
+            return None
+        if b not in self._graphs:
+            self._graphs[b] = self._capture(b)
+        return self._graphs[b]
+
     def _run(self, n: int) -> DecodeStep:
         """Run the step over the first n static rows (graph replay where captured) and queue its tokens' copy to
-        the host."""
+        the host. The bucket's graph must exist already (`_graph_for` before the inputs were set)."""
         b = self._bucket(n)
-        graphed = self.use_graphs and b <= self.cuda_graph_max_bs
-        if graphed:
-            if b not in self._graphs:
-                self._graphs[b] = self._capture(b)
-            graph, out = self._graphs[b]
+        captured = self._graphs.get(b)
+        if captured is not None:
+            graph, out = captured
             graph.replay()
         else:
             out = self._decode_body(b)

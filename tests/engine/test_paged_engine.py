@@ -217,6 +217,43 @@ def _count_continued_steps(engine) -> list[int]:
     return count
 
 
+class _CpuStandInForCudaGraph:
+    """What matters of a CUDA graph here (CPU has none): capturing runs the step on padding rows, which overwrites
+    the static inputs, and a replay computes from whatever the static inputs hold then, into the same outputs."""
+
+    def __init__(self, runner, b: int):
+        self.runner, self.b = runner, b
+        runner._fill_padding(b)
+        self.out = runner._decode_body(b)
+
+    def replay(self) -> None:
+        for static, new in zip(self.out, self.runner._decode_body(self.b), strict=True):
+            static.copy_(new)
+
+
+def test_continuous_steps_with_graphs_captured_on_the_way(tiny_model_path, greedy_reference):
+    """A bucket's graph captured in the middle of decoding (capture overwrites the step's inputs) does not change
+    what is generated: inputs are set after the capture."""
+    from slime.engine.paged import PagedEngine
+
+    prompts, ref = greedy_reference
+    engine = PagedEngine(tiny_model_path, block_size=4, decode_steps=4)
+    runner = engine.runner
+    runner.use_graphs = True
+
+    def capture(b):
+        graph = _CpuStandInForCudaGraph(runner, b)
+        return graph, graph.out
+
+    runner._capture = capture
+    try:
+        out = _run(engine, prompts, SamplingParams(max_new_tokens=20, temperature=0.0, ignore_eos=True))
+        assert len(runner._graphs) > 1  # several buckets captured while requests were decoding
+    finally:
+        engine.shutdown()
+    assert [r.output_ids for r in out] == ref
+
+
 def test_requests_stopping_inside_a_run_of_continuous_steps(tiny_model_path, greedy_reference):
     """Requests that stop at different steps of a run of continuous decode steps (a stop token the host sees one
     step late, different max_new_tokens) end exactly where one-step-at-a-time decoding ends them, with the same
