@@ -368,32 +368,41 @@ class PagedModelRunner:
         return self._sample(logits, self._s_temp[:b], self._s_greedy[:b], noise)
 
     def compile_decode_step(self) -> None:
-        """torch.compile the small pieces of a decode step (CUDA with Triton, unless disabled): the RMSNorms (several
-        elementwise kernels and a reduction each, four per layer) and the sampler's arithmetic, each becoming one or
-        two kernels. The model's code is unchanged. Needs the KV cache (it runs the step); if compilation fails here
-        (no working compiler), the step stays eager and `compiled` says so."""
+        """torch.compile the model's decoder layers around the attention call (CUDA with Triton, unless disabled):
+        norms, q/k norms, rotary embeddings, residual adds and the MLP's activation become a few fused kernels instead
+        of dozens of small ones per layer (the attention itself is ours and stays as it is: `paged_attention` is
+        excluded from compilation, so each layer is two graphs, shared by all layers). Also the final norm and the
+        sampler's arithmetic. Shapes are dynamic: one compilation serves every batch size and prefill length. The
+        model's code is unchanged. Models without a `model.layers` list get their RMSNorms compiled instead. Needs the
+        KV cache (it runs a step and a prefill); if compilation fails here (no working compiler), the step stays
+        eager and `compiled` says so."""
         if not self.torch_compile or self.compiled:
             return
+        layers = _decoder_layers(self.model)
         norms = [m for m in self.model.modules() if type(m).__name__.endswith("RMSNorm")]
-        for m in norms:
+        compiled = layers + norms
+        for m in compiled:
             m.compile(dynamic=True)
         self._sample = torch.compile(sample_rows, dynamic=True)
+        what = f"{len(layers)} decoder layers" if layers else "the norms"
         start = time.perf_counter()
         try:
             with torch.inference_mode():
                 for b in (1, 2):  # batch 1 is specialised apart from the others
                     self._fill_padding(b)
                     self._decode_body(b)
+                self.prefill([0, 0, 0], [0, 1, 2], [0, 1, 2], [[0]], [0], [3])  # block 0 is scratch
                 torch.cuda.synchronize(self.device)
-            logger.info("compiled the decode step's norms and sampler in %.1f s", time.perf_counter() - start)
+            logger.info("compiled %s and the sampler in %.1f s", what, time.perf_counter() - start)
             self.compiled = True
         except Exception as exc:  # noqa: BLE001 - an eager step is slower, not wrong
             logger.warning(
-                "torch.compile of the decode step's norms and sampler failed (%s: %s); running eager",
+                "torch.compile of %s and the sampler failed (%s: %s); running eager",
+                what,
                 type(exc).__name__,
                 str(exc)[:300],
             )
-            for m in norms:
+            for m in compiled:
                 m._compiled_call_impl = None
             self._sample = sample_rows
 
@@ -420,6 +429,12 @@ class PagedModelRunner:
         self.stats["graph_capture_seconds"] += ms / 1e3
         logger.info("captured the decode step for batch size %d in %.0f ms", b, ms)
         return graph, out
+
+
+def _decoder_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """The decoder layers of a transformers causal LM (`model.model.layers`), [] where it has no such list."""
+    layers = getattr(getattr(model, "model", None), "layers", None)
+    return list(layers) if isinstance(layers, torch.nn.ModuleList) else []
 
 
 def _available_bytes() -> int:

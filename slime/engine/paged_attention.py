@@ -82,6 +82,7 @@ def gather_plan(
     return q_index, q_valid, mask[:, None]
 
 
+@torch.compiler.disable  # ours, kernels included; compiled decoder layers fuse what comes before and after it
 def paged_attention(
     module: torch.nn.Module,
     query: torch.Tensor,
