@@ -242,7 +242,7 @@ class PagedModelRunner:
     ) -> PagedForward:
         width = max(len(t) for t in tables)
         table = torch.tensor([t + [0] * (width - len(t)) for t in tables])
-        q_index, q_valid, mask = gather_plan(q_start, q_len, int(q_len.max()), width * self.block_size)
+        q_index, q_flat, mask = gather_plan(q_start, q_len, int(q_len.max()), width * self.block_size)
         dev = self.device
         scratch = None if self.on_cuda else self._gather_scratch(len(tables) * width)
         return PagedForward(
@@ -250,7 +250,7 @@ class PagedModelRunner:
             self._v,
             torch.tensor(slots, device=dev),
             q_index.to(dev),
-            q_valid.to(dev),
+            q_flat.to(dev),
             table.to(dev),
             mask.to(dev),
             gathered=scratch,
@@ -284,16 +284,20 @@ class PagedModelRunner:
                    list(greedy) + [True] * pad)  # fmt: skip
         return self._run(n)
 
-    def launch_next(self, prev: DecodeStep, keep: list[int] | None = None) -> DecodeStep:
+    def launch_next(
+        self, prev: DecodeStep, keep: list[int] | None = None, tables_now: list[list[int]] | None = None
+    ) -> DecodeStep:
         """Start the step after `prev` (the last one launched) without reading its tokens on the host: each
         sequence's input is the token `prev` sampled for it, one position further. `keep`: the indices of prev's
-        rows that go on, in order (None: all). Every kept row's block table must already hold its next position."""
+        rows that go on, in order (None: all). Every kept row's block table must already hold its next position;
+        `tables_now`: the kept rows' block tables, where they grew since they were last passed."""
         n, dev = prev.n, self.device
         ids, pos, tables = self._s_ids, self._s_pos, self._s_tables
         self._graph_for(self._bucket(n if keep is None else len(keep)))
         if keep is None:
             ids[:n].copy_(prev.tokens)
             pos[:n] += 1
+            self._set_tables(tables_now)
             return self._run(n)
         m, w = len(keep), self._width
         idx = torch.tensor(keep, device=dev)
@@ -306,7 +310,18 @@ class PagedModelRunner:
         ids[m:n] = 0
         pos[m:n] = 0
         tables[m:n, :w] = 0
+        self._set_tables(tables_now)
         return self._run(m)
+
+    def _set_tables(self, tables: list[list[int]] | None) -> None:
+        """Copy the first len(tables) rows' block tables in (None: they did not change)."""
+        if tables is None:
+            return
+        self._width = max(self._width, max(len(t) for t in tables))
+        table = np.zeros((len(tables), self._width), dtype=np.int32)
+        for i, t in enumerate(tables):
+            table[i, : len(t)] = t
+        self._s_tables[: len(tables), : self._width].copy_(torch.from_numpy(table), non_blocking=True)
 
     def _bucket(self, n: int) -> int:
         return next((b for b in GRAPH_BUCKETS if n <= b <= self.max_rows), n)

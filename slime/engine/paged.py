@@ -11,11 +11,12 @@ Three parts, as small engines are usually split:
 This class wires them to the request lifecycle of `EmbeddedEngine`. Prefill computes every token but the last; the
 last goes through the decode step, so sampling happens only there.
 
-Continuous decode steps: when every running request samples inside the step, up to `decode_steps` steps run back to
-back with nothing admitted in between (their cache blocks reserved up front). Step n + 1 is launched before the host
-reads step n's tokens, so the host's bookkeeping (appending tokens, stop checks) runs while the GPU computes. A
-request that stops at step n has already been given step n + 1; that token is dropped, its key and value written to
-the request's own block (counted as cached, which is true).
+Continuous decode steps: while every running request samples inside the step and nothing else needs the engine
+thread (a request that could join, a call, an abort), decode steps follow each other without a return to the loop.
+Step n + 1 is launched before the host reads step n's tokens, so the host's bookkeeping (appending tokens, stop
+checks) runs while the GPU computes. Cache blocks are reserved `decode_steps` tokens ahead, and that is also how
+often the run checks whether to stop. A request that stops at step n has already been given step n + 1; that token
+is dropped, its key and value written to the request's own block (counted as cached, which is true).
 """
 
 from __future__ import annotations
@@ -189,13 +190,13 @@ class PagedEngine(EmbeddedEngine):
         self.scheduler.published(chunks)
 
     def _decode(self, rows: list[Request]) -> int:
-        """Decode the rows (one step, or several back to back); returns the number of steps run."""
+        """Decode the rows (one step, or a run of steps back to back); returns the number of steps run."""
         rows = self.scheduler.schedule_decode(rows, self._rows, self._requeue)
         if not rows:
             return 0
         self.stats["max_batch_rows"] = max(self.stats["max_batch_rows"], len(rows))
         if self.runner.samples_in_step and all(self._plain(r) for r in rows):
-            return self._decode_steps(rows, self._steps_for(rows) if self._only_decoding(rows) else 1)
+            return self._decode_steps(rows)
         last = [r.output_ids[-1] if r.output_ids else r.input_ids[-1] for r in rows]
         pos = [r.num_cached for r in rows]
         slots = [self.scheduler.slot(r, p) for r, p in zip(rows, pos, strict=True)]
@@ -206,28 +207,34 @@ class PagedEngine(EmbeddedEngine):
         self._drop_finished(rows, self._sample_and_check(rows, logits, [p + 1 for p in pos]))
         return 1
 
-    def _only_decoding(self, rows: list[Request]) -> bool:
-        """Nothing else wants a pass: every running row decodes, and no waiting request could join (a prefill
-        between steps would otherwise wait for the whole run of steps, and a late request starts that much later)."""
+    def _may_run_on(self, rows: list[Request]) -> bool:
+        """Whether decode steps may follow each other without returning to the loop: every running row decodes, no
+        call waits for the engine thread, nothing is aborted or paused, and no waiting request could join (a
+        prefill would otherwise wait for the run, and a late request start that much later)."""
         with self._cv:
-            waiting = bool(self._waiting)
-        return len(rows) == len(self._rows) and (not waiting or len(rows) >= self.max_running_requests)
+            waiting, calls = bool(self._waiting), bool(self._calls)
+        return (
+            self.decode_steps > 1
+            and len(rows) == len(self._rows)
+            and not (calls or self._paused or self._stopped or self.weights_released)
+            and (not waiting or len(rows) >= self.max_running_requests)
+            and not any(r.abort_message or r.probe_from is not None for r in rows)
+        )
 
-    def _steps_for(self, rows: list[Request]) -> int:
-        """How many steps to run back to back: up to `decode_steps`, none past the longest request's end, and
-        only if the cache can hold them all for every row (reserved here, so nothing grows between steps)."""
-        steps = min(self.decode_steps, max(r.params.max_new_tokens - len(r.output_ids) for r in rows))
-        if steps <= 1 or any(r.probe_from is not None for r in rows):
-            return 1
+    def _reserve(self, rows: list[Request]) -> bool:
+        """Give every row cache blocks for its next `decode_steps` tokens; False if the cache cannot (what was
+        reserved stays with its row)."""
         try:
             for r in rows:
-                self.scheduler.grow(r, min(r.num_cached + steps, self.max_context))
+                self.scheduler.grow(r, min(r.num_cached + self.decode_steps, self.max_context))
         except CacheFull:
-            return 1  # what was reserved stays with its row, for the steps it runs one at a time
-        return steps
+            return False
+        return True
 
-    def _decode_steps(self, rows: list[Request], steps: int) -> int:
-        """Run `steps` decode steps that sample inside, each launched before the previous one's tokens are read."""
+    def _decode_steps(self, rows: list[Request]) -> int:
+        """Decode steps that sample inside, each launched before the previous one's tokens are read, for as long as
+        `_may_run_on` holds; cache blocks are reserved `decode_steps` tokens ahead, so nothing grows in between."""
+        reserved = self.decode_steps if self._may_run_on(rows) and self._reserve(rows) else 1
         self._zero_fresh()
         batch = rows
         pos = [r.num_cached for r in batch]  # where each row's input token goes
@@ -242,23 +249,27 @@ class PagedEngine(EmbeddedEngine):
             r.num_cached += 1
         launched = 1
         while step is not None:
-            following, following_batch = None, []
-            if launched < steps:
-                # rows that stopped at the step before are out; so are those whose running step is their last
-                keep = [i for i, r in enumerate(batch) if r.finish_reason is None and not self._last_step(r)]
-                if keep:
-                    following = self.runner.launch_next(step, None if len(keep) == len(batch) else keep)
-                    following_batch = [batch[i] for i in keep]
-                    for r in following_batch:
-                        r.num_cached += 1
-                    launched += 1
+            # rows that stopped at the step before are out; so are those whose running step is their last
+            keep = [i for i, r in enumerate(batch) if r.finish_reason is None and not self._last_step(r)]
+            following_batch = [batch[i] for i in keep]
+            tables = None
+            if keep and launched == reserved and self._may_run_on(following_batch) and self._reserve(following_batch):
+                reserved += self.decode_steps
+                self._zero_fresh()
+                tables = [r.blocks for r in following_batch]
+            following = None
+            if keep and launched < reserved:
+                following = self.runner.launch_next(step, None if len(keep) == len(batch) else keep, tables)
+                for r in following_batch:
+                    r.num_cached += 1
+                launched += 1
             toks, lps = step.result()
             live = [i for i, r in enumerate(batch) if r.finish_reason is None]  # a stopped row's extra token: dropped
             reqs = [batch[i] for i in live]
-            keep = self._accept(reqs, [toks[i] for i in live], [lps[i] for i in live], [pos[i] + 1 for i in live])
-            self._drop_finished(reqs, keep)
+            done = self._accept(reqs, [toks[i] for i in live], [lps[i] for i in live], [pos[i] + 1 for i in live])
+            self._drop_finished(reqs, done)
             self._deliver()
-            step, batch = following, following_batch
+            step, batch = following, following_batch if following is not None else []
             pos = [r.num_cached - 1 for r in batch]
         return launched
 

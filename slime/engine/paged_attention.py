@@ -42,11 +42,12 @@ class PagedForward:
     k_cache, v_cache: per layer [num_slots, kv_heads, head_dim].
     slot_mapping: [T] int64 cache slot of each new token.
     Torch path: q_index [n, max_q] int64 index of each sequence's queries into the T tokens (padding repeats a valid
-    index), q_valid [n, max_q] bool, kv_blocks [n, max_blocks] int64 each sequence's block table (padding: block 0),
-    mask [n, 1, max_q, max_blocks * block_size] bool (key visible to query), gathered [2, n * max_blocks,
-    block_size * kv_heads * head_dim] scratch for the gathered keys and values (None: allocated per layer). Whole
-    blocks are gathered (contiguous copies, as fast as a padded cache on CPU); the masked-out tail of a block must
-    hold finite values, which is why the engine zeroes blocks when it hands them out.
+    index), q_flat [T] int64 where each of the T tokens sits in the flattened [n * max_q] grid, kv_blocks
+    [n, max_blocks] int64 each sequence's block table (padding: block 0), mask [n, 1, max_q, max_blocks * block_size]
+    bool (key visible to query), gathered [2, n * max_blocks, block_size * kv_heads * head_dim] scratch for the
+    gathered keys and values (None: allocated per layer). Whole blocks are gathered (contiguous copies, as fast as a
+    padded cache on CPU); the masked-out tail of a block must hold finite values, which is why the engine zeroes
+    blocks when it hands them out.
     Kernel path (decode, one query per sequence, so n == T): block_tables [n, max_blocks] int32, seq_lens [n] int32
     (cached tokens including the new one), block_size.
     """
@@ -55,7 +56,7 @@ class PagedForward:
     v_cache: list[torch.Tensor]
     slot_mapping: torch.Tensor
     q_index: torch.Tensor | None = None
-    q_valid: torch.Tensor | None = None
+    q_flat: torch.Tensor | None = None
     kv_blocks: torch.Tensor | None = None
     mask: torch.Tensor | None = None
     gathered: torch.Tensor | None = None
@@ -70,8 +71,9 @@ def gather_plan(
     """The torch path's query indices and mask for n sequences whose new tokens are packed back to back.
 
     q_start [n] position of each sequence's first new token; q_len [n] its new tokens; max_k: keys gathered per
-    sequence (its block table's width in tokens). Returns q_index [n, max_q], q_valid [n, max_q] and the mask
-    [n, 1, max_q, max_k]: key j is visible to a query at position p when j <= p.
+    sequence (its block table's width in tokens). Returns q_index [n, max_q], q_flat [T] (see PagedForward) and the
+    mask [n, 1, max_q, max_k]: key j is visible to a query at position p when j <= p. Computed where the inputs are
+    (the host): reading the valid queries back by index, not by a boolean mask, needs no device sync per layer.
     """
     offsets = torch.cumsum(q_len, 0) - q_len  # where each sequence's tokens start in the packed row
     steps = torch.arange(max_q, device=q_len.device)
@@ -79,7 +81,7 @@ def gather_plan(
     q_index = offsets[:, None] + torch.where(q_valid, steps[None, :], 0)
     q_pos = q_start[:, None] + torch.where(q_valid, steps[None, :], 0)  # [n, max_q] absolute positions
     mask = torch.arange(max_k, device=q_len.device)[None, None, :] <= q_pos[:, :, None]
-    return q_index, q_valid, mask[:, None]
+    return q_index, q_valid.flatten().nonzero()[:, 0], mask[:, None]
 
 
 @torch.compiler.disable  # ours, kernels included; compiled decoder layers fuse what comes before and after it
@@ -123,7 +125,7 @@ def paged_attention(
     k = torch.index_select(kc.view(-1, row), 0, blocks, out=kout).view(shape).transpose(1, 2)
     v = torch.index_select(vc.view(-1, row), 0, blocks, out=vout).view(shape).transpose(1, 2)
     out = F.scaled_dot_product_attention(qp, k, v, attn_mask=paged.mask, scale=scaling, enable_gqa=True)
-    out = out[:, :, 0] if decode else out.transpose(1, 2)[paged.q_valid]  # [T, H, D]
+    out = out[:, :, 0] if decode else out.transpose(1, 2).flatten(0, 1)[paged.q_flat]  # [T, H, D]
     return out.view(b, s, heads, dim), None
 
 
@@ -136,7 +138,7 @@ def _as_gather(paged: PagedForward) -> PagedForward:
         paged.v_cache,
         paged.slot_mapping,
         q_index=torch.arange(n, device=keys.device)[:, None],
-        q_valid=torch.ones(n, 1, dtype=torch.bool, device=keys.device),
+        q_flat=torch.arange(n, device=keys.device),
         kv_blocks=paged.block_tables.long(),
         mask=(keys[None, :] < paged.seq_lens[:, None])[:, None, None],
         block_size=paged.block_size,

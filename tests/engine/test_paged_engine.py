@@ -3,6 +3,7 @@ greedy decoding against transformers `generate` (fp32, CPU) under prefix sharing
 
 import logging
 import threading
+import time
 
 import pytest
 import torch
@@ -116,8 +117,8 @@ def test_paged_attention_matches_float64_reference(decode):
     slots = [tables[s][p // bs] * bs + p % bs for s in range(3) for p in range(cached[s], totals[s])]
     width = max(len(t) for t in tables)
     table = torch.tensor([t + [0] * (width - len(t)) for t in tables])
-    q_index, q_valid, mask = gather_plan(torch.tensor(cached), torch.tensor(new), max(new), width * bs)
-    fwd = PagedForward(k_cache, v_cache, torch.tensor(slots), q_index, q_valid, table, mask, block_size=bs)
+    q_index, q_flat, mask = gather_plan(torch.tensor(cached), torch.tensor(new), max(new), width * bs)
+    fwd = PagedForward(k_cache, v_cache, torch.tensor(slots), q_index, q_flat, table, mask, block_size=bs)
     module = torch.nn.Module()
     module.layer_idx = 0
     query = torch.cat(q)[None].transpose(1, 2)  # [1, H, T, D]
@@ -294,6 +295,30 @@ def test_requests_stopping_inside_a_run_of_continuous_steps(tiny_model_path, gre
         assert one.output_ids == many.output_ids == expected, f"prompt {i}"
         assert one.finish_reason == many.finish_reason
         assert torch.allclose(torch.tensor(one.logprobs), torch.tensor(many.logprobs), atol=1e-5)
+
+
+def test_a_call_and_an_abort_reach_a_run_of_continuous_steps(tiny_model_path):
+    """Steps that follow each other without returning to the engine loop still let a call for the engine thread run
+    while requests decode (flush_cache refuses because they run, instead of waiting for their end), and an abort
+    ends them with their partial output."""
+    from slime.engine.paged import PagedEngine
+
+    engine = PagedEngine(tiny_model_path, block_size=4, decode_steps=4)
+    out = []
+    try:
+        for i in range(3):
+            engine.submit([5 + i, 6, 7], SamplingParams(max_new_tokens=2000, ignore_eos=True), out.append, rid=str(i))
+        deadline = time.monotonic() + 120
+        while engine.stats["generated_tokens"] < 60 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        with pytest.raises(RuntimeError, match="3 requests are running"):
+            engine.flush_cache()
+        assert engine.abort(abort_all=True) == 3
+        engine.wait_idle(60)
+    finally:
+        engine.shutdown()
+    assert len(out) == 3 and all(r.finish_reason["type"] == "abort" for r in out)
+    assert all(20 <= len(r.output_ids) < 2000 for r in out)
 
 
 def test_a_next_turn_reuses_the_last_turns_blocks_and_generates_the_same(tiny_model_path):
