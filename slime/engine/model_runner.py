@@ -80,6 +80,11 @@ class PagedModelRunner:
         # the step samples its own tokens on CUDA with Triton; elsewhere only when asked (pipelined CPU decode)
         self.samples_in_step = (self.on_cuda and self.triton) or step_sampling
         self.use_graphs = use_graphs and self.on_cuda and self.triton
+        self.fused_sampler = None  # slime.engine.triton_sample on CUDA with Triton; elsewhere sample_rows
+        if self.on_cuda and self.triton:
+            from slime.engine.triton_sample import sample_rows_fused
+
+            self.fused_sampler = sample_rows_fused
         self.cuda_graph_max_bs = cuda_graph_max_bs
         self.torch_compile = torch_compile and self.triton
         self.compiled = False  # whether the decode step's norms and sampler run compiled
@@ -191,6 +196,8 @@ class PagedModelRunner:
         self._s_tables = torch.zeros(n, self.max_blocks, dtype=torch.int32, device=dev)
         self._s_temp = torch.ones(n, dtype=torch.float32, device=dev)
         self._s_greedy = torch.zeros(n, dtype=torch.bool, device=dev)
+        if self.fused_sampler is not None:  # its noise seed, drawn from the engine's seeded generator
+            self._s_seed = torch.randint(0, 2**31 - 1, (1,), device=dev)
         pin = self.on_cuda
         self._host = [
             (torch.zeros(n, dtype=torch.long, pin_memory=pin), torch.zeros(n, dtype=torch.float32, pin_memory=pin))
@@ -370,7 +377,8 @@ class PagedModelRunner:
         self._fill(b, [0] * b, [0] * b, np.zeros((b, 1), dtype=np.int32), [1.0] * b, [False] * b)
 
     def _decode_body(self, b: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """One decode step over the first b static rows: logits [b, V] float32, sampled tokens [b], logprobs [b]."""
+        """One decode step over the first b static rows: logits [b, V] (float32 from the torch sampler, the model's
+        dtype from the fused one), sampled tokens [b], logprobs [b]."""
         pos, tables, bs = self._s_pos[:b], self._s_tables[:b], self.block_size
         slots = tables.gather(1, (pos // bs)[:, None])[:, 0].long() * bs + pos % bs
         fwd = PagedForward(
@@ -379,6 +387,10 @@ class PagedModelRunner:
         logits = self.model(
             input_ids=self._s_ids[:b, None], position_ids=self._s_pos[:b, None], use_cache=False, paged=fwd
         ).logits[:, 0]
+        if self.fused_sampler is not None:
+            toks, lps = self.fused_sampler(logits, self._s_temp[:b], self._s_greedy[:b], self._s_seed)
+            self._s_seed.add_(1)  # inside the graph too: every replay draws fresh noise
+            return logits, toks, lps
         noise = torch.empty(logits.shape, device=logits.device).exponential_()  # graph-safe RNG: outside compile
         return self._sample(logits, self._s_temp[:b], self._s_greedy[:b], noise)
 
@@ -398,7 +410,8 @@ class PagedModelRunner:
         compiled = layers + norms
         for m in compiled:
             m.compile(dynamic=True)
-        self._sample = torch.compile(sample_rows, dynamic=True)
+        if self.fused_sampler is None:
+            self._sample = torch.compile(sample_rows, dynamic=True)
         what = f"{len(layers)} decoder layers" if layers else "the norms"
         start = time.perf_counter()
         try:
