@@ -3,8 +3,9 @@
 A prefill pass computes a packed run of (sequence, token chunk) pairs and writes their keys and values into the
 cache; a decode pass computes one token for each running sequence. On CUDA with Triton the decode step replays a
 graph captured for the smallest batch-size bucket that fits (cache slots from the block tables, model forward,
-Triton paged attention, temperature, log-softmax and exponential-race sampling all inside), and torch.compile fuses
-its norms and sampler; elsewhere it runs eagerly through the torch paged-attention path.
+Triton paged attention, the fused Triton sampler all inside), and torch.compile fuses the decoder layers' small
+operations around the attention; elsewhere it runs eagerly through the torch paged-attention path and samples with
+`sample_rows`.
 
 A step that samples its own tokens can be followed by the next without the host seeing them first (`launch`, then
 `launch_next`): the next step's inputs are advanced on the device from the previous step's outputs, and the host
@@ -87,7 +88,7 @@ class PagedModelRunner:
             self.fused_sampler = sample_rows_fused
         self.cuda_graph_max_bs = cuda_graph_max_bs
         self.torch_compile = torch_compile and self.triton
-        self.compiled = False  # whether the decode step's norms and sampler run compiled
+        self.compiled = False  # whether the decoder layers run compiled
         self._kv: torch.Tensor | None = None  # [layers, 2 (keys, values), slots, kv_heads, head_dim]
         self.kv_region: device_memory.DeviceRegion | None = None  # _kv's fixed-address memory (CUDA)
         self._k: list[torch.Tensor] | None = None

@@ -158,8 +158,7 @@ ENGINE_OPTIONS: tuple[EngineOption, ...] = (
     ),
     EngineOption(
         "disable_torch_compile",
-        "paged backend on GPU: do not torch.compile the decode step's norms and sampler (starts faster, decodes "
-        "slower)",
+        "paged backend on GPU: do not torch.compile the model's decoder layers (starts faster, decodes slower)",
         switch=True,
         train_flag="--sglang-disable-torch-compile",
     ),
