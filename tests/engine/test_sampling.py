@@ -92,7 +92,7 @@ import json, torch
 from slime.engine.triton_sample import sample_rows_fused
 
 torch.manual_seed(0)
-vocab, rows, calls = 20, 64, 8  # two 16-wide blocks, the second one partial (the interpreter is slow)
+vocab, rows, calls = 20, 64, 8  # small: the interpreter is slow
 base = torch.randn(vocab)
 logits = base.expand(rows, vocab).to(torch.bfloat16).contiguous()
 temperature, greedy = torch.full((rows,), 0.5), torch.zeros(rows, dtype=torch.bool)
@@ -101,25 +101,28 @@ counts, lp_err = torch.zeros(vocab), 0.0
 ref = torch.log_softmax(logits.double() / temperature.double()[:, None], -1)
 greedy_draws = set()
 for seed in range(calls):
-    tokens, logprobs = sample_rows_fused(logits, temperature, greedy, torch.tensor([seed]), block=16)
+    tokens, logprobs = sample_rows_fused(logits, temperature, greedy, torch.tensor([seed]), block=32)
     lp_err = max(lp_err, (logprobs.double() - ref.gather(1, tokens[:, None])[:, 0]).abs().max().item())
     counts += torch.bincount(tokens[:-1], minlength=vocab)
     greedy_draws.add(int(tokens[-1]))
+# the noise depends on (seed, row, token) only: read in three blocks, the same seed must draw the same tokens
+blocked, blocked_lp = sample_rows_fused(logits, temperature, greedy, torch.tensor([calls - 1]), block=8)
 expected = torch.softmax(logits[0].double() / 0.5, -1) * counts.sum()
 keep = expected >= 5  # chi-square over the categories with enough expected draws, the rest pooled
 observed = torch.cat([counts[keep].double(), counts[~keep].double().sum()[None]])
 expect = torch.cat([expected[keep], expected[~keep].sum()[None]])
 chi2 = ((observed - expect) ** 2 / expect).sum().item()
 print(json.dumps({"chi2": chi2, "df": int(keep.sum()), "lp_err": lp_err, "greedy": sorted(greedy_draws),
-                  "argmax": int(logits[-1].float().argmax())}))
+                  "argmax": int(logits[-1].float().argmax()), "blocks_agree": torch.equal(blocked, tokens),
+                  "blocks_lp_err": (blocked_lp - logprobs).abs().max().item()}))
 """
 
 
 def test_fused_sampler_draws_the_softmax_distribution_and_its_log_probs():
     """The CUDA decode step's Triton sampler, run on this CPU by Triton's interpreter (a process of its own):
-    504 draws at temperature 0.5 over a 20-token vocabulary (two blocks) follow softmax(logits / 0.5) by a
-    chi-square test, every returned log-prob equals the float64 log-softmax at the drawn token, and a greedy row
-    takes the argmax every time."""
+    504 draws at temperature 0.5 over a 20-token vocabulary follow softmax(logits / 0.5) by a chi-square test, every
+    returned log-prob equals the float64 log-softmax at the drawn token, a greedy row takes the argmax every time,
+    and reading the vocabulary in three blocks (online log-sum-exp, argmax across blocks) draws the same tokens."""
     import json
     import os
     import subprocess
@@ -135,4 +138,5 @@ def test_fused_sampler_draws_the_softmax_distribution_and_its_log_probs():
     r = json.loads(done.stdout.strip().splitlines()[-1])
     assert r["lp_err"] < 1e-5, r
     assert r["greedy"] == [r["argmax"]], r
+    assert r["blocks_agree"] and r["blocks_lp_err"] < 1e-6, r
     assert r["chi2"] < r["df"] + 5 * math.sqrt(2 * r["df"]), r  # mean df, sd sqrt(2 df): far in the tail if wrong
