@@ -208,16 +208,15 @@ class PagedEngine(EmbeddedEngine):
         return 1
 
     def _may_run_on(self, rows: list[Request]) -> bool:
-        """Whether decode steps may follow each other without returning to the loop: every running row decodes, no
-        call waits for the engine thread, nothing is aborted or paused, and no waiting request could join (a
-        prefill would otherwise wait for the run, and a late request start that much later)."""
+        """Whether the decode steps of `rows` may follow each other without returning to the loop: no call waits for
+        the engine thread, nothing is aborted or paused, and no waiting request could join (a prefill would
+        otherwise wait for the run, and a late request start that much later)."""
         with self._cv:
             waiting, calls = bool(self._waiting), bool(self._calls)
         return (
             self.decode_steps > 1
-            and len(rows) == len(self._rows)
             and not (calls or self._paused or self._stopped or self.weights_released)
-            and (not waiting or len(rows) >= self.max_running_requests)
+            and (not waiting or len(self._rows) >= self.max_running_requests)
             and not any(r.abort_message or r.probe_from is not None for r in rows)
         )
 
@@ -234,7 +233,8 @@ class PagedEngine(EmbeddedEngine):
     def _decode_steps(self, rows: list[Request]) -> int:
         """Decode steps that sample inside, each launched before the previous one's tokens are read, for as long as
         `_may_run_on` holds; cache blocks are reserved `decode_steps` tokens ahead, so nothing grows in between."""
-        reserved = self.decode_steps if self._may_run_on(rows) and self._reserve(rows) else 1
+        alone = len(rows) == len(self._rows)  # no other row is being prefilled: it would wait for the whole run
+        reserved = self.decode_steps if alone and self._may_run_on(rows) and self._reserve(rows) else 1
         self._zero_fresh()
         batch = rows
         pos = [r.num_cached for r in batch]  # where each row's input token goes

@@ -297,6 +297,34 @@ def test_requests_stopping_inside_a_run_of_continuous_steps(tiny_model_path, gre
         assert torch.allclose(torch.tensor(one.logprobs), torch.tensor(many.logprobs), atol=1e-5)
 
 
+def test_one_run_of_continuous_steps_outlives_requests_that_end_at_its_checkpoints(tiny_model_path):
+    """Requests ending exactly where the run re-reserves blocks (every 4 steps here) do not stop the run: after the
+    prefill, one launch and then steps launched from the device until the last request ends."""
+    from slime.engine.paged import PagedEngine
+
+    engine = PagedEngine(tiny_model_path, block_size=4, decode_steps=4)
+    launches, launch = [0], engine.runner.launch
+
+    def counted(*args, **kw):
+        launches[0] += 1
+        return launch(*args, **kw)
+
+    engine.runner.launch = counted
+    lengths = [4, 8, 12, 30]
+    engine.pause("in_place")  # all four admitted in the same pass
+    try:
+        done, out = threading.Event(), []
+        for i, n in enumerate(lengths):
+            params = SamplingParams(max_new_tokens=n, temperature=0.0, ignore_eos=True)
+            engine.submit([7 + i, 8, 9], params, lambda r: (out.append(r), len(out) == 4 and done.set()), rid=str(i))
+        engine.resume()
+        assert done.wait(120)
+    finally:
+        engine.shutdown()
+    assert sorted(len(r.output_ids) for r in out) == lengths
+    assert launches[0] == 1
+
+
 def test_a_call_and_an_abort_reach_a_run_of_continuous_steps(tiny_model_path):
     """Steps that follow each other without returning to the engine loop still let a call for the engine thread run
     while requests decode (flush_cache refuses because they run, instead of waiting for their end), and an abort
