@@ -282,7 +282,7 @@ class PagedModelRunner:
         must already hold position pos[i]) that samples at `temperatures` (greedy rows: argmax). Returns at once."""
         n = len(last)
         b = self._bucket(n)
-        self._graph_for(b)  # captured before the inputs are set: capture runs on padding rows
+        self._graph_for(b)  # capture runs on padding rows: before the inputs are set
         self._width = max(len(t) for t in tables)
         pad = b - n
         table = np.zeros((b, self._width), dtype=np.int32)
@@ -335,8 +335,7 @@ class PagedModelRunner:
         return next((b for b in GRAPH_BUCKETS if n <= b <= self.max_rows), n)
 
     def _graph_for(self, b: int) -> tuple | None:
-        """The captured step for bucket b (captured now if it is not yet; that overwrites the static inputs), or
-        None where the step runs eagerly."""
+        """The captured step for bucket b (captured now if it is not yet), or None where the step runs eagerly."""
         if not (self.use_graphs and b <= self.cuda_graph_max_bs):
             return None
         if b not in self._graphs:
@@ -436,10 +435,24 @@ class PagedModelRunner:
             self._sample = sample_rows
 
     def _capture(self, b: int) -> tuple:
-        """Capture the decode step for batch size b, on padding rows (they write only the scratch block 0)."""
-        started = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        started[0].record()
+        """Capture the decode step for batch size b, on padding rows (they write only the scratch block 0). The
+        static inputs of rows [:b] are put back afterwards: a run of steps may capture a smaller bucket between two
+        of its steps, and its rows' positions and tables are read from there."""
+        static = (self._s_ids, self._s_pos, self._s_tables, self._s_temp, self._s_greedy)
+        kept = [t[:b].clone() for t in static]
+        start = time.perf_counter()
         self._fill_padding(b)
+        graph, out = self._record_graph(b)
+        for t, saved in zip(static, kept, strict=True):
+            t[:b].copy_(saved)
+        seconds = time.perf_counter() - start
+        self.stats["graph_captures"] += 1
+        self.stats["graph_capture_seconds"] += seconds
+        logger.info("captured the decode step for batch size %d in %.0f ms", b, seconds * 1e3)
+        return graph, out
+
+    def _record_graph(self, b: int) -> tuple:
+        """The CUDA graph of `_decode_body(b)` and its static outputs (warmed up on a side stream first)."""
         stream = torch.cuda.Stream(self.device)
         stream.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(stream):
@@ -451,12 +464,7 @@ class PagedModelRunner:
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self._graph_pool):
             out = self._decode_body(b)
-        started[1].record()
-        started[1].synchronize()
-        ms = started[0].elapsed_time(started[1])
-        self.stats["graph_captures"] += 1
-        self.stats["graph_capture_seconds"] += ms / 1e3
-        logger.info("captured the decode step for batch size %d in %.0f ms", b, ms)
+        torch.cuda.synchronize(self.device)
         return graph, out
 
 

@@ -133,7 +133,9 @@ def test_paged_attention_matches_float64_reference(decode):
             assert torch.equal(k_cache[0][tables[s][p // bs] * bs + p % bs], k_full[s][p])
 
 
-def _run(engine, prompts, params):
+def _run(engine, prompts, params, resume: bool = False):
+    """Generate for every prompt (params: one for all, or one each); `resume`: the engine was paused, so all are
+    queued before it resumes and admitted together."""
     done, out = threading.Event(), {}
 
     def cb(r):
@@ -143,6 +145,8 @@ def _run(engine, prompts, params):
 
     for i, p in enumerate(prompts):
         engine.submit(p, params[i] if isinstance(params, list) else params, cb, rid=str(i))
+    if resume:
+        engine.resume()
     assert done.wait(300), "engine did not finish"
     return [out[str(i)] for i in range(len(prompts))]
 
@@ -233,26 +237,30 @@ class _CpuStandInForCudaGraph:
 
 
 def test_continuous_steps_with_graphs_captured_on_the_way(tiny_model_path, greedy_reference):
-    """A bucket's graph captured in the middle of decoding (capture overwrites the step's inputs) does not change
-    what is generated: inputs are set after the capture."""
+    """Graphs captured lazily while requests decode, at the start of a run and when the batch shrinks into a
+    smaller bucket in the middle of one (capture runs on padding rows, overwriting the static inputs the running
+    rows need), do not change what is generated."""
     from slime.engine.paged import PagedEngine
 
     prompts, ref = greedy_reference
+    lengths = [20 - i for i in range(len(prompts))]  # the batch shrinks one row a step at the end: 16, 8, 4, 2, 1
     engine = PagedEngine(tiny_model_path, block_size=4, decode_steps=4)
     runner = engine.runner
     runner.use_graphs = True
 
-    def capture(b):
+    def record(b):
         graph = _CpuStandInForCudaGraph(runner, b)
         return graph, graph.out
 
-    runner._capture = capture
+    runner._record_graph = record
+    engine.pause("in_place")  # all admitted in one pass: the run starts at 11 rows
     try:
-        out = _run(engine, prompts, SamplingParams(max_new_tokens=20, temperature=0.0, ignore_eos=True))
-        assert len(runner._graphs) > 1  # several buckets captured while requests were decoding
+        params = [SamplingParams(max_new_tokens=n, temperature=0.0, ignore_eos=True) for n in lengths]
+        out = _run(engine, prompts, params, resume=True)
+        assert sorted(runner._graphs) == [1, 2, 4, 8, 16]
     finally:
         engine.shutdown()
-    assert [r.output_ids for r in out] == ref
+    assert [r.output_ids for r in out] == [ref[i][:n] for i, n in enumerate(lengths)]
 
 
 def test_requests_stopping_inside_a_run_of_continuous_steps(tiny_model_path, greedy_reference):
@@ -313,12 +321,8 @@ def test_one_run_of_continuous_steps_outlives_requests_that_end_at_its_checkpoin
     lengths = [4, 8, 12, 30]
     engine.pause("in_place")  # all four admitted in the same pass
     try:
-        done, out = threading.Event(), []
-        for i, n in enumerate(lengths):
-            params = SamplingParams(max_new_tokens=n, temperature=0.0, ignore_eos=True)
-            engine.submit([7 + i, 8, 9], params, lambda r: (out.append(r), len(out) == 4 and done.set()), rid=str(i))
-        engine.resume()
-        assert done.wait(120)
+        params = [SamplingParams(max_new_tokens=n, temperature=0.0, ignore_eos=True) for n in lengths]
+        out = _run(engine, [[7 + i, 8, 9] for i in range(4)], params, resume=True)
     finally:
         engine.shutdown()
     assert sorted(len(r.output_ids) for r in out) == lengths
