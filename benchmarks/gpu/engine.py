@@ -9,11 +9,12 @@ Sections:
 - kernel: the Triton paged decode kernel against a float64 torch reference (random cache, shuffled block tables),
   and the fused sampler (log-probs against float64, its draws against softmax by a chi-square test, its time);
   kernel_speed, split_speed: its timing over tile configurations, and with context splits;
-- greedy: 16 prompts x 48 greedy tokens from the engine (in-process, batched) against transformers `generate` one
-  prompt at a time. A difference is allowed only at a near-tie: where the two tokens' bf16 logits (of transformers'
-  own forward over the common prefix) differ by at most four bf16 units in the last place at their magnitude (0.25
-  for logits in [8, 16)): the engine's kernels round differently from transformers' own (its compiled layers keep
-  fused intermediates in float32 where transformers rounds each op to bf16; 3 units seen on the SmolLM2 shape);
+- greedy: 16 prompts x 48 down to 18 greedy tokens from the engine (in-process, batched: the batch shrinks through
+  buckets whose graphs are captured mid-run) against transformers `generate` one prompt at a time. A difference is
+  allowed only at a near-tie: where the two tokens' bf16 logits (of transformers' own forward over the common
+  prefix) differ by at most four bf16 units in the last place at their magnitude (0.25 for logits in [8, 16)): the
+  engine's kernels round differently from transformers' own (its compiled layers keep fused intermediates in float32
+  where transformers rounds each op to bf16; 3 units seen on the SmolLM2 shape);
 - logprobs: the engine's sampled log-probs against a transformers bf16 forward over prompt + response (what the
   trainer computes): mean |diff| < 0.05, max < 0.25 nats;
 - profile: the top kernels of one decode step (0.6B shape, 256 x 256 tokens) and of one prefill pass (64 x 128);
@@ -321,9 +322,11 @@ def greedy_and_logprobs(path: str, vocab: int) -> dict:
     from slime.engine.sampling import SamplingParams
 
     prompts = [p[: 8 + 7 * i] for i, p in enumerate(workload(16, vocab, seed=1))]
+    lengths = [48 - 2 * i for i in range(len(prompts))]  # shrinks through 5 buckets, graphs captured on the way
     engine = in_process_engine(path, max_running_requests=64, kv_cache_tokens=1 << 16)
     try:
-        greedy = _run(engine, prompts, SamplingParams(max_new_tokens=48, temperature=0.0, ignore_eos=True))
+        greedy = _run(engine, prompts, [SamplingParams(max_new_tokens=n, temperature=0.0, ignore_eos=True)
+                                        for n in lengths])  # fmt: skip
         sampled = _run(engine, prompts, SamplingParams(max_new_tokens=48, temperature=1.0, ignore_eos=True))
     finally:
         engine.shutdown()
@@ -337,7 +340,7 @@ def greedy_and_logprobs(path: str, vocab: int) -> dict:
         for p, r in zip(prompts, greedy, strict=True):
             ref = model.generate(
                 torch.tensor([p], device="cuda"), max_new_tokens=48, min_new_tokens=48, do_sample=False
-            )[0, len(p) :].tolist()
+            )[0, len(p) : len(p) + len(r.output_ids)].tolist()
             if ref == r.output_ids:
                 exact += 1
                 continue
