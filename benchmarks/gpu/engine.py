@@ -29,6 +29,7 @@ Sections:
 from __future__ import annotations
 
 import argparse
+import functools
 import gc
 import json
 import math
@@ -132,16 +133,10 @@ def sampler_check() -> dict:
     def torch_sampler():
         sample_rows(big, temp, greedy, torch.empty(big.shape, device="cuda").exponential_())
 
-    times = {}
-    for name, fn in (("fused_us", lambda: sample_rows_fused(big, temp, greedy, seed)), ("torch_us", torch_sampler)):
-        for _ in range(3):
-            fn()
-        torch.cuda.synchronize()
-        start = time.perf_counter()
-        for _ in range(20):
-            fn()
-        torch.cuda.synchronize()
-        times[name] = (time.perf_counter() - start) / 20 * 1e6
+    times = {
+        "fused_us": _us_per_call(lambda: sample_rows_fused(big, temp, greedy, seed), 20),
+        "torch_us": _us_per_call(torch_sampler, 20),
+    }
     return {
         "logprob_max_err": lp_err,
         "greedy_ok": greedy_ok,
@@ -165,18 +160,23 @@ def _decode_inputs(batch: int, ctx: int) -> tuple:
     return q, k, v, tables, lens, dim**-0.5, bs
 
 
+def _us_per_call(fn, calls: int, warmup: int = 3) -> float:
+    """Microseconds per call of fn (GPU work and launch included), after `warmup` calls."""
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(calls):
+        fn()
+    torch.cuda.synchronize()
+    return (time.perf_counter() - start) / calls * 1e6
+
+
 def _decode_us(inputs: tuple, calls: int) -> float:
     """Microseconds per paged_decode call (launch included), after 3 warm-up calls."""
     from slime.engine.triton_decode import paged_decode
 
-    for _ in range(3):
-        paged_decode(*inputs)
-    torch.cuda.synchronize()
-    start = time.perf_counter()
-    for _ in range(calls):
-        paged_decode(*inputs)
-    torch.cuda.synchronize()
-    return (time.perf_counter() - start) / calls * 1e6
+    return _us_per_call(lambda: paged_decode(*inputs), calls)
 
 
 def split_speed() -> dict:
@@ -235,20 +235,8 @@ def profile_step(path: str) -> dict:
             with torch.inference_mode():
                 tables = np.arange(1, 1 + b * per, dtype=np.int32).reshape(b, per)
                 engine.runner._fill(b, [5] * b, [ctx - 1] * b, tables, [1.0] * b, [False] * b)
-                for _ in range(3):
-                    engine.runner._decode_body(b)
-                torch.cuda.synchronize()
-                start = time.perf_counter()
-                for _ in range(10):
-                    engine.runner._decode_body(b)
-                torch.cuda.synchronize()
-                eager_ms = (time.perf_counter() - start) / 10 * 1e3
-                from torch.profiler import ProfilerActivity, profile
-
-                with profile(activities=[ProfilerActivity.CUDA]) as prof:
-                    engine.runner._decode_body(b)
-                    torch.cuda.synchronize()
-            return eager_ms, prof
+                step = functools.partial(engine.runner._decode_body, b)
+                return _us_per_call(step, 10) / 1e3, _profiled(step)
 
         eager_ms, prof = engine._on_engine_thread(measure, engine)
         return {"eager_step_ms": eager_ms, **_top_kernels(prof)}
@@ -262,8 +250,6 @@ def profile_step(path: str) -> dict:
 def profile_prefill(path: str, vocab: int) -> dict:
     """Where a prefill pass's time goes: 64 new prompts x 128 tokens (8,192 tokens, the GPU's default pass) through
     the engine's own prefill (host bookkeeping included), wall time per pass and the top kernels."""
-    from torch.profiler import ProfilerActivity, profile
-
     from slime.engine.embedded import Request
     from slime.engine.sampling import SamplingParams
 
@@ -280,18 +266,7 @@ def profile_prefill(path: str, vocab: int) -> dict:
                     engine.scheduler.free(r, keep=False)
 
             with torch.inference_mode():
-                for _ in range(2):
-                    one_pass()
-                torch.cuda.synchronize()
-                start = time.perf_counter()
-                for _ in range(5):
-                    one_pass()
-                torch.cuda.synchronize()
-                ms = (time.perf_counter() - start) / 5 * 1e3
-                with profile(activities=[ProfilerActivity.CUDA]) as prof:
-                    one_pass()
-                    torch.cuda.synchronize()
-            return ms, prof
+                return _us_per_call(one_pass, 5, warmup=2) / 1e3, _profiled(one_pass)
 
         ms, prof = engine._on_engine_thread(measure, engine)
         return {"pass_ms": ms, **_top_kernels(prof)}
@@ -300,6 +275,16 @@ def profile_prefill(path: str, vocab: int) -> dict:
         del engine
         gc.collect()
         torch.cuda.empty_cache()
+
+
+def _profiled(fn):
+    """The torch profiler's record of one call of fn (CUDA kernels)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    return prof
 
 
 def _top_kernels(prof) -> dict:

@@ -285,11 +285,8 @@ class PagedModelRunner:
         self._graph_for(b)  # capture runs on padding rows: before the inputs are set
         self._width = max(len(t) for t in tables)
         pad = b - n
-        table = np.zeros((b, self._width), dtype=np.int32)
-        for i, t in enumerate(tables):
-            table[i, : len(t)] = t
-        self._fill(b, last + [0] * pad, pos + [0] * pad, table, list(temperatures) + [1.0] * pad,
-                   list(greedy) + [True] * pad)  # fmt: skip
+        self._fill(b, last + [0] * pad, pos + [0] * pad, _table(tables, b, self._width),
+                   list(temperatures) + [1.0] * pad, list(greedy) + [True] * pad)  # fmt: skip
         return self._run(n)
 
     def launch_next(
@@ -326,9 +323,7 @@ class PagedModelRunner:
         if tables is None:
             return
         self._width = max(self._width, max(len(t) for t in tables))
-        table = np.zeros((len(tables), self._width), dtype=np.int32)
-        for i, t in enumerate(tables):
-            table[i, : len(t)] = t
+        table = _table(tables, len(tables), self._width)
         self._s_tables[: len(tables), : self._width].copy_(torch.from_numpy(table), non_blocking=True)
 
     def _bucket(self, n: int) -> int:
@@ -466,6 +461,14 @@ class PagedModelRunner:
             out = self._decode_body(b)
         torch.cuda.synchronize(self.device)
         return graph, out
+
+
+def _table(tables: list[list[int]], rows: int, width: int) -> np.ndarray:
+    """Block tables as an int32 [rows, width] array, zero-padded (rows past len(tables) are padding)."""
+    table = np.zeros((rows, width), dtype=np.int32)
+    for i, t in enumerate(tables):
+        table[i, : len(t)] = t
+    return table
 
 
 def _decoder_layers(model: torch.nn.Module) -> list[torch.nn.Module]:

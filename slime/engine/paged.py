@@ -197,7 +197,7 @@ class PagedEngine(EmbeddedEngine):
         self.stats["max_batch_rows"] = max(self.stats["max_batch_rows"], len(rows))
         if self.runner.samples_in_step and all(self._plain(r) for r in rows):
             return self._decode_steps(rows)
-        last = [r.output_ids[-1] if r.output_ids else r.input_ids[-1] for r in rows]
+        last = [self.scheduler.last_token(r) for r in rows]
         pos = [r.num_cached for r in rows]
         slots = [self.scheduler.slot(r, p) for r, p in zip(rows, pos, strict=True)]
         self._zero_fresh()
@@ -239,7 +239,7 @@ class PagedEngine(EmbeddedEngine):
         batch = rows
         pos = [r.num_cached for r in batch]  # where each row's input token goes
         step = self.runner.launch(
-            [r.output_ids[-1] if r.output_ids else r.input_ids[-1] for r in batch],
+            [self.scheduler.last_token(r) for r in batch],
             pos,
             [r.blocks for r in batch],
             [1.0 if r.params.greedy else float(r.params.temperature) for r in batch],

@@ -55,6 +55,11 @@ class PagedScheduler:
         return r.input_ids + r.output_ids if r.output_ids else r.input_ids
 
     @staticmethod
+    def last_token(r: Request) -> int:
+        """The token the next decode step consumes."""
+        return r.output_ids[-1] if r.output_ids else r.input_ids[-1]
+
+    @staticmethod
     def uncached(r: Request) -> int:
         """Tokens still to prefill (all but the last token, which the decode step consumes)."""
         return len(r.input_ids) + len(r.output_ids) - 1 - r.num_cached

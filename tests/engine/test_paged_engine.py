@@ -193,7 +193,7 @@ def test_greedy_equals_transformers_generate(tiny_model_path, greedy_reference, 
     cls = PagedEngine if backend == "paged" else PaddedEngine
     kw = dict(kw, block_size=4) if backend == "paged" else kw
     engine = cls(tiny_model_path, **kw)
-    continued = _count_continued_steps(engine) if "decode_steps" in kw else None
+    continued = _count_calls(engine.runner, "launch_next") if "decode_steps" in kw else None
     try:
         out = _run(engine, prompts, SamplingParams(max_new_tokens=20, temperature=0.0, ignore_eos=True))
         if continued is not None:
@@ -211,14 +211,15 @@ def test_greedy_equals_transformers_generate(tiny_model_path, greedy_reference, 
         engine.shutdown()
 
 
-def _count_continued_steps(engine) -> list[int]:
-    count, launch_next = [0], engine.runner.launch_next
+def _count_calls(runner, name: str) -> list[int]:
+    """Count the calls of runner.<name> (a one-element list, updated as they happen)."""
+    count, method = [0], getattr(runner, name)
 
     def counted(*args, **kw):
         count[0] += 1
-        return launch_next(*args, **kw)
+        return method(*args, **kw)
 
-    engine.runner.launch_next = counted
+    setattr(runner, name, counted)
     return count
 
 
@@ -280,7 +281,7 @@ def test_requests_stopping_inside_a_run_of_continuous_steps(tiny_model_path, gre
     results = {}
     for steps in (1, 5):
         engine = PagedEngine(tiny_model_path, block_size=4, decode_steps=steps)
-        continued = _count_continued_steps(engine)
+        continued = _count_calls(engine.runner, "launch_next")
         try:
             out = _run(engine, prompts, params)
             engine.wait_idle(10)
@@ -311,13 +312,7 @@ def test_one_run_of_continuous_steps_outlives_requests_that_end_at_its_checkpoin
     from slime.engine.paged import PagedEngine
 
     engine = PagedEngine(tiny_model_path, block_size=4, decode_steps=4)
-    launches, launch = [0], engine.runner.launch
-
-    def counted(*args, **kw):
-        launches[0] += 1
-        return launch(*args, **kw)
-
-    engine.runner.launch = counted
+    launches = _count_calls(engine.runner, "launch")
     lengths = [4, 8, 12, 30]
     engine.pause("in_place")  # all four admitted in the same pass
     try:
