@@ -33,6 +33,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from slime.engine import device_memory
+from slime.engine.fused_linear import fuse_projections
 from slime.engine.sampling import SamplingParams, sample_next
 
 logger = logging.getLogger(__name__)
@@ -105,6 +106,7 @@ class EmbeddedEngine:
         # piling deltas onto deltas
         self._lora_base: dict[str, torch.Tensor] = {}
         self._named_weights: dict[str, torch.Tensor] | None = None  # see _weights_by_name
+        self._aliases: dict[str, tuple[str, int, int]] = {}  # fused projections' original names, see fused_linear
         self.stats = {
             "generated_tokens": 0,
             "aborted_requests": 0,
@@ -125,6 +127,7 @@ class EmbeddedEngine:
         # transformers' default: SDPA where the model supports it, eager otherwise (e.g. logit soft-capping)
         self.model = AutoModelForCausalLM.from_pretrained(self.model_path, dtype=dtype)
         self.model.to(self.device).eval().requires_grad_(False)
+        self._aliases = fuse_projections(self.model)
         # on a GPU the weights live at addresses that survive release_memory, so captured graphs outlive a release
         self._weight_region = device_memory.fixed_or_none(
             lambda: device_memory.pack_parameters(self.model, self.device), self.device, "the weights"
@@ -276,6 +279,7 @@ class EmbeddedEngine:
                 for p, shape in self._released:
                     p.data = torch.empty(shape, dtype=p.dtype, device=p.device)
                 self._released = []
+                self._named_weights = None  # the fused weights' row views point at the released storage
                 self._paused = True
             if "kv_cache" in tags:
                 self._alloc_kv()
@@ -349,8 +353,7 @@ class EmbeddedEngine:
             if len(bad):
                 raise ValueError(f"weight {floats[int(bad[0])][0]!r} holds NaN or infinite values")
         if complete:  # a whole-model update must name every weight (a tied pair once is enough)
-            given = {id(t) for t in targets}
-            missing = sorted({n for n, p in params.items() if id(p) not in given and isinstance(p, torch.nn.Parameter)})
+            missing = self._not_covered({id(t) for t in targets})
             if missing:
                 raise ValueError(
                     f"{len(missing)} weights of the served model are missing from the update, e.g. {missing[:3]}"
@@ -378,12 +381,31 @@ class EmbeddedEngine:
         return count
 
     def _weights_by_name(self) -> dict[str, torch.Tensor]:
-        """Every parameter (tied ones under each name) and buffer by name. Built once: walking the module tree
-        costs milliseconds per call, and the objects stay the same for the model's life (loads copy into them)."""
+        """Every parameter (tied ones under each name) and buffer by name, and each fused projection's original
+        names as row views of its fused weight. Built once: walking the module tree costs milliseconds per call,
+        and the objects stay the same for the model's life (loads copy into them)."""
         if self._named_weights is None:
-            self._named_weights = dict(self.model.named_parameters(remove_duplicate=False))
-            self._named_weights.update(dict(self.model.named_buffers()))
+            named = dict(self.model.named_parameters(remove_duplicate=False))
+            named.update(dict(self.model.named_buffers()))
+            for name, (fused, start, stop) in self._aliases.items():
+                named[name] = named[fused][start:stop]
+            self._named_weights = named
         return self._named_weights
+
+    def _not_covered(self, given: set[int]) -> list[str]:
+        """The weights' names an update of the tensors with ids `given` (from `_weights_by_name`) leaves unset: a
+        fused weight is set when it is named or when all its original names are."""
+        params = self._weights_by_name()
+        parts: dict[str, list[str]] = {}
+        for name, (fused, _, _) in self._aliases.items():
+            parts.setdefault(fused, []).append(name)
+        covered = set(given)
+        covered |= {id(params[f]) for f, names in parts.items() if all(id(params[n]) in given for n in names)}
+        missing = []
+        for name, p in params.items():
+            if isinstance(p, torch.nn.Parameter) and id(p) not in covered:
+                missing += [n for n in parts.get(name, [name]) if id(params[n]) not in given]
+        return sorted(set(missing))
 
     def update_weights_from_disk(self, model_path: str, weight_version: str | None, partial: bool = False) -> int:
         """Load every safetensors file under `model_path` as one update, all or none (see `update_weights`); it must
