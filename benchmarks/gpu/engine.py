@@ -225,21 +225,34 @@ def kernel_speed() -> dict:
 
 def profile_step(path: str) -> dict:
     """Where one decode step's GPU time goes: the eager decode body (what the graph replays) for 256 sequences of
-    256 cached tokens, under the torch profiler; the top kernels by total CUDA time."""
-    engine = in_process_engine(path, max_running_requests=256, kv_cache_tokens=256 * 300)
+    256 cached tokens, under the torch profiler; the top kernels by total CUDA time. Also the wall time per step of
+    a run of 64 captured steps launched back to back (`launch` then `launch_next`, the host reading each step's
+    tokens as the engine does): what the step costs beyond its kernels."""
+    engine = in_process_engine(path, max_running_requests=256, kv_cache_tokens=256 * 352)  # ctx + run, and spare
     try:
-        b, ctx, bs = 256, 256, engine.block_size
-        per = ctx // bs
+        b, ctx, bs, run = 256, 256, engine.block_size, 64
+        per = (ctx + run) // bs + 1
 
         def measure(engine):  # on the engine thread, between steps, like everything that touches the model
+            runner = engine.runner
             with torch.inference_mode():
                 tables = np.arange(1, 1 + b * per, dtype=np.int32).reshape(b, per)
-                engine.runner._fill(b, [5] * b, [ctx - 1] * b, tables, [1.0] * b, [False] * b)
-                step = functools.partial(engine.runner._decode_body, b)
-                return _us_per_call(step, 10) / 1e3, _profiled(step)
+                runner._fill(b, [5] * b, [ctx - 1] * b, tables[:, : ctx // bs], [1.0] * b, [False] * b)
+                step = functools.partial(runner._decode_body, b)
+                eager = _us_per_call(step, 10) / 1e3, _profiled(step)
 
-        eager_ms, prof = engine._on_engine_thread(measure, engine)
-        return {"eager_step_ms": eager_ms, **_top_kernels(prof)}
+                def steps() -> None:
+                    prev = runner.launch([5] * b, [ctx - 1] * b, tables.tolist(), [1.0] * b, [False] * b)
+                    for _ in range(run - 1):
+                        nxt = runner.launch_next(prev)
+                        prev.result()
+                        prev = nxt
+                    prev.result()
+
+                return (*eager, _us_per_call(steps, 2, warmup=1) / 1e3 / run)
+
+        eager_ms, prof, graph_ms = engine._on_engine_thread(measure, engine)
+        return {"eager_step_ms": eager_ms, "graph_step_ms": graph_ms, **_top_kernels(prof)}
     finally:
         engine.shutdown()
         del engine
@@ -249,16 +262,23 @@ def profile_step(path: str) -> dict:
 
 def profile_prefill(path: str, vocab: int) -> dict:
     """Where a prefill pass's time goes: 64 new prompts x 128 tokens (8,192 tokens, the GPU's default pass) through
-    the engine's own prefill (host bookkeeping included), wall time per pass and the top kernels."""
+    the engine's own prefill (host bookkeeping included): wall time per pass, the top kernels, the host's top
+    functions (cProfile, by own time), and the wall time with the decoder layers run eagerly (not compiled)."""
+    import cProfile
+    import io
+    import pstats
+
     from slime.engine.embedded import Request
+    from slime.engine.model_runner import _decoder_layers
     from slime.engine.sampling import SamplingParams
 
     engine = in_process_engine(path, max_running_requests=64, kv_cache_tokens=64 * 200)
+    prompts = workload(64, vocab)
     try:
 
         def measure(engine):
             def one_pass() -> None:
-                reqs = [Request(str(i), p, SamplingParams(), lambda r: None) for i, p in enumerate(workload(64, vocab))]
+                reqs = [Request(str(i), p, SamplingParams(), lambda r: None) for i, p in enumerate(prompts)]
                 for r in reqs:
                     engine.scheduler.grow(r, PROMPT_LEN - 1)
                 engine._prefill([(r, PROMPT_LEN - 1) for r in reqs])
@@ -266,10 +286,27 @@ def profile_prefill(path: str, vocab: int) -> dict:
                     engine.scheduler.free(r, keep=False)
 
             with torch.inference_mode():
-                return _us_per_call(one_pass, 5, warmup=2) / 1e3, _profiled(one_pass)
+                ms, prof = _us_per_call(one_pass, 5, warmup=2) / 1e3, _profiled(one_pass)
+                host = cProfile.Profile()
+                host.enable()
+                one_pass()
+                torch.cuda.synchronize()
+                host.disable()
+                text = io.StringIO()
+                pstats.Stats(host, stream=text).sort_stats("tottime").print_stats(20)
+                layers = _decoder_layers(engine.model)
+                kept = [m._compiled_call_impl for m in layers]
+                for m in layers:
+                    m._compiled_call_impl = None
+                try:
+                    eager_ms = _us_per_call(one_pass, 5, warmup=2) / 1e3
+                finally:
+                    for m, impl in zip(layers, kept, strict=True):
+                        m._compiled_call_impl = impl
+            return ms, prof, text.getvalue(), eager_ms
 
-        ms, prof = engine._on_engine_thread(measure, engine)
-        return {"pass_ms": ms, **_top_kernels(prof)}
+        ms, prof, host, eager_ms = engine._on_engine_thread(measure, engine)
+        return {"pass_ms": ms, "eager_layers_pass_ms": eager_ms, **_top_kernels(prof), "host": host.splitlines()[:45]}
     finally:
         engine.shutdown()
         del engine
