@@ -114,6 +114,7 @@ def validate_cluster(args: Any, parser: argparse.ArgumentParser) -> None:
         "rollout_num_gpus",
         "sglang_max_running_requests",
         "sglang_chunked_prefill_size",
+        "sglang_max_prefill_tokens",
         "sglang_page_size",
     )
     fraction = args.sglang_mem_fraction_static
@@ -246,6 +247,8 @@ def settle_engine_options(args: Any) -> None:
     if args.sglang_mem_fraction_static is None:
         args.sglang_mem_fraction_static = 0.6 if args.colocate else 0.35 if args.engines_share_trainer_gpus else 0.85
     args.sglang_chunked_prefill_size = args.sglang_chunked_prefill_size or (8192 if on_gpu else 4096)
+    if args.sglang_max_prefill_tokens is None:  # on GPU a pass of 8k short prompts is bound by the host's launches
+        args.sglang_max_prefill_tokens = args.sglang_chunked_prefill_size * (4 if on_gpu else 1)
     for option in ENGINE_OPTIONS:  # the rest: the server's own default, from the one table
         if option.train_flag and getattr(args, option.train_dest) is None:
             setattr(args, option.train_dest, option.default)

@@ -74,6 +74,7 @@ class EmbeddedEngine:
         dtype: str = "float32",
         max_running_requests: int = 64,
         max_prefill_tokens: int = 4096,
+        chunked_prefill_size: int = 0,
         seed: int = 0,
         num_threads: int | None = None,
         device: str = "cpu",
@@ -85,7 +86,8 @@ class EmbeddedEngine:
         self.device = torch.device(device)
         self.dtype = dtype
         self.max_running_requests = max_running_requests
-        self.max_prefill_tokens = max_prefill_tokens
+        self.max_prefill_tokens = max_prefill_tokens  # a prefill pass's tokens, summed over its requests
+        self.chunked_prefill_size = chunked_prefill_size or max_prefill_tokens  # one request's share of a pass
         self.seed = seed
         self.generator = torch.Generator().manual_seed(seed)
         self.weight_version = "default"

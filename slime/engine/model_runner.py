@@ -210,8 +210,8 @@ class PagedModelRunner:
     def prefill(
         self,
         ids: list[int],
-        pos: list[int],
-        slots: list[int],
+        pos: list[int] | np.ndarray,
+        slots: list[int] | np.ndarray,
         tables: list[list[int]],
         q_start: list[int],
         q_len: list[int],
@@ -222,7 +222,7 @@ class PagedModelRunner:
         dev = self.device
         self.model(
             input_ids=torch.tensor([ids], device=dev),
-            position_ids=torch.tensor([pos], device=dev),
+            position_ids=torch.as_tensor(pos, dtype=torch.long)[None].to(dev),
             use_cache=False,
             paged=fwd,
             logits_to_keep=1,
@@ -246,7 +246,7 @@ class PagedModelRunner:
         return logits
 
     def _gather_forward(
-        self, tables: list[list[int]], q_start: torch.Tensor, q_len: torch.Tensor, slots: list[int]
+        self, tables: list[list[int]], q_start: torch.Tensor, q_len: torch.Tensor, slots: list[int] | np.ndarray
     ) -> PagedForward:
         width = max(len(t) for t in tables)
         table = torch.tensor([t + [0] * (width - len(t)) for t in tables])
@@ -256,7 +256,7 @@ class PagedModelRunner:
         return PagedForward(
             self._k,
             self._v,
-            torch.tensor(slots, device=dev),
+            torch.as_tensor(slots, dtype=torch.long).to(dev),
             q_index.to(dev),
             q_flat.to(dev),
             table.to(dev),

@@ -102,12 +102,22 @@ ENGINE_OPTIONS: tuple[EngineOption, ...] = (
         sglang="--max-running-requests",
     ),
     EngineOption(
-        "max_prefill_tokens",
-        "prompt tokens computed per prefill pass; longer prompts are prefilled in chunks (0: 4096 on CPU, 8192 on GPU)",
+        "chunked_prefill_size",
+        "prompt tokens of one request computed per prefill pass; longer prompts are prefilled in chunks (0: 4096 on "
+        "CPU, 8192 on GPU)",
         0,
         int,
         train_flag="--sglang-chunked-prefill-size",
         sglang="--chunked-prefill-size",
+    ),
+    EngineOption(
+        "max_prefill_tokens",
+        "prompt tokens one prefill pass computes over all its requests (0: the chunk size on CPU, four times it on "
+        "GPU, where a pass of many short prompts costs the host more than the GPU)",
+        0,
+        int,
+        train_flag="--sglang-max-prefill-tokens",
+        sglang="--max-prefill-tokens",
     ),
     EngineOption(
         "tp_size",
@@ -195,7 +205,7 @@ ENGINE_OPTIONS: tuple[EngineOption, ...] = (
 )
 OPTIONS_BY_NAME = {o.name: o for o in ENGINE_OPTIONS}
 # 0 means "choose for me" for these; SGLang has its own choice, so 0 is not passed on
-_AUTO_WHEN_ZERO = {"max_prefill_tokens", "kv_cache_tokens"}
+_AUTO_WHEN_ZERO = {"chunked_prefill_size", "max_prefill_tokens", "kv_cache_tokens"}
 
 
 def _add(group: Any, flag: str | list[str], option: EngineOption, default: Any, help_text: str) -> None:

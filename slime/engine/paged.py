@@ -24,6 +24,7 @@ from __future__ import annotations
 import math
 import time
 
+import numpy as np
 import torch
 
 from slime.engine.embedded import EmbeddedEngine, Request
@@ -77,7 +78,12 @@ class PagedEngine(EmbeddedEngine):
             prefix_shared_tokens=0,
         )
         self.scheduler = PagedScheduler(
-            self.block_size, self.max_running_requests, self.max_prefill_tokens, self.stats, self.prefix_cache
+            self.block_size,
+            self.max_running_requests,
+            self.max_prefill_tokens,
+            self.stats,
+            self.prefix_cache,
+            self.chunked_prefill_size,
         )
         if self.device.type == "cuda":
             torch.cuda.manual_seed(int(self.generator.initial_seed()))
@@ -178,12 +184,13 @@ class PagedEngine(EmbeddedEngine):
             self.stats["decode_seconds"] += time.perf_counter() - start
 
     def _prefill(self, chunks: list[tuple[Request, int]]) -> None:
-        ids, pos, slots = [], [], []
-        for r, n in chunks:
+        ids, pos, slots, bs = [], [], [], self.block_size
+        for r, n in chunks:  # array arithmetic per request: a GPU pass holds tens of thousands of tokens
             ids += self.scheduler.tokens(r)[r.num_cached : r.num_cached + n]
-            for p in range(r.num_cached, r.num_cached + n):
-                pos.append(p)
-                slots.append(self.scheduler.slot(r, p))
+            p = np.arange(r.num_cached, r.num_cached + n)
+            pos.append(p)
+            slots.append(np.asarray(r.blocks)[p // bs] * bs + p % bs)
+        pos, slots = np.concatenate(pos), np.concatenate(slots)
         self._zero_fresh()
         tables = [r.blocks for r, _ in chunks]
         self.runner.prefill(ids, pos, slots, tables, [r.num_cached for r, _ in chunks], [n for _, n in chunks])

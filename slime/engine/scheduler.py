@@ -3,8 +3,8 @@ KV cache is full.
 
 It owns the block bookkeeping of every running sequence (its block table `Request.blocks` and how many of its tokens
 are cached, `Request.num_cached`) on top of the `BlockPool`, and decides
-- prefill: sequences still holding uncached tokens get up to `max_prefill_tokens` of them per pass (chunked
-  prefill); a newly admitted request first takes the published blocks of its prompt's prefix
+- prefill: sequences still holding uncached tokens get up to `chunk` of them per pass (chunked prefill), up to
+  `max_prefill_tokens` in all; a newly admitted request first takes the published blocks of its prompt's prefix
   (`BlockPool.share_prefix`), so the n samples of one prompt compute it once and a multi-turn agent's history is
   not computed again (a finished request's blocks stay cached until the space is needed), and a request whose next
   block is being computed in this same pass by another request waits one pass to share it;
@@ -28,12 +28,19 @@ logger = logging.getLogger(__name__)
 
 class PagedScheduler:
     def __init__(
-        self, block_size: int, max_running_requests: int, max_prefill_tokens: int, stats: dict, cache: bool = True
+        self,
+        block_size: int,
+        max_running_requests: int,
+        max_prefill_tokens: int,
+        stats: dict,
+        cache: bool = True,
+        chunk: int | None = None,
     ):
         self.block_size = block_size
         self.cache = cache  # False: nothing is published, so nothing is shared (--disable-radix-cache)
         self.max_running_requests = max_running_requests
-        self.max_prefill_tokens = max_prefill_tokens
+        self.max_prefill_tokens = max_prefill_tokens  # per pass, all sequences together
+        self.chunk = chunk or max_prefill_tokens  # per sequence and pass
         self.stats = stats  # the engine's counters: preemptions, prefix_shared_tokens
         self.pool: BlockPool | None = None
         self.fresh: list[int] = []  # blocks handed out and not yet zeroed (the runner zeroes them before reading)
@@ -119,7 +126,7 @@ class PagedScheduler:
         decoding = sum(1 for r in rows if self.uncached(r) == 0)
         preempted: set[int] = set()
         for r in list(rows):
-            n = min(self.uncached(r), budget)
+            n = min(self.uncached(r), budget, self.chunk)
             if n <= 0 or id(r) in preempted:
                 continue
             while True:
@@ -154,7 +161,7 @@ class PagedScheduler:
             if key is not None and key in pending:  # computed in this pass by another request: share it next pass
                 self.free(r)
                 continue
-            n = min(target - r.num_cached, budget)
+            n = min(target - r.num_cached, budget, self.chunk)
             need = math.ceil((r.num_cached + n + 1) / self.block_size) - len(r.blocks)
             if self.pool.free < need + decoding:  # leave each decoding row room for its next block
                 self.free(r)

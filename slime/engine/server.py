@@ -566,10 +566,12 @@ def main(argv: list[str] | None = None) -> None:
         _exit_with_parent(args.parent_pid)
     from slime.hub.provision import resolve_checkpoint
 
+    chunk = args.chunked_prefill_size or (4096 if args.device == "cpu" else 8192)
     common = dict(
         dtype=args.dtype,
         max_running_requests=args.max_running_requests,
-        max_prefill_tokens=args.max_prefill_tokens or (4096 if args.device == "cpu" else 8192),
+        max_prefill_tokens=args.max_prefill_tokens or (chunk if args.device == "cpu" else 4 * chunk),
+        chunked_prefill_size=chunk,
         seed=args.seed,
         num_threads=args.num_threads or None,
         device=args.device,

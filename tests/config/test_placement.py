@@ -19,6 +19,7 @@ def test_cpu_cluster_keeps_engines_on_cpu():
     assert (args.rollout_device, args.rollout_num_engines, args.update_weight_mode) == ("cpu", 2, "tensor")
     assert args.rollout_engine_dtype == "float32" and not args.offload_rollout
     assert args.sglang_max_running_requests == 256 and args.sglang_chunked_prefill_size == 4096
+    assert args.sglang_max_prefill_tokens == 4096
 
 
 def test_colocate_shares_every_training_gpu_and_implies_both_offloads():
@@ -28,6 +29,7 @@ def test_colocate_shares_every_training_gpu_and_implies_both_offloads():
     assert (args.rollout_device, args.rollout_num_engines, args.engines_share_trainer_gpus) == ("cuda", 4, True)
     assert args.update_weight_mode == "tensor" and args.rollout_engine_dtype == "bfloat16"
     assert args.sglang_mem_fraction_static == 0.6 and args.sglang_max_running_requests == 512
+    assert (args.sglang_chunked_prefill_size, args.sglang_max_prefill_tokens) == (8192, 32768)
 
 
 def test_colocate_accepts_the_training_gpu_count_as_rollout_num_gpus():

@@ -508,7 +508,7 @@ def test_server_takes_sglang_launch_server_spelling():
 
     flags = "--model-path m --host 0.0.0.0 --port 13141 --tp 1 --chunked-prefill-size 4096 --mem-fraction-static 0.6"
     args = parse_args(flags.split())
-    assert (args.max_prefill_tokens, args.tp_size, args.mem_fraction_static) == (4096, 1, 0.6)
+    assert (args.chunked_prefill_size, args.tp_size, args.mem_fraction_static) == (4096, 1, 0.6)
     with pytest.raises(SystemExit):
         parse_args(flags.replace("--tp 1", "--tp 2").split())
 

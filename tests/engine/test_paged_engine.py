@@ -179,7 +179,8 @@ def _generate_greedy(path: str, prompts: list[list[int]], new: int) -> list[list
     "backend,kw",
     [
         ("paged", {}),
-        ("paged", {"kv_cache_tokens": 160, "max_prefill_tokens": 24}),  # preemption and chunked prefill
+        # preemption and chunked prefill: passes of <= 24 tokens, each request's share <= 8
+        ("paged", {"kv_cache_tokens": 160, "max_prefill_tokens": 24, "chunked_prefill_size": 8}),
         ("paged", {"decode_steps": 4}),  # continuous steps (the GPU default, here through the torch path)
         ("paged", {"decode_steps": 4, "kv_cache_tokens": 160, "max_prefill_tokens": 24}),
         ("padded", {}),
@@ -194,8 +195,15 @@ def test_greedy_equals_transformers_generate(tiny_model_path, greedy_reference, 
     kw = dict(kw, block_size=4) if backend == "paged" else kw
     engine = cls(tiny_model_path, **kw)
     continued = _count_calls(engine.runner, "launch_next") if "decode_steps" in kw else None
+    passes = []  # each prefill pass's tokens per request
+    if "chunked_prefill_size" in kw:
+        prefill = engine.runner.prefill
+        engine.runner.prefill = lambda *a: (passes.append(list(a[-1])), prefill(*a))
     try:
         out = _run(engine, prompts, SamplingParams(max_new_tokens=20, temperature=0.0, ignore_eos=True))
+        if passes:
+            assert max(max(p) for p in passes) <= 8 and max(sum(p) for p in passes) <= 24
+            assert max(sum(p) for p in passes) > 8  # several requests' chunks share a pass
         if continued is not None:
             assert continued[0] > 0  # steps really followed steps without the host reading the tokens between
         for i, r in enumerate(out):

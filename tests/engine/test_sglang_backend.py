@@ -26,7 +26,8 @@ def test_the_launch_line_has_sglang_spellings_and_only_options_sglang_has():
             "tp_size": 2,
             "dtype": "bfloat16",
             "max_running_requests": 128,
-            "max_prefill_tokens": 0,  # "choose for me": SGLang chooses
+            "chunked_prefill_size": 0,  # "choose for me": SGLang chooses
+            "max_prefill_tokens": 0,
             "kv_cache_tokens": 4096,
             "mem_fraction_static": 0.6,
             "num_threads": 4,  # the embedded engine's own
