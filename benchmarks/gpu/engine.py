@@ -62,7 +62,9 @@ def workload(n: int, vocab: int, seed: int = 0) -> list[list[int]]:
 
 def kernel_check() -> dict:
     """The decode kernel against float64 attention, per (dtype, heads, kv heads, head dim, batch, longest context):
-    batches small enough to split the context across programs (2 to 16 splits) and one large enough not to."""
+    batches small enough to split the context across programs (2 to 16 splits) and one large enough not to. Each case
+    also with the new token's key and value passed to the kernel (the engine's step), their cache slots cleared
+    first: the kernel must write them back exactly and attend to them."""
     from slime.engine.triton_decode import paged_decode, splits_for
 
     out = {}
@@ -86,7 +88,12 @@ def kernel_check() -> dict:
         perm = torch.randperm(blocks - 1, generator=g, device="cuda") + 1
         tables = perm[: batch * per_seq].view(batch, per_seq).int()
         got = paged_decode(q, k, v, tables, lens, dim**-0.5, bs)
-        worst = 0.0
+        pos = (lens - 1).long()
+        last = tables.long().gather(1, (pos // bs)[:, None])[:, 0] * bs + pos % bs
+        k_new, v_new, k_all, v_all = k[last].clone(), v[last].clone(), k.clone(), v.clone()
+        k[last], v[last] = 0, 0
+        got_write = paged_decode(q, k, v, tables, lens, dim**-0.5, bs, k_new, v_new)
+        worst = [0.0, 0.0]
         for i in range(batch):
             n = int(lens[i])
             slots = tables[i].long()[torch.arange(n, device="cuda") // bs] * bs + torch.arange(n, device="cuda") % bs
@@ -94,9 +101,13 @@ def kernel_check() -> dict:
             vv = v[slots].double().repeat_interleave(heads // kv_heads, 1)
             p = torch.softmax(torch.einsum("hd,nhd->hn", q[i].double(), kk) * dim**-0.5, -1)
             ref = torch.einsum("hn,nhd->hd", p, vv)
-            worst = max(worst, float((got[i].double() - ref).abs().max()))
+            for j, result in enumerate((got, got_write)):
+                worst[j] = max(worst[j], float((result[i].double() - ref).abs().max()))
         splits = splits_for(batch, kv_heads, 0)
-        out[f"{str(dtype)[6:]}_h{heads}_kv{kv_heads}_d{dim}_b{batch}_ctx{longest}_splits{splits}_max_abs_err"] = worst
+        key = f"{str(dtype)[6:]}_h{heads}_kv{kv_heads}_d{dim}_b{batch}_ctx{longest}_splits{splits}"
+        out[f"{key}_max_abs_err"] = worst[0]
+        written = torch.equal(k, k_all) and torch.equal(v, v_all)
+        out[f"{key}_with_write_max_abs_err"] = worst[1] if written else "the new keys/values were not written exactly"
     return out
 
 

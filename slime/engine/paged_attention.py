@@ -104,15 +104,17 @@ def paged_attention(
     b, heads, s, dim = query.shape
     layer = module.layer_idx
     kc, vc = paged.k_cache[layer], paged.v_cache[layer]
-    kc.index_copy_(0, paged.slot_mapping, key.transpose(1, 2).reshape(b * s, -1, dim).to(kc.dtype))
-    vc.index_copy_(0, paged.slot_mapping, value.transpose(1, 2).reshape(b * s, -1, dim).to(vc.dtype))
+    key = key.transpose(1, 2).reshape(b * s, -1, dim).to(kc.dtype)  # [T, Hkv, D]
+    value = value.transpose(1, 2).reshape(b * s, -1, dim).to(vc.dtype)
     q = query.transpose(1, 2).reshape(b * s, heads, dim)  # [T, H, D]
-    if paged.block_tables is not None:
-        if q.is_cuda:
-            from slime.engine.triton_decode import paged_decode
+    if paged.block_tables is not None and q.is_cuda:  # the kernel writes the new keys and values itself
+        from slime.engine.triton_decode import paged_decode
 
-            out = paged_decode(q, kc, vc, paged.block_tables, paged.seq_lens, scaling, paged.block_size)
-            return out.view(b, s, heads, dim), None
+        out = paged_decode(q, kc, vc, paged.block_tables, paged.seq_lens, scaling, paged.block_size, key, value)
+        return out.view(b, s, heads, dim), None
+    kc.index_copy_(0, paged.slot_mapping, key)
+    vc.index_copy_(0, paged.slot_mapping, value)
+    if paged.block_tables is not None:
         paged = _as_gather(paged)  # the same decode step off CUDA: through the torch path
     n, width = paged.kv_blocks.shape
     decode = paged.q_index.shape[1] == 1 and n == b * s  # one query per sequence, in order: no gather needed

@@ -6,6 +6,10 @@ sum), so keys and values are read once. A large batch fills the GPU with one pro
 one (the tail of a rollout: a few long samples still decoding) would leave most of it idle, so the context is split
 across up to MAX_SPLITS programs, each writing a partial result and its log-sum-exp, and a second kernel combines
 them. Sequence lengths are read on the device, so a CUDA graph captured once serves every step.
+
+The step's new keys and values can be written into the cache by the kernel itself (`k_new`, `v_new`): the program
+whose share of the context holds the new position stores them before it reads, so a decode step's attention is one
+launch per layer instead of three.
 """
 
 from __future__ import annotations
@@ -42,6 +46,12 @@ def _decode_kernel(
     Lse,
     stride_lt,
     stride_lh,
+    K_new,
+    V_new,
+    stride_knt,
+    stride_knh,
+    stride_vnt,
+    stride_vnh,
     BLOCK_SIZE: tl.constexpr,
     GROUP: tl.constexpr,
     GROUP_PAD: tl.constexpr,
@@ -49,6 +59,7 @@ def _decode_kernel(
     BLOCK_N: tl.constexpr,
     IEEE: tl.constexpr,
     SPLITS: tl.constexpr,
+    WRITE: tl.constexpr,
 ):
     seq = tl.program_id(0)
     kv_head = tl.program_id(1)
@@ -59,6 +70,16 @@ def _decode_kernel(
     hi = tl.minimum(length, lo + share)
     g = tl.arange(0, GROUP_PAD)
     d = tl.arange(0, D)
+    if WRITE:  # the new token's key and value, stored by the one program that reads that position
+        last = length - 1
+        if (last >= lo) & (last < hi):
+            page = tl.load(block_tables + seq * stride_bt + last // BLOCK_SIZE).to(tl.int64)
+            slot = page * BLOCK_SIZE + last % BLOCK_SIZE
+            kn = tl.load(K_new + seq * stride_knt + kv_head * stride_knh + d)
+            vn = tl.load(V_new + seq * stride_vnt + kv_head * stride_vnh + d)
+            tl.store(K + slot * stride_ks + kv_head * stride_kh + d, kn.to(K.dtype.element_ty))
+            tl.store(V + slot * stride_vs + kv_head * stride_vh + d, vn.to(V.dtype.element_ty))
+        tl.debug_barrier()  # the stores are visible to the program's own threads before they read the block
     n = tl.arange(0, BLOCK_N)
     heads = kv_head * GROUP + g
     g_ok = g < GROUP
@@ -150,10 +171,19 @@ def paged_decode(
     seq_lens: torch.Tensor,
     scale: float,
     block_size: int,
+    k_new: torch.Tensor | None = None,
+    v_new: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """q [B, H, D] (one new token per sequence); k_cache/v_cache [num_slots, Hkv, D]; block_tables [B, max_blocks]
-    int32; seq_lens [B] int32 (cached tokens, the new one included). Returns [B, H, D] in q's dtype."""
+    int32; seq_lens [B] int32 (cached tokens, the new one included). k_new/v_new [B, Hkv, D] (last dim contiguous):
+    the new token's key and value, written to the cache at position seq_lens - 1 first (None: already there).
+    Returns [B, H, D] in q's dtype."""
     batch, heads, dim = q.shape
+    write = k_new is not None
+    if write:
+        assert k_new.stride(-1) == 1 and v_new.stride(-1) == 1, "k_new / v_new: the head dim must be contiguous"
+    else:
+        k_new, v_new = k_cache, v_cache  # unread
     kv_heads = k_cache.shape[1]
     group = heads // kv_heads
     out = torch.empty_like(q)
@@ -184,12 +214,19 @@ def paged_decode(
         lse,
         strides[2],
         strides[3],
+        k_new,
+        v_new,
+        k_new.stride(0),
+        k_new.stride(1),
+        v_new.stride(0),
+        v_new.stride(1),
         BLOCK_SIZE=block_size,
         GROUP=group,
         GROUP_PAD=max(16, triton.next_power_of_2(group)),
         D=dim,
         IEEE=q.dtype == torch.float32,
         SPLITS=splits,
+        WRITE=write,
         **CONFIG,
     )
     if splits > 1:

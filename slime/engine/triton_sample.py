@@ -19,6 +19,16 @@ BLOCK_V = 2048
 
 
 @triton.jit
+def _uniform(seed, first, BLOCK: tl.constexpr):
+    """BLOCK uniforms in [0, 1) from BLOCK / 4 Philox calls (each gives four): entry e of the block comes from call
+    first + e // 4, output e % 4, so a row's noise does not depend on how its vocabulary is cut into blocks. u == 0
+    gives a score of -inf, never drawn."""
+    r0, r1, r2, r3 = tl.randint4x(seed, first + tl.arange(0, BLOCK // 4))
+    bits = tl.reshape(tl.join(tl.join(r0, r1), tl.join(r2, r3)), [BLOCK])
+    return tl.random.uint_to_uniform_float(bits)
+
+
+@triton.jit
 def _sample_kernel(
     logits_ptr,
     stride,
@@ -46,7 +56,7 @@ def _sample_kernel(
         new_m = tl.maximum(m, tl.max(x, 0))
         s = s * tl.exp(m - new_m) + tl.sum(tl.where(inside, tl.exp(x - new_m), 0.0), 0)
         m = new_m
-        u = tl.rand(seed, row * vocab + offs)  # [0, 1); u == 0 gives a score of -inf, never drawn
+        u = _uniform(seed, row * tl.cdiv(vocab, 4) + start // 4, BLOCK)  # rows use disjoint Philox calls
         score = tl.where(greedy, x, x - tl.log(-tl.log(u)))
         score = tl.where(inside, score, float("-inf"))
         top = tl.max(score, 0)
