@@ -18,6 +18,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from transformers import AttentionInterface
 
 ATTN_NAME = "slime_paged"
@@ -126,9 +127,24 @@ def paged_attention(
     row = paged.block_size * kc[0].numel()
     k = torch.index_select(kc.view(-1, row), 0, blocks, out=kout).view(shape).transpose(1, 2)
     v = torch.index_select(vc.view(-1, row), 0, blocks, out=vout).view(shape).transpose(1, 2)
-    out = F.scaled_dot_product_attention(qp, k, v, attn_mask=paged.mask, scale=scaling, enable_gqa=True)
+    if qp.is_cuda:
+        out = _masked_attention_cuda(qp, k, v, paged.mask, scaling)
+    else:
+        out = F.scaled_dot_product_attention(qp, k, v, attn_mask=paged.mask, scale=scaling, enable_gqa=True)
     out = out[:, :, 0] if decode else out.transpose(1, 2).flatten(0, 1)[paged.q_flat]  # [T, H, D]
     return out.view(b, s, heads, dim), None
+
+
+def _masked_attention_cuda(q, k, v, mask, scale) -> torch.Tensor:
+    """SDPA with a boolean mask on CUDA through the memory-efficient kernel. Left to choose, SDPA takes cuDNN on
+    recent GPUs, which builds a plan for every new shape (tens of milliseconds, and nearly every prefill pass brings
+    a new (sequences, queries, keys) shape); the memory-efficient kernel takes masks but not grouped key-value heads,
+    so those are repeated (the math fallback would hold a [sequences, heads, queries, keys] float32 score tensor)."""
+    group = q.shape[1] // k.shape[1]
+    if group > 1:
+        k, v = k.repeat_interleave(group, 1), v.repeat_interleave(group, 1)
+    with sdpa_kernel([SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]):
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
 
 
 def _as_gather(paged: PagedForward) -> PagedForward:
