@@ -146,17 +146,27 @@ class EmbeddedEngine:
     def submit(
         self, input_ids: list[int], params: SamplingParams, on_done: Callable, rid: str | None = None
     ) -> Request:
-        self.check_request(input_ids, params)
-        req = Request(rid or f"req-{next(self._rid_counter)}", list(input_ids), params, on_done)
-        req.weight_version = self.weight_version
-        if params.sampling_seed is not None:
-            req.generator = torch.Generator().manual_seed(int(params.sampling_seed))
+        return self.submit_many([(input_ids, params, on_done, rid)])[0]
+
+    def submit_many(self, items: list[tuple[list[int], SamplingParams, Callable, str | None]]) -> list[Request]:
+        """Queue (input_ids, params, on_done, rid) requests together, so one prefill pass can admit them all (queued
+        one by one, the engine thread wakes at the first and prefills it alone). All are checked before any is
+        queued: a ValueError names the first this engine cannot serve."""
+        for input_ids, params, _, _ in items:
+            self.check_request(input_ids, params)
+        reqs = []
+        for input_ids, params, on_done, rid in items:
+            req = Request(rid or f"req-{next(self._rid_counter)}", list(input_ids), params, on_done)
+            req.weight_version = self.weight_version
+            if params.sampling_seed is not None:
+                req.generator = torch.Generator().manual_seed(int(params.sampling_seed))
+            reqs.append(req)
         with self._cv:
             if self._stopped:
                 raise RuntimeError("engine is shut down")
-            self._waiting.append(req)
+            self._waiting.extend(reqs)
             self._cv.notify_all()
-        return req
+        return reqs
 
     def check_request(self, input_ids: list[int], params: SamplingParams) -> None:
         """Raise ValueError naming what this engine cannot serve (an empty or over-long prompt, a token id outside

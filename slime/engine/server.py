@@ -128,7 +128,7 @@ async def generate(request: web.Request) -> web.Response:
         )
     except ValueError as exc:
         return web.json_response({"error": {"message": str(exc)}}, status=400)
-    futures, reqs = [], []
+    futures, reqs, items = [], [], []
     try:
         for prompt, p, rid in zip(ids, params, rids, strict=True):
             fut = loop.create_future()
@@ -136,7 +136,8 @@ async def generate(request: web.Request) -> web.Response:
             if p.max_new_tokens == 0:  # nothing to generate: answered at once (prompt scoring)
                 fut.set_result(None)
             else:
-                reqs.append(engine.submit(prompt, p, _resolver(loop, fut), rid=rid))
+                items.append((prompt, p, _resolver(loop, fut), rid))
+        reqs = engine.submit_many(items)  # a batch is admitted together
         done: list[Request | None] = await asyncio.gather(*futures)
     except asyncio.CancelledError:  # client went away: free the engine
         for r in reqs:

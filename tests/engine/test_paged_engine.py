@@ -668,3 +668,29 @@ def test_auto_backend_falls_back_to_padded(smollm2_path, tmp_path, model_type, o
         _greedy_matches_generate(engine, path)
     finally:
         engine.shutdown()
+
+
+def test_requests_queued_together_share_one_prefill_pass(tiny_model_path):
+    """submit_many (a batch /generate) queues its requests at once: the first prefill pass admits all of them (queued
+    one by one, the engine thread could wake at the first and prefill it alone)."""
+    from slime.engine.paged import PagedEngine
+
+    engine = PagedEngine(tiny_model_path, block_size=4, max_running_requests=16, max_prefill_tokens=4096)
+    passes = _count_calls(engine.runner, "prefill")
+    done, out = threading.Event(), []
+
+    def finished(r) -> None:
+        out.append(r)
+        if len(out) == 12:
+            done.set()
+
+    try:
+        params = SamplingParams(max_new_tokens=3, ignore_eos=True)
+        engine.submit_many([([7 + i, 8, 9, 10 + i], params, finished, str(i)) for i in range(12)])
+        assert done.wait(120)
+        assert passes[0] == 1 and all(len(r.output_ids) == 3 for r in out)
+        with pytest.raises(ValueError):  # one bad request: none of the batch is queued
+            engine.submit_many([([7, 8], params, finished, "ok"), ([], params, finished, "empty")])
+        assert engine.loads() == {"num_running_reqs": 0, "num_waiting_reqs": 0}
+    finally:
+        engine.shutdown()
