@@ -694,3 +694,17 @@ def test_requests_queued_together_share_one_prefill_pass(tiny_model_path):
         assert engine.loads() == {"num_running_reqs": 0, "num_waiting_reqs": 0}
     finally:
         engine.shutdown()
+
+
+def test_masked_attention_for_cuda_repeats_grouped_heads_correctly():
+    """The CUDA prefill attention (memory-efficient kernel, which takes no grouped key-value heads) repeats each
+    key-value head for its group of query heads: the same result as grouped-query SDPA, here through the math
+    kernel on CPU."""
+    from slime.engine.paged_attention import _masked_attention_cuda
+
+    torch.manual_seed(0)
+    q, k, v = torch.randn(3, 8, 5, 16), torch.randn(3, 2, 12, 16), torch.randn(3, 2, 12, 16)
+    mask = torch.rand(3, 1, 5, 12) > 0.3
+    mask[..., 0] = True
+    want = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=0.25, enable_gqa=True)
+    torch.testing.assert_close(_masked_attention_cuda(q, k, v, mask, 0.25), want, rtol=1e-5, atol=1e-5)
