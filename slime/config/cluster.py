@@ -13,7 +13,7 @@ import os
 from typing import Any
 
 from slime.config.checks import require_at_least_one
-from slime.engine.options import ENGINE_OPTIONS, add_train_arguments
+from slime.engine.options import ENGINE_OPTIONS, add_train_arguments, prefill_sizes
 
 
 class PlacementError(ValueError):
@@ -246,9 +246,9 @@ def settle_engine_options(args: Any) -> None:
         args.sglang_max_running_requests = 512 if on_gpu else 256
     if args.sglang_mem_fraction_static is None:
         args.sglang_mem_fraction_static = 0.6 if args.colocate else 0.35 if args.engines_share_trainer_gpus else 0.85
-    args.sglang_chunked_prefill_size = args.sglang_chunked_prefill_size or (8192 if on_gpu else 4096)
-    if args.sglang_max_prefill_tokens is None:  # on GPU a pass of 8k short prompts is bound by the host's launches
-        args.sglang_max_prefill_tokens = args.sglang_chunked_prefill_size * (4 if on_gpu else 1)
+    args.sglang_chunked_prefill_size, args.sglang_max_prefill_tokens = prefill_sizes(
+        on_gpu, args.sglang_chunked_prefill_size, args.sglang_max_prefill_tokens
+    )
     for option in ENGINE_OPTIONS:  # the rest: the server's own default, from the one table
         if option.train_flag and getattr(args, option.train_dest) is None:
             setattr(args, option.train_dest, option.default)

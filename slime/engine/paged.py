@@ -184,12 +184,11 @@ class PagedEngine(EmbeddedEngine):
             self.stats["decode_seconds"] += time.perf_counter() - start
 
     def _prefill(self, chunks: list[tuple[Request, int]]) -> None:
-        ids, pos, slots, bs = [], [], [], self.block_size
-        for r, n in chunks:  # array arithmetic per request: a GPU pass holds tens of thousands of tokens
+        ids, pos, slots = [], [], []
+        for r, n in chunks:
             ids += self.scheduler.tokens(r)[r.num_cached : r.num_cached + n]
-            p = np.arange(r.num_cached, r.num_cached + n)
-            pos.append(p)
-            slots.append(np.asarray(r.blocks)[p // bs] * bs + p % bs)
+            pos.append(np.arange(r.num_cached, r.num_cached + n))
+            slots.append(self.scheduler.slots(r, pos[-1]))
         pos, slots = np.concatenate(pos), np.concatenate(slots)
         self._zero_fresh()
         tables = [r.blocks for r, _ in chunks]

@@ -20,6 +20,8 @@ import logging
 import math
 from collections.abc import Callable
 
+import numpy as np
+
 from slime.engine.embedded import Request
 from slime.engine.kv_cache import BlockPool, CacheFull
 
@@ -74,6 +76,10 @@ class PagedScheduler:
     def slot(self, r: Request, pos: int) -> int:
         """The cache slot of r's token at position `pos`."""
         return r.blocks[pos // self.block_size] * self.block_size + pos % self.block_size
+
+    def slots(self, r: Request, positions: np.ndarray) -> np.ndarray:
+        """`slot` for an array of positions (a prefill pass holds tens of thousands of tokens)."""
+        return np.asarray(r.blocks)[positions // self.block_size] * self.block_size + positions % self.block_size
 
     def grow(self, r: Request, upto: int) -> None:
         """Give r blocks for positions < upto; raises CacheFull (keeping what it got)."""

@@ -23,7 +23,7 @@ from aiohttp import web
 from safetensors import SafetensorError
 
 from slime.engine.embedded import EmbeddedEngine, Request
-from slime.engine.options import add_server_arguments
+from slime.engine.options import add_server_arguments, prefill_sizes
 from slime.engine.sampling import SamplingParams, SamplingParamsError
 from slime.sync.buckets import dtype_from_name
 from slime.sync.transport import broadcast, deserialize_named_tensors, join_store, new_weight_group
@@ -567,11 +567,11 @@ def main(argv: list[str] | None = None) -> None:
         _exit_with_parent(args.parent_pid)
     from slime.hub.provision import resolve_checkpoint
 
-    chunk = args.chunked_prefill_size or (4096 if args.device == "cpu" else 8192)
+    chunk, per_pass = prefill_sizes(args.device != "cpu", args.chunked_prefill_size, args.max_prefill_tokens)
     common = dict(
         dtype=args.dtype,
         max_running_requests=args.max_running_requests,
-        max_prefill_tokens=args.max_prefill_tokens or (chunk if args.device == "cpu" else 4 * chunk),
+        max_prefill_tokens=per_pass,
         chunked_prefill_size=chunk,
         seed=args.seed,
         num_threads=args.num_threads or None,
