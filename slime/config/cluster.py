@@ -66,7 +66,14 @@ def add_cluster_arguments(p: argparse.ArgumentParser) -> None:
         "$SLIME_SGLANG_PYTHON); both take --rollout-num-gpus-per-engine GPUs per engine as tensor parallelism "
         "(docs/backends.md)",
     )
-    g.add_argument("--sglang-server-concurrency", type=int, default=512, help="in-flight requests per engine, at most")
+    g.add_argument(
+        "--sglang-server-concurrency",
+        type=int,
+        default=None,
+        help="in-flight requests per engine, at most (default: twice the engine's running rows, "
+        "--sglang-max-running-requests, so a row that frees is refilled from the engine's queue at once instead of "
+        "after a round trip through the rollout)",
+    )
     g.add_argument("--router-policy", default="cache_aware", help="sglang-router policy (cache_aware, round_robin, …)")
     g.add_argument(
         "--sglang-router-ip",
@@ -244,6 +251,8 @@ def settle_engine_options(args: Any) -> None:
         args.sglang_disable_radix_cache = True
     elif args.sglang_max_running_requests is None:
         args.sglang_max_running_requests = 512 if on_gpu else 256
+    if args.sglang_server_concurrency is None:
+        args.sglang_server_concurrency = 2 * args.sglang_max_running_requests
     if args.sglang_mem_fraction_static is None:
         args.sglang_mem_fraction_static = 0.6 if args.colocate else 0.35 if args.engines_share_trainer_gpus else 0.85
     args.sglang_chunked_prefill_size, args.sglang_max_prefill_tokens = prefill_sizes(

@@ -298,12 +298,16 @@ class EngineFleet:
             self.pg = None
 
 
-# /server_info internal_states of the embedded engine that tell what a rollout cost it (sums over engines)
+# /server_info internal_states of the embedded engine that tell what a rollout cost it (sums over engines); the
+# seconds against the rollout's own tell engine time from time spent around it (HTTP, grading, waiting)
 COUNTERS = (
     "generated_tokens",
     "prefill_tokens",
+    "prefill_passes",
+    "prefill_seconds",
     "prefix_shared_tokens",
     "decode_steps",
+    "decode_seconds",
     "preemptions",
     "graph_captures",
 )

@@ -71,6 +71,7 @@ class PagedEngine(EmbeddedEngine):
         # seconds spent in prefill passes and in decode steps (with their host bookkeeping)
         self.stats.update(
             prefill_tokens=0,
+            prefill_passes=0,
             prefill_seconds=0.0,
             decode_steps=0,
             decode_seconds=0.0,
@@ -176,6 +177,7 @@ class PagedEngine(EmbeddedEngine):
             start = time.perf_counter()
             self._prefill(chunks)
             self.stats["prefill_tokens"] += sum(n for _, n in chunks)
+            self.stats["prefill_passes"] += 1
             self.stats["prefill_seconds"] += time.perf_counter() - start
         rows = [r for r in self._rows if self.scheduler.uncached(r) == 0]
         if rows:

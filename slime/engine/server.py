@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import logging
 import os
 import pickle
@@ -27,6 +26,7 @@ from slime.engine.options import add_server_arguments, prefill_sizes
 from slime.engine.sampling import SamplingParams, SamplingParamsError
 from slime.sync.buckets import dtype_from_name
 from slime.sync.transport import broadcast, deserialize_named_tensors, join_store, new_weight_group
+from slime.utils import http_utils
 
 logger = logging.getLogger(__name__)
 ENGINE = web.AppKey("engine", EmbeddedEngine)
@@ -84,7 +84,7 @@ async def generate(request: web.Request) -> web.Response:
     engine = request.app[ENGINE]
     limit = request.app[ARGS].max_request_mb << 20
     try:
-        body = json.loads(await _read_at_most(request, limit))
+        body = http_utils.loads(await _read_at_most(request, limit))
         if not isinstance(body, dict):
             raise BadRequest("request body must be a JSON object")
         if body.get("stream"):
@@ -156,7 +156,7 @@ async def generate(request: web.Request) -> web.Response:
             texts = [engine.tokenizer.decode([t]) if want_text else None for t in scored]
             res["meta_info"]["input_token_logprobs"] = [list(x) for x in zip(lps, scored, texts, strict=True)]
         out.append(res)
-    return web.json_response(out if is_batch else out[0])
+    return web.Response(body=http_utils.dumps_answer(out if is_batch else out[0]), content_type="application/json")
 
 
 def _scored(engine: EmbeddedEngine, prompt: list[int]) -> dict:
