@@ -1,6 +1,7 @@
 """Rollouts in the loop against the engine alone, on one GPU, at the same concurrency (issue 23, item 1).
 
 Usage (repo root, on the GPU machine): python benchmarks/gpu/loop.py TOKENIZER_DIR OUT_DIR [MODEL_DIR]
+    [--only 512x384] (one workload) [--rollouts N] (in-loop rollouts, default 2; the figure is the last one's)
 MODEL_DIR: real weights (e.g. SmolLM2-135M-Instruct converted by slime.hub.provision); default a random-weight model
 of the SmolLM2 shape. Writes OUT_DIR/loop_benchmark.json after every measurement.
 
@@ -33,13 +34,13 @@ WORKLOADS = [(64, 8, 384), (128, 8, 1024)]  # 512 x 384 and 1,024 x 1,024
 RATIO = 0.8
 
 
-def flags(path: str, run_dir: str, prompts: int, samples: int, new: int) -> list[str]:
+def flags(path: str, run_dir: str, prompts: int, samples: int, new: int, rollouts: int = 2) -> list[str]:
     return [
         "--hf-checkpoint", path, "--prompt-data", "builtin:arithmetic:train:2048:0", "--input-key", "prompt",
         "--label-key", "label", "--apply-chat-template", "--rm-type", "math", "--rollout-batch-size", str(prompts),
         "--n-samples-per-prompt", str(samples), "--rollout-max-response-len", str(new), "--rollout-temperature",
-        "1.0", "--num-rollout", "2", "--global-batch-size", str(prompts * samples), "--use-dynamic-batch-size",
-        "--lr", "1e-6", "--output-dir", run_dir,
+        "1.0", "--num-rollout", str(rollouts), "--global-batch-size", str(prompts * samples),
+        "--use-dynamic-batch-size", "--lr", "1e-6", "--output-dir", run_dir,
     ]  # fmt: skip
 
 
@@ -99,7 +100,8 @@ def in_loop(args) -> dict:
         "rollout/tokens", "rollout/tokens_per_s", "rollout/response_len_mean", "rollout/group_seconds_mean",
         "rollout/group_seconds_last", "rollout/group_seconds_last_over_mean", "perf/rollout_seconds",
         "train/seconds", "train/tokens_per_s", "perf/token_budget", "sync/seconds", "perf/step_seconds",
-        "engine/generated_tokens", "engine/prefill_passes", "engine/prefill_seconds", "engine/decode_steps",
+        "engine/generated_tokens", "engine/prefill_tokens", "engine/prefix_shared_tokens", "engine/prefill_passes",
+        "engine/prefill_seconds", "engine/decode_steps",
         "engine/decode_seconds", "engine/preemptions", "engine/graph_captures",
     )  # fmt: skip
     return {"steps": [{k: s.get(k) for k in keep} for s in steps]}
@@ -113,15 +115,20 @@ def main() -> None:
     tokenizer_dir, out = sys.argv[1], sys.argv[2]
     os.makedirs(out, exist_ok=True)
     work = tempfile.mkdtemp(prefix="loop-bench-")
-    path = sys.argv[3] if len(sys.argv) > 3 else build_model("smollm2-135m", tokenizer_dir, os.path.join(work, "m"))
+    options = {a: sys.argv[i + 1] for i, a in enumerate(sys.argv) if a in ("--only", "--rollouts")}
+    positional = [a for i, a in enumerate(sys.argv) if a not in options and sys.argv[i - 1] not in options]
+    path = positional[3] if len(positional) > 3 else build_model("smollm2-135m", tokenizer_dir, os.path.join(work, "m"))
     tok = AutoTokenizer.from_pretrained(path)
     results: dict = {"device": torch.cuda.get_device_name(0), "date": time.strftime("%Y-%m-%d"), "model": path}
     checks = []
     runs = []
     for prompts, samples, new in WORKLOADS:
         key = f"{prompts * samples}x{new}"
+        if options.get("--only", key) != key:
+            continue
         args = parse_args(
-            flags(path, os.path.join(work, key), prompts, samples, new), cluster_gpus=torch.cuda.device_count()
+            flags(path, os.path.join(work, key), prompts, samples, new, int(options.get("--rollouts", 2))),
+            cluster_gpus=torch.cuda.device_count(),
         )
         rows = arithmetic_rows("train", prompts, 1)
         ids = [

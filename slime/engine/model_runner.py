@@ -375,9 +375,10 @@ class PagedModelRunner:
         """One decode step over the first b static rows: logits [b, V] (float32 from the torch sampler, the model's
         dtype from the fused one), sampled tokens [b], logprobs [b]."""
         pos, tables, bs = self._s_pos[:b], self._s_tables[:b], self.block_size
-        slots = tables.gather(1, (pos // bs)[:, None])[:, 0].long() * bs + pos % bs
+        kernel = self.on_cuda and self.triton  # it finds each row's cache slot itself
+        slots = None if kernel else tables.gather(1, (pos // bs)[:, None])[:, 0].long() * bs + pos % bs
         fwd = PagedForward(
-            self._k, self._v, slots, block_tables=tables, seq_lens=(pos + 1).int(), block_size=self.block_size
+            self._k, self._v, slots, block_tables=tables, seq_lens=(pos + 1).int(), block_size=bs, kernel=kernel
         )
         logits = self.model(
             input_ids=self._s_ids[:b, None], position_ids=self._s_pos[:b, None], use_cache=False, paged=fwd

@@ -41,7 +41,7 @@ class PagedForward:
     """Metadata of one forward over T new tokens of n sequences.
 
     k_cache, v_cache: per layer [num_slots, kv_heads, head_dim].
-    slot_mapping: [T] int64 cache slot of each new token.
+    slot_mapping: [T] int64 cache slot of each new token (None on the kernel path, which finds them itself).
     Torch path: q_index [n, max_q] int64 index of each sequence's queries into the T tokens (padding repeats a valid
     index), q_flat [T] int64 where each of the T tokens sits in the flattened [n * max_q] grid, kv_blocks
     [n, max_blocks] int64 each sequence's block table (padding: block 0), mask [n, 1, max_q, max_blocks * block_size]
@@ -49,13 +49,15 @@ class PagedForward:
     gathered keys and values (None: allocated per layer). Whole blocks are gathered (contiguous copies, as fast as a
     padded cache on CPU); the masked-out tail of a block must hold finite values, which is why the engine zeroes
     blocks when it hands them out.
-    Kernel path (decode, one query per sequence, so n == T): block_tables [n, max_blocks] int32, seq_lens [n] int32
-    (cached tokens including the new one), block_size.
+    Decode steps, one query per sequence (n == T): block_tables [n, max_blocks] int32, seq_lens [n] int32 (cached
+    tokens including the new one), block_size; with `kernel` (set by the model runner where the Triton decode kernel
+    serves the model: CUDA, a power-of-two head dim) the kernel writes the new keys and values and attends, else the
+    step goes through the torch path.
     """
 
     k_cache: list[torch.Tensor]
     v_cache: list[torch.Tensor]
-    slot_mapping: torch.Tensor
+    slot_mapping: torch.Tensor | None
     q_index: torch.Tensor | None = None
     q_flat: torch.Tensor | None = None
     kv_blocks: torch.Tensor | None = None
@@ -64,6 +66,7 @@ class PagedForward:
     block_tables: torch.Tensor | None = None
     seq_lens: torch.Tensor | None = None
     block_size: int = 16
+    kernel: bool = False
 
 
 def gather_plan(
@@ -108,7 +111,7 @@ def paged_attention(
     key = key.transpose(1, 2).reshape(b * s, -1, dim).to(kc.dtype)  # [T, Hkv, D]
     value = value.transpose(1, 2).reshape(b * s, -1, dim).to(vc.dtype)
     q = query.transpose(1, 2).reshape(b * s, heads, dim)  # [T, H, D]
-    if paged.block_tables is not None and q.is_cuda:  # the kernel writes the new keys and values itself
+    if paged.kernel:  # it writes the new keys and values itself
         from slime.engine.triton_decode import paged_decode
 
         out = paged_decode(q, kc, vc, paged.block_tables, paged.seq_lens, scaling, paged.block_size, key, value)
