@@ -120,6 +120,7 @@ def validate_cluster(args: Any, parser: argparse.ArgumentParser) -> None:
         "rollout_num_engines",
         "rollout_num_gpus",
         "sglang_max_running_requests",
+        "sglang_server_concurrency",
         "sglang_chunked_prefill_size",
         "sglang_max_prefill_tokens",
         "sglang_page_size",

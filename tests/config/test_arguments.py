@@ -6,6 +6,14 @@ from slime.config.arguments import parse_args
 BASE = ["--hf-checkpoint", "m", "--prompt-data", "d.jsonl", "--rm-type", "math"]
 
 
+def test_the_rollout_keeps_twice_the_engine_rows_in_flight_unless_told():
+    # a row that frees is refilled from the engine's queue, not after a round trip through the rollout
+    assert parse_args(BASE).sglang_server_concurrency == 2 * parse_args(BASE).sglang_max_running_requests
+    a = parse_args([*BASE, "--sglang-max-running-requests", "48"])
+    assert a.sglang_server_concurrency == 96
+    assert parse_args([*BASE, "--sglang-server-concurrency", "512"]).sglang_server_concurrency == 512
+
+
 def test_defaults_follow_slime():
     a = parse_args(BASE)
     assert a.input_key == "input" and a.metadata_key == "metadata" and a.rollout_seed == 42
@@ -33,6 +41,7 @@ def test_defaults_follow_slime():
         (["--rm-type", "boxed_f1"], "--rm-type: unknown rm_type 'boxed_f1'"),
         (["--rm-type", "maths"], "--rm-type: unknown rm_type 'maths'; built-in: ['dapo'"),
         (["--rm-timeout", "0"], "--rm-timeout must be positive"),
+        (["--sglang-server-concurrency", "0"], "--sglang-server-concurrency must be at least 1, got 0"),
         (["--async", "--colocate"], "--async overlaps generation with training, but --colocate"),
         (["--async", "--offload-train"], "take turns on the GPU: drop them"),
         (["--async", "--max-staleness", "0"], "--max-staleness 0: with --update-weights-interval 1 and --async"),

@@ -154,6 +154,9 @@ def test_train_debug_rollout_only_logs_metrics(tiny_model_path, tmp_path):
     for x in lines:  # the engine's own counters for each rollout: every token it generated is a response token
         assert x["engine/generated_tokens"] == x["rollout/tokens"] and x["engine/decode_steps"] > 0
         assert x["engine/prefill_tokens"] + x["engine/prefix_shared_tokens"] > 0
+        # the engine's seconds fit inside the rollout's: time around the engine is told from time in it
+        assert x["engine/prefill_passes"] >= 1 and x["engine/prefill_seconds"] > 0 and x["engine/decode_seconds"] > 0
+        assert x["engine/prefill_seconds"] + x["engine/decode_seconds"] < x["perf/rollout_seconds"]
     assert any((tmp_path / "run" / "tensorboard").iterdir())
 
 

@@ -72,3 +72,43 @@ def test_an_absent_server_is_a_connection_error_naming_the_url():
         url = f"http://127.0.0.1:{s.getsockname()[1]}/flush_cache"  # bound, not listening: refused
         with pytest.raises(ConnectionError, match="flush_cache"):
             request_sync("POST", url, {}, timeout=2)
+
+
+def test_the_async_client_reads_json_answers_once_and_text_as_text():
+    """post/get: a JSON answer is decoded (also one holding NaN, which orjson alone refuses), any other body comes
+    back as text, an empty one as None; a 4xx is an HTTPError carrying the server's words."""
+    from slime.utils.http_utils import HTTPError, close_sessions, dumps_answer, get, post
+
+    bodies = {
+        "/json": (200, dumps_answer({"meta_info": {"output_token_logprobs": [[-0.5, 7, None]]}})),
+        "/nan": (200, b'{"x": NaN}'),
+        "/text": (200, b"OK"),
+        "/empty": (200, b""),
+        "/bad": (400, b'{"error": {"message": "temperature must be >= 0"}}'),
+    }
+
+    async def answer(request: web.Request) -> web.Response:
+        status, body = bodies[request.path]
+        return web.Response(status=status, body=body)
+
+    async def main() -> list:
+        app = web.Application()
+        app.router.add_route("*", "/{tail:.*}", answer)
+        runner = web.AppRunner(app)
+        await runner.setup()
+        site = web.TCPSite(runner, "127.0.0.1", 0)
+        await site.start()
+        url = f"http://127.0.0.1:{site._server.sockets[0].getsockname()[1]}"
+        try:
+            got = [await post(url + "/json", {"a": 1}), await get(url + "/nan"), await get(url + "/text")]
+            got.append(await get(url + "/empty"))
+            with pytest.raises(HTTPError, match="HTTP 400.*temperature must be >= 0"):
+                await post(url + "/bad", {}, max_retries=3)
+            return got
+        finally:
+            await close_sessions()
+            await runner.cleanup()
+
+    as_json, nan, text, empty = asyncio.run(main())
+    assert as_json == {"meta_info": {"output_token_logprobs": [[-0.5, 7, None]]}}
+    assert nan["x"] != nan["x"] and text == "OK" and empty is None
