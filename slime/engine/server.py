@@ -560,8 +560,27 @@ def build_engine(args: argparse.Namespace, model_path: str, common: dict):
         return engine
 
 
+class _Http2ProbeFilter(logging.Filter):
+    """sglang-router probes every worker it adds for gRPC by opening an HTTP/2 connection; this HTTP/1.1 server
+    refuses it, as it should, and aiohttp logs each refusal with a traceback that reads like a fault. One plain line
+    instead."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        if exc is not None and "PRI/Upgrade" in str(exc):
+            record.msg, record.args, record.exc_info, record.exc_text = (
+                "refused an HTTP/2 connection (a gRPC probe)",
+                (),
+                None,
+                None,
+            )
+            record.levelno, record.levelname = logging.INFO, "INFO"
+        return True
+
+
 def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=os.environ.get("SLIME_LOG_LEVEL", "INFO"), format="%(asctime)s %(name)s %(message)s")
+    logging.getLogger("aiohttp.server").addFilter(_Http2ProbeFilter())
     args = parse_args(argv)
     if args.parent_pid:
         _exit_with_parent(args.parent_pid)

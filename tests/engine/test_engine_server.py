@@ -571,3 +571,28 @@ def test_adapter_only_and_merged_syncs_serve_the_same_model(server, tiny_model_p
     finally:
         sync(base_model, "base2", False)
     assert answer() == base
+
+
+def test_an_http2_probe_is_refused_with_one_plain_log_line(server):
+    """The router probes each worker it adds for gRPC with an HTTP/2 preface: refused, logged as one line, not as
+    aiohttp's traceback, and the server goes on answering."""
+    import socket
+    import time as _time
+
+    host, port = server.url.removeprefix("http://").split(":")
+    before = len(server.log_path.read_text(errors="replace"))
+    with socket.create_connection((host, int(port)), timeout=10) as s:
+        s.sendall(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + b"\x00\x00\x00\x04\x00\x00\x00\x00\x00")
+        s.settimeout(10)
+        try:
+            while s.recv(4096):
+                pass
+        except OSError:
+            pass
+    deadline = _time.monotonic() + 10
+    while "HTTP/2" not in server.log_path.read_text(errors="replace")[before:] and _time.monotonic() < deadline:
+        _time.sleep(0.1)
+    new = server.log_path.read_text(errors="replace")[before:]
+    assert "refused an HTTP/2 connection (a gRPC probe)" in new, new[-2000:]
+    assert "Traceback" not in new and "PRI/Upgrade" not in new, new[-2000:]
+    assert call(server, "/health", method="GET")[0] == 200
