@@ -2,6 +2,7 @@
 
 Usage (repo root, on the GPU machine): python benchmarks/gpu/loop.py TOKENIZER_DIR OUT_DIR [MODEL_DIR]
     [--only 512x384] (one workload) [--rollouts N] (in-loop rollouts, default 2; the figure is the last one's)
+    [--train-flags "--sglang-server-concurrency 512"] (more slime.train flags for the in-loop runs)
 MODEL_DIR: real weights (e.g. SmolLM2-135M-Instruct converted by slime.hub.provision); default a random-weight model
 of the SmolLM2 shape. Writes OUT_DIR/loop_benchmark.json after every measurement.
 
@@ -115,7 +116,7 @@ def main() -> None:
     tokenizer_dir, out = sys.argv[1], sys.argv[2]
     os.makedirs(out, exist_ok=True)
     work = tempfile.mkdtemp(prefix="loop-bench-")
-    options = {a: sys.argv[i + 1] for i, a in enumerate(sys.argv) if a in ("--only", "--rollouts")}
+    options = {a: sys.argv[i + 1] for i, a in enumerate(sys.argv) if a in ("--only", "--rollouts", "--train-flags")}
     positional = [a for i, a in enumerate(sys.argv) if a not in options and sys.argv[i - 1] not in options]
     path = positional[3] if len(positional) > 3 else build_model("smollm2-135m", tokenizer_dir, os.path.join(work, "m"))
     tok = AutoTokenizer.from_pretrained(path)
@@ -127,7 +128,8 @@ def main() -> None:
         if options.get("--only", key) != key:
             continue
         args = parse_args(
-            flags(path, os.path.join(work, key), prompts, samples, new, int(options.get("--rollouts", 2))),
+            flags(path, os.path.join(work, key), prompts, samples, new, int(options.get("--rollouts", 2)))
+            + options.get("--train-flags", "").split(),
             cluster_gpus=torch.cuda.device_count(),
         )
         rows = arithmetic_rows("train", prompts, 1)
