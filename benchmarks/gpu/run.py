@@ -71,11 +71,12 @@ PROMPTS, PROMPT_LEN, NEW_TOKENS = 256, 128, 256
 TRAIN_SAMPLES, TRAIN_RESPONSE = 64, 256
 
 
-def build_model(name: str, tokenizer_dir: str, out: str) -> str:
+def build_model(name: str, tokenizer_dir: str, out: str, spec: dict | None = None) -> str:
+    """A random-weight model shaped MODELS[name] (or `spec`), with the tokenizer of `tokenizer_dir`, saved in `out`."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(tokenizer_dir)
-    spec = dict(MODELS[name])
+    spec = dict(spec or MODELS[name])
     config = AutoConfig.for_model(
         spec.pop("model_type"),
         **spec,
