@@ -32,7 +32,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 from benchmarks.gpu.async_loop import MODES as ASYNC_FLAGS  # noqa: E402
 from benchmarks.gpu.run import MODELS, bf16_peak, build_model, finish  # noqa: E402
-from benchmarks.gpu.two_gpus import train_run  # noqa: E402
+from benchmarks.gpu.two_gpus import run_parts, save_and_reload, train_run  # noqa: E402
 
 PARITY_RTOL = 1e-3
 QWEN3_4B = dict(
@@ -230,29 +230,18 @@ def layouts(path: str, data_dir: str, work: str, smoke: bool, gpus: int) -> tupl
 
 def checkpoint_move(path: str, width: int, work: str, smoke: bool, gpus: int) -> tuple:
     from slime.train import start_ray
-    from slime.trainer import checkpoint
     from tests.trainer.test_training import _synthetic_batch
 
     start_ray()
     data, later = _synthetic_batch(32, seed=1), _synthetic_batch(32, seed=2)
-    save = Path(work, "ckpt")
     wide = group(trainer_flags(path, os.path.join(work, "ckpt-wide"), width, 32, smoke), gpus)
     try:
         wide.train(0, data)
-        staged = checkpoint.staging_dir(save, 0)
-        wide.call("save", str(staged))
-        checkpoint.write_json(staged / "rollout.json", {"rollout_id": 0})
-        checkpoint.commit(save, 0, staged)
-        lp_wide = [x for lp in wide.call("log_probs", later)[0] for x in lp]
-    finally:
+    except BaseException:
         wide.shutdown()
-    narrow = group(trainer_flags(path, os.path.join(work, "ckpt-narrow"), max(1, width // 2), 32, smoke), gpus)
-    try:
-        info = narrow.call("load", str(checkpoint.latest(save)[1]))[0]
-        lp_narrow = [x for lp in narrow.call("log_probs", later)[0] for x in lp]
-    finally:
-        narrow.shutdown()
-    diff = max(abs(a - b) for a, b in zip(lp_wide, lp_narrow, strict=True))
+        raise
+    narrow_flags = trainer_flags(path, os.path.join(work, "ckpt-narrow"), max(1, width // 2), 32, smoke)
+    info, diff = save_and_reload(wide, lambda: group(narrow_flags, gpus), later, Path(work, "ckpt"))
     out = {"saved_on": width, "loaded_on": max(1, width // 2), "load": info, "logprob_max_diff": diff}
     ok = info.get("saved_world_size") == width and diff <= 1e-3
     return out, [] if ok else [f"checkpoint {width} -> {max(1, width // 2)} ranks: {out}"]
@@ -292,17 +281,7 @@ def main() -> None:
         ),
         "checkpoint": lambda: checkpoint_move(first, widths[-1], work, smoke, gpus),
     }
-    checks: list[str] = []
-    for name, job in jobs.items():
-        if name not in parts:
-            continue
-        try:
-            results[name], failed = job()
-            checks += failed
-        except Exception as exc:  # noqa: BLE001 - record it, run the rest
-            results[name] = {"error": f"{type(exc).__name__}: {exc}"[:2500]}
-            checks.append(f"{name}: {results[name]['error'][:300]}")
-        (out_dir / "scale.json").write_text(json.dumps(results, indent=1))
+    checks = run_parts(jobs, parts, results, out_dir / "scale.json")
     import ray
 
     ray.shutdown()

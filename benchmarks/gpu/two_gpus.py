@@ -117,13 +117,49 @@ def layouts(model: str, data_dir: str, work: str, smoke: bool) -> tuple[dict, li
     return results, checks
 
 
+def save_and_reload(trained, make_loader, later, save: Path) -> tuple[dict, float]:
+    """Save `trained` (a TrainGroup; shut down here), load the checkpoint into the group `make_loader()` builds:
+    the load's answer and the largest difference of their log-probs on `later`."""
+    from slime.trainer import checkpoint
+    from tests.trainer.test_checkpoint import save_trainer_checkpoint
+
+    try:
+        save_trainer_checkpoint(trained, save, 0)
+        before = [x for lp in trained.call("log_probs", later)[0] for x in lp]
+    finally:
+        trained.shutdown()
+    loader = make_loader()
+    try:
+        info = loader.call("load", str(checkpoint.latest(save)[1]))[0]
+        after = [x for lp in loader.call("log_probs", later)[0] for x in lp]
+    finally:
+        loader.shutdown()
+    return info, max(abs(a - b) for a, b in zip(before, after, strict=True))
+
+
+def run_parts(jobs: dict, parts: list[str], results: dict, path: Path) -> list[str]:
+    """results[name], failed checks = job() for each job named in `parts` (one that raises is recorded and the rest
+    still run); the results rewritten to `path` after each. Returns every failed check."""
+    checks: list[str] = []
+    for name, job in jobs.items():
+        if name not in parts:
+            continue
+        try:
+            results[name], failed = job()
+            checks += failed
+        except Exception as exc:  # noqa: BLE001 - record it, run the rest
+            results[name] = {"error": f"{type(exc).__name__}: {exc}"[:2500]}
+            checks.append(f"{name}: {results[name]['error'][:300]}")
+        path.write_text(json.dumps(results, indent=1))
+    return checks
+
+
 def fsdp(model: str, work: str, smoke: bool) -> tuple[dict, list[str]]:
     import torch
 
     from slime.config.arguments import parse_args
     from slime.ray.train_group import TrainGroup
     from slime.train import start_ray
-    from slime.trainer import checkpoint
     from tests.trainer.test_training import _synthetic_batch
 
     start_ray()
@@ -148,25 +184,16 @@ def fsdp(model: str, work: str, smoke: bool) -> tuple[dict, list[str]]:
     two = group(2)
     try:
         m_two = two.train(0, data)
-        staged = checkpoint.staging_dir(save, 0)
-        two.call("save", str(staged))
-        checkpoint.write_json(staged / "rollout.json", {"rollout_id": 0})
-        checkpoint.commit(save, 0, staged)
-        lp_two = [x for lp in two.call("log_probs", later)[0] for x in lp]
-    finally:
+    except BaseException:
         two.shutdown()
-    loaded = group(1)
-    try:
-        info = loaded.call("load", str(checkpoint.latest(save)[1]))[0]
-        lp_loaded = [x for lp in loaded.call("log_probs", later)[0] for x in lp]
-    finally:
-        loaded.shutdown()
+        raise
+    info, diff = save_and_reload(two, lambda: group(1), later, save)
     keys = ("train/loss", "train/pg_loss", "train/grad_norm")
     out = {
         "one_rank": {k: m_one.get(k) for k in keys},
         "two_ranks": {k: m_two.get(k) for k in keys},
         "checkpoint_load": info,
-        "loaded_logprob_max_diff": max(abs(a - b) for a, b in zip(lp_two, lp_loaded, strict=True)),
+        "loaded_logprob_max_diff": diff,
     }
     checks = []
     for k in keys:
@@ -193,20 +220,8 @@ def main() -> None:
         results["device"] = f"{torch.cuda.device_count()} x {torch.cuda.get_device_name(0)}"
         if torch.cuda.device_count() < 2:
             finish(results, out / "two_gpus.json", [f"needs two GPUs, sees {torch.cuda.device_count()}"])
-    checks: list[str] = []
-    for name, fn in (
-        ("layouts", lambda: layouts(model, data_dir, work, smoke)),
-        ("fsdp", lambda: fsdp(model, work, smoke)),
-    ):
-        if name not in parts:
-            continue
-        try:
-            results[name], failed = fn()
-            checks += failed
-        except Exception as exc:  # noqa: BLE001 - record it, run the rest
-            results[name] = {"error": f"{type(exc).__name__}: {exc}"[:2500]}
-            checks.append(f"{name}: {results[name]['error'][:300]}")
-        (out / "two_gpus.json").write_text(json.dumps(results, indent=1))
+    jobs = {"layouts": lambda: layouts(model, data_dir, work, smoke), "fsdp": lambda: fsdp(model, work, smoke)}
+    checks = run_parts(jobs, parts, results, out / "two_gpus.json")
     finish(results, out / "two_gpus.json", checks)
 
 
