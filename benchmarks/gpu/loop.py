@@ -50,7 +50,7 @@ def standalone(args, workloads: list[tuple[list[list[int]], int, int]]) -> list[
     to one engine launched as the loop launches it; what the engine did is its counters over the workload."""
     from slime.engine.fleet import engine_counters
     from slime.engine.launch import launch_engine
-    from slime.utils.http_utils import close_sessions, post
+    from slime.utils.http_utils import close_sessions, post, request_sync
 
     engine = launch_engine(
         args.hf_checkpoint,
@@ -68,15 +68,12 @@ def standalone(args, workloads: list[tuple[list[list[int]], int, int]]) -> list[
         await close_sessions()
         return out
 
-    async def run_flush() -> None:
-        await post(engine.url + "/flush_cache", {})
-        await close_sessions()
-
     results = []
     try:
         asyncio.run(run(workloads[0][0][:8], {"max_new_tokens": 8}))  # warm-up
         for prompts, samples, new in workloads:
-            asyncio.run(run_flush())  # no prefix cached by an earlier workload: the loop starts a fresh engine
+            # no prefix cached by an earlier workload: the loop starts a fresh engine
+            request_sync("POST", engine.url + "/flush_cache", {})
             before = engine_counters([engine.url])
             start = time.perf_counter()
             outs = asyncio.run(
@@ -102,8 +99,8 @@ def in_loop(args) -> dict:
         "rollout/group_seconds_last", "rollout/group_seconds_last_over_mean", "perf/rollout_seconds",
         "train/seconds", "train/tokens_per_s", "perf/token_budget", "sync/seconds", "perf/step_seconds",
         "engine/generated_tokens", "engine/prefill_tokens", "engine/prefix_shared_tokens", "engine/prefill_passes",
-        "engine/prefill_seconds", "engine/decode_steps",
-        "engine/decode_seconds", "engine/preemptions", "engine/graph_captures",
+        "engine/prefill_seconds", "engine/decode_steps", "engine/decode_seconds", "engine/preemptions",
+        "engine/graph_captures",
     )  # fmt: skip
     return {"steps": [{k: s.get(k) for k in keep} for s in steps]}
 
